@@ -1,0 +1,141 @@
+"""The low-rank parametric knowledge adapter (spec section 4).
+
+``X [p, q]`` is the target matrix, ``Y [P, Q]`` the source matrix. Tokens are rows
+(``X``: p tokens of width q) or columns (``X^T``: q tokens of width p). Queries come from the
+target, keys/values from the source. See docs/METHOD.md, "Adapter".
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from .lowrank import rms
+
+OutputScale = Literal["none", "rms", "learned"]
+
+__all__ = ["head_width", "CrossAttention", "KnowledgeTransferLayer", "ParameterAdapter",
+           "adapter_param_count"]
+
+
+def head_width(d_q: int, d_kv: int, heads: int) -> int:
+    """Per-head width ``max((d_q + d_kv) // 2, 128) // heads`` (the authors' rule)."""
+    d = max((d_q + d_kv) // 2, 128) // heads
+    if d < 1:
+        raise ValueError(f"heads={heads} leaves a per-head width of 0")
+    return d
+
+
+class CrossAttention(nn.Module):
+    """``LayerNorm(q + W_o MHA(q W_q, kv W_k, kv W_v))``; all projections with bias, total
+    width ``heads * head_width(d_q, d_kv, heads)``; dropout on the attention weights."""
+
+    def __init__(self, d_q: int, d_kv: int, heads: int = 8, dropout: float = 0.1):
+        super().__init__()
+        self.heads, self.d = heads, head_width(d_q, d_kv, heads)
+        inner = heads * self.d
+        self.fc_q = nn.Linear(d_q, inner)
+        self.fc_k = nn.Linear(d_kv, inner)
+        self.fc_v = nn.Linear(d_kv, inner)
+        self.fc_o = nn.Linear(inner, d_q)
+        self.norm = nn.LayerNorm(d_q)
+        self.dropout = dropout
+
+    def forward(self, q_tokens: Tensor, kv_tokens: Tensor) -> Tensor:
+        h, d = self.heads, self.d
+        q = self.fc_q(q_tokens).view(1, -1, h, d).transpose(1, 2)   # [1, h, n_q, d]
+        k = self.fc_k(kv_tokens).view(1, -1, h, d).transpose(1, 2)  # [1, h, n_kv, d]
+        v = self.fc_v(kv_tokens).view(1, -1, h, d).transpose(1, 2)
+        att = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        out = att[0].transpose(0, 1).reshape(q_tokens.shape[0], h * d)
+        return self.norm(q_tokens + self.fc_o(out))
+
+
+class KnowledgeTransferLayer(nn.Module):
+    """One KTL: four cross attentions (rows/columns of X against rows/columns of Y), a
+    softmax-weighted combination (learnable 4-vector, initialised equal), then the row-wise
+    FFN ``q -> 2q -> q`` (GELU, spectral norm on both linears, dropout, residual + LayerNorm)."""
+
+    def __init__(self, target_shape: tuple[int, int], source_shape: tuple[int, int],
+                 heads: int = 8, attn_dropout: float = 0.1, ffn_dropout: float = 0.2):
+        super().__init__()
+        (p, q), (P, Q) = target_shape, source_shape
+        self.target_shape, self.source_shape = (p, q), (P, Q)
+        self.att_rr = CrossAttention(q, Q, heads, attn_dropout)  # target rows x source rows
+        self.att_rc = CrossAttention(q, P, heads, attn_dropout)  # target rows x source columns
+        self.att_cr = CrossAttention(p, Q, heads, attn_dropout)  # target columns x source rows
+        self.att_cc = CrossAttention(p, P, heads, attn_dropout)  # target columns x source columns
+        self.mix = nn.Parameter(torch.zeros(4))  # softmax(0) = equal weights = plain mean
+        self.ffn_up = spectral_norm(nn.Linear(q, 2 * q))
+        self.ffn_down = spectral_norm(nn.Linear(2 * q, q))
+        self.ffn_dropout = nn.Dropout(ffn_dropout)
+        self.ffn_norm = nn.LayerNorm(q)
+
+    def combination_weights(self) -> Tensor:
+        """``softmax(mix)``: weights of (O_rr, O_rc, O_cr, O_cc)."""
+        return torch.softmax(self.mix, dim=0)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        xt, yt = x.t(), y.t()
+        w = self.combination_weights()
+        z = (w[0] * self.att_rr(x, y) + w[1] * self.att_rc(x, yt)
+             + w[2] * self.att_cr(xt, y).t() + w[3] * self.att_cc(xt, yt).t())
+        ffn = self.ffn_down(F.gelu(self.ffn_up(z)))
+        return self.ffn_norm(z + self.ffn_dropout(ffn))
+
+
+class ParameterAdapter(nn.Module):
+    """``L`` stacked KTLs mapping a target matrix ``X [p, q]`` (and source ``Y [P, Q]``) to a
+    new target matrix ``X' [p, q]``.
+
+    ``output_scale``: ``none`` returns the last LayerNorm's output (rows zero-mean, unit
+    variance; right when the target layer is followed by a normalisation layer); ``rms``
+    rescales the output to the RMS of ``reference`` (the matrix being replaced);
+    ``learned`` multiplies by a learnable scalar, initialised on the first call that has a
+    ``reference`` so that the output RMS equals the reference RMS (1 until then).
+    """
+
+    def __init__(self, target_shape: tuple[int, int], source_shape: tuple[int, int],
+                 layers: int = 2, heads: int = 8, attn_dropout: float = 0.1,
+                 ffn_dropout: float = 0.2, output_scale: OutputScale = "none"):
+        super().__init__()
+        if output_scale not in ("none", "rms", "learned"):
+            raise ValueError(f"output_scale must be none, rms or learned, got '{output_scale}'")
+        if layers < 1 or heads < 1:
+            raise ValueError(f"layers and heads must be >= 1, got {layers}, {heads}")
+        self.target_shape = tuple(int(v) for v in target_shape)
+        self.source_shape = tuple(int(v) for v in source_shape)
+        self.output_scale = output_scale
+        self.layers = nn.ModuleList(
+            KnowledgeTransferLayer(self.target_shape, self.source_shape, heads, attn_dropout, ffn_dropout)
+            for _ in range(layers))
+        if output_scale == "learned":
+            self.scale = nn.Parameter(torch.ones(()))
+            self.register_buffer("scale_initialised", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, x: Tensor, y: Tensor, reference: Tensor | None = None) -> Tensor:
+        if tuple(x.shape) != self.target_shape or tuple(y.shape) != self.source_shape:
+            raise ValueError(f"adapter expects target {self.target_shape} and source "
+                             f"{self.source_shape}, got {tuple(x.shape)} and {tuple(y.shape)}")
+        out = x
+        for layer in self.layers:
+            out = layer(out, y)
+        if self.output_scale == "rms":
+            if reference is None:
+                raise ValueError("output_scale='rms' needs the reference matrix")
+            out = out * (rms(reference.detach()) / (rms(out) + 1e-12))
+        elif self.output_scale == "learned":
+            if reference is not None and not bool(self.scale_initialised):
+                with torch.no_grad():
+                    self.scale.copy_(rms(reference) / (rms(out) + 1e-12))
+                    self.scale_initialised.fill_(True)
+            out = out * self.scale
+        return out
+
+
+def adapter_param_count(adapter: nn.Module) -> int:
+    """Number of trainable scalars (spectral-norm ``u``/``v`` are buffers, not counted)."""
+    return sum(p.numel() for p in adapter.parameters() if p.requires_grad)

@@ -1,0 +1,282 @@
+"""Experiment configuration: pydantic v2 models, YAML loading, ``extends:`` and ``--set``.
+
+Structure is checked by pydantic (unknown keys are errors). Registry-backed option blocks
+(``model.options``, ``task.options``, ``method.options``) are checked against the option
+model of the named entry by :func:`check_registries`, so every error carries the full field
+path (``target.model.options.width``). :func:`load_config` does both and raises
+:class:`ConfigErrors` listing every problem.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from .errors import ConfigError, MergenetError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskSpec(Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerSpec(Strict):
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: PositiveFloat = 0.1
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    nesterov: bool = False
+
+
+class ScheduleSpec(Strict):
+    name: Literal["constant", "multistep", "cosine"] = "cosine"
+    milestones: list[PositiveInt] = Field(default_factory=list, description="epochs (multistep)")
+    gamma: PositiveFloat = 0.2
+    warmup_epochs: float = Field(0.0, ge=0.0)
+
+
+class Recipe(Strict):
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    epochs: PositiveInt = 1
+    steps_per_epoch: PositiveInt | None = Field(None, description="cap on optimisation steps per epoch")
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 512
+    eval_every: PositiveInt = Field(1, description="evaluate every N epochs (and always at the end)")
+    augment: bool = True
+    grad_clip: PositiveFloat | None = None
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class RoleSpec(Strict):
+    model: ModelSpec
+    task: TaskSpec
+    recipe: Recipe | None = Field(None, description="filled from the top-level recipe, deep-merged with this role's overrides")
+
+
+class MethodSpec(Strict):
+    name: str = "alone"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExperimentConfig(Strict):
+    """One pair experiment: a target (and usually a source) trained side by side."""
+
+    name: str = "pair"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    source: RoleSpec | None = None
+    target: RoleSpec
+    recipe: Recipe = Field(default_factory=Recipe)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    checkpoint_every: PositiveInt = Field(1, description="checkpoint every N epochs (and at the end)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_role_recipes(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        top = data.get("recipe") or {}
+        if isinstance(top, BaseModel):
+            top = top.model_dump()
+        for role in ("source", "target"):
+            spec = data.get(role)
+            if isinstance(spec, dict) and isinstance(top, dict):
+                own = spec.get("recipe") or {}
+                if isinstance(own, BaseModel):
+                    own = own.model_dump(exclude_unset=True)
+                if isinstance(own, dict):
+                    data[role] = {**spec, "recipe": deep_merge(top, own)}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentConfig":
+        if self.precision == "bf16" and self.device == "cpu":
+            raise ValueError("precision: bf16 autocast is only supported with device cuda or auto")
+        return self
+
+    def role(self, name: str) -> RoleSpec:
+        spec = getattr(self, name)
+        if spec is None:
+            raise ConfigError(name, "not configured")
+        return spec
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ConfigErrors(MergenetError):
+    """Several config problems; ``lines`` holds one ``field: problem`` line per error."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("; ".join(lines))
+
+
+def _loc(parts) -> str:
+    return ".".join(str(p) for p in parts if p != "__root__")
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = _loc(([prefix] if prefix else []) + list(e["loc"]))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return lines
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Safe-load a YAML mapping, resolving ``extends:`` (a path or list of paths, relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"{path}: no such file")
+    if path.resolve() in _seen:
+        raise ConfigError("extends", f"{path}: circular extends")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError("", f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: top level must be a mapping")
+    bases = data.pop("extends", None)
+    if bases is None:
+        return data
+    merged: dict = {}
+    for b in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, read_yaml(path.parent / b, _seen + (path.resolve(),)))
+    return deep_merge(merged, data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars/lists."""
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError("--set", f"'{item}' is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        cur: Any = data
+        for i, p in enumerate(parts[:-1]):
+            if isinstance(cur, list):
+                cur = cur[_index(p, parts[: i + 1], cur)]
+            else:
+                nxt = cur.get(p)
+                if not isinstance(nxt, (dict, list)):
+                    nxt = cur[p] = {}
+                cur = nxt
+        last = parts[-1]
+        if isinstance(cur, list):
+            cur[_index(last, parts, cur)] = value
+        else:
+            cur[last] = value
+    return data
+
+
+def _index(p: str, path: list[str], seq: list) -> int:
+    if not p.isdigit() or int(p) >= len(seq):
+        raise ConfigError(".".join(path), f"no list element {p}")
+    return int(p)
+
+
+def check_registries(cfg: ExperimentConfig) -> list[str]:
+    """Validate every registry-backed option block; returns ``field: problem`` lines."""
+    from .data import TASKS
+    from .methods import METHODS
+    from .models import MODELS
+
+    lines: list[str] = []
+
+    def check(reg, name: str, options: dict, where: str):
+        try:
+            reg.get(name, field=f"{where}.name")
+            reg.options(name, options)
+        except ConfigError as e:
+            lines.append(str(e))
+        except ValidationError as e:
+            lines.extend(format_validation_error(e, f"{where}.options"))
+
+    for role in ("source", "target"):
+        spec = getattr(cfg, role)
+        if spec is None:
+            continue
+        check(MODELS, spec.model.name, spec.model.options, f"{role}.model")
+        check(TASKS, spec.task.name, spec.task.options, f"{role}.task")
+        if spec.model.name in MODELS and spec.task.name in TASKS:
+            mm = MODELS.get(spec.model.name).meta.get("modality")
+            tm = TASKS.get(spec.task.name).meta.get("modality")
+            if mm and tm and mm != tm:
+                lines.append(f"{role}.model.name: model '{spec.model.name}' takes {mm} input but task "
+                             f"'{spec.task.name}' is {tm}")
+    check(METHODS, cfg.method.name, cfg.method.options, "method")
+    if not lines and cfg.method.name in METHODS:
+        cls = METHODS.get(cfg.method.name).fn
+        try:
+            cls.check_config(cfg, METHODS.options(cfg.method.name, cfg.method.options))
+        except ConfigError as e:
+            lines.append(str(e))
+    return lines
+
+
+def parse_config(data: dict) -> ExperimentConfig:
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigErrors(format_validation_error(e)) from None
+    lines = check_registries(cfg)
+    if lines:
+        raise ConfigErrors(lines)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, merge, override and fully validate an experiment config file."""
+    try:
+        data = apply_overrides(read_yaml(path), overrides or [])
+    except ConfigError as e:
+        raise ConfigErrors([str(e)]) from None
+    return parse_config(data)
+
+
+def method_options(cfg: ExperimentConfig) -> BaseModel:
+    from .methods import METHODS
+
+    return METHODS.options(cfg.method.name, cfg.method.options)

@@ -1,0 +1,59 @@
+"""Data containers shared by every task, and the task registry.
+
+Every task loads fully into memory as tensors (the offline sets are small). A batch is
+``(x, y)``: for images ``x`` is a uint8 tensor ``[N, C, H, W]`` that
+:func:`mergenet_core.data.augment.prepare_images` turns into a normalised float batch on the
+batch's device; for text ``x`` is a dict ``{"input_ids", "attention_mask"}`` of int64
+``[N, L]`` tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..registry import Registry
+
+TASKS = Registry("task")
+
+Modality = Literal["image", "text"]
+
+
+@dataclass
+class Split:
+    x: torch.Tensor | dict[str, torch.Tensor]
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def take(self, idx: torch.Tensor):
+        if isinstance(self.x, dict):
+            return {k: v[idx] for k, v in self.x.items()}, self.y[idx]
+        return self.x[idx], self.y[idx]
+
+
+@dataclass
+class TaskInfo:
+    """What a model needs to know about its task to be built."""
+
+    name: str
+    modality: Modality
+    num_classes: int
+    in_channels: int = 0          # images
+    image_size: int = 0           # images (square)
+    max_length: int = 0           # text
+    vocab_size: int = 0           # text
+    mean: tuple[float, ...] = ()  # images: per-channel normalisation
+    std: tuple[float, ...] = ()
+    description: str = ""         # plain dataset name, e.g. "Fashion-MNIST (32x32, 3ch)"
+
+
+@dataclass
+class TaskData:
+    info: TaskInfo
+    train: Split
+    val: Split
+    test: Split
+    class_names: list[str] = field(default_factory=list)

@@ -1,0 +1,109 @@
+"""Shared helpers for task loaders: option models, seeded splitting, locating package data."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import DataMissingError
+from .base import Split
+
+# Fixed seed for carving a test set out of corpora without an official one: the test set
+# must never depend on the run seed.
+TEST_SEED = 0
+TEST_FRACTION = 0.2
+
+# Salts so that the subset, validation and epoch streams of one run seed are independent.
+SALT_TRAIN_SUBSET, SALT_VAL, SALT_TEST_SUBSET, SALT_TEST_CARVE = 1, 2, 3, 4
+
+
+class SplitOptions(BaseModel):
+    """Options every task accepts.
+
+    ``train_subset`` keeps that many examples of the official training set (drawn by seed,
+    class-stratified) *before* ``val_fraction`` of them are carved off as validation.
+    ``test_subset`` keeps that many test examples, drawn with a fixed seed so that every
+    run of an experiment is scored on the same items.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    train_subset: int | None = Field(None, gt=0)
+    test_subset: int | None = Field(None, gt=0)
+    root: str | None = None
+
+
+def mix_seed(*parts: int) -> int:
+    """Deterministic (hash-free) combination of integers into a 63-bit generator seed."""
+    h = 0x5EED
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 0x9E3779B9) % (1 << 63)
+    return h
+
+
+def generator(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(mix_seed(*parts))
+
+
+def stratified_order(y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random permutation of ``range(len(y))`` whose every prefix is class-stratified.
+
+    Shuffle, rank each item within its class, then order by ``(rank + 0.5) / class_size``
+    so the classes are interleaved in proportion to their sizes.
+    """
+    n = int(y.shape[0])
+    perm = torch.randperm(n, generator=gen)
+    yp = y[perm].long()
+    order = torch.sort(yp, stable=True).indices
+    counts = torch.bincount(yp)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n) - starts[yp[order]]
+    key = (rank.double() + 0.5) / counts[yp].double()
+    return perm[torch.sort(key, stable=True).indices]
+
+
+def take_subset(y: torch.Tensor, k: int | None, gen: torch.Generator) -> torch.Tensor:
+    """Indices of a stratified subset of size ``k`` (all indices, in order, if ``k`` is None)."""
+    n = int(y.shape[0])
+    if k is None or k >= n:
+        return torch.arange(n)
+    return torch.sort(stratified_order(y, gen)[:k]).values
+
+
+def split_of(x: torch.Tensor | dict[str, torch.Tensor], y: torch.Tensor, idx: torch.Tensor) -> Split:
+    xs, ys = Split(x, y).take(idx)
+    return Split(xs, ys)
+
+
+def make_splits(
+    train: Split, test: Split, opts: SplitOptions, seed: int
+) -> tuple[Split, Split, Split]:
+    """Apply ``train_subset``, carve validation from train by seed, apply ``test_subset``."""
+    pool = take_subset(train.y, opts.train_subset, generator(seed, SALT_TRAIN_SUBSET))
+    n_val = int(round(opts.val_fraction * len(pool)))
+    order = stratified_order(train.y[pool], generator(seed, SALT_VAL))
+    val_idx = pool[torch.sort(order[:n_val]).values]
+    tr_idx = pool[torch.sort(order[n_val:]).values]
+    te_idx = take_subset(test.y, opts.test_subset, generator(TEST_SEED, SALT_TEST_SUBSET))
+    return (split_of(train.x, train.y, tr_idx), split_of(train.x, train.y, val_idx),
+            split_of(test.x, test.y, te_idx))
+
+
+def carve_test(y: torch.Tensor, fraction: float = TEST_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_idx, test_idx) for corpora without an official test set; fixed seed, stratified."""
+    order = stratified_order(y, generator(TEST_SEED, SALT_TEST_CARVE))
+    n_test = int(round(fraction * int(y.shape[0])))
+    return torch.sort(order[n_test:]).values, torch.sort(order[:n_test]).values
+
+
+def package_dir(package: str, what: str, install: str) -> Path:
+    """Folder of an installed top-level package, found without importing (executing) it."""
+    spec = importlib.util.find_spec(package)
+    locs = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locs:
+        raise DataMissingError(f"{what} not found: {install}")
+    return Path(locs[0])

@@ -1,0 +1,197 @@
+"""Single-process engine: one or two roles trained in lockstep by a method.
+
+Per epoch (= the target's steps per epoch) it evaluates every trained role on val and test,
+appends one JSON line to ``metrics.jsonl``, and writes a checkpoint bundle (models,
+optimisers, schedulers, data positions, RNG streams, method state). ``resume=True``
+continues from the last bundle exactly: 2 epochs straight equal 1 + resume + 1.
+
+The Ray pair workers (``orchestrator.pair``) drive the same :class:`PairState` pieces.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import ExperimentConfig, method_options
+from .methods import METHODS, Method
+from .roles import Role, build_role, resolve_device
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+FINAL = "final.json"
+
+
+def save_bundle(path: Path, state: dict) -> None:
+    """Atomic ``torch.save`` (write to a temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_bundle(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_method(cfg: ExperimentConfig) -> Method:
+    return METHODS.get(cfg.method.name, "method.name").fn(method_options(cfg), cfg)
+
+
+@dataclass
+class PairState:
+    """Roles + method for one pair, and the training position."""
+
+    cfg: ExperimentConfig
+    method: Method
+    roles: dict[str, Role]
+    epoch: int = 0            # completed epochs
+    step: int = 0             # completed optimisation steps
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, role_names: tuple[str, ...] | None = None,
+              devices: dict[str, torch.device] | None = None) -> "PairState":
+        method = build_method(cfg)
+        names = role_names or method.roles_needed()
+        devices = devices or {}
+        roles = {n: build_role(n, cfg, devices.get(n)) for n in names}
+        method.setup(roles)
+        spe = cls.steps_per_epoch_for(cfg, roles)
+        for r in roles.values():
+            r.init_training(spe)
+            r.trainable = r.name in method.trained_roles()
+        method.ready(roles, spe)
+        return cls(cfg, method, roles)
+
+    @staticmethod
+    def steps_per_epoch_for(cfg: ExperimentConfig, roles: dict[str, Role]) -> int:
+        """An epoch is the target's epoch (its train split / batch size, capped by the recipe)."""
+        if "target" in roles:
+            return roles["target"].steps_per_epoch
+        # a source-only worker (Ray topology) computes the same number without the target's data
+        from .data import build_task
+
+        t = cfg.target
+        n = len(build_task(t.task.name, t.task.options, seed=cfg.seed).train) // t.recipe.batch_size
+        return min(n, t.recipe.steps_per_epoch) if t.recipe.steps_per_epoch else n
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.steps_per_epoch_for(self.cfg, self.roles)
+
+    def evaluate(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, role in self.roles.items():
+            if not role.trainable:
+                continue
+            with role.rng_scope():
+                for k, v in role.take_epoch_stats().items():
+                    out[f"{name}/{k}"] = v
+                for split in ("val", "test"):
+                    for k, v in role.evaluate(split).items():
+                        out[f"{name}/{k}"] = v
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step,
+                "roles": {n: r.state_dict() for n, r in self.roles.items()},
+                "method": self.method.state_dict(), "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step = state["epoch"], state["step"]
+        for n, r in self.roles.items():
+            r.load_state_dict(state["roles"][n])
+        self.method.load_state_dict(state["method"])
+        self.history = list(state["history"])
+
+
+def summarise(history: list[dict]) -> dict[str, float]:
+    """Final-epoch and best-validation-epoch figures for every role (never best-on-test)."""
+    if not history:
+        return {}
+    last = history[-1]
+    out = {"epochs": last["epoch"], "steps": last["step"]}
+    for role in ("source", "target"):
+        if f"{role}/val_acc" not in last:
+            continue
+        best = max(history, key=lambda r: (r[f"{role}/val_acc"], -r["epoch"]))
+        out.update({
+            f"{role}/final_test_acc": last[f"{role}/test_acc"],
+            f"{role}/final_val_acc": last[f"{role}/val_acc"],
+            f"{role}/best_val_acc": best[f"{role}/val_acc"],
+            f"{role}/best_val_epoch": best["epoch"],
+            f"{role}/test_acc_at_best_val": best[f"{role}/test_acc"],
+        })
+    out["wall_s"] = sum(r.get("time/epoch_s", 0.0) for r in history)
+    return out
+
+
+class Engine:
+    """Train one pair in this process. ``on_epoch(record)`` lets callers log each epoch."""
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
+                 on_epoch: Callable[[dict], None] | None = None):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.on_epoch = on_epoch
+        self.device = resolve_device(cfg.device)
+        self.pair = PairState.build(cfg, devices={n: self.device for n in ("source", "target")})
+
+    def run(self, resume: bool = False, stop_after_epochs: int | None = None) -> dict[str, float]:
+        """Train to the configured number of epochs (or ``stop_after_epochs`` more)."""
+        pair, cfg = self.pair, self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt = self.out / CHECKPOINT
+        if resume and ckpt.exists():
+            pair.load_state_dict(load_bundle(ckpt))
+        (self.out / "config.json").write_text(cfg.model_dump_json(indent=2))
+        self._rewrite_metrics(pair.history)
+        spe = pair.steps_per_epoch
+        epochs = cfg.target.recipe.epochs
+        end = epochs if stop_after_epochs is None else min(epochs, pair.epoch + stop_after_epochs)
+        bar = _progress(total=(end - pair.epoch) * spe, enabled=self.progress, desc=cfg.name)
+        while pair.epoch < end:
+            t0 = time.perf_counter()
+            for _ in range(spe):
+                pair.method.pair_step(pair.step, pair.roles)
+                pair.step += 1
+                bar.update(1)
+            pair.epoch += 1
+            train_s = time.perf_counter() - t0
+            record = {"epoch": pair.epoch, "step": pair.step}
+            if pair.epoch % cfg.target.recipe.eval_every == 0 or pair.epoch == epochs:
+                record.update(pair.evaluate())
+            record.update(pair.method.epoch_metrics())
+            record["time/train_s"] = train_s
+            record["time/epoch_s"] = time.perf_counter() - t0
+            pair.history.append(record)
+            with (self.out / METRICS).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.on_epoch:
+                self.on_epoch(record)
+            bar.set_postfix({k.split("/")[-1]: round(v, 4) for k, v in record.items() if k == "target/val_acc"})
+            if pair.epoch % cfg.checkpoint_every == 0 or pair.epoch == end:
+                save_bundle(ckpt, pair.state_dict())
+        bar.close()
+        final = summarise([r for r in pair.history if "target/val_acc" in r])
+        (self.out / FINAL).write_text(json.dumps(final, indent=2))
+        return final
+
+    def _rewrite_metrics(self, history: list[dict]) -> None:
+        """metrics.jsonl mirrors the checkpointed history (drops epochs lost in a crash)."""
+        with (self.out / METRICS).open("w") as f:
+            for r in history:
+                f.write(json.dumps(r) + "\n")
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True, leave=False)

@@ -1,0 +1,148 @@
+"""``mergenet``: learned parameter adapters rewrite target weights every ``t_cycle`` steps.
+
+Each role runs the same three phases per step (``_put``, ``_get``, ``_train``); the
+single-process engine runs them for both roles in :meth:`pair_step`, a Ray worker runs them
+for its own role in :meth:`role_step`, talking to the adapter actor through an object with
+the :class:`~mergenet_core.transfer.Exchange` API.
+"""
+from __future__ import annotations
+
+from ..errors import ConfigError
+from ..lowrank import make_encoding
+from ..roles import derive_seed
+from ..transfer import AdapterHub, Exchange, MergeNetOptions, exact_grad, make_links
+from .base import METHODS, Method
+
+
+@METHODS.register("mergenet", options=MergeNetOptions)
+class MergeNet(Method):
+    Options = MergeNetOptions
+    splittable = True
+
+    def __init__(self, options: MergeNetOptions, cfg):
+        super().__init__(options, cfg)
+        self.links = make_links(options)
+        self.enc: dict[tuple[str, str], object] = {}
+        self.exchange = None
+        self.written: dict[str, object] = {}
+        self.steps_per_epoch = 1
+
+    @classmethod
+    def check_config(cls, cfg, options: MergeNetOptions) -> None:
+        if not options.self_transfer and cfg.source is None:
+            raise ConfigError("source", "method 'mergenet' needs a source model (or self_transfer: true)")
+
+    def roles_needed(self):
+        return ("target",) if self.options.self_transfer else ("source", "target")
+
+    def trained_roles(self):
+        return ("target",) if self.options.freeze_source or self.options.self_transfer else ("source", "target")
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, roles: dict) -> None:
+        for link in self.links:
+            lp = link.pair
+            for role, param, side in link.ends():
+                if role in roles and (role, param) not in self.enc:
+                    self.enc[(role, param)] = make_encoding(
+                        roles[role].model, param, lp.mode, lp.rank, lp.alpha,
+                        field=f"method.options.layer_pairs.{link.index}.{side}")
+
+    def link_shapes(self) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+        """(receiver matrix shape, provider matrix shape) per link; needs both roles set up."""
+        return {l.id: (tuple(self.enc[(l.receiver, l.receiver_param)].shape),
+                       tuple(self.enc[(l.provider, l.provider_param)].shape)) for l in self.links}
+
+    def transfers_after_start(self, steps_per_epoch: int) -> int:
+        epochs = self.cfg.target.recipe.epochs
+        start = min(self.options.adapter.start_epoch, epochs)
+        return len(range(start * steps_per_epoch, epochs * steps_per_epoch, self.options.t_cycle))
+
+    def make_hub(self, steps_per_epoch: int, device="cpu") -> AdapterHub:
+        return AdapterHub(self.options, self.link_shapes(), self.links, derive_seed(self.cfg.seed, "adapter"),
+                          self.transfers_after_start(steps_per_epoch), device)
+
+    def ready(self, roles: dict, steps_per_epoch: int) -> None:
+        self.steps_per_epoch = steps_per_epoch
+        if self.exchange is None and all(r in roles for r in self.roles_needed()):
+            self.exchange = Exchange(self.make_hub(steps_per_epoch, roles["target"].device))
+
+    def attach(self, exchange) -> None:
+        """Use an external exchange (the Ray adapter actor's proxy)."""
+        self.exchange = exchange
+
+    # ------------------------------------------------------------------ phases
+    def is_transfer(self, step: int) -> bool:
+        return step % self.options.t_cycle == 0
+
+    def _put(self, step: int, role) -> None:
+        mats = {}
+        for l in self.links:
+            if l.provider == role.name:
+                mats[(l.id, "y")] = self.enc[(role.name, l.provider_param)].read()
+            if l.receiver == role.name:
+                mats[(l.id, "x")] = self.enc[(role.name, l.receiver_param)].read()
+        if mats:
+            self.exchange.put(step, mats)
+
+    def _get(self, step: int, role) -> None:
+        if not any(l.receiver == role.name for l in self.links):
+            return
+        for lid, new in self.exchange.get(step, role.name).items():
+            if new is None:
+                continue
+            link = next(l for l in self.links if l.id == lid)
+            enc = self.enc[(role.name, link.receiver_param)]
+            new = new.to(role.device)
+            enc.write(new)
+            self.written[lid] = (enc, new)
+
+    def _train(self, step: int, role, transfer: bool) -> None:
+        mine = {lid: v for lid, v in self.written.items()
+                if next(l for l in self.links if l.id == lid).receiver == role.name}
+        grads = {}
+        if role.name in self.trained_roles():
+            with role.rng_scope():
+                role.model.train()
+                x, y = role.next_batch()
+                loss, logits = role.loss(x, y)
+                role.record(loss, logits, y)
+                role.backward(loss)
+                if self.options.update_rule == "exact":
+                    grads = {lid: exact_grad(enc) for lid, (enc, _) in mine.items()}
+                role.apply_step()
+                if self.options.update_rule == "delta":
+                    grads = {lid: enc.delta(new) for lid, (enc, new) in mine.items()}
+        for lid in mine:
+            del self.written[lid]
+        if transfer and grads:
+            self.exchange.feedback(step, grads, step // self.steps_per_epoch)
+
+    def pair_step(self, step: int, roles: dict) -> None:
+        transfer = self.is_transfer(step)
+        order = [roles[n] for n in self.roles_needed()]
+        if transfer:
+            for r in order:
+                self._put(step, r)
+            for r in order:
+                self._get(step, r)
+        for r in order:
+            self._train(step, r, transfer)
+
+    def role_step(self, step: int, role) -> None:
+        transfer = self.is_transfer(step)
+        if transfer:
+            self._put(step, role)
+            self._get(step, role)
+        self._train(step, role, transfer)
+
+    # ------------------------------------------------------------------ metrics / state
+    def epoch_metrics(self) -> dict[str, float]:
+        return self.exchange.take_epoch_metrics() if self.exchange is not None else {}
+
+    def state_dict(self) -> dict:
+        return {"hub": self.exchange.state_dict()} if self.exchange is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and self.exchange is not None:
+            self.exchange.load_state_dict(state["hub"])

@@ -1,0 +1,249 @@
+"""A *role* is one model training on its own task: model, data stream, optimiser, schedule, RNG.
+
+The single-process engine holds two roles (source, target) and steps them in lockstep; a Ray
+Train worker holds one. Both drive them through the same :class:`Role` methods and the same
+:class:`~mergenet_core.methods.base.Method` code, so there is one training loop.
+
+Each role owns its RNG streams (global torch RNG for dropout, a generator for augmentation),
+swapped in with :meth:`Role.rng_scope`, so results do not depend on whether the two roles
+share a process.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ExperimentConfig, Recipe, RoleSpec
+from .data import BatchStream, TaskData, build_task, iter_eval, prepare_images
+from .models import build_model
+
+ROLE_NAMES = ("source", "target")
+
+
+def derive_seed(*parts) -> int:
+    """A stable 63-bit seed from any printable parts (no Python ``hash`` randomisation)."""
+    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError("device", "cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def to_device(x, device):
+    if isinstance(x, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in x.items()}
+    return x.to(device, non_blocking=True)
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """No weight decay on biases and normalisation weights (1-D tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    o = recipe.optimizer
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr)
+
+
+def lr_lambda(recipe: Recipe, steps_per_epoch: int):
+    """Per-step multiplier for LambdaLR: linear warm-up, then constant / multistep / cosine."""
+    s = recipe.schedule
+    total = recipe.epochs * steps_per_epoch
+    warm = int(s.warmup_epochs * steps_per_epoch)
+    marks = [m * steps_per_epoch for m in s.milestones]
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if s.name == "multistep":
+            return s.gamma ** sum(step >= m for m in marks)
+        if s.name == "cosine":
+            t = (step - warm) / max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return 1.0
+
+    return f
+
+
+@dataclass
+class Role:
+    name: str
+    spec: RoleSpec
+    task: TaskData
+    model: nn.Module
+    device: torch.device
+    seed: int
+    precision: str = "fp32"
+    channels_last: bool = False
+    trainable: bool = True
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    stream: BatchStream | None = None
+    _rng: torch.Tensor | None = None
+    _cuda_rng: torch.Tensor | None = None
+    aug: torch.Generator | None = None
+    stats: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "n": 0, "steps": 0})
+
+    @property
+    def recipe(self) -> Recipe:
+        assert self.spec.recipe is not None
+        return self.spec.recipe
+
+    @property
+    def steps_per_epoch(self) -> int:
+        spe = self.stream.steps_per_epoch
+        cap = self.recipe.steps_per_epoch
+        return min(spe, cap) if cap else spe
+
+    # ------------------------------------------------------------------ set-up
+    def init_training(self, steps_per_epoch: int | None = None) -> None:
+        """Build optimiser and schedule. Call after a method has changed the model's layers."""
+        self.model.to(self.device)
+        if self.channels_last and self.task.info.modality == "image":
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, self.recipe)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.recipe, steps_per_epoch or self.steps_per_epoch))
+
+    @contextlib.contextmanager
+    def rng_scope(self):
+        """Run with this role's own global-RNG stream (dropout etc.), then restore the caller's."""
+        outer = torch.get_rng_state()
+        cuda = self.device.type == "cuda"
+        outer_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
+        torch.set_rng_state(self._rng)
+        if cuda and self._cuda_rng is not None:
+            torch.cuda.set_rng_state(self._cuda_rng, self.device)
+        try:
+            yield
+        finally:
+            self._rng = torch.get_rng_state()
+            torch.set_rng_state(outer)
+            if cuda:
+                self._cuda_rng = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(outer_cuda, self.device)
+
+    def autocast(self):
+        on = self.precision == "bf16" and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
+
+    # ------------------------------------------------------------------ steps
+    def next_batch(self):
+        x, y = self.stream.next()
+        x, y = to_device(x, self.device), y.to(self.device, non_blocking=True)
+        if self.task.info.modality == "image":
+            x = prepare_images(x, self.task.info, train=self.recipe.augment, generator=self.aug)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def loss(self, x, y, params: dict | None = None):
+        """Forward + cross-entropy; ``params`` overrides parameters via ``functional_call``."""
+        with self.autocast():
+            if params:
+                logits = torch.func.functional_call(self.model, params, (x,), strict=False)
+            else:
+                logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.recipe.label_smoothing)
+        return loss, logits.float()
+
+    def record(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.stats["loss"] += float(loss.detach()) * len(y)
+        self.stats["correct"] += int((logits.detach().argmax(1) == y).sum())
+        self.stats["n"] += len(y)
+        self.stats["steps"] += 1
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def apply_step(self) -> None:
+        if self.recipe.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def train_step(self, extra_loss=None) -> torch.Tensor:
+        """One ordinary supervised step on the role's own batch; returns the loss."""
+        self.model.train()
+        x, y = self.next_batch()
+        loss, logits = self.loss(x, y)
+        total = loss + extra_loss(x, logits) if extra_loss else loss
+        self.record(loss, logits, y)
+        self.backward(total)
+        self.apply_step()
+        return loss
+
+    def take_epoch_stats(self) -> dict[str, float]:
+        s, n = self.stats, max(1, self.stats["n"])
+        out = {"train_loss": s["loss"] / n, "train_acc": s["correct"] / n} if s["n"] else {}
+        self.stats = {"loss": 0.0, "correct": 0, "n": 0, "steps": 0}
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        self.model.eval()
+        data = getattr(self.task, split)
+        loss_sum, correct, n = 0.0, 0, 0
+        for x, y in iter_eval(data, self.recipe.eval_batch_size):
+            x, y = to_device(x, self.device), y.to(self.device)
+            if self.task.info.modality == "image":
+                x = prepare_images(x, self.task.info, train=False, generator=None)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            loss, logits = self.loss(x, y)
+            loss_sum += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+        return {f"{split}_loss": loss_sum / max(1, n), f"{split}_acc": correct / max(1, n)}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "stream": self.stream.state_dict(),
+            "rng": self._rng,
+            "cuda_rng": self._cuda_rng,
+            "aug": self.aug.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        self._rng = state["rng"]
+        self._cuda_rng = state.get("cuda_rng")
+        self.aug.set_state(state["aug"])
+
+
+def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = None) -> Role:
+    """Load the role's task and build its model, seeded per (experiment seed, role)."""
+    spec = cfg.role(name)
+    device = device or resolve_device(cfg.device)
+    task = build_task(spec.task.name, spec.task.options, seed=cfg.seed)
+    torch.manual_seed(derive_seed(cfg.seed, name, "init"))
+    model = build_model(spec.model.name, spec.model.options, task.info)
+    stream = BatchStream(task.train, spec.recipe.batch_size, seed=derive_seed(cfg.seed, name, "data"))
+    aug = torch.Generator(device=device)
+    aug.manual_seed(derive_seed(cfg.seed, name, "augment"))
+    rng = torch.Generator().manual_seed(derive_seed(cfg.seed, name, "dropout")).get_state()
+    return Role(name=name, spec=spec, task=task, model=model, device=device, seed=cfg.seed,
+                precision=cfg.precision, channels_last=cfg.channels_last, stream=stream, aug=aug, _rng=rng)

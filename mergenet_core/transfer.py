@@ -1,0 +1,321 @@
+"""The MergeNet transfer cycle: links, the adapter hub and the exchange protocol.
+
+A *link* carries knowledge from one role's weight (provider, keys/values ``Y``) into
+another role's weight (receiver, queries ``X``); one adapter per link. ``direction: both``
+adds the reverse link of every layer pair; ``self_transfer`` makes both ends the target.
+
+Per transfer step ``k`` every role runs three phases (see ``methods/mergenet.py``):
+
+1. ``put``: send the matrices it contributes (providers: ``A_s``; receivers: ``A_t``);
+2. ``get``: receive the generated ``A'_t`` for each link it receives, write it in place;
+3. after its own optimiser step, ``feedback``: the tensor the update rule needs
+   (``delta``: ``A'_t - A_t^after``; ``exact``: ``dL_t/dA'_t``), and the hub updates the adapter.
+
+:class:`Exchange` implements the protocol in-process around an :class:`AdapterHub`; the Ray
+adapter actor wraps the very same class, so the single-process engine and the Ray topology
+run identical code. ``get`` blocks until every ``put`` of that step has arrived, which is
+what lets two Ray workers call it concurrently.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from torch import Tensor, nn
+
+from .adapter import ParameterAdapter, adapter_param_count
+from .errors import TransferError
+
+
+class _Opts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LayerPair(_Opts):
+    source: str = Field(description="source parameter name (dense weight name, e.g. layer4.1.conv2.weight)")
+    target: str = Field(description="target parameter name")
+    mode: Literal["learned", "svd", "full"] = "learned"
+    rank: PositiveInt = 4
+    alpha: float | None = Field(None, gt=0, description="learned mode scaling alpha/r (default: rank)")
+    output_scale: Literal["none", "rms", "learned"] = Field(
+        "rms", description="rms: rescale the adapter output to the RMS of the matrix it replaces")
+
+
+class AdapterOptions(_Opts):
+    layers: PositiveInt = 2
+    heads: PositiveInt = 8
+    attn_dropout: float = Field(0.1, ge=0, lt=1)
+    ffn_dropout: float = Field(0.2, ge=0, lt=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    grad_clip: float = Field(50.0, gt=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    start_epoch: int = Field(0, ge=0, description="step the adapter schedule only from this epoch on")
+
+
+class MergeNetOptions(_Opts):
+    layer_pairs: list[LayerPair] = Field(min_length=1)
+    t_cycle: PositiveInt = 1
+    update_rule: Literal["delta", "exact"] = "delta"
+    adapter: AdapterOptions = Field(default_factory=AdapterOptions)
+    direction: Literal["forward", "both"] = "forward"
+    freeze_source: bool = False
+    self_transfer: bool = Field(False, description="both parameters live in the target model")
+    max_bad_transfers: PositiveInt = Field(3, description="consecutive non-finite outputs before the run fails")
+
+    @model_validator(mode="after")
+    def _combos(self) -> "MergeNetOptions":
+        if self.freeze_source and self.direction == "both":
+            raise ValueError("freeze_source: a frozen source cannot receive transfers (direction: both)")
+        if self.self_transfer and self.freeze_source:
+            raise ValueError("freeze_source: self_transfer has no separate source")
+        return self
+
+
+@dataclass(frozen=True)
+class Link:
+    id: str
+    index: int          # layer pair index
+    provider: str       # role whose weight is the source Y
+    provider_param: str
+    receiver: str       # role whose weight is rewritten (X)
+    receiver_param: str
+    pair: LayerPair
+    reverse: bool = False  # direction both: target -> source
+
+    def ends(self) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+        """((role, param, config side) of the provider, same of the receiver)."""
+        a, b = ("target", "source") if self.reverse else ("source", "target")
+        return (self.provider, self.provider_param, a), (self.receiver, self.receiver_param, b)
+
+
+def make_links(opts: MergeNetOptions) -> list[Link]:
+    src_role = "target" if opts.self_transfer else "source"
+    links = []
+    for i, lp in enumerate(opts.layer_pairs):
+        links.append(Link(str(i), i, src_role, lp.source, "target", lp.target, lp))
+        if opts.direction == "both":
+            links.append(Link(f"{i}r", i, "target", lp.target, src_role, lp.source, lp, reverse=True))
+    return links
+
+
+def exact_grad(enc, weight_grad: Tensor | None = None) -> Tensor:
+    """``dL/dA'`` for the ``exact`` rule from the gradient already on the written parameter.
+
+    After ``write(A')`` the receiver's parameter equals ``A'`` (learned, full) or
+    ``W + B(A' - A)`` (svd), so the chain rule gives ``dL/dA'`` from ``param.grad`` —
+    the same number ``functional_call`` through the generated weight gives (tested).
+    """
+    from .lowrank import conv_to_matrix
+
+    param = enc.parameters_touched()[0]
+    g = param.grad if weight_grad is None else weight_grad
+    if g is None:
+        return torch.zeros(tuple(enc.shape), device=param.device)
+    if enc.mode == "learned":
+        return g.detach().clone()
+    gm = conv_to_matrix(g.detach())
+    if enc.mode == "full":
+        return gm.clone()
+    b, _ = enc.factors
+    return b.t() @ gm
+
+
+def _lambda(schedule: str, total: int):
+    if schedule == "cosine":
+        return lambda k: 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(1, total))))
+    return lambda k: 1.0
+
+
+class AdapterHub:
+    """Every link's adapter with its own AdamW optimiser and schedule, plus transfer stats."""
+
+    def __init__(self, opts: MergeNetOptions, shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]],
+                 links: list[Link], seed: int, transfers_after_start: int,
+                 device: torch.device | str = "cpu"):
+        self.opts = opts
+        self.links = {l.id: l for l in links}
+        self.device = torch.device(device)
+        a = opts.adapter
+        gen_seed = torch.Generator().manual_seed(seed)
+        torch_state = torch.get_rng_state()
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen_seed)))
+        self.adapters = nn.ModuleDict({
+            lid: ParameterAdapter(shapes[lid][0], shapes[lid][1], a.layers, a.heads, a.attn_dropout,
+                                  a.ffn_dropout, self.links[lid].pair.output_scale)
+            for lid in self.links}).to(self.device)
+        self.rng = torch.get_rng_state()
+        torch.set_rng_state(torch_state)
+        self.optimizers, self.schedulers = {}, {}
+        for lid, ad in self.adapters.items():
+            decay = [p for p in ad.parameters() if p.ndim > 1]
+            rest = [p for p in ad.parameters() if p.ndim <= 1]
+            opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                                     {"params": rest, "weight_decay": 0.0}], lr=a.lr)
+            self.optimizers[lid] = opt
+            self.schedulers[lid] = torch.optim.lr_scheduler.LambdaLR(opt, _lambda(a.schedule, transfers_after_start))
+        self.pending: dict[tuple[int, str], Tensor] = {}
+        self.bad_streak = {lid: 0 for lid in self.links}
+        self.totals = {"transfers": 0, "skipped": 0}
+        self._epoch = self._fresh_epoch()
+
+    @staticmethod
+    def _fresh_epoch() -> dict:
+        return {"transfers": 0, "skipped": 0, "grad_norm": 0.0, "updates": 0, "generate_s": 0.0, "update_s": 0.0}
+
+    def param_counts(self) -> dict[str, int]:
+        return {lid: adapter_param_count(ad) for lid, ad in self.adapters.items()}
+
+    def generate(self, step: int, inputs: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor | None]:
+        """Adapter outputs for every link (``None`` where the output was not finite)."""
+        t0 = time.perf_counter()
+        out: dict[str, Tensor | None] = {}
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng)
+        try:
+            for lid, (x, y) in inputs.items():
+                ad = self.adapters[lid]
+                ad.train()
+                x, y = x.to(self.device, torch.float32), y.to(self.device, torch.float32)
+                new = ad(x, y, reference=x)
+                if not torch.isfinite(new).all():
+                    self.bad_streak[lid] += 1
+                    self._epoch["skipped"] += 1
+                    self.totals["skipped"] += 1
+                    import warnings
+
+                    warnings.warn(f"mergenet: non-finite adapter output for link {lid} at step {step}; "
+                                  "transfer skipped", RuntimeWarning, stacklevel=2)
+                    if self.bad_streak[lid] >= self.opts.max_bad_transfers:
+                        raise TransferError(
+                            f"adapter for layer pair {self.links[lid].index} produced non-finite weights "
+                            f"{self.bad_streak[lid]} transfers in a row (step {step}); lower method.options."
+                            "adapter.lr or check the paired layers")
+                    out[lid] = None
+                    continue
+                self.bad_streak[lid] = 0
+                self.pending[(step, lid)] = new
+                out[lid] = new.detach().clone()
+                self._epoch["transfers"] += 1
+                self.totals["transfers"] += 1
+        finally:
+            self.rng = torch.get_rng_state()
+            torch.set_rng_state(outer)
+        self._epoch["generate_s"] += time.perf_counter() - t0
+        return out
+
+    def update(self, step: int, grads: dict[str, Tensor], epoch: int) -> None:
+        """Back-propagate each link's output gradient into its adapter and step it."""
+        t0 = time.perf_counter()
+        for lid, g in grads.items():
+            new = self.pending.pop((step, lid), None)
+            if new is None:
+                continue
+            opt = self.optimizers[lid]
+            opt.zero_grad(set_to_none=True)
+            new.backward(g.to(new.device, new.dtype))
+            norm = nn.utils.clip_grad_norm_(self.adapters[lid].parameters(), self.opts.adapter.grad_clip)
+            opt.step()
+            if epoch >= self.opts.adapter.start_epoch:
+                self.schedulers[lid].step()
+            self._epoch["grad_norm"] += float(norm)
+            self._epoch["updates"] += 1
+        self._epoch["update_s"] += time.perf_counter() - t0
+
+    def take_epoch_metrics(self) -> dict[str, float]:
+        e, self._epoch = self._epoch, self._fresh_epoch()
+        n = max(1, e["transfers"])
+        return {
+            "adapter/transfers": e["transfers"],
+            "adapter/skipped": e["skipped"],
+            "adapter/grad_norm": e["grad_norm"] / max(1, e["updates"]),
+            "adapter/lr": next(iter(self.optimizers.values())).param_groups[0]["lr"],
+            "adapter/generate_ms": 1000 * e["generate_s"] / n,
+            "adapter/update_ms": 1000 * e["update_s"] / n,
+        }
+
+    def state_dict(self) -> dict:
+        return {"adapters": self.adapters.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+                "rng": self.rng, "bad_streak": dict(self.bad_streak), "totals": dict(self.totals)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adapters.load_state_dict(state["adapters"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+            self.schedulers[k].load_state_dict(state["schedulers"][k])
+        self.rng = state["rng"]
+        self.bad_streak.update(state["bad_streak"])
+        self.totals.update(state["totals"])
+        self.pending.clear()
+
+
+class Exchange:
+    """The put / get / feedback protocol around one :class:`AdapterHub` (thread-safe)."""
+
+    def __init__(self, hub: AdapterHub, timeout_s: float = 600.0):
+        self.hub = hub
+        self.links = list(hub.links.values())
+        self.timeout_s = timeout_s
+        self._cv = threading.Condition()
+        self._inbox: dict[int, dict[tuple[str, str], Tensor]] = {}
+        self._outbox: dict[int, dict[str, Tensor | None]] = {}
+        self._taken: dict[int, set[str]] = {}
+        self._error: BaseException | None = None
+
+    def expected_keys(self) -> set[tuple[str, str]]:
+        return {(l.id, "y") for l in self.links} | {(l.id, "x") for l in self.links}
+
+    def put(self, step: int, mats: dict[tuple[str, str], Tensor]) -> None:
+        with self._cv:
+            self._inbox.setdefault(step, {}).update(mats)
+            self._cv.notify_all()
+
+    def get(self, step: int, role: str) -> dict[str, Tensor | None]:
+        """Generated matrices for the links ``role`` receives (generating once per step)."""
+        with self._cv:
+            if step not in self._outbox:
+                ok = self._cv.wait_for(lambda: self._error is not None or step in self._outbox or
+                                       self.expected_keys() <= self._inbox.get(step, {}).keys(), self.timeout_s)
+                if self._error is not None:
+                    raise self._error
+                if not ok:
+                    raise TimeoutError(f"exchange: step {step} factors did not all arrive in {self.timeout_s}s")
+                if step not in self._outbox:
+                    box = self._inbox.pop(step)
+                    try:
+                        self._outbox[step] = self.hub.generate(
+                            step, {l.id: (box[(l.id, "x")], box[(l.id, "y")]) for l in self.links})
+                    except BaseException as e:  # noqa: BLE001 - surfaced to every waiting role
+                        self._error = e
+                        self._cv.notify_all()
+                        raise
+            out = {l.id: self._outbox[step][l.id] for l in self.links if l.receiver == role}
+            taken = self._taken.setdefault(step, set())
+            taken.add(role)
+            if taken >= {l.receiver for l in self.links}:
+                del self._outbox[step], self._taken[step]
+            return out
+
+    def feedback(self, step: int, grads: dict[str, Tensor], epoch: int) -> None:
+        with self._cv:
+            self.hub.update(step, grads, epoch)
+
+    # hub passthroughs (also the Ray actor's API)
+    def take_epoch_metrics(self) -> dict[str, float]:
+        with self._cv:
+            return self.hub.take_epoch_metrics()
+
+    def state_dict(self) -> dict:
+        with self._cv:
+            return self.hub.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._cv:
+            self.hub.load_state_dict(state)

@@ -1,0 +1,147 @@
+"""``mergenet`` command line.
+
+Every user-fixable problem (bad config, missing data) ends with exit code 2 and one line per
+problem on stderr, never a traceback. Configs are validated before any Ray or MLflow work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mergenet_core.errors import MergenetError
+
+EXIT_USAGE = 2
+
+
+def _fail(lines: list[str], prefix: str = "") -> int:
+    for line in lines:
+        print(f"error: {prefix}{line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _load(path: str, overrides: list[str] | None = None):
+    from mergenet_core.config import load_config
+
+    return load_config(path, overrides)
+
+
+def cmd_validate(args) -> int:
+    from mergenet_core.config import ConfigErrors
+
+    bad = 0
+    for path in args.configs:
+        try:
+            load_any(path, args.set)
+            print(f"ok: {path}")
+        except ConfigErrors as e:
+            bad += 1
+            _fail(e.lines, f"{path}: ")
+        except MergenetError as e:
+            bad += 1
+            _fail([str(e)], f"{path}: ")
+    return EXIT_USAGE if bad else 0
+
+
+def load_any(path: str, overrides: list[str] | None = None):
+    """A pair config, or a grid config (``pairs:`` key) — validated either way."""
+    from mergenet_core.config import read_yaml
+
+    try:
+        is_grid = "pairs" in read_yaml(path)
+    except MergenetError:
+        is_grid = False
+    if is_grid:
+        from orchestrator.grid import load_grid
+
+        return load_grid(path, overrides)
+    return _load(path, overrides)
+
+
+def cmd_train(args) -> int:
+    cfg = _load(args.config, args.set)
+    out = Path(args.out or Path("runs") / f"{cfg.name}-s{cfg.seed}")
+    if args.ray:
+        from orchestrator.pair import preflight, run_pair_on_ray
+
+        preflight(cfg, address=args.address)
+        final = run_pair_on_ray(cfg, out, address=args.address, resume=args.resume)
+    else:
+        from mergenet_core.engine import Engine
+
+        final = Engine(cfg, out, progress=not args.quiet).run(resume=args.resume)
+    print(json.dumps(final, indent=2))
+    print(f"outputs: {out}")
+    return 0
+
+
+def cmd_pairs(args) -> int:
+    from mergenet_core.data.base import TaskInfo
+    from mergenet_core.models import MODELS, build_model
+    from mergenet_core.models.inspect import describe, suggest_pairs
+
+    def info_for(name: str) -> TaskInfo:
+        modality = MODELS.get(name).meta.get("modality", "image")
+        if modality == "text":
+            return TaskInfo(name="text", modality="text", num_classes=args.num_classes, max_length=64,
+                            vocab_size=30522)
+        return TaskInfo(name="image", modality="image", num_classes=args.num_classes, in_channels=3,
+                        image_size=32)
+
+    models = {}
+    for role, name in (("source", args.source), ("target", args.target)):
+        models[role] = build_model(name, {}, info_for(name))
+        rows = describe(models[role])
+        print(f"# {role}: {name} ({sum(r.numel for r in rows):,} parameters)")
+        for r in rows:
+            if len(r.shape) >= 2 or args.all:
+                print(f"  {r.name:<55} {str(tuple(r.shape)):<22} {r.role}")
+    print("# suggested layer pairs (source -> target)")
+    for s, t, why in suggest_pairs(models["source"], models["target"]):
+        print(f"  - {{source: {s}, target: {t}}}   # {why}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mergenet", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    v = sub.add_parser("validate", help="validate pair or grid configs (exit 2 on any error)")
+    v.add_argument("configs", nargs="+")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(fn=cmd_validate)
+
+    t = sub.add_parser("train", help="train one pair (single process, or on Ray with --ray)")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--out", help="output directory (default runs/NAME-sSEED)")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--ray", action="store_true", help="run through the Ray pair topology")
+    t.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_train)
+
+    pr = sub.add_parser("pairs", help="list two models' parameters and suggest layer pairs")
+    pr.add_argument("source")
+    pr.add_argument("target")
+    pr.add_argument("--num-classes", type=int, default=10)
+    pr.add_argument("--all", action="store_true", help="include 1-D parameters")
+    pr.set_defaults(fn=cmd_pairs)
+
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return args.fn(args)
+    except MergenetError as e:
+        from mergenet_core.config import ConfigErrors
+
+        return _fail(e.lines if isinstance(e, ConfigErrors) else [str(e)])
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

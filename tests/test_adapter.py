@@ -1,0 +1,107 @@
+"""Tests for mergenet_core.adapter (spec section 4)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergenet_core.adapter import (CrossAttention, KnowledgeTransferLayer, ParameterAdapter,
+                                   adapter_param_count, head_width)
+from mergenet_core.lowrank import rms
+
+
+@pytest.mark.parametrize("target,source", [((4, 27), (4, 64)), ((3, 10), (7, 5)),
+                                           ((6, 6), (2, 40)), ((1, 9), (4, 4))])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_shape_contract(target, source, layers):
+    torch.manual_seed(0)
+    adapter = ParameterAdapter(target, source, layers=layers, heads=4)
+    out = adapter(torch.randn(target), torch.randn(source))
+    assert out.shape == target and torch.isfinite(out).all()
+    assert len(adapter.layers) == layers
+    with pytest.raises(ValueError):
+        adapter(torch.randn(source), torch.randn(target))
+    # rows of the last LayerNorm output: zero mean, unit variance (LN affine at init)
+    if target[1] > 1:
+        assert torch.allclose(out.mean(1), torch.zeros(target[0]), atol=1e-4)
+
+
+def test_head_width_rule_and_projection_dims():
+    assert head_width(960, 2048, 8) == 188
+    assert head_width(4, 4, 8) == 16  # floor of 128
+    att = CrossAttention(960, 100, heads=8)
+    assert att.fc_q.weight.shape == (8 * 66, 960)
+    assert att.fc_k.weight.shape == (528, 100) and att.fc_v.weight.shape == (528, 100)
+    assert att.fc_o.weight.shape == (960, 528)
+
+
+def test_combination_weights_init_equal():
+    ktl = KnowledgeTransferLayer((4, 10), (3, 12), heads=2)
+    assert torch.allclose(ktl.combination_weights(), torch.full((4,), 0.25))
+
+
+def test_combination_is_the_weighted_sum_of_the_four_attentions():
+    torch.manual_seed(0)
+    ktl = KnowledgeTransferLayer((4, 10), (3, 12), heads=2).eval()
+    with torch.no_grad():
+        ktl.mix.copy_(torch.tensor([0.3, -1.0, 2.0, 0.1]))
+    x, y = torch.randn(4, 10), torch.randn(3, 12)
+    w = torch.softmax(ktl.mix, 0)
+    z = (w[0] * ktl.att_rr(x, y) + w[1] * ktl.att_rc(x, y.t()) + w[2] * ktl.att_cr(x.t(), y).t()
+         + w[3] * ktl.att_cc(x.t(), y.t()).t())
+    ref = ktl.ffn_norm(z + ktl.ffn_down(torch.nn.functional.gelu(ktl.ffn_up(z))))
+    assert torch.allclose(ktl(x, y), ref, atol=1e-5)
+
+
+def test_authors_full_matrix_pairing_parameter_count():
+    adapter = ParameterAdapter((160, 960), (100, 2048), layers=2, heads=8)
+    n = adapter_param_count(adapter)
+    assert abs(n - 37.6e6) / 37.6e6 < 0.02, n
+    assert n == 37_633_928  # 37_633_920 of the authors' layout + 2 x 4 mixing weights
+
+
+@pytest.mark.parametrize("target,source", [((4, 27), (4, 64)), ((3, 10), (5, 7))])
+def test_rms_output_scale(target, source):
+    torch.manual_seed(0)
+    ref = 0.02 * torch.randn(target)
+    adapter = ParameterAdapter(target, source, heads=2, output_scale="rms")
+    out = adapter(torch.randn(target), torch.randn(source), reference=ref)
+    assert torch.allclose(rms(out), rms(ref), rtol=1e-5)
+    with pytest.raises(ValueError, match="reference"):
+        adapter(torch.randn(target), torch.randn(source))
+
+
+def test_learned_output_scale_initialised_from_first_reference():
+    torch.manual_seed(0)
+    adapter = ParameterAdapter((4, 27), (4, 64), heads=2, output_scale="learned").eval()
+    x, y, ref = torch.randn(4, 27), torch.randn(4, 64), 0.05 * torch.randn(4, 27)
+    out = adapter(x, y, reference=ref)
+    assert torch.allclose(rms(out), rms(ref), rtol=1e-5)
+    scale = adapter.scale.detach().clone()
+    adapter(x, y, reference=10 * ref)  # initialised once, then learned
+    assert torch.equal(adapter.scale.detach(), scale)
+    state = adapter.state_dict()
+    assert bool(state["scale_initialised"])
+
+
+@pytest.mark.parametrize("output_scale", ["none", "rms", "learned"])
+def test_gradients_reach_every_parameter(output_scale):
+    torch.manual_seed(0)
+    adapter = ParameterAdapter((4, 27), (6, 16), layers=2, heads=4, output_scale=output_scale)
+    x, y, ref = torch.randn(4, 27), torch.randn(6, 16), 0.1 * torch.randn(4, 27)
+    out = adapter(x, y, reference=ref)
+    (out * torch.randn_like(out)).sum().backward()
+    for name, p in adapter.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_delta_rule_gradient_is_vector_jacobian_product():
+    """autograd.grad(out, params, grad_outputs=Delta) == grad of <out, Delta>."""
+    torch.manual_seed(0)
+    adapter = ParameterAdapter((4, 12), (4, 20), heads=2).eval()
+    x, y = torch.randn(4, 12), torch.randn(4, 20)
+    delta = torch.randn(4, 12)
+    out = adapter(x, y)
+    g1 = torch.autograd.grad(out, list(adapter.parameters()), grad_outputs=delta)
+    g2 = torch.autograd.grad((adapter(x, y) * delta).sum(), list(adapter.parameters()))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-6)
