@@ -71,6 +71,25 @@ class MethodSpec(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class AdapterPlacement(Strict):
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, description="fractional GPUs for the adapter actor")
+
+
+class RayPairSpec(Strict):
+    """How a pair runs on Ray (``mergenet train --ray`` and grids); ignored by the engine."""
+
+    source_workers: PositiveInt = 1
+    target_workers: PositiveInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    adapter: AdapterPlacement = Field(default_factory=AdapterPlacement)
+    mode: Literal["sync", "async"] = "sync"
+    staleness: PositiveInt = Field(1, description="async: adapter output at most this many transfers old")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
 class ExperimentConfig(Strict):
     """One pair experiment: a target (and usually a source) trained side by side."""
 
@@ -84,6 +103,7 @@ class ExperimentConfig(Strict):
     recipe: Recipe = Field(default_factory=Recipe)
     method: MethodSpec = Field(default_factory=MethodSpec)
     checkpoint_every: PositiveInt = Field(1, description="checkpoint every N epochs (and at the end)")
+    ray: RayPairSpec = Field(default_factory=RayPairSpec)
 
     @model_validator(mode="before")
     @classmethod
@@ -176,9 +196,15 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     bases = data.pop("extends", None)
     if bases is None:
         return data
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError("extends", f"{path}: must be a file name or a list of file names")
     merged: dict = {}
-    for b in [bases] if isinstance(bases, str) else bases:
-        merged = deep_merge(merged, read_yaml(path.parent / b, _seen + (path.resolve(),)))
+    for b in bases:
+        base = path.parent / b
+        if not base.is_file():
+            raise ConfigError("extends", f"{base}: no such file (extended by {path})")
+        merged = deep_merge(merged, read_yaml(base, _seen + (path.resolve(),)))
     return deep_merge(merged, data)
 
 
@@ -256,11 +282,41 @@ def check_registries(cfg: ExperimentConfig) -> list[str]:
     return lines
 
 
+def _has_path(d: Any, parts: list[str]) -> bool:
+    for p in parts:
+        if not isinstance(d, dict) or p not in d:
+            return False
+        d = d[p]
+    return True
+
+
+def _drop_inherited_recipe_errors(lines: list[str], data: Any) -> list[str]:
+    """A bad top-level ``recipe`` field is copied into every role's recipe by the merge; report
+    it once (as ``recipe.x``), not again as ``source.recipe.x`` / ``target.recipe.x``, unless
+    the role's own recipe sets that field itself."""
+    top = {}
+    for line in lines:
+        loc, _, msg = line.partition(": ")
+        if loc.startswith("recipe."):
+            top[loc[len("recipe."):]] = msg
+    out = []
+    for line in lines:
+        loc, _, msg = line.partition(": ")
+        role, _, rest = loc.partition(".recipe.")
+        if role in ("source", "target") and rest and top.get(rest) == msg:
+            spec = data.get(role) if isinstance(data, dict) else None
+            own = spec.get("recipe") if isinstance(spec, dict) else None
+            if not _has_path(own, rest.split(".")):
+                continue
+        out.append(line)
+    return out
+
+
 def parse_config(data: dict) -> ExperimentConfig:
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigErrors(format_validation_error(e)) from None
+        raise ConfigErrors(_drop_inherited_recipe_errors(format_validation_error(e), data)) from None
     lines = check_registries(cfg)
     if lines:
         raise ConfigErrors(lines)

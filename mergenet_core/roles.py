@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,10 @@ class Role:
     _rng: torch.Tensor | None = None
     _cuda_rng: torch.Tensor | None = None
     aug: torch.Generator | None = None
+    #: data parallelism inside the role (Ray topology): this worker's (index, count) of each
+    #: global batch, and a callable that averages gradients across the role's workers
+    shard: tuple[int, int] | None = None
+    grad_sync: Callable[[nn.Module], None] | None = None
     stats: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "n": 0, "steps": 0})
 
     @property
@@ -145,6 +150,11 @@ class Role:
     # ------------------------------------------------------------------ steps
     def next_batch(self):
         x, y = self.stream.next()
+        if self.shard is not None:
+            i, k = self.shard
+            idx = torch.arange(i, len(y), k)
+            x = {n: v[idx] for n, v in x.items()} if isinstance(x, dict) else x[idx]
+            y = y[idx]
         x, y = to_device(x, self.device), y.to(self.device, non_blocking=True)
         if self.task.info.modality == "image":
             x = prepare_images(x, self.task.info, train=self.recipe.augment, generator=self.aug)
@@ -171,6 +181,8 @@ class Role:
     def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_sync is not None:
+            self.grad_sync(self.model)
 
     def apply_step(self) -> None:
         if self.recipe.grad_clip:
@@ -222,6 +234,8 @@ class Role:
             "rng": self._rng,
             "cuda_rng": self._cuda_rng,
             "aug": self.aug.get_state(),
+            # train loss/accuracy accumulated since the last evaluation (eval_every > 1)
+            "stats": dict(self.stats),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -232,6 +246,8 @@ class Role:
         self._rng = state["rng"]
         self._cuda_rng = state.get("cuda_rng")
         self.aug.set_state(state["aug"])
+        if "stats" in state:
+            self.stats = dict(state["stats"])
 
 
 def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = None) -> Role:

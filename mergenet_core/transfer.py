@@ -257,55 +257,73 @@ class AdapterHub:
 
 
 class Exchange:
-    """The put / get / feedback protocol around one :class:`AdapterHub` (thread-safe)."""
+    """The put / get / feedback protocol around one :class:`AdapterHub` (thread-safe).
 
-    def __init__(self, hub: AdapterHub, timeout_s: float = 600.0):
+    ``put`` stores a role's matrices for a step; the put that completes a step's inputs
+    runs the adapter. ``get`` returns, for the links a role receives, the newest generated
+    output that role has not used yet whose step is at least ``step - staleness_steps``,
+    waiting for one if needed. With ``staleness_steps = 0`` (sync) that is exactly the
+    output for ``step``; with ``k * t_cycle`` (async) the receiver never waits on the adapter
+    unless the newest output is more than ``k`` transfers old. Older unused outputs are
+    dropped. ``feedback`` is keyed by the step the output was generated at.
+    """
+
+    def __init__(self, hub: AdapterHub, staleness_steps: int = 0, timeout_s: float = 600.0):
         self.hub = hub
         self.links = list(hub.links.values())
+        self.receivers = {l.receiver for l in self.links}
+        self.staleness_steps = staleness_steps
         self.timeout_s = timeout_s
         self._cv = threading.Condition()
         self._inbox: dict[int, dict[tuple[str, str], Tensor]] = {}
-        self._outbox: dict[int, dict[str, Tensor | None]] = {}
+        self._ready: dict[int, dict[str, Tensor | None]] = {}
         self._taken: dict[int, set[str]] = {}
         self._error: BaseException | None = None
-
-    def expected_keys(self) -> set[tuple[str, str]]:
-        return {(l.id, "y") for l in self.links} | {(l.id, "x") for l in self.links}
+        self._expected = {(l.id, side) for l in self.links for side in ("x", "y")}
 
     def put(self, step: int, mats: dict[tuple[str, str], Tensor]) -> None:
         with self._cv:
-            self._inbox.setdefault(step, {}).update(mats)
-            self._cv.notify_all()
+            box = self._inbox.setdefault(step, {})
+            box.update(mats)
+            if self._expected <= box.keys():
+                del self._inbox[step]
+                try:
+                    self._ready[step] = self.hub.generate(
+                        step, {l.id: (box[(l.id, "x")], box[(l.id, "y")]) for l in self.links})
+                    self._taken[step] = set()
+                except BaseException as e:  # noqa: BLE001 - surfaced to every waiting role
+                    self._error = e
+                    raise
+                finally:
+                    self._cv.notify_all()
 
-    def get(self, step: int, role: str) -> dict[str, Tensor | None]:
-        """Generated matrices for the links ``role`` receives (generating once per step)."""
-        with self._cv:
-            if step not in self._outbox:
-                ok = self._cv.wait_for(lambda: self._error is not None or step in self._outbox or
-                                       self.expected_keys() <= self._inbox.get(step, {}).keys(), self.timeout_s)
-                if self._error is not None:
-                    raise self._error
-                if not ok:
-                    raise TimeoutError(f"exchange: step {step} factors did not all arrive in {self.timeout_s}s")
-                if step not in self._outbox:
-                    box = self._inbox.pop(step)
-                    try:
-                        self._outbox[step] = self.hub.generate(
-                            step, {l.id: (box[(l.id, "x")], box[(l.id, "y")]) for l in self.links})
-                    except BaseException as e:  # noqa: BLE001 - surfaced to every waiting role
-                        self._error = e
-                        self._cv.notify_all()
-                        raise
-            out = {l.id: self._outbox[step][l.id] for l in self.links if l.receiver == role}
-            taken = self._taken.setdefault(step, set())
-            taken.add(role)
-            if taken >= {l.receiver for l in self.links}:
-                del self._outbox[step], self._taken[step]
-            return out
+    def get(self, step: int, role: str) -> tuple[int, dict[str, Tensor | None]]:
+        """``(generation step, {link id: new matrix or None})`` for the links ``role`` receives."""
+        floor = step - self.staleness_steps
 
-    def feedback(self, step: int, grads: dict[str, Tensor], epoch: int) -> None:
+        def fresh() -> list[int]:
+            return [s for s in self._ready if s >= floor and role not in self._taken[s]]
+
         with self._cv:
-            self.hub.update(step, grads, epoch)
+            ok = self._cv.wait_for(lambda: self._error is not None or fresh(), self.timeout_s)
+            if self._error is not None:
+                raise self._error
+            if not ok:
+                raise TimeoutError(f"exchange: no adapter output for step >= {floor} within {self.timeout_s}s")
+            use = max(fresh())
+            out = {l.id: self._ready[use][l.id] for l in self.links if l.receiver == role}
+            for s in [s for s in self._ready if s <= use and role not in self._taken[s]]:
+                self._taken[s].add(role)
+                if s != use:  # an older output this role skips: free its graph
+                    for lid in out:
+                        self.hub.pending.pop((s, lid), None)
+            for s in [s for s in self._ready if self._taken[s] >= self.receivers]:
+                del self._ready[s], self._taken[s]
+            return use, out
+
+    def feedback(self, gen_step: int, grads: dict[str, Tensor], epoch: int) -> None:
+        with self._cv:
+            self.hub.update(gen_step, grads, epoch)
 
     # hub passthroughs (also the Ray actor's API)
     def take_epoch_metrics(self) -> dict[str, float]:
@@ -319,3 +337,7 @@ class Exchange:
     def load_state_dict(self, state: dict) -> None:
         with self._cv:
             self.hub.load_state_dict(state)
+            self._inbox.clear()
+            self._ready.clear()
+            self._taken.clear()
+            self._error = None

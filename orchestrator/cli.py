@@ -18,6 +18,8 @@ EXIT_USAGE = 2
 
 def _fail(lines: list[str], prefix: str = "") -> int:
     for line in lines:
+        if prefix and line.startswith(prefix):  # the message already names the file
+            line = line[len(prefix):]
         print(f"error: {prefix}{line}", file=sys.stderr)
     return EXIT_USAGE
 

@@ -58,9 +58,10 @@ class MergeNet(Method):
         start = min(self.options.adapter.start_epoch, epochs)
         return len(range(start * steps_per_epoch, epochs * steps_per_epoch, self.options.t_cycle))
 
-    def make_hub(self, steps_per_epoch: int, device="cpu") -> AdapterHub:
-        return AdapterHub(self.options, self.link_shapes(), self.links, derive_seed(self.cfg.seed, "adapter"),
-                          self.transfers_after_start(steps_per_epoch), device)
+    def make_hub(self, steps_per_epoch: int, device="cpu", shapes: dict | None = None) -> AdapterHub:
+        """The adapters for every link; ``shapes`` lets a process without the models build it."""
+        return AdapterHub(self.options, shapes or self.link_shapes(), self.links,
+                          derive_seed(self.cfg.seed, "adapter"), self.transfers_after_start(steps_per_epoch), device)
 
     def ready(self, roles: dict, steps_per_epoch: int) -> None:
         self.steps_per_epoch = steps_per_epoch
@@ -88,16 +89,17 @@ class MergeNet(Method):
     def _get(self, step: int, role) -> None:
         if not any(l.receiver == role.name for l in self.links):
             return
-        for lid, new in self.exchange.get(step, role.name).items():
+        gen_step, outs = self.exchange.get(step, role.name)
+        for lid, new in outs.items():
             if new is None:
                 continue
             link = next(l for l in self.links if l.id == lid)
             enc = self.enc[(role.name, link.receiver_param)]
             new = new.to(role.device)
             enc.write(new)
-            self.written[lid] = (enc, new)
+            self.written[lid] = (enc, new, gen_step)
 
-    def _train(self, step: int, role, transfer: bool) -> None:
+    def _train(self, step: int, role) -> None:
         mine = {lid: v for lid, v in self.written.items()
                 if next(l for l in self.links if l.id == lid).receiver == role.name}
         grads = {}
@@ -109,14 +111,17 @@ class MergeNet(Method):
                 role.record(loss, logits, y)
                 role.backward(loss)
                 if self.options.update_rule == "exact":
-                    grads = {lid: exact_grad(enc) for lid, (enc, _) in mine.items()}
+                    grads = {lid: exact_grad(enc) for lid, (enc, _, _) in mine.items()}
                 role.apply_step()
                 if self.options.update_rule == "delta":
-                    grads = {lid: enc.delta(new) for lid, (enc, new) in mine.items()}
+                    grads = {lid: enc.delta(new) for lid, (enc, new, _) in mine.items()}
         for lid in mine:
             del self.written[lid]
-        if transfer and grads:
-            self.exchange.feedback(step, grads, step // self.steps_per_epoch)
+        by_gen: dict[int, dict] = {}
+        for lid, g in grads.items():
+            by_gen.setdefault(mine[lid][2], {})[lid] = g
+        for gen_step, g in by_gen.items():
+            self.exchange.feedback(gen_step, g, step // self.steps_per_epoch)
 
     def pair_step(self, step: int, roles: dict) -> None:
         transfer = self.is_transfer(step)
@@ -127,14 +132,14 @@ class MergeNet(Method):
             for r in order:
                 self._get(step, r)
         for r in order:
-            self._train(step, r, transfer)
+            self._train(step, r)
 
     def role_step(self, step: int, role) -> None:
         transfer = self.is_transfer(step)
         if transfer:
             self._put(step, role)
             self._get(step, role)
-        self._train(step, role, transfer)
+        self._train(step, role)
 
     # ------------------------------------------------------------------ metrics / state
     def epoch_metrics(self) -> dict[str, float]:

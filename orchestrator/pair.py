@@ -1,0 +1,353 @@
+"""One pair on Ray: a Train V2 ``TorchTrainer`` whose workers take roles, plus an adapter actor.
+
+World ranks ``0 .. target_workers-1`` are the target role, the rest the source role (so
+world rank 0, whose metrics Ray Train keeps, is the target's leader). Each role is
+data-parallel inside its own process group (each worker takes a slice of the global batch,
+gradients are averaged in the role's group). Role leaders put their factors in the object
+store (``ray.put`` of a clone) and call the shared :class:`AdapterActor`, which wraps the
+core :class:`~mergenet_core.transfer.Exchange`; the target leader broadcasts the generated
+matrices inside its role. Workers run :meth:`Method.role_step` — the same code the
+single-process engine runs. Methods that need both models on one batch (kd, dml,
+param_share) and ``alone`` run co-located in one worker through :meth:`Method.pair_step`.
+
+Every epoch world rank 0 gathers all role states and reports one bundle (``pair.pt``, the
+same format as the engine's checkpoint) through Ray Train checkpoints; after a worker or
+adapter-actor failure Ray Train restarts the workers, they restore from the bundle and the
+target leader reloads the adapter hub into the (restarted) actor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from mergenet_core.config import ExperimentConfig
+from mergenet_core.engine import FINAL, METRICS, PairState, build_method, load_bundle, save_bundle, summarise
+from mergenet_core.errors import ConfigError
+from mergenet_core.methods.mergenet import MergeNet
+from mergenet_core.transfer import Exchange
+
+BUNDLE = "pair.pt"
+
+#: environment every Ray worker of ours gets
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def ensure_ray(address: str | None = None, **init_kwargs) -> None:
+    """Attach to ``address`` (or ``RAY_ADDRESS``), else start a local Ray bound to 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}}}
+    if address:
+        ray.init(address=address, runtime_env=env, **init_kwargs)
+    else:
+        init_kwargs.setdefault("include_dashboard", os.environ.get("MERGENET_RAY_DASHBOARD", "1") != "0")
+        ray.init(address="local", dashboard_host="127.0.0.1", runtime_env=env, **init_kwargs)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class PairPlan:
+    layout: list[str]            # role of each world rank
+    co_located: bool             # one worker runs every role (non-splittable methods, alone)
+    shapes: dict | None          # adapter link shapes (mergenet)
+    steps_per_epoch: int
+    adapter_params: dict | None
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.layout)
+
+
+def plan_pair(cfg: ExperimentConfig) -> PairPlan:
+    """Build the pair once on CPU in this process: every config error (layer pair names,
+    ranks, data) surfaces here, before any Ray worker starts."""
+    pair = PairState.build(cfg, devices={n: torch.device("cpu") for n in ("source", "target")})
+    method, rs = pair.method, cfg.ray
+    splittable = method.splittable and isinstance(method, MergeNet) and len(method.roles_needed()) == 2
+    if splittable:
+        layout = ["target"] * rs.target_workers + ["source"] * rs.source_workers
+    else:
+        if rs.source_workers > 1 or rs.target_workers > 1:
+            raise ConfigError("ray.target_workers", f"method '{cfg.method.name}' runs both models in one "
+                                                    "worker; set source_workers and target_workers to 1")
+        layout = ["target"]
+    shapes = method.link_shapes() if isinstance(method, MergeNet) else None
+    counts = method.exchange.hub.param_counts() if isinstance(method, MergeNet) else None
+    return PairPlan(layout, not splittable, shapes, pair.steps_per_epoch, counts)
+
+
+def check_resources(cfg: ExperimentConfig, plan: PairPlan) -> None:
+    """Refuse a pair that can never be scheduled on the connected cluster."""
+    total = ray.cluster_resources()
+    rs = cfg.ray
+    need_cpu = plan.num_workers * rs.cpus_per_worker + (rs.adapter.num_cpus if plan.shapes else 0)
+    if need_cpu > total.get("CPU", 0) + 1e-9:
+        raise ConfigError("ray.cpus_per_worker", f"the pair needs {need_cpu:g} CPUs ({plan.num_workers} workers x "
+                                                 f"{rs.cpus_per_worker:g}) but the cluster has {total.get('CPU', 0):g}")
+    if rs.use_gpu:
+        need_gpu = plan.num_workers + (rs.adapter.num_gpus if plan.shapes else 0)
+        if need_gpu > total.get("GPU", 0) + 1e-9:
+            raise ConfigError("ray.use_gpu", f"the pair needs {need_gpu:g} GPUs (one per worker) but the cluster "
+                                             f"has {total.get('GPU', 0):g}")
+
+
+def preflight(cfg: ExperimentConfig, address: str | None = None) -> PairPlan:
+    plan = plan_pair(cfg)
+    ensure_ray(address)
+    check_resources(cfg, plan)
+    return plan
+
+
+# --------------------------------------------------------------------------- adapter actor
+
+
+@ray.remote
+class AdapterActor:
+    """The pair's adapters and their optimisers: a core :class:`Exchange` behind Ray calls."""
+
+    def __init__(self, cfg_json: str, shapes: dict, steps_per_epoch: int):
+        cfg = ExperimentConfig.model_validate_json(cfg_json)
+        method = build_method(cfg)
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        rs = cfg.ray
+        staleness = rs.staleness * method.options.t_cycle if rs.mode == "async" else 0
+        self.exchange = Exchange(method.make_hub(steps_per_epoch, device, shapes), staleness_steps=staleness)
+
+    def put(self, step: int, keys: list, *mats) -> None:
+        self.exchange.put(step, {tuple(k): m for k, m in zip(keys, mats)})
+
+    def get(self, step: int, role: str):
+        gen, out = self.exchange.get(step, role)
+        return gen, {k: (v.cpu() if v is not None else None) for k, v in out.items()}
+
+    def feedback(self, gen_step: int, keys: list, epoch: int, *grads) -> None:
+        self.exchange.feedback(gen_step, dict(zip(keys, grads)), epoch)
+
+    def take_epoch_metrics(self) -> dict:
+        return self.exchange.take_epoch_metrics()
+
+    def state_dict(self) -> dict:
+        return _to_cpu(self.exchange.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.exchange.load_state_dict(state)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class RayExchange:
+    """Worker-side proxy with the :class:`Exchange` API. Only the role leader talks to the
+    actor; generated matrices are broadcast to the rest of the role."""
+
+    def __init__(self, actor, leader: bool, group=None, leader_rank: int = 0, sync: bool = True):
+        self.actor, self.leader, self.group, self.leader_rank, self.sync = actor, leader, group, leader_rank, sync
+
+    def put(self, step: int, mats: dict) -> None:
+        if self.leader:
+            keys = list(mats)
+            refs = [ray.put(mats[k].detach().cpu().clone()) for k in keys]
+            self.actor.put.remote(step, keys, *refs)
+
+    def get(self, step: int, role: str):
+        box = [None]
+        if self.leader:
+            box[0] = ray.get(self.actor.get.remote(step, role))
+        if self.group is not None:
+            dist.broadcast_object_list(box, src=self.leader_rank, group=self.group)
+        return box[0]
+
+    def feedback(self, gen_step: int, grads: dict, epoch: int) -> None:
+        if self.leader:
+            keys = list(grads)
+            ref = self.actor.feedback.remote(gen_step, keys, epoch, *[grads[k].detach().cpu() for k in keys])
+            if self.sync:
+                ray.get(ref)
+
+    def take_epoch_metrics(self) -> dict:
+        return ray.get(self.actor.take_epoch_metrics.remote())
+
+    def state_dict(self) -> dict:
+        return ray.get(self.actor.state_dict.remote())
+
+    def load_state_dict(self, state: dict) -> None:
+        ray.get(self.actor.load_state_dict.remote(state))
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _grad_sync(group, size: int):
+    def sync(model: torch.nn.Module) -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=group)
+                p.grad.div_(size)
+    return sync
+
+
+def pair_worker(config: dict) -> None:
+    """Ray Train worker loop: one role (or the whole pair when co-located)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    out = Path(config["out_dir"])
+    layout: list[str] = config["layout"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    distributed = dist.is_available() and dist.is_initialized() and len(layout) > 1
+    me = layout[rank]
+    ranks = {r: [i for i, x in enumerate(layout) if x == r] for r in dict.fromkeys(layout)}
+    groups = {r: dist.new_group(ranks=rr) for r, rr in ranks.items()} if distributed else {}
+    role_rank = ranks[me].index(rank)
+    leader = role_rank == 0
+    device = ray.train.torch.get_device()
+
+    names = None if config["co_located"] else (me,)
+    pair = PairState.build(cfg, role_names=names, devices={"source": device, "target": device})
+    method = pair.method
+    if not config["co_located"]:
+        role = pair.roles[me]
+        if len(ranks[me]) > 1:
+            role.shard = (role_rank, len(ranks[me]))
+            role.grad_sync = _grad_sync(groups[me], len(ranks[me]))
+    if config.get("actor"):
+        actor = ray.get_actor(config["actor"], namespace=config["namespace"])
+        group = groups.get(me) if len(ranks[me]) > 1 else None
+        method.attach(RayExchange(actor, leader, group, ranks[me][0], sync=cfg.ray.mode == "sync"))
+
+    (out / "pids").mkdir(parents=True, exist_ok=True)
+    (out / "pids" / f"{me}{role_rank}.pid").write_text(str(os.getpid()))
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_bundle(Path(d) / BUNDLE)
+        pair.epoch, pair.step, pair.history = state["epoch"], state["step"], list(state["history"])
+        for n, r in pair.roles.items():
+            r.load_state_dict(state["roles"][n])
+        if rank == 0:
+            method.load_state_dict(state["method"])
+    if distributed:
+        dist.barrier()  # the actor holds the restored hub before anyone transfers
+
+    epochs = cfg.target.recipe.epochs
+    spe = pair.steps_per_epoch
+    while pair.epoch < epochs:
+        t0 = time.perf_counter()
+        for _ in range(spe):
+            if config["co_located"]:
+                method.pair_step(pair.step, pair.roles)
+            else:
+                method.role_step(pair.step, pair.roles[me])
+            pair.step += 1
+        pair.epoch += 1
+        train_s = time.perf_counter() - t0
+        evaluate = pair.epoch % cfg.target.recipe.eval_every == 0 or pair.epoch == epochs
+        if leader and evaluate:
+            local = pair.evaluate()
+        else:
+            local = {}
+        states = {n: _to_cpu(r.state_dict()) for n, r in pair.roles.items()} if leader else {}
+        if distributed:
+            gathered = [None] * len(layout)
+            dist.all_gather_object(gathered, (local, states))
+        else:
+            gathered = [(local, states)]
+        record = {"epoch": pair.epoch, "step": pair.step}
+        checkpoint = None
+        if rank == 0:
+            all_states = {}
+            for m, s in gathered:
+                record.update(m)
+                all_states.update(s)
+            record.update(method.epoch_metrics())
+            record["time/train_s"] = train_s
+            record["time/epoch_s"] = time.perf_counter() - t0
+            pair.history.append(record)
+            with (out / METRICS).open("w") as f:
+                for r in pair.history:
+                    f.write(json.dumps(r) + "\n")
+            bundle = {"epoch": pair.epoch, "step": pair.step, "roles": all_states,
+                      "method": _to_cpu(method.state_dict()), "history": pair.history}
+            tmp = Path(tempfile.mkdtemp(prefix="mergenet-ckpt-"))
+            save_bundle(tmp / BUNDLE, bundle)
+            checkpoint = Checkpoint.from_directory(str(tmp))
+        ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = None, resume: bool = False,
+                    plan: PairPlan | None = None, storage_path: str | None = None, name: str = "pair",
+                    callbacks: list | None = None) -> dict:
+    """Run one pair through the Ray topology; returns the same summary as the engine."""
+    out = Path(out_dir).resolve()
+    plan = plan or preflight(cfg, address)
+    ensure_ray(address)
+    storage = storage_path or str(out / "ray")
+    if not resume:
+        shutil.rmtree(Path(storage) / name, ignore_errors=True)
+        for f in (METRICS, FINAL):
+            (out / f).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    rs = cfg.ray
+    actor_name = namespace = None
+    actor = None
+    if plan.shapes is not None and not plan.co_located:
+        actor_name, namespace = f"mergenet-adapter-{uuid.uuid4().hex[:8]}", ray.get_runtime_context().namespace
+        actor = AdapterActor.options(name=actor_name, max_restarts=-1, max_concurrency=16,
+                                     num_cpus=rs.adapter.num_cpus, num_gpus=rs.adapter.num_gpus).remote(
+            cfg.model_dump_json(), plan.shapes, plan.steps_per_epoch)
+        (out / "pids").mkdir(parents=True, exist_ok=True)
+        (out / "pids" / "adapter.pid").write_text(str(ray.get(actor.pid.remote())))
+    per_worker = {"CPU": rs.cpus_per_worker}
+    trainer = TorchTrainer(
+        pair_worker,
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "out_dir": str(out), "layout": plan.layout,
+                           "co_located": plan.co_located, "actor": actor_name, "namespace": namespace},
+        scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=rs.use_gpu,
+                                     resources_per_worker=per_worker, placement_strategy=rs.placement),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=rs.max_failures),
+                             callbacks=callbacks or None),
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        if actor is not None:
+            ray.kill(actor)
+    with result.checkpoint.as_directory() as d:
+        history = load_bundle(Path(d) / BUNDLE)["history"]
+    final = summarise([r for r in history if "target/val_acc" in r])
+    (out / FINAL).write_text(json.dumps(final, indent=2))
+    return final
