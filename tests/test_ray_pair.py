@@ -1,0 +1,139 @@
+"""One pair on a real local Ray: equivalence with the engine, async mode, data-parallel
+roles, fault tolerance with real kills, and bad input rejected before any worker starts."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_same_metrics, mergenet_options, read_metrics, tiny_pair, write_yaml
+from mergenet_core.config import parse_config
+from mergenet_core.engine import Engine
+
+RAY = {"cpus_per_worker": 0.5}
+
+
+def mergenet_cfg(**over):
+    cfg = tiny_pair("mergenet", mergenet_options(), recipe={"epochs": 2, "steps_per_epoch": 4}, ray=RAY)
+    from mergenet_core.config import deep_merge
+    return parse_config(deep_merge(cfg, over))
+
+
+def test_sync_ray_pair_equals_single_process_engine(ray_local, tmp_path):
+    from orchestrator.pair import run_pair_on_ray
+
+    cfg = mergenet_cfg()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Ray workers with <=1 CPU run single-threaded: same reduction order
+    try:
+        Engine(cfg, tmp_path / "engine", progress=False).run()
+    finally:
+        torch.set_num_threads(threads)
+    final = run_pair_on_ray(cfg, tmp_path / "ray")
+    a, b = read_metrics(tmp_path / "engine"), read_metrics(tmp_path / "ray")
+    assert [r["epoch"] for r in b] == [1, 2]
+    assert b[-1]["adapter/transfers"] == 4 and "source/val_acc" in b[-1]
+    assert_same_metrics(a, b, tol=1e-5)
+    assert final["target/final_test_acc"] == b[-1]["target/test_acc"]
+
+
+def test_async_mode_and_data_parallel_target_complete(ray_local, tmp_path):
+    from orchestrator.pair import run_pair_on_ray
+
+    cfg = mergenet_cfg(ray={"mode": "async", "staleness": 2, "target_workers": 2, "cpus_per_worker": 0.5})
+    run_pair_on_ray(cfg, tmp_path / "async")
+    hist = read_metrics(tmp_path / "async")
+    assert [r["epoch"] for r in hist] == [1, 2]
+    last = hist[-1]
+    assert all(torch.isfinite(torch.tensor(float(v))) for v in last.values())
+    assert last["adapter/transfers"] >= 1
+    assert sorted(p.name for p in (tmp_path / "async" / "pids").glob("target*.pid")) == ["target0.pid", "target1.pid"]
+
+
+def test_colocated_baseline_runs_on_ray(ray_local, tmp_path):
+    from orchestrator.pair import run_pair_on_ray
+
+    cfg = parse_config(tiny_pair("dml", ray=RAY))
+    final = run_pair_on_ray(cfg, tmp_path / "dml")
+    assert "source/final_test_acc" in final and "target/final_test_acc" in final
+
+
+def _run_in_thread(cfg, out):
+    from orchestrator.pair import run_pair_on_ray
+
+    box = {}
+
+    def go():
+        try:
+            box["final"] = run_pair_on_ray(cfg, out)
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t, box
+
+
+def _wait_for_epoch(out: Path, epoch: int, timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = out / "metrics.jsonl"
+        if m.exists() and len([l for l in m.read_text().splitlines() if l]) >= epoch:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"epoch {epoch} never finished")
+
+
+@pytest.mark.parametrize("victim", ["target0", "adapter"])
+def test_pair_survives_a_real_kill_and_resumes_without_gap(ray_local, tmp_path, victim):
+    bigger = {"task": {"options": {"train_subset": 1000}}}  # 25 batches: the 12-step epoch cap applies
+    cfg = mergenet_cfg(recipe={"epochs": 4, "steps_per_epoch": 12}, source=bigger, target=bigger)
+    out = tmp_path / victim
+    t, box = _run_in_thread(cfg, out)
+    _wait_for_epoch(out, 1)
+    pid_file = out / "pids" / f"{victim}.pid"
+    old_worker = (out / "pids" / "target0.pid").read_text()
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    t.join(timeout=300)
+    assert not t.is_alive(), "pair did not finish after the kill"
+    assert "error" not in box, box.get("error")
+    hist = read_metrics(out)
+    assert [r["epoch"] for r in hist] == [1, 2, 3, 4]
+    assert [r["step"] for r in hist] == [12, 24, 36, 48]
+    # the worker group really restarted (a new target worker process) and resumed
+    assert (out / "pids" / "target0.pid").read_text() != old_worker
+    assert all(r["adapter/transfers"] > 0 for r in hist)
+
+
+def _cli(*args, cwd):
+    env = dict(os.environ, MERGENET_RAY_DASHBOARD="0")
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=240, env=env)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"method": {"options": {"layer_pairs": [{"source": "nope.weight", "target": "classifier.weight"}]}}},
+     "method.options.layer_pairs.0.source"),
+    ({"method": {"options": {"layer_pairs": [{"source": "classifier.weight", "target": "classifier.weight",
+                                              "rank": 999}]}}},
+     "method.options.layer_pairs.0.target"),
+    ({"ray": {"cpus_per_worker": 512}}, "ray.cpus_per_worker"),
+])
+def test_bad_pair_rejected_before_any_worker(tmp_path, change, field):
+    from mergenet_core.config import deep_merge
+
+    cfg = deep_merge(tiny_pair("mergenet", mergenet_options(), ray=RAY), change)
+    path = write_yaml(tmp_path / "bad.yaml", cfg)
+    r = _cli("train", str(path), "--ray", "--out", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and field in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "pids").exists()  # no worker ever started

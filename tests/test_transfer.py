@@ -1,0 +1,473 @@
+"""The MergeNet transfer cycle (spec section 5) on real tiny models and real Fashion-MNIST.
+
+Every test builds a pair with :func:`mergenet_core.config.parse_config` and
+:meth:`mergenet_core.engine.PairState.build`, then drives the method either with
+``pair_step`` or phase by phase (``_put`` / ``_get`` / ``_train``) to look between phases.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+from mergenet_core.config import deep_merge, parse_config
+from mergenet_core.data.base import TaskInfo
+from mergenet_core.engine import PairState
+from mergenet_core.errors import ConfigError, TransferError
+from mergenet_core.lowrank import conv_to_matrix, make_encoding, matrix_to_weight
+from mergenet_core.models import build_model
+from mergenet_core.transfer import AdapterHub, Exchange, MergeNetOptions, make_links
+
+LR = 0.1
+FMNIST = {"name": "fashion_mnist", "options": {"train_subset": 200, "test_subset": 50}}  # 180 train, 5 steps/epoch
+CNN = {"name": "cnn", "options": {"channels": [8, 16], "hidden": 32}}
+CONV = "features.1.conv.weight"  # [16, 8, 3, 3] -> 16x72 matrix
+
+
+def make_cfg(options: dict, *, source: dict | None = CNN, source_task: dict = FMNIST,
+             momentum: float = 0.0, **overrides):
+    """A tiny MergeNet pair: plain SGD (lr 0.1, no decay, constant schedule, no clip, no augmentation)."""
+    data = {
+        "name": "t", "seed": 0, "device": "cpu",
+        "target": {"model": copy.deepcopy(CNN), "task": copy.deepcopy(FMNIST)},
+        "recipe": {"optimizer": {"name": "sgd", "lr": LR, "momentum": momentum, "weight_decay": 0.0},
+                   "schedule": {"name": "constant"}, "epochs": 1, "batch_size": 32, "augment": False},
+        "method": {"name": "mergenet", "options": copy.deepcopy(options)},
+    }
+    if source is not None:
+        data["source"] = {"model": copy.deepcopy(source), "task": copy.deepcopy(source_task)}
+    return parse_config(deep_merge(data, overrides))
+
+
+def pair_opts(source: str = CONV, target: str = CONV, mode: str = "learned", rank: int = 4, **extra) -> dict:
+    return {"t_cycle": 1, "layer_pairs": [{"source": source, "target": target, "mode": mode, "rank": rank}],
+            **extra}
+
+
+def build(options: dict, **kw) -> PairState:
+    return PairState.build(make_cfg(options, **kw))
+
+
+class RecordingExchange(Exchange):
+    """The project's own in-process Exchange, recording what passes through it."""
+
+    def __init__(self, hub):
+        super().__init__(hub)
+        self.outputs: dict[int, dict] = {}
+        self.feedbacks: dict[int, dict] = {}
+
+    def get(self, step, role):
+        gen_step, out = super().get(step, role)
+        self.outputs.setdefault(gen_step, {}).update({k: None if v is None else v.clone() for k, v in out.items()})
+        return gen_step, out
+
+    def feedback(self, gen_step, grads, epoch):
+        self.feedbacks.setdefault(gen_step, {}).update({k: v.detach().clone() for k, v in grads.items()})
+        super().feedback(gen_step, grads, epoch)
+
+
+def recording(pair: PairState) -> RecordingExchange:
+    ex = RecordingExchange(pair.method.exchange.hub)
+    pair.method.attach(ex)
+    return ex
+
+
+def transfer(pair: PairState, step: int) -> None:
+    """Phases 1 (put) and 2 (get + in-place write) of a transfer step for every role."""
+    m = pair.method
+    order = [pair.roles[n] for n in m.roles_needed()]
+    for r in order:
+        m._put(step, r)
+    for r in order:
+        m._get(step, r)
+
+
+def train(pair: PairState, step: int) -> None:
+    """Phase 3: every role's own optimiser step, then the adapter feedback."""
+    for n in pair.method.roles_needed():
+        pair.method._train(step, pair.roles[n])
+
+
+def peek_batch(role):
+    """The batch ``role`` draws next, without consuming it (no augmentation in these configs)."""
+    state = role.stream.state_dict()
+    x, y = role.next_batch()
+    role.stream.load_state_dict(state)
+    return x, y
+
+
+def touched(pair: PairState, role: str, param: str) -> torch.nn.Parameter:
+    return pair.method.enc[(role, param)].parameters_touched()[0]
+
+
+def adapter_state(pair: PairState) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in pair.method.exchange.hub.adapters.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------- in place
+
+
+@pytest.mark.parametrize("mode", ["learned", "svd", "full"])
+def test_transfer_writes_in_place_and_keeps_momentum(mode):
+    pair = build(pair_opts(mode=mode), momentum=0.9)
+    tgt = pair.roles["target"]
+    pair.method.pair_step(0, pair.roles)  # creates the momentum buffers
+    enc = pair.method.enc[("target", CONV)]
+    p = enc.parameters_touched()[0]
+    name = next(n for n, q in tgt.model.named_parameters() if q is p)
+    state = tgt.optimizer.state[p]
+    buf = state["momentum_buffer"].clone()
+    before = p.detach().clone()
+    assert any(q is p for g in tgt.optimizer.param_groups for q in g["params"])
+
+    ex = recording(pair)
+    transfer(pair, 1)
+    new = ex.outputs[1]["0"]
+    assert dict(tgt.model.named_parameters())[name] is p          # same Parameter object
+    assert tgt.optimizer.state[p] is state                         # same optimiser state entry
+    assert torch.equal(state["momentum_buffer"], buf)              # untouched by the write
+    assert not torch.equal(p.detach(), before)                     # but the weight was rewritten
+    if mode == "learned":
+        assert torch.equal(p.detach(), new)                         # A <- A'
+    elif mode == "full":
+        assert torch.equal(p.detach(), matrix_to_weight(new, p.shape))
+    else:  # svd: W0 + B (A' - A); the part outside the top-r subspace survives
+        b, a = enc.factors
+        w0 = conv_to_matrix(before)
+        torch.testing.assert_close(conv_to_matrix(p.detach()), w0 + b @ (new - a))
+        u, _, _ = torch.linalg.svd(w0, full_matrices=False)
+        out = torch.eye(w0.shape[0]) - u[:, :4] @ u[:, :4].t()
+        torch.testing.assert_close(out @ conv_to_matrix(p.detach()), out @ w0, atol=1e-5, rtol=1e-5)
+
+    # the next step continues the kept momentum: buf' = 0.9 buf + grad (no weight decay)
+    written = p.detach().clone()
+    train(pair, 1)
+    torch.testing.assert_close(state["momentum_buffer"], 0.9 * buf + p.grad)
+    torch.testing.assert_close(p.detach(), written - LR * state["momentum_buffer"])
+
+
+# ---------------------------------------------------------------------------- update rules
+
+
+def _one_transfer(mode: str, rule: str, target: str = CONV):
+    """Feedback sent for step 0 under ``rule``, plus dL/dA' by functional_call on the same batch."""
+    pair = build(pair_opts(target=target, mode=mode, update_rule=rule,
+                           adapter={"schedule": "constant"}))
+    ex = recording(pair)
+    tgt = pair.roles["target"]
+    transfer(pair, 0)
+    new = ex.outputs[0]["0"]
+    enc = pair.method.enc[("target", target)]
+    x, y = peek_batch(tgt)
+    leaf = new.clone().requires_grad_(True)
+    tgt.model.train()
+    with tgt.rng_scope():
+        loss, _ = tgt.loss(x, y, params=enc.override(leaf))
+    (via_functional_call,) = torch.autograd.grad(loss, leaf)
+    train(pair, 0)
+    return ex.feedbacks[0]["0"], via_functional_call, pair
+
+
+@pytest.mark.parametrize("mode,target", [("learned", CONV), ("svd", CONV), ("full", CONV),
+                                         ("learned", "classifier.weight"), ("full", "hidden.weight")])
+def test_delta_equals_lr_times_exact_and_exact_is_the_functional_call_gradient(mode, target):
+    delta, _, _ = _one_transfer(mode, "delta", target)
+    exact, fc_grad, _ = _one_transfer(mode, "exact", target)
+    assert delta.shape == exact.shape == fc_grad.shape
+    assert exact.abs().max() > 0
+    # exact = dL/dA' through the generated weight, as functional_call computes it
+    torch.testing.assert_close(exact, fc_grad, rtol=1e-5, atol=1e-8)
+    # plain SGD: delta = A' - A_after = lr * dL/dA'
+    torch.testing.assert_close(delta, LR * exact, rtol=1e-3, atol=1e-6 * float(exact.abs().max()))
+
+
+# ---------------------------------------------------------------------------- adapter learns
+
+
+def test_adapter_learns_and_reports_metrics():
+    pair = build(pair_opts())
+    init = adapter_state(pair)
+    for step in range(3):
+        pair.method.pair_step(step, pair.roles)
+    after = adapter_state(pair)
+    changed = [k for k in init if not torch.equal(init[k], after[k])]
+    assert any(k.endswith("fc_q.weight") for k in changed) and any("ffn" in k for k in changed)
+    metrics = pair.method.epoch_metrics()
+    assert metrics["adapter/transfers"] == 3 and metrics["adapter/skipped"] == 0
+    assert metrics["adapter/grad_norm"] > 0 and metrics["adapter/lr"] > 0
+    assert metrics["adapter/generate_ms"] > 0 and metrics["adapter/update_ms"] > 0
+    assert pair.method.epoch_metrics()["adapter/transfers"] == 0  # taken per epoch
+
+
+def test_adapter_optimiser_and_schedule():
+    """AdamW (decay on matrices only); cosine schedule stepped once per transfer, from start_epoch."""
+    pair = build(pair_opts(t_cycle=2, adapter={"lr": 0.01, "weight_decay": 1e-3, "schedule": "cosine"}))
+    hub = pair.method.exchange.hub
+    opt = hub.optimizers["0"]
+    assert isinstance(opt, torch.optim.AdamW)
+    decay, rest = opt.param_groups
+    assert decay["weight_decay"] == 1e-3 and all(p.ndim > 1 for p in decay["params"])
+    assert rest["weight_decay"] == 0.0 and all(p.ndim <= 1 for p in rest["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == hub.param_counts()["0"]
+    # 1 epoch of 5 steps, t_cycle 2 -> transfers at steps 0, 2, 4: the cosine spans 3 updates
+    for step in range(4):
+        pair.method.pair_step(step, pair.roles)
+    assert hub.schedulers["0"].last_epoch == 2
+    assert pair.method.epoch_metrics()["adapter/transfers"] == 2
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))  # 0.0025
+
+    late = build(pair_opts(adapter={"start_epoch": 1}))
+    for step in range(3):  # epoch 0: the adapter is updated but its schedule does not move
+        late.method.pair_step(step, late.roles)
+    assert late.method.exchange.hub.schedulers["0"].last_epoch == 0
+    assert late.method.epoch_metrics()["adapter/transfers"] == 3
+
+
+def test_non_transfer_steps_leave_the_target_to_its_optimiser():
+    pair = build(pair_opts(t_cycle=3))
+    ex = recording(pair)
+    for step in range(4):
+        pair.method.pair_step(step, pair.roles)
+    assert sorted(ex.outputs) == sorted(ex.feedbacks) == [0, 3]
+
+
+# ---------------------------------------------------------------------------- NaN / Inf
+
+
+def _poison(pair: PairState, lid: str = "0", value: float = float("nan")) -> None:
+    with torch.no_grad():
+        pair.method.exchange.hub.adapters[lid].layers[-1].ffn_norm.weight[0] = value
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_adapter_output_skips_transfer_then_fails(value):
+    pair = build(pair_opts(max_bad_transfers=3))
+    p = touched(pair, "target", CONV)
+    before = p.detach().clone()
+    _poison(pair, value=value)
+    with pytest.warns(RuntimeWarning, match="non-finite adapter output for link 0 at step 0; transfer skipped"):
+        transfer(pair, 0)
+    assert torch.equal(p.detach(), before)                      # nothing written
+    train(pair, 0)                                              # target still trains normally
+    assert not torch.equal(p.detach(), before)
+    m = pair.method.epoch_metrics()
+    assert m["adapter/skipped"] == 1 and m["adapter/transfers"] == 0
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        pair.method.pair_step(1, pair.roles)
+    with pytest.warns(RuntimeWarning), pytest.raises(TransferError) as err:
+        pair.method.pair_step(2, pair.roles)
+    msg = str(err.value)
+    assert "layer pair 0" in msg and "non-finite" in msg and "3 transfers in a row" in msg
+    assert "method.options.adapter.lr" in msg
+
+
+def test_a_finite_output_resets_the_bad_streak():
+    pair = build(pair_opts(max_bad_transfers=2))
+    norm = pair.method.exchange.hub.adapters["0"].layers[-1].ffn_norm.weight
+    good = norm.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _poison(pair)
+        pair.method.pair_step(0, pair.roles)            # bad (1)
+        with torch.no_grad():
+            norm.copy_(good)
+        pair.method.pair_step(1, pair.roles)            # good: streak reset
+        _poison(pair)
+        pair.method.pair_step(2, pair.roles)            # bad (1 again, not 2)
+        with pytest.raises(TransferError, match="2 transfers in a row"):
+            pair.method.pair_step(3, pair.roles)        # bad (2) -> fails
+    assert pair.method.exchange.hub.totals == {"transfers": 1, "skipped": 3}
+
+
+# ---------------------------------------------------------------------------- variants
+
+
+def test_direction_both_rewrites_both_models():
+    pair = build(pair_opts(direction="both"))
+    hub = pair.method.exchange.hub
+    assert sorted(hub.adapters) == ["0", "0r"]
+    ps, pt = touched(pair, "source", CONV), touched(pair, "target", CONV)
+    s0, t0 = ps.detach().clone(), pt.detach().clone()
+    init = adapter_state(pair)
+    ex = recording(pair)
+    transfer(pair, 0)
+    assert torch.equal(ps.detach(), ex.outputs[0]["0r"]) and not torch.equal(ps.detach(), s0)
+    assert torch.equal(pt.detach(), ex.outputs[0]["0"]) and not torch.equal(pt.detach(), t0)
+    train(pair, 0)
+    assert sorted(ex.feedbacks[0]) == ["0", "0r"]
+    after = adapter_state(pair)
+    for lid in ("0", "0r"):
+        assert any(not torch.equal(init[k], after[k]) for k in init if k.startswith(f"{lid}."))
+    assert pair.method.epoch_metrics()["adapter/transfers"] == 2
+
+
+def test_freeze_source_keeps_source_and_still_transfers():
+    pair = build(pair_opts(freeze_source=True))
+    assert pair.method.trained_roles() == ("target",) and not pair.roles["source"].trainable
+    src_before = {k: v.clone() for k, v in pair.roles["source"].model.state_dict().items()}
+    pt = touched(pair, "target", CONV)
+    ex = recording(pair)
+    for step in range(3):
+        pair.method.pair_step(step, pair.roles)
+    for k, v in pair.roles["source"].model.state_dict().items():
+        assert torch.equal(v, src_before[k]), k
+    assert sorted(ex.outputs) == sorted(ex.feedbacks) == [0, 1, 2]
+    transfer(pair, 3)
+    assert torch.equal(pt.detach(), ex.outputs[3]["0"])
+    assert pair.roles["source"].stats["steps"] == 0 and pair.roles["target"].stats["steps"] == 3
+
+
+def test_several_layer_pairs_one_adapter_each():
+    opts = {"t_cycle": 1, "layer_pairs": [
+        {"source": CONV, "target": CONV, "mode": "learned", "rank": 4},
+        {"source": "hidden.weight", "target": "classifier.weight", "mode": "svd", "rank": 2},
+        {"source": "features.0.conv.weight", "target": "features.0.conv.weight", "mode": "full"}]}
+    pair = build(opts)
+    hub = pair.method.exchange.hub
+    assert sorted(hub.adapters) == ["0", "1", "2"]
+    assert {k: tuple(v.target_shape) + tuple(v.source_shape) for k, v in hub.adapters.items()} == {
+        "0": (4, 72, 4, 72), "1": (2, 32, 2, 16), "2": (8, 9, 8, 9)}
+    assert all(n > 0 for n in hub.param_counts().values())
+    params = {lid: touched(pair, "target", p) for lid, p in
+              [("0", CONV), ("1", "classifier.weight"), ("2", "features.0.conv.weight")]}
+    before = {lid: p.detach().clone() for lid, p in params.items()}
+    ex = recording(pair)
+    transfer(pair, 0)
+    for lid, p in params.items():
+        assert not torch.equal(p.detach(), before[lid]), lid
+    train(pair, 0)
+    assert sorted(ex.feedbacks[0]) == ["0", "1", "2"]
+    assert pair.method.epoch_metrics()["adapter/transfers"] == 3
+
+
+def test_self_transfer_inside_one_model():
+    pair = build(pair_opts(source="hidden.weight", target="classifier.weight", self_transfer=True), source=None)
+    assert set(pair.roles) == {"target"}
+    m = pair.method
+    assert [(l.provider, l.receiver) for l in m.links] == [("target", "target")]
+    assert set(m.enc) == {("target", "hidden.weight"), ("target", "classifier.weight")}
+    hub = m.exchange.hub
+    assert hub.adapters["0"].target_shape == (4, 32) and hub.adapters["0"].source_shape == (4, 16)
+    pc, ph = touched(pair, "target", "classifier.weight"), touched(pair, "target", "hidden.weight")
+    h0 = ph.detach().clone()
+    ex = recording(pair)
+    transfer(pair, 0)
+    assert torch.equal(pc.detach(), ex.outputs[0]["0"])
+    assert torch.equal(ph.detach(), h0)  # the provider is only read
+    train(pair, 0)
+    pair.method.pair_step(1, pair.roles)
+    assert sorted(ex.feedbacks) == [0, 1]
+
+
+def test_cross_modal_text_source_into_conv_target():
+    text = {"name": "rotten_tomatoes", "options": {"train_subset": 200, "test_subset": 50, "max_length": 32}}
+    src_param = "bert.encoder.layer.0.attention.output.dense.weight"
+    pair = build(pair_opts(source=src_param, target=CONV, adapter={"layers": 1, "heads": 4}),
+                 source={"name": "minilm_l3", "options": {"num_layers": 1}}, source_task=text)
+    src, tgt = pair.roles["source"], pair.roles["target"]
+    assert src.task.info.modality == "text" and tgt.task.info.modality == "image"
+    assert len(src.model.bert.encoder.layer) == 1
+    hub = pair.method.exchange.hub
+    assert hub.adapters["0"].target_shape == (4, 72) and hub.adapters["0"].source_shape == (4, 384)
+    conv = tgt.model.features[1].conv
+    w0 = conv.weight.detach().clone()
+    ex = recording(pair)
+    transfer(pair, 0)
+    assert torch.equal(conv.A.detach(), ex.outputs[0]["0"])
+    assert not torch.equal(conv.weight.detach(), w0)
+    train(pair, 0)
+    pair.method.pair_step(1, pair.roles)
+    assert sorted(ex.feedbacks) == [0, 1]
+    assert src.stats["steps"] == tgt.stats["steps"] == 2
+    assert torch.isfinite(conv.weight).all()
+
+
+# ---------------------------------------------------------------------------- RNG streams
+
+
+def test_rng_streams_are_private_and_runs_reproducible():
+    """Each role and the adapter hub draw from their own streams: the caller's global RNG
+    neither influences a run nor is advanced by it."""
+    def run(outer_seed: int) -> PairState:
+        pair = build(pair_opts(t_cycle=2))
+        torch.manual_seed(outer_seed)  # whatever the caller does with the global RNG...
+        for step in range(4):
+            state = torch.get_rng_state()
+            pair.method.pair_step(step, pair.roles)
+            assert torch.equal(torch.get_rng_state(), state)  # ...a step leaves it alone
+        return pair
+
+    a = run(1)
+    hub_rng = a.method.exchange.hub.rng.clone()
+    a.method.pair_step(4, a.roles)  # a transfer: the adapter's dropout drew from the hub's stream
+    assert not torch.equal(a.method.exchange.hub.rng, hub_rng)
+    b = run(2)
+    b.method.pair_step(4, b.roles)
+    sa, sb = a.roles["target"].model.state_dict(), b.roles["target"].model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    aa, ab = adapter_state(a), adapter_state(b)
+    assert all(torch.equal(aa[k], ab[k]) for k in aa)
+
+
+# ---------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_layer_pair_naming_a_missing_parameter(side):
+    lp = {"source": CONV, "target": CONV, side: "features.9.conv.weight"}
+    with pytest.raises(ConfigError) as err:
+        build(pair_opts(**lp))
+    assert err.value.field == f"method.options.layer_pairs.0.{side}"
+    assert "no parameter 'features.9.conv.weight'" in str(err.value)
+
+
+def test_second_layer_pair_error_names_its_index():
+    opts = {"layer_pairs": [{"source": CONV, "target": CONV},
+                            {"source": "hidden.weight", "target": "classifier.bias"}]}
+    with pytest.raises(ConfigError) as err:
+        build(opts)
+    assert err.value.field == "method.options.layer_pairs.1.target"
+
+
+@pytest.mark.parametrize("mode", ["learned", "svd"])
+def test_rank_too_large(mode):
+    # classifier.weight is 10x32 (rank <= 10); hidden.weight is 32x16 (rank <= 16)
+    with pytest.raises(ConfigError) as err:
+        build(pair_opts(source="hidden.weight", target="classifier.weight", mode=mode, rank=12))
+    assert err.value.field == "method.options.layer_pairs.0.target"
+    assert "rank 12 is invalid" in str(err.value) and "1..10" in str(err.value)
+
+
+def test_invalid_option_combinations_are_config_errors():
+    from mergenet_core.config import ConfigErrors
+
+    with pytest.raises(ConfigErrors, match="freeze_source"):
+        make_cfg(pair_opts(freeze_source=True, direction="both"))
+    with pytest.raises(ConfigErrors, match="source"):
+        make_cfg(pair_opts(), source=None)  # no source and no self_transfer
+
+
+# ---------------------------------------------------------------------------- adapter size
+
+
+def test_authors_full_mode_pairing_adapter_size():
+    """ResNet-50 fc (100x2048) -> MobileNetV2 features.16.project (160x960), full mode: ~37.6 M."""
+    info = TaskInfo("cifar100-shape", "image", 100, in_channels=3, image_size=32)
+    torch.manual_seed(0)
+    r50, mbv2 = build_model("resnet50", {}, info), build_model("mobilenetv2", {}, info)
+    opts = MergeNetOptions(layer_pairs=[{"source": "fc.weight", "target": "features.16.project.conv.weight",
+                                         "mode": "full"}])
+    src = make_encoding(r50, "fc.weight", "full")
+    tgt = make_encoding(mbv2, "features.16.project.conv.weight", "full")
+    assert tuple(src.shape) == (100, 2048) and tuple(tgt.shape) == (160, 960)
+    assert tuple(mbv2.features[16].project.conv.weight.shape) == (160, 960, 1, 1)
+    hub = AdapterHub(opts, {"0": (tuple(tgt.shape), tuple(src.shape))}, make_links(opts), seed=0,
+                     transfers_after_start=1)
+    n = hub.param_counts()["0"]
+    assert n == 37_633_928
+    assert n == pytest.approx(37.6e6, rel=0.002)
+    mbv2_params = sum(p.numel() for p in mbv2.parameters())
+    assert 15 < n / mbv2_params < 17  # "16x the MobileNetV2 it writes into"
