@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import ExperimentConfig, Recipe, RoleSpec
 from .data import BatchStream, TaskData, build_task, iter_eval, prepare_images
+from .errors import ConfigError
 from .models import build_model
 
 ROLE_NAMES = ("source", "target")
@@ -257,7 +258,10 @@ def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = N
     task = build_task(spec.task.name, spec.task.options, seed=cfg.seed)
     torch.manual_seed(derive_seed(cfg.seed, name, "init"))
     model = build_model(spec.model.name, spec.model.options, task.info)
-    stream = BatchStream(task.train, spec.recipe.batch_size, seed=derive_seed(cfg.seed, name, "data"))
+    try:
+        stream = BatchStream(task.train, spec.recipe.batch_size, seed=derive_seed(cfg.seed, name, "data"))
+    except ConfigError as e:  # name the role's field, not a bare "batch_size"
+        raise ConfigError(f"{name}.recipe.{e.field}", f"{e.problem} ({name} train split)") from None
     aug = torch.Generator(device=device)
     aug.manual_seed(derive_seed(cfg.seed, name, "augment"))
     rng = torch.Generator().manual_seed(derive_seed(cfg.seed, name, "dropout")).get_state()

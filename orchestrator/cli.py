@@ -106,8 +106,39 @@ def cmd_pairs(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    if args.resume:
+        grid = None
+    elif not args.grid:
+        return _fail(["run: give a GRID.yaml, or --resume DIR"])
+    else:
+        from orchestrator.grid import load_grid
+
+        grid = load_grid(args.grid, args.set)  # every trial validated before Ray starts
+    from orchestrator.tune_grid import run_grid
+
+    summary = run_grid(grid, address=args.address, resume_dir=args.resume)
+    print(json.dumps(summary, indent=2))
+    if not args.no_report:
+        from orchestrator.report import make_report
+
+        rep = make_report(summary["storage"])
+        print(rep["text"])
+        print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}")
+    return 1 if summary["failed"] else 0
+
+
+def cmd_report(args) -> int:
+    from orchestrator.report import make_report
+
+    rep = make_report(args.what, args.out)
+    print(rep["text"])
+    print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mergenet", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mergenet", description=__doc__.splitlines()[0].replace("``", ""))
     sub = p.add_subparsers(dest="cmd", required=True)
 
     v = sub.add_parser("validate", help="validate pair or grid configs (exit 2 on any error)")
@@ -131,6 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--num-classes", type=int, default=10)
     pr.add_argument("--all", action="store_true", help="include 1-D parameters")
     pr.set_defaults(fn=cmd_pairs)
+
+    r = sub.add_parser("run", help="run a grid of pairs x methods x seeds on Ray Tune, tracked in MLflow")
+    r.add_argument("grid", nargs="?")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    r.add_argument("--resume", metavar="DIR", help="resume an interrupted grid from its storage folder")
+    r.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    r.set_defaults(fn=cmd_run)
+
+    rp = sub.add_parser("report", help="pair x method table, Parquet and gain heatmap for a grid")
+    rp.add_argument("what", help="grid YAML, grid storage folder, or MLflow experiment name")
+    rp.add_argument("--out", help="output folder (default runs/reports/GRID)")
+    rp.set_defaults(fn=cmd_report)
 
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

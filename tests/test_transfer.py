@@ -27,6 +27,15 @@ CNN = {"name": "cnn", "options": {"channels": [8, 16], "hidden": 32}}
 CONV = "features.1.conv.weight"  # [16, 8, 3, 3] -> 16x72 matrix
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_cfg(options: dict, *, source: dict | None = CNN, source_task: dict = FMNIST,
              momentum: float = 0.0, **overrides):
     """A tiny MergeNet pair: plain SGD (lr 0.1, no decay, constant schedule, no clip, no augmentation)."""
@@ -224,6 +233,23 @@ def test_adapter_optimiser_and_schedule():
         late.method.pair_step(step, late.roles)
     assert late.method.exchange.hub.schedulers["0"].last_epoch == 0
     assert late.method.epoch_metrics()["adapter/transfers"] == 3
+
+
+@pytest.mark.parametrize("t_cycle,start_epoch", [(1, 0), (2, 1), (3, 1)])
+def test_adapter_cosine_spans_exactly_the_transfers_after_start(t_cycle, start_epoch):
+    """The cosine ends at 0 on the last transfer (it counts only steps k % t_cycle == 0 from
+    start_epoch on; before the fix a start step that was not a transfer step was counted)."""
+    pair = build(pair_opts(t_cycle=t_cycle, adapter={"start_epoch": start_epoch, "lr": 0.01}),
+                 recipe={"epochs": 2})
+    spe = pair.steps_per_epoch
+    assert spe == 5
+    expected = sum(1 for k in range(start_epoch * spe, 2 * spe) if k % t_cycle == 0)
+    assert pair.method.transfers_after_start(spe) == expected
+    hub = pair.method.exchange.hub
+    for step in range(2 * spe):
+        pair.method.pair_step(step, pair.roles)
+    assert hub.schedulers["0"].last_epoch == expected
+    assert hub.optimizers["0"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_non_transfer_steps_leave_the_target_to_its_optimiser():

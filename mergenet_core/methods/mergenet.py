@@ -56,7 +56,9 @@ class MergeNet(Method):
     def transfers_after_start(self, steps_per_epoch: int) -> int:
         epochs = self.cfg.target.recipe.epochs
         start = min(self.options.adapter.start_epoch, epochs)
-        return len(range(start * steps_per_epoch, epochs * steps_per_epoch, self.options.t_cycle))
+        t = self.options.t_cycle
+        first = -(-start * steps_per_epoch // t) * t  # first transfer step (k % t_cycle == 0) from the start epoch on
+        return len(range(first, epochs * steps_per_epoch, t))
 
     def make_hub(self, steps_per_epoch: int, device="cpu", shapes: dict | None = None) -> AdapterHub:
         """The adapters for every link; ``shapes`` lets a process without the models build it."""

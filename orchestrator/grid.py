@@ -1,0 +1,200 @@
+"""Grid configs: pairs × methods × seeds × hyperparameter axes, validated before Ray starts.
+
+A grid YAML names the pairs (source/target model + task, and the layer pairs MergeNet and
+param_share use), the methods with their options, the seeds, search axes over any dotted
+pair-config field (``grid``, ``choice``, ``loguniform``, ``uniform``), the scheduler, the
+per-trial resources and the concurrency. :func:`load_grid` validates the grid itself and
+then every trial configuration it can enumerate (random axes at their bounds), so a bad
+grid exits with code 2 before any cluster work.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from mergenet_core.config import (ConfigErrors, ExperimentConfig, apply_overrides, deep_merge,
+                                  format_validation_error, parse_config, read_yaml)
+from mergenet_core.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PairEntry(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", description="short id, used in trial names")
+    source: dict[str, Any] | None = None
+    target: dict[str, Any]
+    layer_pairs: list[dict[str, Any]] = Field(default_factory=list,
+                                              description="injected into mergenet / param_share options")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="any pair-config fields for this pair")
+
+
+class Axis(_Strict):
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Axis":
+        kinds = [k for k in ("grid", "choice", "loguniform", "uniform") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of grid, choice, loguniform, uniform")
+        lo_hi = self.loguniform or self.uniform
+        if lo_hi and not lo_hi[0] < lo_hi[1]:
+            raise ValueError("bounds must be increasing")
+        if self.loguniform and self.loguniform[0] <= 0:
+            raise ValueError("loguniform bounds must be > 0")
+        if (self.grid is not None and not self.grid) or (self.choice is not None and not self.choice):
+            raise ValueError("needs at least one value")
+        return self
+
+    def bounds(self) -> list[Any]:
+        """Values checked at validation time (every grid/choice value, both random bounds)."""
+        return list(self.grid or self.choice or self.loguniform or self.uniform)
+
+
+class SchedulerSpec(_Strict):
+    name: Literal["fifo", "asha", "pbt"] = "fifo"
+    metric: str = "target/val_acc"
+    mode: Literal["max", "min"] = "max"
+    grace_period: PositiveInt = Field(1, description="asha: epochs before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+    perturbation_interval: PositiveInt = Field(2, description="pbt: epochs between exploit/explore")
+    hyperparam_mutations: dict[str, Axis] = Field(default_factory=dict, description="pbt: dotted field -> axis")
+
+
+class ResourcesSpec(_Strict):
+    """Per trial; applied to every pair's ``ray`` section (a pair's overrides may still set it)."""
+
+    cpus_per_worker: float = Field(0.5, gt=0)
+    use_gpu: bool = False
+    adapter_num_cpus: float = Field(0.0, ge=0)
+    adapter_num_gpus: float = Field(0.0, ge=0)
+    trial_driver_cpus: float = Field(0.01, gt=0, description="the Tune function that starts the pair's trainer")
+
+
+class GridConfig(_Strict):
+    grid: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="grid name = MLflow experiment name")
+    base: dict[str, Any] = Field(default_factory=dict, description="pair-config fields shared by every trial")
+    pairs: list[PairEntry] = Field(min_length=1)
+    methods: dict[str, dict[str, Any]] = Field(min_length=1, description="method name -> options")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    search: dict[str, Axis] = Field(default_factory=dict, description="dotted pair-config field -> axis")
+    num_samples: PositiveInt = Field(1, description="samples of the random axes per grid point")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_concurrent_trials: PositiveInt = 2
+    max_failures: int = Field(1, ge=0, description="Tune retries of a failed trial")
+    storage_path: str | None = Field(None, description="Tune/Train storage (default ./runs/grids); shared storage "
+                                                       "or a bucket on clusters")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "GridConfig":
+        names = [p.name for p in self.pairs]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"pairs: duplicate pair name(s) {sorted(dup)}")
+        return self
+
+    # ----------------------------------------------------------------- composition
+    def trial_dict(self, pair: str, method: str, seed: int, hp: dict[str, Any] | None = None) -> dict:
+        """The pair-config dict of one trial."""
+        p = next(x for x in self.pairs if x.name == pair)
+        opts = dict(self.methods[method])
+        if method in ("mergenet", "param_share") and p.layer_pairs and "layer_pairs" not in opts:
+            opts["layer_pairs"] = p.layer_pairs
+        r = self.resources
+        d = deep_merge(self.base, {
+            "name": f"{self.grid}.{pair}.{method}.s{seed}",
+            "seed": seed,
+            "target": p.target,
+            "method": {"name": method, "options": opts},
+            "ray": {"cpus_per_worker": r.cpus_per_worker, "use_gpu": r.use_gpu,
+                    "adapter": {"num_cpus": r.adapter_num_cpus, "num_gpus": r.adapter_num_gpus}},
+        })
+        if p.source is not None and method != "alone":
+            d["source"] = deep_merge(self.base.get("source", {}), p.source)
+        elif method == "alone":
+            d.pop("source", None)
+        d = deep_merge(d, p.overrides)
+        return apply_overrides(d, [f"{k}={_yaml(v)}" for k, v in (hp or {}).items()])
+
+    def trial_config(self, pair: str, method: str, seed: int, hp: dict[str, Any] | None = None) -> ExperimentConfig:
+        return parse_config(self.trial_dict(pair, method, seed, hp))
+
+    def enumerate_checks(self):
+        """Every (pair, method, seed-free) combination with every axis value to validate."""
+        axes = {**self.search, **self.scheduler.hyperparam_mutations}
+        keys = list(axes)
+        for p in self.pairs:
+            for m in self.methods:
+                for values in itertools.product(*[axes[k].bounds() for k in keys]) if keys else [()]:
+                    yield p.name, m, dict(zip(keys, values))
+
+    def trial_count(self) -> int:
+        n = len(self.pairs) * len(self.methods) * len(self.seeds) * self.num_samples
+        for a in self.search.values():
+            if a.grid is not None:
+                n *= len(a.grid)
+        return n
+
+
+def _yaml(v: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool = True) -> GridConfig:
+    """Read and validate a grid; with ``deep`` also every trial config and every pair's layers."""
+    try:
+        data = apply_overrides(read_yaml(path), overrides or [])
+    except ConfigError as e:
+        raise ConfigErrors([str(e)]) from None
+    try:
+        grid = GridConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigErrors(format_validation_error(e)) from None
+    if deep:
+        lines: list[str] = []
+        checked_layers: set[tuple[str, str]] = set()
+        for pair, method, hp in grid.enumerate_checks():
+            where = f"pairs[{pair}] method[{method}]" + (f" {hp}" if hp else "")
+            try:
+                cfg = grid.trial_config(pair, method, grid.seeds[0], hp)
+            except ConfigErrors as e:
+                lines.extend(f"{where}: {line}" for line in e.lines)
+                continue
+            except ConfigError as e:
+                lines.append(f"{where}: {e}")
+                continue
+            if (pair, method) not in checked_layers:
+                checked_layers.add((pair, method))
+                lines.extend(f"{where}: {line}" for line in check_layers(cfg))
+        if lines:
+            raise ConfigErrors(sorted(set(lines), key=lines.index))
+    return grid
+
+
+def check_layers(cfg: ExperimentConfig) -> list[str]:
+    """Build the pair once on CPU (data, models, encodings, adapters): layer names, ranks,
+    missing data. Data loads are cached per process, so this is cheap after the first pair."""
+    from mergenet_core.errors import MergenetError
+    from orchestrator.pair import plan_pair
+
+    try:
+        plan_pair(cfg)
+    except MergenetError as e:
+        return [str(e)]
+    return []
+
+
+def short_trial_name(pair: str, method: str, seed: int, index: int) -> str:
+    """Readable and short: ``0003-r18-mbv2-mergenet-s1``."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{index:04d}-{pair}-{method}-s{seed}")[:80]

@@ -1,0 +1,157 @@
+"""MLflow tracking: one experiment per grid, one parent run per submission, one child run per
+trial (``mlflow.parentRunId``), flattened params in chunks, per-epoch metrics, artifacts.
+
+Runs are created and ended through ``MlflowClient`` with explicit run ids (no global active
+run), so the same code works in the driver, in a Tune trial and in the Train controller.
+A run id is written next to what it tracks (the grid's storage folder, the trial folder), so
+a resumed grid or a restored trial re-attaches its run instead of creating a duplicate.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.train import UserCallback
+
+MAX_PARAM_CHARS = 500
+CHUNK = 100
+TRIAL_TAG = "mergenet.trial"
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` or the embedded default ``sqlite:///<cwd>/mlflow.db``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def ensure_experiment(c: MlflowClient, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    uri = c.tracking_uri
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        # a local backend: keep artifacts beside the database, whatever the logging process's cwd
+        db = Path(uri.split("///", 1)[-1]) if uri.startswith("sqlite:") else Path.cwd()
+        location = (db.parent / "mlartifacts").resolve().as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> ``{"a.b.c": "value"}`` with values cut to MLflow's 500 characters."""
+    out: dict[str, str] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        s = json.dumps(d) if isinstance(d, (list, tuple)) else str(d)
+        if len(s) > MAX_PARAM_CHARS:
+            s = s[: MAX_PARAM_CHARS - 3] + "..."
+        out[prefix[:-1]] = s
+    return out
+
+
+def _chunks(items: list, n: int = CHUNK) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def log_params(c: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    existing = c.get_run(run_id).data.params
+    todo = [Param(k, v) for k, v in params.items() if k not in existing]
+    for chunk in _chunks(todo):
+        c.log_batch(run_id, params=chunk)
+
+
+def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    ts = int(time.time() * 1000)
+    ms = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for chunk in _chunks(ms, 500):
+        c.log_batch(run_id, metrics=chunk)
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def attach_or_create(c: MlflowClient, folder: Path, experiment_id: str, name: str, tags: dict[str, str]) -> str:
+    """The run recorded in ``folder`` (re-opened as RUNNING), else a new one recorded there."""
+    f = Path(folder) / RUN_ID_FILE
+    if f.exists():
+        run_id = f.read_text().strip()
+        try:
+            run = c.get_run(run_id)
+            if run.info.status != "RUNNING":
+                c.update_run(run_id, status="RUNNING")
+            return run_id
+        except Exception:  # noqa: BLE001 - a stale id from another tracking server: start afresh
+            pass
+    run = c.create_run(experiment_id, run_name=name, tags=tags)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def end_run(c: MlflowClient, run_id: str, ok: bool, reason: str | None = None) -> None:
+    if reason:
+        c.set_tag(run_id, "mergenet.failure_reason", reason[:5000])
+        c.set_tag(run_id, "mlflow.note.content", f"FAILED: {reason[:5000]}")
+    c.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+def learning_curve_png(history: list[dict], path: Path, title: str = "") -> Path:
+    """Validation/test accuracy per epoch for source and target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for role, style in (("target", "-"), ("source", "--")):
+        for split in ("val", "test"):
+            key = f"{role}/{split}_acc"
+            pts = [(r["epoch"], r[key]) for r in history if key in r]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class MlflowEpochLogger(UserCallback):
+    """Ray Train callback: logs rank 0's per-epoch metrics to a child run (runs in the Train
+    controller; holds only strings, so it pickles)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        m = dict(metrics[0]) if metrics else {}
+        epoch = int(m.get("epoch", 0))
+        log_metrics(client(self.uri), self.run_id, {k: v for k, v in m.items() if k not in ("epoch",)}, step=epoch)

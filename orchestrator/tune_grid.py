@@ -1,0 +1,236 @@
+"""``mergenet run GRID.yaml``: a Ray Tune grid whose trials each drive one pair's TorchTrainer.
+
+Train V2 pattern: every trial is a Tune *function* (the trial driver) that builds the pair's
+``TorchTrainer`` (``orchestrator.pair``) and calls ``fit()``; Train's ``TuneReportCallback``
+forwards rank 0's per-epoch metrics to Tune (for ASHA and the progress table) and
+:class:`~orchestrator.tracking.MlflowEpochLogger` writes them to the trial's MLflow child run.
+
+The driver owns the MLflow parent run and a Tune callback that guarantees every child run
+ends FINISHED or FAILED (with the reason), even when a scheduler stops a trial or a trial
+process dies. ``--resume DIR`` restores the Tune experiment: finished trials are kept,
+unfinished ones restart from their last pair checkpoint and re-attach their MLflow runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from mergenet_core.errors import MergenetError
+from mergenet_core.config import deep_merge
+from orchestrator import tracking
+from orchestrator.grid import GridConfig
+from orchestrator.pair import ensure_ray, run_pair_on_ray
+
+GRID_FILE = "mergenet_grid.json"
+PARENT_FILE = "mlflow_parent_run_id"
+
+
+# --------------------------------------------------------------------------- trial
+
+
+def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: str, uri: str, sha: str) -> None:
+    """Tune trial driver: one pair, one MLflow child run."""
+    grid = GridConfig.model_validate_json(grid_json)
+    ctx = tune.get_context()
+    trial_dir = Path(ctx.get_trial_dir())
+    pair, method, seed, hp = config["pair"], config["method"], config["seed"], dict(config.get("hp") or {})
+    cfg = grid.trial_config(pair, method, seed, hp)
+    c = tracking.client(uri)
+    tags = {"mlflow.parentRunId": parent_run_id, tracking.TRIAL_TAG: "1", "mergenet.grid": grid.grid,
+            "mergenet.pair": pair, "mergenet.method": method, "mergenet.seed": str(seed),
+            "mergenet.trial_id": ctx.get_trial_id(), "mergenet.git_sha": sha,
+            **pair_labels(grid, pair)}
+    run_id = tracking.attach_or_create(c, trial_dir, experiment_id, ctx.get_trial_name(), tags)
+    try:
+        params = tracking.flatten(cfg.model_dump(mode="json"))
+        params.update({f"hp.{k}": str(v) for k, v in hp.items()})
+        tracking.log_params(c, run_id, params)
+        out = trial_dir / "pair"
+        final = run_pair_on_ray(cfg, out, resume=True, storage_path=str(trial_dir), name="train",
+                                callbacks=[TuneReportCallback(), tracking.MlflowEpochLogger(uri, run_id)])
+        tracking.log_metrics(c, run_id, final, step=int(final.get("epochs", 0)))
+        history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
+        tracking.learning_curve_png(history, out / "learning_curve.png", title=cfg.name)
+        for name in ("config.json", "final.json", "metrics.jsonl", "learning_curve.png"):
+            c.log_artifact(run_id, str(out / name))
+        tracking.end_run(c, run_id, ok=True)
+    except BaseException as e:
+        tracking.end_run(c, run_id, ok=False, reason=f"{type(e).__name__}: {e}")
+        raise
+
+
+def pair_labels(grid: GridConfig, pair: str) -> dict[str, str]:
+    """``model@task`` of the pair's source and target (also on ``alone`` trials, for the report)."""
+    p = next(x for x in grid.pairs if x.name == pair)
+
+    def label(d):
+        return f"{d['model']['name']}@{d['task']['name']}" if d else "-"
+
+    src = p.source and deep_merge(grid.base.get("source", {}), p.source)
+    return {"mergenet.source": label(src), "mergenet.target": label(deep_merge(grid.base.get("target", {}), p.target))}
+
+
+# --------------------------------------------------------------------------- driver callbacks
+
+
+class GridProgress(tune.Callback):
+    """One line per trial state change, and MLflow end states the trial could not write."""
+
+    def __init__(self, uri: str, total: int):
+        self.uri, self.total, self.done = uri, total, 0
+
+    def _line(self, trial, state: str, extra: str = "") -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {state:<10} {trial.trial_id} {_short(trial.config)}"
+              f"{'  ' + extra if extra else ''}", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(trial, "RUNNING")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._line(trial, "RETRYING")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        r = trial.last_result or {}
+        acc = r.get("target/val_acc")
+        self._line(trial, "FINISHED", f"target val_acc={acc:.4f}  ({self.done}/{self.total})" if acc is not None
+                   else f"({self.done}/{self.total})")
+        self._close(trial, ok=True, reason=None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        reason = _error_text(trial)
+        self._line(trial, "ERROR", reason.splitlines()[-1][:200] if reason else "")
+        self._close(trial, ok=False, reason=reason or "trial failed")
+
+    def _close(self, trial, ok: bool, reason: str | None) -> None:
+        f = Path(trial.local_path or "") / tracking.RUN_ID_FILE if trial.local_path else None
+        if f is None or not f.exists():
+            return
+        c = tracking.client(self.uri)
+        run_id = f.read_text().strip()
+        if c.get_run(run_id).info.status == "RUNNING":
+            if ok:
+                c.set_tag(run_id, "mergenet.stopped_by", "scheduler")
+            tracking.end_run(c, run_id, ok=ok, reason=reason)
+
+
+def _short(config: dict) -> str:
+    hp = config.get("hp") or {}
+    extra = " ".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                     for k, v in hp.items())
+    return f"{config.get('pair')}/{config.get('method')}/s{config.get('seed')}" + (f" {extra}" if extra else "")
+
+
+def _error_text(trial) -> str:
+    for attr in ("error_file", "pickled_error_file"):
+        path = getattr(trial, attr, None)
+        if path and Path(path).exists() and attr == "error_file":
+            return Path(path).read_text()[-4000:]
+    return str(getattr(trial, "error_msg", "") or "")
+
+
+# --------------------------------------------------------------------------- tuner
+
+
+def _axis(a):
+    if a.grid is not None:
+        return tune.grid_search(a.grid)
+    if a.choice is not None:
+        return tune.choice(a.choice)
+    if a.loguniform is not None:
+        return tune.loguniform(*a.loguniform)
+    return tune.uniform(*a.uniform)
+
+
+def _scheduler(grid: GridConfig, epochs: int):
+    s = grid.scheduler
+    if s.name == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(metric=s.metric, mode=s.mode, time_attr="training_iteration", max_t=epochs,
+                             grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    if s.name == "pbt":
+        from mergenet_core.errors import ConfigError
+
+        raise ConfigError("scheduler.name", "pbt is not implemented yet (use fifo or asha)")
+    return None
+
+
+def _trial_name(trial) -> str:
+    c = trial.config
+    return f"{c.get('pair')}-{c.get('method')}-s{c.get('seed')}-{trial.trial_id.split('_')[-1]}"[:80]
+
+
+def build_tuner(grid: GridConfig, storage: Path, parent_run_id: str, experiment_id: str, uri: str,
+                restore: bool = False) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_fn, grid_json=grid.model_dump_json(), parent_run_id=parent_run_id,
+                             experiment_id=experiment_id, uri=uri, sha=tracking.git_sha()),
+        {"cpu": grid.resources.trial_driver_cpus})
+    if restore:
+        return tune.Tuner.restore(str(storage / grid.grid), trainable, resume_errored=True)
+    epochs = grid.trial_config(grid.pairs[0].name, next(iter(grid.methods)), grid.seeds[0]).target.recipe.epochs
+    space = {"pair": tune.grid_search([p.name for p in grid.pairs]),
+             "method": tune.grid_search(list(grid.methods)),
+             "seed": tune.grid_search(grid.seeds),
+             "hp": {k: _axis(a) for k, a in grid.search.items()}}
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(num_samples=grid.num_samples, scheduler=_scheduler(grid, epochs),
+                                    max_concurrent_trials=grid.max_concurrent_trials,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=grid.grid, storage_path=str(storage),
+                                  failure_config=tune.FailureConfig(max_failures=grid.max_failures),
+                                  callbacks=[GridProgress(uri, grid.trial_count())], verbose=1),
+    )
+
+
+def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: str | None = None) -> dict:
+    """Submit (or resume) a grid; returns a summary with the MLflow ids and trial states."""
+    uri = tracking.tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # reaches every worker through the runtime env
+    if resume_dir:
+        exp_dir = Path(resume_dir).resolve()
+        if not (exp_dir / GRID_FILE).exists():
+            raise MergenetError(f"--resume: {exp_dir} is not a mergenet grid folder (no {GRID_FILE})")
+        grid = GridConfig.model_validate_json((exp_dir / GRID_FILE).read_text())
+        storage = exp_dir.parent
+    else:
+        storage = Path(grid.storage_path or "runs/grids").resolve()
+        exp_dir = storage / grid.grid
+        if (exp_dir / GRID_FILE).exists():
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            exp_dir.rename(exp_dir.with_name(f"{grid.grid}.{stamp}"))  # keep the old submission's files
+    c = tracking.client(uri)
+    experiment_id = tracking.ensure_experiment(c, grid.grid)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / GRID_FILE).write_text(grid.model_dump_json(indent=2))
+    parent = tracking.attach_or_create(
+        c, exp_dir, experiment_id, f"{grid.grid}-{time.strftime('%Y%m%d-%H%M%S')}",
+        {"mergenet.grid": grid.grid, "mergenet.git_sha": tracking.git_sha(), "mergenet.kind": "submission"})
+    (exp_dir / PARENT_FILE).write_text(parent)
+    tracking.log_params(c, parent, tracking.flatten(grid.model_dump(mode="json")))
+    print(f"grid {grid.grid}: {grid.trial_count()} trials; MLflow {uri} experiment {experiment_id} "
+          f"run {parent}; storage {exp_dir}", flush=True)
+    ensure_ray(address)
+    try:
+        tuner = build_tuner(grid, storage, parent, experiment_id, uri, restore=bool(resume_dir))
+        results = tuner.fit()
+    except BaseException as e:
+        tracking.end_run(c, parent, ok=False, reason=f"{type(e).__name__}: {e}")
+        raise
+    errors = [r for r in results if r.error is not None]
+    summary = {"experiment_id": experiment_id, "parent_run_id": parent, "storage": str(exp_dir),
+               "trials": len(results), "failed": len(errors)}
+    tracking.end_run(c, parent, ok=not errors,
+                     reason=f"{len(errors)} of {len(results)} trials failed" if errors else None)
+    return summary
