@@ -83,6 +83,8 @@ class RayPairSpec(Strict):
     target_workers: PositiveInt = 1
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
+    worker_resources: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="extra (custom) Ray resources per worker, e.g. {accel_slot: 1}")
     adapter: AdapterPlacement = Field(default_factory=AdapterPlacement)
     mode: Literal["sync", "async"] = "sync"
     staleness: PositiveInt = Field(1, description="async: adapter output at most this many transfers old")

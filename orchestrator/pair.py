@@ -39,6 +39,7 @@ from mergenet_core.methods.mergenet import MergeNet
 from mergenet_core.transfer import Exchange
 
 BUNDLE = "pair.pt"
+PLACEMENT = "placement.json"  # role, rank, node id, pid and device of every worker
 
 #: environment every Ray worker of ours gets
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -99,6 +100,11 @@ def check_resources(cfg: ExperimentConfig, plan: PairPlan) -> None:
     if need_cpu > total.get("CPU", 0) + 1e-9:
         raise ConfigError("ray.cpus_per_worker", f"the pair needs {need_cpu:g} CPUs ({plan.num_workers} workers x "
                                                  f"{rs.cpus_per_worker:g}) but the cluster has {total.get('CPU', 0):g}")
+    for res, amount in rs.worker_resources.items():
+        need = plan.num_workers * amount
+        if need > total.get(res, 0) + 1e-9:
+            raise ConfigError(f"ray.worker_resources.{res}", f"the pair needs {need:g} '{res}' but the cluster "
+                                                            f"has {total.get(res, 0):g}")
     if rs.use_gpu:
         need_gpu = plan.num_workers + (rs.adapter.num_gpus if plan.shapes else 0)
         if need_gpu > total.get("GPU", 0) + 1e-9:
@@ -244,6 +250,15 @@ def pair_worker(config: dict) -> None:
 
     (out / "pids").mkdir(parents=True, exist_ok=True)
     (out / "pids" / f"{me}{role_rank}.pid").write_text(str(os.getpid()))
+    where = {"role": me, "role_rank": role_rank, "world_rank": rank, "pid": os.getpid(),
+             "node_id": ray.get_runtime_context().get_node_id(), "device": str(device)}
+    placement = [None] * len(layout)
+    if distributed:
+        dist.all_gather_object(placement, where)
+    else:
+        placement = [where]
+    if rank == 0:
+        (out / PLACEMENT).write_text(json.dumps(placement, indent=2))
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -331,7 +346,7 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
             cfg.model_dump_json(), plan.shapes, plan.steps_per_epoch)
         (out / "pids").mkdir(parents=True, exist_ok=True)
         (out / "pids" / "adapter.pid").write_text(str(ray.get(actor.pid.remote())))
-    per_worker = {"CPU": rs.cpus_per_worker}
+    per_worker = {"CPU": rs.cpus_per_worker, **rs.worker_resources}
     trainer = TorchTrainer(
         pair_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "out_dir": str(out), "layout": plan.layout,

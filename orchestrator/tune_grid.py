@@ -26,7 +26,7 @@ from mergenet_core.errors import MergenetError
 from mergenet_core.config import deep_merge
 from orchestrator import tracking
 from orchestrator.grid import GridConfig
-from orchestrator.pair import ensure_ray, run_pair_on_ray
+from orchestrator.pair import PLACEMENT, ensure_ray, run_pair_on_ray
 
 GRID_FILE = "mergenet_grid.json"
 PARENT_FILE = "mlflow_parent_run_id"
@@ -56,6 +56,9 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
         final = run_pair_on_ray(cfg, out, resume=True, storage_path=str(trial_dir), name="train",
                                 callbacks=[TuneReportCallback(), tracking.MlflowEpochLogger(uri, run_id)])
         tracking.log_metrics(c, run_id, final, step=int(final.get("epochs", 0)))
+        placement = json.loads((out / PLACEMENT).read_text())
+        for w in placement:
+            c.set_tag(run_id, f"mergenet.node.{w['role']}{w['role_rank']}", w["node_id"])
         history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
         tracking.learning_curve_png(history, out / "learning_curve.png", title=cfg.name)
         for name in ("config.json", "final.json", "metrics.jsonl", "learning_curve.png"):

@@ -41,6 +41,17 @@ TINY_RECIPE: dict[str, Any] = {
 }
 
 
+def limit_threads(n: int = 1) -> None:
+    """Use ``n`` intra-op threads. On a shared 2-core machine torch's OpenMP pool stalls badly
+    (50x seen) when the cores are busy; subprocesses get :data:`SUBPROCESS_ENV_OVERRIDES`."""
+    import torch
+
+    torch.set_num_threads(n)
+
+
+SUBPROCESS_ENV_OVERRIDES = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def model_spec(model: str | dict) -> dict:
     """``"cnn"`` -> ``{"name": "cnn", "options": TINY_MODELS["cnn"]}``; a dict passes through."""
     if isinstance(model, dict):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import mergenet_options, tiny_pair, write_yaml
+from helpers import SUBPROCESS_ENV_OVERRIDES, mergenet_options, tiny_pair, write_yaml
 from mergenet_core.config import ConfigErrors, load_config, method_options
 from orchestrator.cli import main
 
@@ -132,7 +132,7 @@ SUBPROCESS_CASES = [
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, **SUBPROCESS_ENV_OVERRIDES)
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=env, timeout=120)
 

@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (assert_same_metrics, mergenet_options, numeric_items, read_metrics, tiny_pair,
-                     write_yaml)
+from helpers import (SUBPROCESS_ENV_OVERRIDES, assert_same_metrics, limit_threads, mergenet_options,
+                     numeric_items, read_metrics, tiny_pair, write_yaml)
 from mergenet_core.config import parse_config
 from mergenet_core.engine import CHECKPOINT, FINAL, METRICS, Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The machine is shared: one intra-op thread avoids OpenMP oversubscription stalls.
-torch.set_num_threads(1)
+limit_threads()
 
 
 def run(data: dict, out: Path, **kw) -> dict:
@@ -130,7 +129,7 @@ def test_train_end_to_end_learns_fashion_mnist(tmp_path):
         name="e2e")
     cfg = write_yaml(tmp_path / "e2e.yaml", data)
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, **SUBPROCESS_ENV_OVERRIDES)
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(cfg), "--out", str(out), "--quiet"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
