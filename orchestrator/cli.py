@@ -59,7 +59,14 @@ def load_any(path: str, overrides: list[str] | None = None):
         from orchestrator.grid import load_grid
 
         return load_grid(path, overrides)
-    return _load(path, overrides)
+    cfg = _load(path, overrides)
+    from mergenet_core.config import ConfigErrors
+    from orchestrator.grid import check_layers
+
+    problems = check_layers(cfg)  # builds the pair once: layer names, ranks, data present
+    if problems:
+        raise ConfigErrors(problems)
+    return cfg
 
 
 def cmd_train(args) -> int:
@@ -137,6 +144,41 @@ def cmd_report(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- cluster jobs (orchestrator.submit)
+
+
+def cmd_submit(args) -> int:
+    from orchestrator.submit import submit
+
+    env = dict(kv.split("=", 1) for kv in args.env if "=" in kv)
+    if len(env) != len(args.env):
+        return _fail([f"--env: expected KEY=VALUE, got {[kv for kv in args.env if '=' not in kv]}"])
+    submit(args.grid, args.address, args.set, args.working_dir, args.mlflow_uri, args.storage_path, args.python,
+           env, deep=not args.no_deep_check)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from orchestrator.submit import status
+
+    state = status(args.job, args.address, wait=args.wait, timeout=args.timeout)
+    return 1 if args.wait and state != "SUCCEEDED" else 0
+
+
+def cmd_logs(args) -> int:
+    from orchestrator.submit import logs
+
+    state = logs(args.job, args.address, follow=args.follow)
+    return 1 if args.follow and state in ("FAILED", "STOPPED") else 0
+
+
+def cmd_stop(args) -> int:
+    from orchestrator.submit import stop
+
+    stop(args.job, args.address)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mergenet", description=__doc__.splitlines()[0].replace("``", ""))
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -175,6 +217,38 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("what", help="grid YAML, grid storage folder, or MLflow experiment name")
     rp.add_argument("--out", help="output folder (default runs/reports/GRID)")
     rp.set_defaults(fn=cmd_report)
+
+    addr_help = "Ray job server (default: RAY_API_SERVER_ADDRESS, or http://127.0.0.1:8265 = an SSH tunnel)"
+    sb = sub.add_parser("submit", help="run a grid on a Ray cluster as a Ray job (ships this directory)")
+    sb.add_argument("grid")
+    sb.add_argument("--address", default=None, help=addr_help)
+    sb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sb.add_argument("--mlflow-uri", default=None, help="tracking URI for the job (default: the cluster's)")
+    sb.add_argument("--storage-path", default=None, help="grid storage when the grid sets none (default: the "
+                                                         "cluster's MERGENET_STORAGE_PATH)")
+    sb.add_argument("--python", default="python", help="python on the head (a full path if not on its PATH)")
+    sb.add_argument("--working-dir", default=".", help="folder shipped with the job (default: .)")
+    sb.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra job env vars")
+    sb.add_argument("--no-deep-check", action="store_true", help="skip the local data/layer checks")
+    sb.set_defaults(fn=cmd_submit)
+
+    st = sub.add_parser("status", help="state of a submitted job (or list the cluster's jobs)")
+    st.add_argument("job", nargs="?")
+    st.add_argument("--address", default=None, help=addr_help)
+    st.add_argument("--wait", action="store_true", help="wait for the end; exit 1 unless it SUCCEEDED")
+    st.add_argument("--timeout", type=float, default=None, help="seconds to --wait at most")
+    st.set_defaults(fn=cmd_status)
+
+    lg = sub.add_parser("logs", help="driver log of a submitted job")
+    lg.add_argument("job")
+    lg.add_argument("--address", default=None, help=addr_help)
+    lg.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    lg.set_defaults(fn=cmd_logs)
+
+    sp = sub.add_parser("stop", help="stop a submitted job")
+    sp.add_argument("job")
+    sp.add_argument("--address", default=None, help=addr_help)
+    sp.set_defaults(fn=cmd_stop)
 
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -17,6 +17,13 @@ os.environ.setdefault("MERGENET_RAY_DASHBOARD", "0")
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
+# 2 shared cores: one intra-op thread per process avoids oversubscription (Ray workers,
+# servers and the test process all compute at once); results do not depend on it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):

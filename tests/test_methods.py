@@ -142,7 +142,7 @@ def test_kd_and_dml_need_one_label_space(method):
     with pytest.raises(ConfigErrors) as err:
         make_cfg(method, source={"name": "minilm_l3", "options": {"num_layers": 1}}, source_task=text)
     line = next(line for line in err.value.lines if line.startswith("method.name:"))
-    assert f"'{method}' needs source and target on the same task and label space" in line
+    assert f"'{method}'" in line and "same task" in line
     assert "rotten_tomatoes" in line and "fashion_mnist" in line
     # same task, different label-space-changing options: still refused
     other = deep_merge(FMNIST, {"options": {"train_subset": 300}})

@@ -42,8 +42,9 @@ class Method:
     def require_same_labels(cfg: ExperimentConfig, method: str) -> None:
         s, t = cfg.source.task, cfg.target.task
         if s.name != t.name or s.options != t.options:
-            raise ConfigError("method.name", f"'{method}' needs source and target on the same task and label "
-                                             f"space (source: {s.name}, target: {t.name})")
+            what = f"source: {s.name}, target: {t.name}" if s.name != t.name else "the task options differ"
+            raise ConfigError("method.name", f"'{method}' feeds the target's batches to the source, so both need "
+                                             f"the same task and task options ({what})")
 
     # ---------------------------------------------------------------- lifecycle
     def roles_needed(self) -> tuple[str, ...]:
