@@ -249,6 +249,17 @@ class Role:
         self.aug.set_state(state["aug"])
         if "stats" in state:
             self.stats = dict(state["stats"])
+        self.apply_hparams()
+
+    def apply_hparams(self) -> None:
+        """Make the optimiser follow the recipe's lr and weight decay again after a state load
+        (a PBT exploit or an edited config may change them; the schedule position is kept)."""
+        o = self.recipe.optimizer
+        self.scheduler.base_lrs = [o.lr for _ in self.optimizer.param_groups]
+        for group, lam in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["lr"] = o.lr * lam(self.scheduler.last_epoch)
+            if group["weight_decay"]:
+                group["weight_decay"] = o.weight_decay
 
 
 def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = None) -> Role:

@@ -142,15 +142,16 @@ class AdapterHub:
         self.links = {l.id: l for l in links}
         self.device = torch.device(device)
         a = opts.adapter
-        gen_seed = torch.Generator().manual_seed(seed)
-        torch_state = torch.get_rng_state()
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen_seed)))
-        self.adapters = nn.ModuleDict({
-            lid: ParameterAdapter(shapes[lid][0], shapes[lid][1], a.layers, a.heads, a.attn_dropout,
-                                  a.ffn_dropout, self.links[lid].pair.output_scale)
-            for lid in self.links}).to(self.device)
-        self.rng = torch.get_rng_state()
-        torch.set_rng_state(torch_state)
+        # the adapter's own RNG streams (init + dropout), leaving every caller's stream untouched
+        cuda_devices = list(range(torch.cuda.device_count()))
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(seed)
+            self.adapters = nn.ModuleDict({
+                lid: ParameterAdapter(shapes[lid][0], shapes[lid][1], a.layers, a.heads, a.attn_dropout,
+                                      a.ffn_dropout, self.links[lid].pair.output_scale)
+                for lid in self.links}).to(self.device)
+            self.rng = torch.get_rng_state()
+            self.cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         self.optimizers, self.schedulers = {}, {}
         for lid, ad in self.adapters.items():
             decay = [p for p in ad.parameters() if p.ndim > 1]
@@ -177,6 +178,11 @@ class AdapterHub:
         out: dict[str, Tensor | None] = {}
         outer = torch.get_rng_state()
         torch.set_rng_state(self.rng)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            outer_cuda = torch.cuda.get_rng_state(self.device)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
         try:
             for lid, (x, y) in inputs.items():
                 ad = self.adapters[lid]
@@ -206,6 +212,9 @@ class AdapterHub:
         finally:
             self.rng = torch.get_rng_state()
             torch.set_rng_state(outer)
+            if cuda:
+                self.cuda_rng = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(outer_cuda, self.device)
         self._epoch["generate_s"] += time.perf_counter() - t0
         return out
 
@@ -243,7 +252,8 @@ class AdapterHub:
         return {"adapters": self.adapters.state_dict(),
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-                "rng": self.rng, "bad_streak": dict(self.bad_streak), "totals": dict(self.totals)}
+                "rng": self.rng, "cuda_rng": self.cuda_rng, "bad_streak": dict(self.bad_streak),
+                "totals": dict(self.totals)}
 
     def load_state_dict(self, state: dict) -> None:
         self.adapters.load_state_dict(state["adapters"])
@@ -251,9 +261,18 @@ class AdapterHub:
             o.load_state_dict(state["optimizers"][k])
             self.schedulers[k].load_state_dict(state["schedulers"][k])
         self.rng = state["rng"]
+        self.cuda_rng = state.get("cuda_rng")
         self.bad_streak.update(state["bad_streak"])
         self.totals.update(state["totals"])
         self.pending.clear()
+        a = self.opts.adapter  # follow the current options (PBT may have changed lr / decay)
+        for k, opt in self.optimizers.items():
+            sched = self.schedulers[k]
+            sched.base_lrs = [a.lr for _ in opt.param_groups]
+            for group, lam in zip(opt.param_groups, sched.lr_lambdas):
+                group["lr"] = a.lr * lam(sched.last_epoch)
+                if group["weight_decay"]:
+                    group["weight_decay"] = a.weight_decay
 
 
 class Exchange:

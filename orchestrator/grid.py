@@ -68,6 +68,12 @@ class SchedulerSpec(_Strict):
     perturbation_interval: PositiveInt = Field(2, description="pbt: epochs between exploit/explore")
     hyperparam_mutations: dict[str, Axis] = Field(default_factory=dict, description="pbt: dotted field -> axis")
 
+    @model_validator(mode="after")
+    def _pbt(self) -> "SchedulerSpec":
+        if self.name == "pbt" and not self.hyperparam_mutations:
+            raise ValueError("pbt needs at least one entry in scheduler.hyperparam_mutations")
+        return self
+
 
 class ResourcesSpec(_Strict):
     """Per trial; applied to every pair's ``ray`` section (a pair's overrides may still set it)."""

@@ -273,8 +273,9 @@ def pair_worker(config: dict) -> None:
         dist.barrier()  # the actor holds the restored hub before anyone transfers
 
     epochs = cfg.target.recipe.epochs
+    stop = min(epochs, config.get("until_epoch") or epochs)
     spe = pair.steps_per_epoch
-    while pair.epoch < epochs:
+    while pair.epoch < stop:
         t0 = time.perf_counter()
         for _ in range(spe):
             if config["co_located"]:
@@ -324,8 +325,12 @@ def pair_worker(config: dict) -> None:
 
 def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = None, resume: bool = False,
                     plan: PairPlan | None = None, storage_path: str | None = None, name: str = "pair",
-                    callbacks: list | None = None) -> dict:
-    """Run one pair through the Ray topology; returns the same summary as the engine."""
+                    callbacks: list | None = None, start_from: str | Path | None = None,
+                    until_epoch: int | None = None) -> dict:
+    """Run one pair through the Ray topology; returns the same summary as the engine.
+
+    ``start_from``: a folder holding a ``pair.pt`` bundle to start from (PBT segments);
+    ``until_epoch``: stop after this epoch (the summary covers the epochs so far)."""
     out = Path(out_dir).resolve()
     plan = plan or preflight(cfg, address)
     ensure_ray(address)
@@ -350,11 +355,13 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
     trainer = TorchTrainer(
         pair_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "out_dir": str(out), "layout": plan.layout,
-                           "co_located": plan.co_located, "actor": actor_name, "namespace": namespace},
+                           "co_located": plan.co_located, "actor": actor_name, "namespace": namespace,
+                           "until_epoch": until_epoch},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=rs.use_gpu,
                                      resources_per_worker=per_worker, placement_strategy=rs.placement),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=rs.max_failures),
                              callbacks=callbacks or None),
+        resume_from_checkpoint=Checkpoint.from_directory(str(start_from)) if start_from else None,
     )
     try:
         result = trainer.fit()
@@ -363,6 +370,8 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
             ray.kill(actor)
     with result.checkpoint.as_directory() as d:
         history = load_bundle(Path(d) / BUNDLE)["history"]
+        if start_from is not None or until_epoch is not None:  # keep the bundle for the caller (PBT)
+            shutil.copy2(Path(d) / BUNDLE, out / BUNDLE)
     final = summarise([r for r in history if "target/val_acc" in r])
     (out / FINAL).write_text(json.dumps(final, indent=2))
     return final

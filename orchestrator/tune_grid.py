@@ -53,8 +53,11 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
         params.update({f"hp.{k}": str(v) for k, v in hp.items()})
         tracking.log_params(c, run_id, params)
         out = trial_dir / "pair"
-        final = run_pair_on_ray(cfg, out, resume=True, storage_path=str(trial_dir), name="train",
-                                callbacks=[TuneReportCallback(), tracking.MlflowEpochLogger(uri, run_id)])
+        if grid.scheduler.name == "pbt":
+            final = _pbt_segments(grid, cfg, trial_dir, out, tracking.MlflowEpochLogger(uri, run_id))
+        else:
+            final = run_pair_on_ray(cfg, out, resume=True, storage_path=str(trial_dir), name="train",
+                                    callbacks=[TuneReportCallback(), tracking.MlflowEpochLogger(uri, run_id)])
         tracking.log_metrics(c, run_id, final, step=int(final.get("epochs", 0)))
         placement = json.loads((out / PLACEMENT).read_text())
         for w in placement:
@@ -67,6 +70,39 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
     except BaseException as e:
         tracking.end_run(c, run_id, ok=False, reason=f"{type(e).__name__}: {e}")
         raise
+
+
+def _pbt_segments(grid: GridConfig, cfg, trial_dir: Path, out: Path, logger) -> dict:
+    """PBT: train ``perturbation_interval`` epochs per TorchTrainer run and report each segment's
+    full pair bundle (models, optimisers, adapter, RNG, history) as the Tune checkpoint, so an
+    exploit copies the *whole* pair — adapter included — and continues with mutated settings."""
+    import shutil
+    import uuid
+
+    from mergenet_core.engine import load_bundle
+    from orchestrator.pair import BUNDLE
+
+    start, epoch = None, 0
+    ck = tune.get_checkpoint()
+    if ck is not None:  # restored trial or PBT exploit (a donor's bundle)
+        start = trial_dir / f"start-{uuid.uuid4().hex[:6]}"
+        with ck.as_directory() as d:
+            shutil.copytree(d, start)
+        epoch = load_bundle(start / BUNDLE)["epoch"]
+    epochs = cfg.target.recipe.epochs
+    final: dict = {}
+    while epoch < epochs:
+        until = min(epochs, epoch + grid.scheduler.perturbation_interval)
+        final = run_pair_on_ray(cfg, out, storage_path=str(trial_dir / "segments"), name=f"seg-{until:04d}",
+                                callbacks=[logger], start_from=start, until_epoch=until)
+        start = trial_dir / f"bundle-{until:04d}"
+        start.mkdir(exist_ok=True)
+        shutil.move(str(out / BUNDLE), start / BUNDLE)
+        last = load_bundle(start / BUNDLE)["history"][-1]
+        tune.report({k: v for k, v in last.items() if isinstance(v, (int, float))},
+                    checkpoint=tune.Checkpoint.from_directory(str(start)))
+        epoch = until
+    return final
 
 
 def pair_labels(grid: GridConfig, pair: str) -> dict[str, str]:
@@ -127,8 +163,8 @@ class GridProgress(tune.Callback):
 
 def _short(config: dict) -> str:
     hp = config.get("hp") or {}
-    extra = " ".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                     for k, v in hp.items())
+    extra = " ".join(f"{'.'.join(k.split('.')[-2:])}={v:.4g}" if isinstance(v, float)
+                     else f"{'.'.join(k.split('.')[-2:])}={v}" for k, v in hp.items())
     return f"{config.get('pair')}/{config.get('method')}/s{config.get('seed')}" + (f" {extra}" if extra else "")
 
 
@@ -143,9 +179,9 @@ def _error_text(trial) -> str:
 # --------------------------------------------------------------------------- tuner
 
 
-def _axis(a):
+def _axis(a, pbt: bool = False):
     if a.grid is not None:
-        return tune.grid_search(a.grid)
+        return list(a.grid) if pbt else tune.grid_search(a.grid)
     if a.choice is not None:
         return tune.choice(a.choice)
     if a.loguniform is not None:
@@ -161,9 +197,13 @@ def _scheduler(grid: GridConfig, epochs: int):
         return ASHAScheduler(metric=s.metric, mode=s.mode, time_attr="training_iteration", max_t=epochs,
                              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
     if s.name == "pbt":
-        from mergenet_core.errors import ConfigError
+        from ray.tune.schedulers import PopulationBasedTraining
 
-        raise ConfigError("scheduler.name", "pbt is not implemented yet (use fifo or asha)")
+        # one Tune report per segment of `perturbation_interval` epochs (see _pbt_segments)
+        return PopulationBasedTraining(time_attr="training_iteration", metric=s.metric, mode=s.mode,
+                                       perturbation_interval=1,
+                                       hyperparam_mutations={"hp": {k: _axis(a, pbt=True)
+                                                                    for k, a in s.hyperparam_mutations.items()}})
     return None
 
 
@@ -184,7 +224,9 @@ def build_tuner(grid: GridConfig, storage: Path, parent_run_id: str, experiment_
     space = {"pair": tune.grid_search([p.name for p in grid.pairs]),
              "method": tune.grid_search(list(grid.methods)),
              "seed": tune.grid_search(grid.seeds),
-             "hp": {k: _axis(a) for k, a in grid.search.items()}}
+             "hp": {**{k: _axis(a) for k, a in grid.search.items()},
+                    **{k: _axis(a, pbt=True) if a.grid is None else tune.choice(a.grid)
+                       for k, a in grid.scheduler.hyperparam_mutations.items() if k not in grid.search}}}
     return tune.Tuner(
         trainable,
         param_space=space,
