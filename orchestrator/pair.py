@@ -260,7 +260,9 @@ def pair_worker(config: dict) -> None:
     if rank == 0:
         (out / PLACEMENT).write_text(json.dumps(placement, indent=2))
 
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint()  # this run's own latest (after a restart), else the start bundle
+    if ckpt is None and config.get("start_from"):
+        ckpt = Checkpoint.from_directory(config["start_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_bundle(Path(d) / BUNDLE)
@@ -356,12 +358,11 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
         pair_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "out_dir": str(out), "layout": plan.layout,
                            "co_located": plan.co_located, "actor": actor_name, "namespace": namespace,
-                           "until_epoch": until_epoch},
+                           "until_epoch": until_epoch, "start_from": str(start_from) if start_from else None},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=rs.use_gpu,
                                      resources_per_worker=per_worker, placement_strategy=rs.placement),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=rs.max_failures),
                              callbacks=callbacks or None),
-        resume_from_checkpoint=Checkpoint.from_directory(str(start_from)) if start_from else None,
     )
     try:
         result = trainer.fit()

@@ -93,6 +93,8 @@ def gain_heatmap(df: pd.DataFrame, path: Path, metric: str = METRICS[0]) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if metric not in df:
+        return None
     done = df[df["status"] == "FINISHED"].dropna(subset=[metric])
     mean = done.groupby(["pair", "method"])[metric].mean().unstack()
     if "alone" not in mean or "mergenet" not in mean:
