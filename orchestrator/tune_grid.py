@@ -35,11 +35,18 @@ PARENT_FILE = "mlflow_parent_run_id"
 # --------------------------------------------------------------------------- trial
 
 
-def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: str, uri: str, sha: str) -> None:
+def trial_folder(grid_dir: str | Path, trial_id: str) -> Path:
+    """A trial's own folder in the grid's storage (shared storage on clusters): its MLflow run
+    id, the pair's outputs and the pair's Ray Train run (so a restored trial resumes it)."""
+    return Path(grid_dir) / "trials" / trial_id
+
+
+def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: str, uri: str, sha: str,
+             grid_dir: str) -> None:
     """Tune trial driver: one pair, one MLflow child run."""
     grid = GridConfig.model_validate_json(grid_json)
     ctx = tune.get_context()
-    trial_dir = Path(ctx.get_trial_dir())
+    trial_dir = trial_folder(grid_dir, ctx.get_trial_id())
     pair, method, seed, hp = config["pair"], config["method"], config["seed"], dict(config.get("hp") or {})
     cfg = grid.trial_config(pair, method, seed, hp)
     c = tracking.client(uri)
@@ -48,6 +55,10 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
             "mergenet.trial_id": ctx.get_trial_id(), "mergenet.git_sha": sha,
             **pair_labels(grid, pair)}
     run_id = tracking.attach_or_create(c, trial_dir, experiment_id, ctx.get_trial_name(), tags)
+    run = c.get_run(run_id)
+    if run.info.status == "FINISHED":  # finished before an interruption Tune's state did not record
+        tune.report(dict(run.data.metrics))
+        return
     try:
         params = tracking.flatten(cfg.model_dump(mode="json"))
         params.update({f"hp.{k}": str(v) for k, v in hp.items()})
@@ -122,8 +133,8 @@ def pair_labels(grid: GridConfig, pair: str) -> dict[str, str]:
 class GridProgress(tune.Callback):
     """One line per trial state change, and MLflow end states the trial could not write."""
 
-    def __init__(self, uri: str, total: int):
-        self.uri, self.total, self.done = uri, total, 0
+    def __init__(self, uri: str, total: int, grid_dir: str):
+        self.uri, self.total, self.done, self.grid_dir = uri, total, 0, grid_dir
 
     def _line(self, trial, state: str, extra: str = "") -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {state:<10} {trial.trial_id} {_short(trial.config)}"
@@ -150,8 +161,8 @@ class GridProgress(tune.Callback):
         self._close(trial, ok=False, reason=reason or "trial failed")
 
     def _close(self, trial, ok: bool, reason: str | None) -> None:
-        f = Path(trial.local_path or "") / tracking.RUN_ID_FILE if trial.local_path else None
-        if f is None or not f.exists():
+        f = trial_folder(self.grid_dir, trial.trial_id) / tracking.RUN_ID_FILE
+        if not f.exists():
             return
         c = tracking.client(self.uri)
         run_id = f.read_text().strip()
@@ -216,7 +227,8 @@ def build_tuner(grid: GridConfig, storage: Path, parent_run_id: str, experiment_
                 restore: bool = False) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, grid_json=grid.model_dump_json(), parent_run_id=parent_run_id,
-                             experiment_id=experiment_id, uri=uri, sha=tracking.git_sha()),
+                             experiment_id=experiment_id, uri=uri, sha=tracking.git_sha(),
+                             grid_dir=str(storage / grid.grid)),
         {"cpu": grid.resources.trial_driver_cpus})
     if restore:
         return tune.Tuner.restore(str(storage / grid.grid), trainable, resume_errored=True)
@@ -235,7 +247,8 @@ def build_tuner(grid: GridConfig, storage: Path, parent_run_id: str, experiment_
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=grid.grid, storage_path=str(storage),
                                   failure_config=tune.FailureConfig(max_failures=grid.max_failures),
-                                  callbacks=[GridProgress(uri, grid.trial_count())], verbose=1),
+                                  callbacks=[GridProgress(uri, grid.trial_count(), str(storage / grid.grid))],
+                                  verbose=1),
     )
 
 
