@@ -199,3 +199,13 @@ def test_malformed_grid_rejected_before_ray(tmp_path, change, needle):
     assert "Traceback" not in r.stderr
     assert "Ray" not in r.stdout + r.stderr.replace(needle, "")  # Ray never started
     assert not (tmp_path / "runs").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_every_grid_in_experiments_validates():
+    from mergenet_core.config import read_yaml
+    from orchestrator.cli import main
+
+    grids = [p for p in sorted(Path(__file__).parents[1].joinpath("experiments").glob("*.yaml"))
+             if "pairs" in read_yaml(p)]
+    assert any(p.name == "quickstart.yaml" for p in grids)
+    assert main(["validate", *map(str, grids)]) == 0
