@@ -123,7 +123,7 @@ def _cli(*args, cwd):
      "method.options.layer_pairs.0.source"),
     ({"method": {"options": {"layer_pairs": [{"source": "classifier.weight", "target": "classifier.weight",
                                               "rank": 999}]}}},
-     "method.options.layer_pairs.0.target"),
+     "method.options.layer_pairs.0.source"),
     ({"ray": {"cpus_per_worker": 512}}, "ray.cpus_per_worker"),
 ])
 def test_bad_pair_rejected_before_any_worker(tmp_path, change, field):
