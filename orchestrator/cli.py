@@ -154,7 +154,7 @@ def cmd_submit(args) -> int:
     if len(env) != len(args.env):
         return _fail([f"--env: expected KEY=VALUE, got {[kv for kv in args.env if '=' not in kv]}"])
     submit(args.grid, args.address, args.set, args.working_dir, args.mlflow_uri, args.storage_path, args.python,
-           env, deep=not args.no_deep_check)
+           env, deep=not args.no_deep_check, resume_dir=args.resume)
     return 0
 
 
@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
     addr_help = "Ray job server (default: RAY_API_SERVER_ADDRESS, or http://127.0.0.1:8265 = an SSH tunnel)"
     sb = sub.add_parser("submit", help="run a grid on a Ray cluster as a Ray job (ships this directory)")
-    sb.add_argument("grid")
+    sb.add_argument("grid", nargs="?")
+    sb.add_argument("--resume", metavar="DIR", help="resume an interrupted grid from its storage folder on the cluster")
     sb.add_argument("--address", default=None, help=addr_help)
     sb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sb.add_argument("--mlflow-uri", default=None, help="tracking URI for the job (default: the cluster's)")

@@ -3,12 +3,13 @@
 World ranks ``0 .. target_workers-1`` are the target role, the rest the source role (so
 world rank 0, whose metrics Ray Train keeps, is the target's leader). Each role is
 data-parallel inside its own process group (each worker takes a slice of the global batch,
-gradients are averaged in the role's group). Role leaders put their factors in the object
-store (``ray.put`` of a clone) and call the shared :class:`AdapterActor`, which wraps the
-core :class:`~mergenet_core.transfer.Exchange`; the target leader broadcasts the generated
-matrices inside its role. Workers run :meth:`Method.role_step` — the same code the
-single-process engine runs. Methods that need both models on one batch (kd, dml,
-param_share) and ``alone`` run co-located in one worker through :meth:`Method.pair_step`.
+gradients are averaged in the role's group). Role leaders send clones of their factors as
+plain call arguments (inline when ≤ 100 KiB, else through the object store) to the shared
+:class:`AdapterActor`, which wraps the core :class:`~mergenet_core.transfer.Exchange`; the
+target leader broadcasts the generated matrices inside its role. Workers run
+:meth:`Method.role_step` — the same code the single-process engine runs. Methods that need
+both models on one batch (kd, dml, param_share) and ``alone`` run co-located in one worker
+through :meth:`Method.pair_step`.
 
 Every epoch world rank 0 gathers all role states and reports one bundle (``pair.pt``, the
 same format as the engine's checkpoint) through Ray Train checkpoints; after a worker or
@@ -177,8 +178,9 @@ class RayExchange:
     def put(self, step: int, mats: dict) -> None:
         if self.leader:
             keys = list(mats)
-            refs = [ray.put(mats[k].detach().cpu().clone()) for k in keys]
-            self.actor.put.remote(step, keys, *refs)
+            # plain arguments: Ray inlines objects <= 100 KiB in the call message (a rank-r
+            # factor usually is); an explicit ray.put first cost an object-store round trip
+            self.actor.put.remote(step, keys, *[mats[k].detach().cpu().clone() for k in keys])
 
     def get(self, step: int, role: str):
         box = [None]

@@ -202,18 +202,52 @@ def _git_sha(wd: Path) -> str:
         return "unknown"
 
 
-def submit(grid_path: str | Path, address: str | None = None, overrides: list[str] | None = None,
+def build_resume_job(resume_dir: str, working_dir: str | Path = ".", mlflow_uri: str | None = None,
+                     python: str = "python", env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A job that resumes an interrupted grid from its storage folder *as the cluster sees it*
+    (``<storage_path>/<grid>``): finished trials are kept, unfinished ones restart from their
+    last checkpoint and re-attach their MLflow runs (``mergenet run --resume``)."""
+    wd = Path(working_dir).resolve()
+    name = Path(str(resume_dir).rstrip("/")).name or "grid"
+    env_vars = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+                "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+    if mlflow_uri:
+        env_vars["MLFLOW_TRACKING_URI"] = mlflow_uri
+    env_vars.update(env or {})
+    return {
+        "grid": None,
+        "entrypoint": " ".join(shlex.quote(a) for a in [python, "-m", "orchestrator.cli", "run", "--resume",
+                                                         str(resume_dir)]),
+        "submission_id": f"mergenet-{name}-resume-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}",
+        "runtime_env": {"working_dir": str(wd), "excludes": list(EXCLUDES), "env_vars": env_vars},
+        "metadata": {"mergenet.grid": name, "mergenet.resume": str(resume_dir), "mergenet.git_sha": _git_sha(wd)},
+        "mlflow": mlflow_uri or "the cluster's MLFLOW_TRACKING_URI",
+        "storage": str(resume_dir),
+    }
+
+
+def submit(grid_path: str | Path | None, address: str | None = None, overrides: list[str] | None = None,
            working_dir: str | Path = ".", mlflow_uri: str | None = None, storage_path: str | None = None,
-           python: str = "python", env: dict[str, str] | None = None, deep: bool = True, out=None) -> str:
-    """Validate, then submit the grid as a Ray job; prints where to watch; returns the job id."""
+           python: str = "python", env: dict[str, str] | None = None, deep: bool = True, out=None,
+           resume_dir: str | None = None) -> str:
+    """Validate, then submit the grid (or, with ``resume_dir``, the resumption of an interrupted
+    grid) as a Ray job; prints where to watch; returns the job id."""
     out = out or sys.stdout
-    job = build_job(grid_path, overrides, working_dir, mlflow_uri, storage_path, python, env, deep)
+    if resume_dir:
+        if grid_path or overrides or storage_path:
+            raise MergenetError("submit --resume DIR: give no GRID, --set or --storage-path (the folder has the grid)")
+        job = build_resume_job(resume_dir, working_dir, mlflow_uri, python, env)
+    elif grid_path:
+        job = build_job(grid_path, overrides, working_dir, mlflow_uri, storage_path, python, env, deep)
+    else:
+        raise MergenetError("submit: give a GRID.yaml, or --resume DIR")
     addr = resolve_address(address)
     c = client(addr)
     job_id = _call(c.submit_job, what="submit", address=addr, entrypoint=job["entrypoint"],
                    runtime_env=job["runtime_env"], metadata=job["metadata"], submission_id=job["submission_id"])
     g = job["grid"]
-    print(f"submitted job {job_id}: grid {g.grid} ({g.trial_count()} trials) to {addr}", file=out)
+    what = f"grid {g.grid} ({g.trial_count()} trials)" if g else f"resumption of {resume_dir}"
+    print(f"submitted job {job_id}: {what} to {addr}", file=out)
     print(f"  entrypoint: {job['entrypoint']}", file=out)
     print(f"  MLflow:     {job['mlflow']}", file=out)
     print(f"  storage:    {job['storage']}", file=out)
