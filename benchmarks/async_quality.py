@@ -1,0 +1,158 @@
+"""Async exchange with bounded staleness: what it does to quality and speed (3 seeds).
+
+    python benchmarks/async_quality.py [--quick] [--out docs/RESULTS.md]
+
+The small benchmark pair (ResNet-18 width 16 -> MobileNetV2 x0.35 on Fashion-MNIST, the
+offline CIFAR stand-in) trained on a local Ray by :func:`orchestrator.pair.run_pair_on_ray`
+(1 source + 1 target worker, 1 CPU each) with ``ray.mode`` sync, async staleness 1 and
+async staleness 2, seeds 0, 1, 2 (run seed-major, so drift in machine load hits every mode
+alike). Writes mean ± std of the target's test accuracy at the final epoch and at the
+best-validation epoch, and the time per run, between ``<!-- async_quality:start -->`` and
+``<!-- async_quality:end -->`` of ``--out`` (other sections are left alone).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchutil as bu  # noqa: E402  (sets thread/env defaults before torch/ray load)
+
+HEADER = """# Results
+
+Measured results; each section is written by the script named in it.
+"""
+
+MODES = [("sync", 0), ("async", 1), ("async", 2)]
+
+
+def _fmt(xs: list[float], pct: bool = True, digits: int = 2) -> str:
+    k = 100 if pct else 1
+    if len(xs) == 1:
+        return f"{k * xs[0]:.{digits}f}"
+    return f"{k * statistics.mean(xs):.{digits}f} ± {k * statistics.stdev(xs):.{digits}f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, 2 short epochs (a smoke run)")
+    p.add_argument("--out", default=str(bu.ROOT / "docs" / "RESULTS.md"))
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="steps per epoch (cap)")
+    p.add_argument("--t-cycle", type=int, default=1)
+    p.add_argument("--train-subset", type=int, default=4000)
+    p.add_argument("--test-subset", type=int, default=1000)
+    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--wait-load", type=float, default=3.0)
+    p.add_argument("--max-wait", type=float, default=900.0)
+    p.add_argument("--json", default=None, help="also dump every run's summary here")
+    args = p.parse_args(argv)
+    args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    args.epochs = args.epochs or (2 if args.quick else 3)
+    args.steps = args.steps or (8 if args.quick else 25)
+
+    def log(msg):
+        print(f"[async_quality {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    t_start = time.perf_counter()
+    waited = bu.wait_for_load(args.wait_load, args.max_wait, log=log)
+    load0 = bu.loadavg()
+    log(f"load average at start {load0}")
+    bu.start_ray(args.num_cpus)
+    machine = bu.machine_record()
+
+    import ray
+
+    from mergenet_core.config import parse_config
+    from orchestrator.pair import run_pair_on_ray
+
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="async_quality-") as work:
+        for seed in args.seeds:
+            for mode, stale in MODES:
+                ray_opts = {"mode": mode, **({"staleness": stale} if stale else {})}
+                cfg = parse_config(bu.pair_config(
+                    t_cycle=args.t_cycle, epochs=args.epochs, steps_per_epoch=args.steps, seed=seed,
+                    train_subset=args.train_subset, test_subset=args.test_subset, ray=ray_opts,
+                    name=f"async-quality-{mode}{stale}"))
+                out = Path(work) / f"{mode}{stale}-s{seed}"
+                t0 = time.perf_counter()
+                final = run_pair_on_ray(cfg, out)
+                total = time.perf_counter() - t0
+                hist = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
+                train_s = sum(r["time/train_s"] for r in hist)
+                steps = hist[-1]["step"]
+                runs.append({"mode": mode, "staleness": stale, "seed": seed, "final": final, "total_s": total,
+                             "train_s": train_s, "ms_per_step": 1e3 * train_s / steps,
+                             "transfers": sum(r.get("adapter/transfers", 0) for r in hist), "steps": steps})
+                log(f"{mode} s{stale} seed {seed}: final test {final['target/final_test_acc']:.4f}, "
+                    f"at best val {final['target/test_acc_at_best_val']:.4f} (epoch "
+                    f"{final['target/best_val_epoch']}), {runs[-1]['ms_per_step']:.0f} ms/step, "
+                    f"run {total:.0f} s")
+    load1 = bu.loadavg()
+    wall = time.perf_counter() - t_start
+
+    L = [f"## Async exchange with bounded staleness (`benchmarks/async_quality.py`"
+         f"{' --quick' if args.quick else ''})", ""]
+    L += bu.machine_lines(machine, load0, load1, waited, args.wait_load)
+    L.append(f"- whole script: {wall / 60:.1f} min; local Ray with num_cpus={args.num_cpus}")
+    L += ["",
+          "Data set: **Fashion-MNIST** (the offline stand-in for CIFAR: 32×32, grey repeated to 3 channels; "
+          f"{args.train_subset} training images drawn per seed, 10 % of them carved off for validation, "
+          f"{args.test_subset} test images) — not CIFAR. "
+          "Pair: ResNet-18 (width 16) → MobileNetV2 (×0.35), batch 64, SGD 0.05 / momentum 0.9 / cosine, "
+          f"{args.epochs} epochs × {args.steps} steps, MergeNet learned rank-4 layer pair "
+          f"`{bu.PAIR_LAYER['source']}` → `{bu.PAIR_LAYER['target']}`, adapter L = 2, h = 8, "
+          f"`t_cycle` {args.t_cycle}, `update_rule: delta`. On Ray: `run_pair_on_ray`, 1 source + 1 target "
+          "worker with 1 CPU each, adapter actor with 0 CPUs. *sync* waits for the adapter output of the "
+          "current transfer step and for the adapter update (it reproduces the single-process engine to "
+          "1e-5, `tests/test_ray_pair.py`); *async, staleness k* lets the target use an output up to "
+          f"k·t_cycle steps old and does not wait for the update, so its results depend on timing "
+          "(not bit-reproducible). "
+          f"Seeds {', '.join(map(str, args.seeds))}; mean ± std over seeds (sample std). "
+          "*best-val* = target test accuracy at the epoch of the best target validation accuracy "
+          "(never best-on-test). *ms / step* = target leader's `time/train_s` / steps (training only); "
+          "*run s* = the whole `run_pair_on_ray` call (Ray Train start-up, evaluation, checkpoints).", ""]
+    rows = []
+    base = None
+    for mode, stale in MODES:
+        rs = [r for r in runs if r["mode"] == mode and r["staleness"] == stale]
+        if not rs:
+            continue
+        fin = [r["final"]["target/final_test_acc"] for r in rs]
+        best = [r["final"]["target/test_acc_at_best_val"] for r in rs]
+        src = [r["final"]["source/final_test_acc"] for r in rs if "source/final_test_acc" in r["final"]]
+        msps = [r["ms_per_step"] for r in rs]
+        if base is None:
+            base = statistics.mean(msps)
+        rows.append([mode if mode == "sync" else f"async, staleness {stale}", len(rs), _fmt(fin), _fmt(best),
+                     _fmt(src) if src else "–", _fmt(msps, pct=False, digits=0),
+                     f"{statistics.mean(msps) / base:.2f}", _fmt([r["total_s"] for r in rs], pct=False, digits=0),
+                     f"{statistics.mean(r['transfers'] for r in rs):.0f} / {rs[0]['steps']}"])
+    L += bu.table(["exchange", "seeds", "target final test acc %", "target test acc % at best val",
+                   "source final test acc %", "ms / step", "step time vs sync", "run s", "transfers / steps"],
+                  rows)
+    L += ["", "Per run:", ""]
+    L += bu.table(["exchange", "seed", "final test %", "best-val epoch", "test % at best val", "ms / step", "run s"],
+                  [[r["mode"] if r["mode"] == "sync" else f"async s{r['staleness']}", r["seed"],
+                    f"{100 * r['final']['target/final_test_acc']:.2f}", r["final"]["target/best_val_epoch"],
+                    f"{100 * r['final']['target/test_acc_at_best_val']:.2f}", f"{r['ms_per_step']:.0f}",
+                    f"{r['total_s']:.0f}"] for r in runs])
+    body = "\n".join(L) + "\n"
+    bu.write_section(args.out, "async_quality", body, HEADER)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, "load": [load0, load1], "runs": runs}, indent=1))
+    print(body)
+    log(f"wrote {args.out} (section async_quality) in {wall / 60:.1f} min")
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
