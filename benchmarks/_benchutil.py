@@ -106,10 +106,18 @@ def machine_lines(m: dict, load_start, load_end, waited: list[tuple[str, float]]
     if len(waited) > 1:
         lines.append(f"- waited for the 1-min load to fall to ≤ {threshold:g}: "
                      + ", ".join(f"{t} {l:.1f}" for t, l in waited))
-    if max(load_start[0], load_end[0]) > 0.75 * m["nproc"]:
-        lines.append(f"- **the machine was shared**: other jobs kept the load above the {m['nproc']} cores, "
-                     "so absolute times are inflated and noisy; ratios measured in this same run are the "
-                     "figures to read, and even they carry the noise shown by the spreads.")
+    n = m["nproc"]
+    if load_start[0] > n:
+        lines.append(f"- **the machine was shared**: other jobs kept the 1-min load at {load_start[0]:.1f} when the "
+                     f"measurements began, above the {n} cores, so absolute times are inflated and noisy; ratios "
+                     "measured in this same run are the figures to read, and even they carry the noise shown by "
+                     "the spreads.")
+    elif load_start[0] > 0.5 * n:
+        lines.append(f"- the machine was partly busy when the measurements began (1-min load {load_start[0]:.1f} on "
+                     f"{n} cores): absolute times carry some noise from other jobs.")
+    else:
+        lines.append(f"- the machine was nearly idle when the measurements began (1-min load {load_start[0]:.1f}).")
+    lines.append("- the load at the end includes this script's own processes (Ray workers, adapter actor).")
     return lines
 
 

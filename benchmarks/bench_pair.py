@@ -329,7 +329,8 @@ def _kib(b: int) -> str:
 def render(args, machine, load0, load1, waited, ex_rows, steps, thread_info, wall_s, breakdown=None) -> str:
     L = [f"## Pair benchmark (`benchmarks/bench_pair.py`{' --quick' if args.quick else ''})", ""]
     L += bu.machine_lines(machine, load0, load1, waited, args.wait_load)
-    L.append(f"- whole script: {wall_s / 60:.1f} min; local Ray with num_cpus={args.num_cpus}; torch threads: "
+    L.append(f"- whole script: {wall_s / 60:.1f} min, of which {getattr(args, 'wait_s', 0) / 60:.1f} min waiting for "
+             f"the load; local Ray with num_cpus={args.num_cpus}; torch threads: "
              f"engine process 1, Ray workers {thread_info['worker']} (1 CPU each), adapter actor "
              f"{thread_info['actor']} (0 CPUs)")
     L += ["", "### Exchange round trip (one transfer, caller's side)", "",
@@ -449,6 +450,16 @@ def render(args, machine, load0, load1, waited, ex_rows, steps, thread_info, wal
     return "\n".join(L) + "\n"
 
 
+def render_record(rec: dict) -> str:
+    args = argparse.Namespace(**rec["args"])
+    steps = {}
+    for k, v in rec["steps"].items():
+        runner, mode, stale, tc = k.split("|")
+        steps[(runner, mode, int(stale), int(tc))] = v
+    return render(args, rec["machine"], rec["load"][0], rec["load"][1], rec["waited"], rec["exchange"], steps,
+                  rec["thread_info"], rec["wall_s"], rec["breakdown"])
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -465,7 +476,13 @@ def main(argv=None) -> int:
     p.add_argument("--wait-load", type=float, default=3.0, help="wait while the 1-min load average is above this")
     p.add_argument("--max-wait", type=float, default=900.0, help="seconds to wait for the load at most")
     p.add_argument("--json", default=None, help="also dump the raw numbers here")
+    p.add_argument("--render-json", default=None, help="only rewrite the section from a --json dump of a run")
     args = p.parse_args(argv)
+    if args.render_json:
+        body = render_record(json.loads(Path(args.render_json).read_text()))
+        bu.write_section(args.out, "bench_pair", body, HEADER)
+        print(body)
+        return 0
     args.epochs = args.epochs or (3 if args.quick else 4)
     args.steps = args.steps or (6 if args.quick else 12)
     args.repeats = args.repeats or (1 if args.quick else 2)
@@ -475,6 +492,7 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     waited = bu.wait_for_load(args.wait_load, args.max_wait, log=log)
+    args.wait_s = time.perf_counter() - t_start
     load0 = bu.loadavg()
     log(f"load average at start {load0}")
     bu.start_ray(args.num_cpus)
@@ -511,13 +529,13 @@ def main(argv=None) -> int:
             steps = bench_steps(args, Path(work), log)
     load1 = bu.loadavg()
     wall = time.perf_counter() - t_start
-    body = render(args, machine, load0, load1, waited, ex_rows, steps, thread_info, wall, breakdown)
-    bu.write_section(args.out, "bench_pair", body, HEADER)
+    record = {"args": vars(args), "machine": machine, "load": [load0, load1], "waited": waited, "wall_s": wall,
+              "thread_info": thread_info, "exchange": ex_rows, "breakdown": breakdown,
+              "steps": {"|".join(map(str, k)): v for k, v in steps.items()}}
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "load": [load0, load1], "exchange": ex_rows,
-                                               "steps": {"|".join(map(str, k)): v for k, v in steps.items()},
-                                               "breakdown": breakdown},
-                                              indent=1, default=str))
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str))
+    body = render_record(record)
+    bu.write_section(args.out, "bench_pair", body, HEADER)
     print(body)
     log(f"wrote {args.out} (section bench_pair) in {wall / 60:.1f} min")
     ray.shutdown()
