@@ -168,6 +168,7 @@ class Engine:
             record = {"epoch": pair.epoch, "step": pair.step}
             if pair.epoch % cfg.target.recipe.eval_every == 0 or pair.epoch == epochs:
                 record.update(pair.evaluate())
+            record.update(pair.method.role_metrics())
             record.update(pair.method.epoch_metrics())
             record["time/train_s"] = train_s
             record["time/epoch_s"] = time.perf_counter() - t0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -160,7 +161,7 @@ class AdapterHub:
                                      {"params": rest, "weight_decay": 0.0}], lr=a.lr)
             self.optimizers[lid] = opt
             self.schedulers[lid] = torch.optim.lr_scheduler.LambdaLR(opt, _lambda(a.schedule, transfers_after_start))
-        self.pending: dict[tuple[int, str], Tensor] = {}
+        self.pending: dict[tuple[int, str], tuple[Tensor, dict | None]] = {}
         self.bad_streak = {lid: 0 for lid in self.links}
         self.totals = {"transfers": 0, "skipped": 0}
         self._epoch = self._fresh_epoch()
@@ -172,8 +173,15 @@ class AdapterHub:
     def param_counts(self) -> dict[str, int]:
         return {lid: adapter_param_count(ad) for lid, ad in self.adapters.items()}
 
-    def generate(self, step: int, inputs: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor | None]:
-        """Adapter outputs for every link (``None`` where the output was not finite)."""
+    def generate(self, step: int, inputs: dict[str, tuple[Tensor, Tensor]],
+                 snapshot: bool = False) -> dict[str, Tensor | None]:
+        """Adapter outputs for every link (``None`` where the output was not finite).
+
+        ``snapshot``: run each adapter on a detached copy of its parameters, so that its
+        update may come after other updates (async exchange): the gradient is then taken at
+        the parameters that generated the output (a delayed gradient, as in asynchronous
+        SGD), and an optimiser step in between cannot invalidate the saved graph.
+        """
         t0 = time.perf_counter()
         out: dict[str, Tensor | None] = {}
         outer = torch.get_rng_state()
@@ -188,7 +196,16 @@ class AdapterHub:
                 ad = self.adapters[lid]
                 ad.train()
                 x, y = x.to(self.device, torch.float32), y.to(self.device, torch.float32)
-                new = ad(x, y, reference=x)
+                if snapshot:
+                    snap = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in ad.named_parameters()}
+                    fresh_scale = hasattr(ad, "scale_initialised") and not bool(ad.scale_initialised)
+                    new = torch.func.functional_call(ad, snap, (x, y), {"reference": x})
+                    if fresh_scale and bool(ad.scale_initialised):  # the first call set the learned scale
+                        with torch.no_grad():
+                            ad.scale.copy_(snap["scale"])
+                else:
+                    snap = None
+                    new = ad(x, y, reference=x)
                 if not torch.isfinite(new).all():
                     self.bad_streak[lid] += 1
                     self._epoch["skipped"] += 1
@@ -205,7 +222,7 @@ class AdapterHub:
                     out[lid] = None
                     continue
                 self.bad_streak[lid] = 0
-                self.pending[(step, lid)] = new
+                self.pending[(step, lid)] = (new, snap)
                 out[lid] = new.detach().clone()
                 self._epoch["transfers"] += 1
                 self.totals["transfers"] += 1
@@ -222,12 +239,16 @@ class AdapterHub:
         """Back-propagate each link's output gradient into its adapter and step it."""
         t0 = time.perf_counter()
         for lid, g in grads.items():
-            new = self.pending.pop((step, lid), None)
-            if new is None:
+            entry = self.pending.pop((step, lid), None)
+            if entry is None:
                 continue
+            new, snap = entry
             opt = self.optimizers[lid]
             opt.zero_grad(set_to_none=True)
             new.backward(g.to(new.device, new.dtype))
+            if snap is not None:  # gradient of the generating copy -> the live parameters
+                for n, p in self.adapters[lid].named_parameters():
+                    p.grad = snap[n].grad
             norm = nn.utils.clip_grad_norm_(self.adapters[lid].parameters(), self.opts.adapter.grad_clip)
             opt.step()
             if epoch >= self.opts.adapter.start_epoch:
@@ -278,13 +299,26 @@ class AdapterHub:
 class Exchange:
     """The put / get / feedback protocol around one :class:`AdapterHub` (thread-safe).
 
-    ``put`` stores a role's matrices for a step; the put that completes a step's inputs
-    runs the adapter. ``get`` returns, for the links a role receives, the newest generated
-    output that role has not used yet whose step is at least ``step - staleness_steps``,
-    waiting for one if needed. With ``staleness_steps = 0`` (sync) that is exactly the
-    output for ``step``; with ``k * t_cycle`` (async) the receiver never waits on the adapter
-    unless the newest output is more than ``k`` transfers old. Older unused outputs are
-    dropped. ``feedback`` is keyed by the step the output was generated at.
+    ``put`` stores a role's matrices for a step; once a step's inputs are complete the
+    adapter generates that step's outputs. ``get`` returns, for the links a role receives,
+    the newest generated output that role has not used yet whose step is at least
+    ``step - staleness_steps``, waiting for one if needed. Older unused outputs are dropped.
+    ``feedback`` is keyed by the step the output was generated at.
+
+    ``staleness_steps = 0`` (sync): the put that completes the inputs generates inline and
+    ``feedback`` updates inline, so ``get`` returns exactly the output for ``step`` and every
+    update lands before the next generation -- the single-process engine's semantics.
+
+    ``staleness_steps = k * t_cycle`` (async): generation and updates run in order on a
+    background thread of the exchange; ``put`` and ``feedback`` only enqueue. A receiver's
+    ``get`` takes the newest unused output at most ``k`` transfers old if there is one; if
+    there is none but the output it wrote last is itself at most ``k`` transfers old, it
+    returns no output (the role trains on without a write this step) instead of waiting; it
+    waits only when the adapter has fallen more than ``k`` transfers behind. In steady state
+    the receiver therefore writes, at each transfer, the output generated from the previous
+    transfer's factors while it trained, and never waits. Each output is generated from a detached copy
+    of the adapter's parameters (``AdapterHub.generate(snapshot=True)``), so its update may
+    follow other updates. Results then depend on timing and are not bit-reproducible.
     """
 
     def __init__(self, hub: AdapterHub, staleness_steps: int = 0, timeout_s: float = 600.0):
@@ -299,22 +333,34 @@ class Exchange:
         self._taken: dict[int, set[str]] = {}
         self._error: BaseException | None = None
         self._expected = {(l.id, side) for l in self.links for side in ("x", "y")}
+        self.background = staleness_steps > 0
+        self._jobs: deque[tuple] = deque()
+        self._busy = False
+        self._last_used: dict[str, int] = {}
+        if self.background:
+            threading.Thread(target=self._work, name="mergenet-adapter", daemon=True).start()
 
+    # ------------------------------------------------------------------ protocol
     def put(self, step: int, mats: dict[tuple[str, str], Tensor]) -> None:
         with self._cv:
+            self._raise_error()
             box = self._inbox.setdefault(step, {})
             box.update(mats)
-            if self._expected <= box.keys():
-                del self._inbox[step]
-                try:
-                    self._ready[step] = self.hub.generate(
-                        step, {l.id: (box[(l.id, "x")], box[(l.id, "y")]) for l in self.links})
-                    self._taken[step] = set()
-                except BaseException as e:  # noqa: BLE001 - surfaced to every waiting role
-                    self._error = e
-                    raise
-                finally:
-                    self._cv.notify_all()
+            if not self._expected <= box.keys():
+                return
+            del self._inbox[step]
+            inputs = {l.id: (box[(l.id, "x")], box[(l.id, "y")]) for l in self.links}
+            if self.background:
+                self._jobs.append(("generate", step, inputs))
+                self._cv.notify_all()
+                return
+            try:
+                self._publish(step, self.hub.generate(step, inputs))
+            except BaseException as e:  # noqa: BLE001 - surfaced to every waiting role
+                self._error = e
+                raise
+            finally:
+                self._cv.notify_all()
 
     def get(self, step: int, role: str) -> tuple[int, dict[str, Tensor | None]]:
         """``(generation step, {link id: new matrix or None})`` for the links ``role`` receives."""
@@ -324,12 +370,15 @@ class Exchange:
             return [s for s in self._ready if s >= floor and role not in self._taken[s]]
 
         with self._cv:
+            self._raise_error()
+            if self.background and not fresh() and self._last_used.get(role, floor - 1) >= floor:
+                return self._last_used[role], {}  # nothing new yet, and the last one is recent enough
             ok = self._cv.wait_for(lambda: self._error is not None or fresh(), self.timeout_s)
-            if self._error is not None:
-                raise self._error
+            self._raise_error()
             if not ok:
                 raise TimeoutError(f"exchange: no adapter output for step >= {floor} within {self.timeout_s}s")
             use = max(fresh())
+            self._last_used[role] = use
             out = {l.id: self._ready[use][l.id] for l in self.links if l.receiver == role}
             for s in [s for s in self._ready if s <= use and role not in self._taken[s]]:
                 self._taken[s].add(role)
@@ -342,21 +391,69 @@ class Exchange:
 
     def feedback(self, gen_step: int, grads: dict[str, Tensor], epoch: int) -> None:
         with self._cv:
-            self.hub.update(gen_step, grads, epoch)
+            self._raise_error()
+            if self.background:
+                self._jobs.append(("update", gen_step, grads, epoch))
+                self._cv.notify_all()
+            else:
+                self.hub.update(gen_step, grads, epoch)
 
-    # hub passthroughs (also the Ray actor's API)
+    # ------------------------------------------------------------------ internals
+    def _publish(self, step: int, out: dict[str, Tensor | None]) -> None:
+        self._ready[step] = out
+        self._taken[step] = set()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        """Background thread (async): run the queued generations and updates in order."""
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: bool(self._jobs))
+                job = self._jobs.popleft()
+                self._busy = True
+            try:
+                if job[0] == "generate":
+                    out = self.hub.generate(job[1], job[2], snapshot=True)
+                    with self._cv:
+                        self._publish(job[1], out)
+                else:
+                    self.hub.update(job[1], job[2], job[3])
+            except BaseException as e:  # noqa: BLE001 - surfaced to the roles' next call
+                with self._cv:
+                    self._error = e
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def _idle(self) -> None:
+        """Wait (holding the lock) until the background thread has nothing left to do."""
+        if self.background and not self._cv.wait_for(lambda: not self._jobs and not self._busy, self.timeout_s):
+            raise TimeoutError(f"exchange: adapter still busy after {self.timeout_s}s")
+        self._raise_error()
+
+    # hub passthroughs (also the Ray actor's API); they see every queued update applied
     def take_epoch_metrics(self) -> dict[str, float]:
         with self._cv:
+            self._idle()
             return self.hub.take_epoch_metrics()
 
     def state_dict(self) -> dict:
         with self._cv:
+            self._idle()
             return self.hub.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         with self._cv:
+            self._error = None
+            self._idle()
             self.hub.load_state_dict(state)
             self._inbox.clear()
             self._ready.clear()
             self._taken.clear()
+            self._jobs.clear()
+            self._last_used.clear()
             self._error = None

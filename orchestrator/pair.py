@@ -290,10 +290,10 @@ def pair_worker(config: dict) -> None:
         pair.epoch += 1
         train_s = time.perf_counter() - t0
         evaluate = pair.epoch % cfg.target.recipe.eval_every == 0 or pair.epoch == epochs
-        if leader and evaluate:
-            local = pair.evaluate()
-        else:
-            local = {}
+        local = pair.evaluate() if leader and evaluate else {}
+        role_numbers = method.role_metrics()  # taken on every worker, reported by the role's leader
+        if leader:
+            local.update(role_numbers)
         states = {n: _to_cpu(r.state_dict()) for n, r in pair.roles.items()} if leader else {}
         if distributed:
             gathered = [None] * len(layout)

@@ -40,6 +40,8 @@ def test_sync_ray_pair_equals_single_process_engine(ray_local, tmp_path):
     a, b = read_metrics(tmp_path / "engine"), read_metrics(tmp_path / "ray")
     assert [r["epoch"] for r in b] == [1, 2]
     assert b[-1]["adapter/transfers"] == 4 and "source/val_acc" in b[-1]
+    assert all(r["target/transfer_writes"] == r["target/transfer_steps"] and r["target/transfer_age_steps"] == 0
+               for r in b)  # sync: every transfer writes the output of its own step
     assert_same_metrics(a, b, tol=1e-5)
     assert final["target/final_test_acc"] == b[-1]["target/test_acc"]
 
@@ -54,6 +56,9 @@ def test_async_mode_and_data_parallel_target_complete(ray_local, tmp_path):
     last = hist[-1]
     assert all(torch.isfinite(torch.tensor(float(v))) for v in last.values())
     assert last["adapter/transfers"] >= 1
+    for r in hist:  # each transfer step wrote an output at most 2 transfers (t_cycle 1: 2 steps) old, or none
+        assert r["target/transfer_steps"] == 4 and 1 <= r["target/transfer_writes"] <= 4
+        assert 0 <= r["target/transfer_age_steps"] <= 2
     assert sorted(p.name for p in (tmp_path / "async" / "pids").glob("target*.pid")) == ["target0.pid", "target1.pid"]
 
 

@@ -497,3 +497,108 @@ def test_authors_full_mode_pairing_adapter_size():
     assert n == pytest.approx(37.6e6, rel=0.002)
     mbv2_params = sum(p.numel() for p in mbv2.parameters())
     assert 15 < n / mbv2_params < 17  # "16x the MobileNetV2 it writes into"
+
+
+# ---------------------------------------------------------------------------- async exchange
+
+
+def async_pair(staleness_steps: int = 1) -> tuple[PairState, Exchange]:
+    """A tiny pair whose method talks to an async :class:`Exchange` (background adapter thread)
+    around a hub built exactly like the engine's (same seed -> same initial adapter)."""
+    pair = build(pair_opts(adapter={"attn_dropout": 0.0, "ffn_dropout": 0.0}))
+    ex = Exchange(pair.method.exchange.hub, staleness_steps=staleness_steps)
+    pair.method.attach(ex)
+    return pair, ex
+
+
+def test_async_receiver_never_waits_for_the_adapter_in_progress():
+    """Staleness 1 at t_cycle 1: the first transfer waits (nothing to use yet); at the next
+    step the output in progress is not waited for -- the role trains on without a write --
+    and from then on each step writes the output generated from the previous step's factors."""
+    pair, ex = async_pair(1)
+    m, tgt = pair.method, pair.roles["target"]
+    transfer(pair, 0)
+    assert set(m.written) == {"0"} and m.written["0"][2] == 0
+    train(pair, 0)
+    ex.take_epoch_metrics()  # the adapter thread has applied step 0's update
+    with ex._cv:  # hold the exchange's (re-entrant) lock: the adapter thread cannot start step 1's generation
+        transfer(pair, 1)
+        assert m.written == {} and ex._jobs and ex._jobs[0][:2] == ("generate", 1)
+    train(pair, 1)
+    for step in (2, 3):
+        ex.take_epoch_metrics()  # let the adapter thread finish what is queued
+        transfer(pair, step)
+        assert m.written["0"][2] == step - 1  # one transfer old, never older
+        train(pair, step)
+    ex.take_epoch_metrics()
+    assert ex.hub.totals == {"transfers": 4, "skipped": 0}  # generations at steps 0-3
+    assert not ex.hub.pending.keys() - {(3, "0")}  # only the latest output still awaits its use
+    assert tgt.model.training
+
+
+def test_async_update_takes_the_gradient_at_the_generating_parameters():
+    """Two outputs generated before either update (the async pipeline). The second update's
+    gradient is the one at the parameters that generated it, although the first update
+    moved the adapter in between; the plain in-place graph would raise instead."""
+    hub = build(pair_opts(adapter={"attn_dropout": 0.0, "ffn_dropout": 0.0})).method.exchange.hub
+    ad = hub.adapters["0"]
+    (p, q), (P, Q) = ad.target_shape, ad.source_shape
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(p, q, generator=g), torch.randn(P, Q, generator=g)
+    g0, g1 = torch.randn(p, q, generator=g), torch.randn(p, q, generator=g)
+    before = {n: t.detach().clone() for n, t in ad.named_parameters()}
+
+    hub.generate(0, {"0": (x, y)}, snapshot=True)
+    # reference: gradient of <out, g1> at the initial parameters (and the spectral-norm
+    # power-iteration buffers as the second generation finds them)
+    ref = copy.deepcopy(ad)
+    (ref(x, y, reference=x) * g1).sum().backward()
+    want = {n: t.grad.clone() for n, t in ref.named_parameters() if t.grad is not None}
+    hub.generate(1, {"0": (x, y)}, snapshot=True)
+    assert all(torch.equal(t, before[n]) for n, t in ad.named_parameters())
+    hub.update(0, {"0": g0}, epoch=0)
+    assert not all(torch.equal(t, before[n]) for n, t in ad.named_parameters())
+    hub.optimizers["0"].step = lambda *a, **k: None  # keep .grad for inspection (no optimiser step)
+    hub.update(1, {"0": g1}, epoch=0)
+    got = {n: t.grad for n, t in ad.named_parameters() if t.grad is not None}
+    assert got.keys() == want.keys()
+    scale = min(1.0, hub.opts.adapter.grad_clip / float(torch.sqrt(sum((w ** 2).sum() for w in want.values()))))
+    for n in want:
+        torch.testing.assert_close(got[n], want[n] * scale, rtol=1e-4, atol=1e-6)
+
+    plain = build(pair_opts(adapter={"attn_dropout": 0.0, "ffn_dropout": 0.0})).method.exchange.hub
+    plain.generate(0, {"0": (x, y)})
+    plain.generate(1, {"0": (x, y)})
+    plain.update(0, {"0": g0}, epoch=0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        plain.update(1, {"0": g1}, epoch=0)
+
+
+def test_async_first_update_equals_sync():
+    """With one generation and its update, snapshot and in-place generation are the same update."""
+    a = build(pair_opts(adapter={"attn_dropout": 0.0, "ffn_dropout": 0.0})).method.exchange.hub
+    b = build(pair_opts(adapter={"attn_dropout": 0.0, "ffn_dropout": 0.0})).method.exchange.hub
+    ad = a.adapters["0"]
+    (p, q), (P, Q) = ad.target_shape, ad.source_shape
+    x, y, g0 = torch.randn(p, q), torch.randn(P, Q), torch.randn(p, q)
+    out_a = a.generate(0, {"0": (x, y)}, snapshot=True)["0"]
+    out_b = b.generate(0, {"0": (x, y)})["0"]
+    torch.testing.assert_close(out_a, out_b)
+    a.update(0, {"0": g0}, epoch=0)
+    b.update(0, {"0": g0}, epoch=0)
+    for (n, ta), tb in zip(a.adapters["0"].named_parameters(), b.adapters["0"].parameters()):
+        torch.testing.assert_close(ta, tb, msg=n)
+
+
+def test_async_adapter_error_reaches_the_roles():
+    """A failure on the adapter thread is raised to the next role call, not swallowed."""
+    pair, ex = async_pair(1)
+    transfer(pair, 0)
+    train(pair, 0)
+    ex.feedback(99, {"0": torch.zeros(3)}, 0)  # no pending output for step 99: ignored, not an error
+    ex.feedback(0, {"0": torch.zeros(3)}, 0)  # already consumed: ignored as well
+    ex.put(1, {("0", "x"): torch.zeros(2, 2), ("0", "y"): torch.zeros(2, 2)})  # wrong shapes
+    with pytest.raises(ValueError, match="adapter expects"):
+        ex.take_epoch_metrics()
+    with pytest.raises(ValueError, match="adapter expects"):
+        ex.get(1, "target")

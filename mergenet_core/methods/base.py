@@ -69,6 +69,11 @@ class Method:
     def role_step(self, step: int, role) -> None:  # pragma: no cover - splittable methods only
         raise NotImplementedError
 
+    def role_metrics(self) -> dict[str, float]:
+        """Per-role numbers measured by this process for the roles it hosts since the last
+        call (``<role>/...`` keys); a Ray worker's role leader reports its own."""
+        return {}
+
     def epoch_metrics(self) -> dict[str, float]:
         """Method metrics accumulated since the last call (e.g. adapter stats)."""
         return {}

@@ -7,6 +7,8 @@ the :class:`~mergenet_core.transfer.Exchange` API.
 """
 from __future__ import annotations
 
+import time
+
 from ..errors import ConfigError
 from ..lowrank import make_encoding
 from ..roles import derive_seed
@@ -26,6 +28,7 @@ class MergeNet(Method):
         self.exchange = None
         self.written: dict[str, object] = {}
         self.steps_per_epoch = 1
+        self._recv: dict[str, list[float]] = {}  # receiving role -> [gets, writes, age steps, wait s]
 
     @classmethod
     def check_config(cls, cfg, options: MergeNetOptions) -> None:
@@ -91,7 +94,14 @@ class MergeNet(Method):
     def _get(self, step: int, role) -> None:
         if not any(l.receiver == role.name for l in self.links):
             return
+        t0 = time.perf_counter()
         gen_step, outs = self.exchange.get(step, role.name)
+        st = self._recv.setdefault(role.name, [0, 0, 0, 0.0])
+        st[0] += 1
+        st[3] += time.perf_counter() - t0
+        if any(v is not None for v in outs.values()):
+            st[1] += 1
+            st[2] += step - gen_step
         for lid, new in outs.items():
             if new is None:
                 continue
@@ -144,6 +154,17 @@ class MergeNet(Method):
         self._train(step, role)
 
     # ------------------------------------------------------------------ metrics / state
+    def role_metrics(self) -> dict[str, float]:
+        """For each receiving role: transfer steps, steps that wrote an adapter output, mean age
+        of the written output in steps (0 in sync mode) and mean wait for it in ``get``."""
+        out = {}
+        for name, (gets, writes, age, wait) in self._recv.items():
+            out.update({f"{name}/transfer_steps": gets, f"{name}/transfer_writes": writes,
+                        f"{name}/transfer_age_steps": age / max(1, writes),
+                        f"{name}/transfer_wait_ms": 1000 * wait / max(1, gets)})
+        self._recv.clear()
+        return out
+
     def epoch_metrics(self) -> dict[str, float]:
         return self.exchange.take_epoch_metrics() if self.exchange is not None else {}
 
