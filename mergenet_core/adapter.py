@@ -17,7 +17,7 @@ from .lowrank import rms
 
 OutputScale = Literal["none", "rms", "learned"]
 
-__all__ = ["head_width", "CrossAttention", "KnowledgeTransferLayer", "ParameterAdapter",
+__all__ = ["head_width", "attend", "CrossAttention", "KnowledgeTransferLayer", "ParameterAdapter",
            "adapter_param_count"]
 
 
@@ -27,6 +27,18 @@ def head_width(d_q: int, d_kv: int, heads: int) -> int:
     if d < 1:
         raise ValueError(f"heads={heads} leaves a per-head width of 0")
     return d
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
+    """``Dropout_p(softmax(q k^T / sqrt(d))) v`` -- scaled dot-product attention with dropout on
+    the attention weights. On CPU with dropout the mask comes from ``torch.rand``: SDPA's CPU
+    dropout path (``bernoulli_`` and masking) costs about twice as much on the
+    ``[heads, columns, columns]`` maps of the column attentions. Otherwise: SDPA."""
+    if dropout > 0 and q.device.type == "cpu":
+        w = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
+        keep = torch.rand_like(w) >= dropout
+        return (w * keep * (1.0 / (1.0 - dropout))) @ v
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
 
 
 class CrossAttention(nn.Module):
@@ -49,7 +61,7 @@ class CrossAttention(nn.Module):
         q = self.fc_q(q_tokens).view(1, -1, h, d).transpose(1, 2)   # [1, h, n_q, d]
         k = self.fc_k(kv_tokens).view(1, -1, h, d).transpose(1, 2)  # [1, h, n_kv, d]
         v = self.fc_v(kv_tokens).view(1, -1, h, d).transpose(1, 2)
-        att = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        att = attend(q, k, v, self.dropout if self.training else 0.0)
         out = att[0].transpose(0, 1).reshape(q_tokens.shape[0], h * d)
         return self.norm(q_tokens + self.fc_o(out))
 

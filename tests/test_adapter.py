@@ -105,3 +105,21 @@ def test_delta_rule_gradient_is_vector_jacobian_product():
     g2 = torch.autograd.grad((adapter(x, y) * delta).sum(), list(adapter.parameters()))
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_cpu_attention_dropout_drops_p_of_the_weights_and_is_unbiased():
+    """``attend`` with dropout on CPU (its own mask path): without dropout it is SDPA; with
+    dropout p it zeroes about p of the attention weights and is unbiased on average."""
+    import torch.nn.functional as F
+
+    from mergenet_core.adapter import attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 6, 4, generator=g), torch.randn(1, 2, 7, 4, generator=g)
+    torch.testing.assert_close(attend(q, k, torch.eye(7).expand(1, 2, 7, 7)),
+                               F.scaled_dot_product_attention(q, k, torch.eye(7).expand(1, 2, 7, 7)))
+    ident = torch.eye(7).expand(1, 2, 7, 7)  # v = I: the output is the (dropped, rescaled) weight map
+    torch.manual_seed(0)
+    draws = torch.stack([attend(q, k, ident, 0.25) for _ in range(4000)])
+    assert abs(float((draws == 0).float().mean()) - 0.25) < 0.01
+    torch.testing.assert_close(draws.mean(0), attend(q, k, ident), atol=0.01, rtol=0.05)
