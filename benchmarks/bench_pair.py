@@ -194,6 +194,17 @@ def _adapter_ms(history: list[dict]) -> tuple[float, float]:
     return (statistics.median(r["adapter/generate_ms"] for r in hs), statistics.median(r["adapter/update_ms"] for r in hs))
 
 
+def _receiver_stats(history: list[dict]) -> tuple[float, float, float]:
+    """Target's mean wait in ``get`` (ms), mean age of the written output (steps) and the share
+    of transfer steps that wrote an output, over the epochs after the first."""
+    hs = [r for r in history[1:] if r.get("target/transfer_steps", 0) > 0]
+    if not hs:
+        return float("nan"), float("nan"), float("nan")
+    return (statistics.median(r["target/transfer_wait_ms"] for r in hs),
+            statistics.median(r["target/transfer_age_steps"] for r in hs),
+            sum(r["target/transfer_writes"] for r in hs) / sum(r["target/transfer_steps"] for r in hs))
+
+
 def run_engine(cfg_dict: dict, out: Path) -> list[dict]:
     from mergenet_core.config import parse_config
     from mergenet_core.engine import Engine
@@ -291,6 +302,10 @@ def bench_steps(args, work: Path, log) -> dict:
             res["steps"] += per
             res["gen"].append(g)
             res["upd"].append(u)
+            w, age, writes = _receiver_stats(hist)
+            res.setdefault("wait", []).append(w)
+            res.setdefault("age", []).append(age)
+            res.setdefault("writes", []).append(writes)
             res["runs"] += 1
             res.setdefault("rep_medians", []).append(statistics.median(per))
             log(f"{runner:6s} {mode:5s} s{stale} t_cycle {_tc(tc):>5s} rep {rep}: "
@@ -388,11 +403,17 @@ def render(args, machine, load0, load1, waited, ex_rows, steps, thread_info, wal
         u = _nanmedian(steps[c]["upd"])
         off = cell((runner, "sync", 0, OFF))
         ov = (t - off) / t if (off is not None and tc != OFF) else None
+        w = _nanmedian(steps[c].get("wait", []))
+        age = _nanmedian(steps[c].get("age", []))
+        wr = _nanmedian(steps[c].get("writes", []))
         rows.append([runner, mode if mode == "sync" else f"async, staleness {stale}", _tc(tc),
                      f"{_ms(t)} {spread(c)}".strip(),
                      "–" if tc == OFF or g != g else f"{g:.1f} + {u:.1f}",
+                     "–" if tc == OFF or w != w else f"{w:.1f}",
+                     "–" if tc == OFF or age != age else f"{age:.2f} / {100 * wr:.0f} %",
                      "–" if ov is None else f"{_ms(t - off)} ms = {100 * ov:.1f} %"])
     L += bu.table(["runner", "exchange", "t_cycle", "ms / pair step", "adapter ms / transfer",
+                   "target wait in get, ms / transfer", "age of written output (steps) / transfers written",
                    "transfer overhead (t − t_off) / t"], rows)
 
     if breakdown:
@@ -436,17 +457,13 @@ def render(args, machine, load0, load1, waited, ex_rows, steps, thread_info, wal
             L += ["", "Reading: the adapter's own work per transfer "
                       f"({_ms(add)} ms in the engine breakdown: generate + backward/AdamW) is "
                       f"{100 * add / b['tgt_plain']:.0f} % of the target's own step ({_ms(b['tgt_plain'])} ms); the "
-                      "transport itself (echo round trip) is a few ms. In every mode this work sits on the "
-                      "target's critical path: the source only provides factors and never waits, and "
-                      + ("it is the faster model here, so the put that completes a step's inputs is usually the "
-                         "target's own and the target then waits for the whole `generate`. " if faster == "source" else
-                         "it is the slower model here, so the target waits for the source's factors and then for "
-                         "`generate`. ") + "The core "
-                      "`Exchange` runs `generate` and `update` while holding its lock, so in async mode even a "
-                      "`get` that an older output could serve waits for the adapter computation in progress; "
-                      "async removes only the wait for the feedback (update) round trip, and the staleness "
-                      "bound rarely comes into play. With 2 cores and both workers busy there is also no "
-                      "spare core to hide the adapter on."]
+                      "transport itself (echo round trip) is a few ms. In sync mode the target waits in `get` for "
+                      "`generate` and in `feedback` for the update, so both sit on its critical path. In async "
+                      "mode the adapter actor generates and updates on a background thread while the workers "
+                      "train, and the target writes the previous transfer's output (age column) instead of "
+                      "waiting (wait column). What is left of the overhead is CPU: the adapter's work still runs "
+                      f"on the same {machine['nproc']} cores as the two role workers, so it slows them down instead of "
+                      "running on a spare core, and a transfer step still reads, writes and copies the factors."]
     return "\n".join(L) + "\n"
 
 
