@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("grid", nargs="?")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    r.add_argument("--resume", metavar="DIR", help="resume an interrupted grid from its storage folder")
+    r.add_argument("--resume", metavar="DIR_OR_URI",
+                   help="resume an interrupted grid from its storage folder (a local path or a bucket URI)")
     r.add_argument("--no-report", action="store_true", help="skip the report at the end")
     r.set_defaults(fn=cmd_run)
 
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     addr_help = "Ray job server (default: RAY_API_SERVER_ADDRESS, or http://127.0.0.1:8265 = an SSH tunnel)"
     sb = sub.add_parser("submit", help="run a grid on a Ray cluster as a Ray job (ships this directory)")
     sb.add_argument("grid", nargs="?")
-    sb.add_argument("--resume", metavar="DIR", help="resume an interrupted grid from its storage folder on the cluster")
+    sb.add_argument("--resume", metavar="DIR_OR_URI",
+                    help="resume an interrupted grid from its storage folder on the cluster (path or bucket URI)")
     sb.add_argument("--address", default=None, help=addr_help)
     sb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sb.add_argument("--mlflow-uri", default=None, help="tracking URI for the job (default: the cluster's)")

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from mergenet_core.config import (ConfigErrors, ExperimentConfig, apply_overrides, deep_merge,
                                   format_validation_error, parse_config, read_yaml)
@@ -97,8 +97,18 @@ class GridConfig(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_concurrent_trials: PositiveInt = 2
     max_failures: int = Field(1, ge=0, description="Tune retries of a failed trial")
-    storage_path: str | None = Field(None, description="Tune/Train storage (default ./runs/grids); shared storage "
-                                                       "or a bucket on clusters")
+    storage_path: str | None = Field(None, description="Tune/Train storage (default ./runs/grids): a local path, or "
+                                                       "a bucket URI (s3://bucket/prefix, gs://...) on clusters")
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_uri(cls, v: str | None) -> str | None:
+        from orchestrator.storage import check_uri
+
+        problem = check_uri(v) if v else None
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _unique(self) -> "GridConfig":

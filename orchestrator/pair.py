@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -45,13 +47,21 @@ PLACEMENT = "placement.json"  # role, rank, node id, pid and device of every wor
 #: environment every Ray worker of ours gets
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
+#: ``strict``: refuse a pair the cluster cannot hold now; ``warn``: print one line and go on
+#: (the autoscaler may add the nodes). ``ensure_ray`` sets ``warn`` when it attaches to a
+#: cluster by address, unless the user set it; a Ray started here (or in-process) stays strict.
+RESOURCE_CHECK_ENV = "MERGENET_RESOURCE_CHECK"
+
 
 def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     """Attach to ``address`` (or ``RAY_ADDRESS``), else start a local Ray bound to 127.0.0.1."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}}}
+    if address:
+        os.environ.setdefault(RESOURCE_CHECK_ENV, "warn")  # a cluster reached by address may autoscale
+    env = {"env_vars": {**WORKER_ENV, **{k: v for k, v in os.environ.items()
+                                         if k.startswith("MLFLOW_") or k == RESOURCE_CHECK_ENV}}}
     if address:
         ray.init(address=address, runtime_env=env, **init_kwargs)
     else:
@@ -94,23 +104,34 @@ def plan_pair(cfg: ExperimentConfig) -> PairPlan:
 
 
 def check_resources(cfg: ExperimentConfig, plan: PairPlan) -> None:
-    """Refuse a pair that can never be scheduled on the connected cluster."""
+    """Refuse a pair that the connected cluster cannot hold now — on a Ray started here. On a
+    cluster reached by address (``MERGENET_RESOURCE_CHECK=warn``, see :data:`RESOURCE_CHECK_ENV`)
+    the autoscaler may still add the nodes: print one warning line per shortfall instead (Ray
+    Train then waits for the resources)."""
     total = ray.cluster_resources()
     rs = cfg.ray
+    problems: list[ConfigError] = []
     need_cpu = plan.num_workers * rs.cpus_per_worker + (rs.adapter.num_cpus if plan.shapes else 0)
     if need_cpu > total.get("CPU", 0) + 1e-9:
-        raise ConfigError("ray.cpus_per_worker", f"the pair needs {need_cpu:g} CPUs ({plan.num_workers} workers x "
-                                                 f"{rs.cpus_per_worker:g}) but the cluster has {total.get('CPU', 0):g}")
+        problems.append(ConfigError("ray.cpus_per_worker", f"the pair needs {need_cpu:g} CPUs ({plan.num_workers} "
+                                    f"workers x {rs.cpus_per_worker:g}) but the cluster has {total.get('CPU', 0):g}"))
     for res, amount in rs.worker_resources.items():
         need = plan.num_workers * amount
         if need > total.get(res, 0) + 1e-9:
-            raise ConfigError(f"ray.worker_resources.{res}", f"the pair needs {need:g} '{res}' but the cluster "
-                                                            f"has {total.get(res, 0):g}")
+            problems.append(ConfigError(f"ray.worker_resources.{res}", f"the pair needs {need:g} '{res}' but the "
+                                                                      f"cluster has {total.get(res, 0):g}"))
     if rs.use_gpu:
         need_gpu = plan.num_workers + (rs.adapter.num_gpus if plan.shapes else 0)
         if need_gpu > total.get("GPU", 0) + 1e-9:
-            raise ConfigError("ray.use_gpu", f"the pair needs {need_gpu:g} GPUs (one per worker) but the cluster "
-                                             f"has {total.get('GPU', 0):g}")
+            problems.append(ConfigError("ray.use_gpu", f"the pair needs {need_gpu:g} GPUs (one per worker) but the "
+                                                       f"cluster has {total.get('GPU', 0):g}"))
+    if not problems:
+        return
+    if os.environ.get(RESOURCE_CHECK_ENV, "strict").lower() != "warn":
+        raise problems[0]
+    for p in problems:
+        print(f"warning: {p} now; waiting for the autoscaler to add nodes "
+              f"({RESOURCE_CHECK_ENV}=strict refuses instead)", file=sys.stderr, flush=True)
 
 
 def preflight(cfg: ExperimentConfig, address: str | None = None) -> PairPlan:
@@ -264,7 +285,8 @@ def pair_worker(config: dict) -> None:
 
     ckpt = ray.train.get_checkpoint()  # this run's own latest (after a restart), else the start bundle
     if ckpt is None and config.get("start_from"):
-        ckpt = Checkpoint.from_directory(config["start_from"])
+        start = config["start_from"]  # a local/shared folder, or a Checkpoint in bucket storage
+        ckpt = start if isinstance(start, Checkpoint) else Checkpoint.from_directory(start)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_bundle(Path(d) / BUNDLE)
@@ -318,6 +340,9 @@ def pair_worker(config: dict) -> None:
                       "method": _to_cpu(method.state_dict()), "history": pair.history}
             tmp = Path(tempfile.mkdtemp(prefix="mergenet-ckpt-"))
             save_bundle(tmp / BUNDLE, bundle)
+            # the placement travels with the checkpoint: the driver may sit on another node
+            # than rank 0 (bucket storage, no shared folder)
+            (tmp / PLACEMENT).write_text(json.dumps(placement, indent=2))
             checkpoint = Checkpoint.from_directory(str(tmp))
         ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
         if checkpoint is not None:
@@ -329,18 +354,30 @@ def pair_worker(config: dict) -> None:
 
 def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = None, resume: bool = False,
                     plan: PairPlan | None = None, storage_path: str | None = None, name: str = "pair",
-                    callbacks: list | None = None, start_from: str | Path | None = None,
-                    until_epoch: int | None = None) -> dict:
+                    callbacks: list | None = None, start_from: str | Path | Checkpoint | None = None,
+                    until_epoch: int | None = None, storage_filesystem=None) -> dict:
     """Run one pair through the Ray topology; returns the same summary as the engine.
 
-    ``start_from``: a folder holding a ``pair.pt`` bundle to start from (PBT segments);
-    ``until_epoch``: stop after this epoch (the summary covers the epochs so far)."""
+    ``out_dir``: a local folder for the pair's outputs (``metrics.jsonl``, ``final.json``,
+    ``placement.json``, ``config.json``; written here from the final checkpoint, so it need not
+    be shared with the workers); ``storage_path`` (+ ``storage_filesystem`` for a bucket, as in
+    Ray's ``RunConfig``): where the Train run and its checkpoints live;
+    ``start_from``: a folder holding a ``pair.pt`` bundle, or a checkpoint in storage, to start
+    from (PBT segments); ``until_epoch``: stop after this epoch (the summary covers the epochs
+    so far)."""
     out = Path(out_dir).resolve()
     plan = plan or preflight(cfg, address)
     ensure_ray(address)
     storage = storage_path or str(out / "ray")
     if not resume:
-        shutil.rmtree(Path(storage) / name, ignore_errors=True)
+        if storage_filesystem is None:
+            shutil.rmtree(Path(storage) / name, ignore_errors=True)
+        else:
+            import pyarrow.fs
+
+            old = posixpath.join(storage, name)
+            if storage_filesystem.get_file_info(old).type == pyarrow.fs.FileType.Directory:
+                storage_filesystem.delete_dir(old)
         for f in (METRICS, FINAL):
             (out / f).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,11 +397,14 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
         pair_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "out_dir": str(out), "layout": plan.layout,
                            "co_located": plan.co_located, "actor": actor_name, "namespace": namespace,
-                           "until_epoch": until_epoch, "start_from": str(start_from) if start_from else None},
+                           "until_epoch": until_epoch,
+                           "start_from": (Checkpoint(path=start_from.path, filesystem=start_from.filesystem)
+                                          if hasattr(start_from, "filesystem") else
+                                          str(start_from) if start_from else None)},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=rs.use_gpu,
                                      resources_per_worker=per_worker, placement_strategy=rs.placement),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=rs.max_failures),
-                             callbacks=callbacks or None),
+        run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=storage_filesystem,
+                             failure_config=FailureConfig(max_failures=rs.max_failures), callbacks=callbacks or None),
     )
     try:
         result = trainer.fit()
@@ -373,8 +413,13 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
             ray.kill(actor)
     with result.checkpoint.as_directory() as d:
         history = load_bundle(Path(d) / BUNDLE)["history"]
+        if (Path(d) / PLACEMENT).exists():
+            shutil.copy2(Path(d) / PLACEMENT, out / PLACEMENT)
         if start_from is not None or until_epoch is not None:  # keep the bundle for the caller (PBT)
             shutil.copy2(Path(d) / BUNDLE, out / BUNDLE)
+    with (out / METRICS).open("w") as f:  # what rank 0 wrote, from the checkpoint (rank 0 may be elsewhere)
+        for r in history:
+            f.write(json.dumps(r) + "\n")
     final = summarise([r for r in history if "target/val_acc" in r])
     (out / FINAL).write_text(json.dumps(final, indent=2))
     return final

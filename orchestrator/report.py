@@ -18,15 +18,19 @@ METRICS = ("target/final_test_acc", "target/test_acc_at_best_val")
 
 
 def resolve_experiment(c, what: str) -> tuple[str, str, str | None]:
-    """(experiment id, name, parent run id or None) from a grid YAML, a grid folder or a name."""
+    """(experiment id, name, parent run id or None) from a grid YAML, a grid folder (local or a
+    bucket URI) or a name."""
+    from orchestrator.storage import Location
+
     parent = None
     name = what
     p = Path(what)
-    if p.is_dir() and (p / "mergenet_grid.json").exists():
+    folder = Location.parse(what) if "://" in what or p.is_dir() else None
+    if folder is not None and (folder / "mergenet_grid.json").exists():
         import json
 
-        name = json.loads((p / "mergenet_grid.json").read_text())["grid"]
-        f = p / "mlflow_parent_run_id"
+        name = json.loads((folder / "mergenet_grid.json").read_text())["grid"]
+        f = folder / "mlflow_parent_run_id"
         parent = f.read_text().strip() if f.exists() else None
     elif p.is_file():
         from orchestrator.grid import load_grid

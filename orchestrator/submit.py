@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mergenet_core.errors import MergenetError
 
@@ -208,7 +209,8 @@ def build_resume_job(resume_dir: str, working_dir: str | Path = ".", mlflow_uri:
     (``<storage_path>/<grid>``): finished trials are kept, unfinished ones restart from their
     last checkpoint and re-attach their MLflow runs (``mergenet run --resume``)."""
     wd = Path(working_dir).resolve()
-    name = Path(str(resume_dir).rstrip("/")).name or "grid"
+    where = urlsplit(str(resume_dir)).path if "://" in str(resume_dir) else str(resume_dir)  # no ?query
+    name = Path(where.rstrip("/")).name or "grid"
     env_vars = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
                 "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
     if mlflow_uri:

@@ -3,8 +3,9 @@ trial (``mlflow.parentRunId``), flattened params in chunks, per-epoch metrics, a
 
 Runs are created and ended through ``MlflowClient`` with explicit run ids (no global active
 run), so the same code works in the driver, in a Tune trial and in the Train controller.
-A run id is written next to what it tracks (the grid's storage folder, the trial folder), so
-a resumed grid or a restored trial re-attaches its run instead of creating a duplicate.
+A run id is written next to what it tracks (the grid's storage folder, the trial folder — local
+or in a bucket), so a resumed grid or a restored trial re-attaches its run instead of creating
+a duplicate.
 """
 from __future__ import annotations
 
@@ -94,9 +95,12 @@ def git_sha() -> str:
         return "unknown"
 
 
-def attach_or_create(c: MlflowClient, folder: Path, experiment_id: str, name: str, tags: dict[str, str]) -> str:
-    """The run recorded in ``folder`` (re-opened as RUNNING), else a new one recorded there."""
-    f = Path(folder) / RUN_ID_FILE
+def attach_or_create(c: MlflowClient, folder, experiment_id: str, name: str, tags: dict[str, str]) -> str:
+    """The run recorded in ``folder`` (re-opened as RUNNING), else a new one recorded there.
+    ``folder``: a local path or an :class:`orchestrator.storage.Location` (a bucket folder)."""
+    from orchestrator.storage import Location
+
+    f = (folder if isinstance(folder, Location) else Location.parse(folder)) / RUN_ID_FILE
     if f.exists():
         run_id = f.read_text().strip()
         try:
@@ -107,8 +111,7 @@ def attach_or_create(c: MlflowClient, folder: Path, experiment_id: str, name: st
         except Exception:  # noqa: BLE001 - a stale id from another tracking server: start afresh
             pass
     run = c.create_run(experiment_id, run_name=name, tags=tags)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_text(run.info.run_id)
+    f.write_text(run.info.run_id)  # creates the folder when local
     return run.info.run_id
 
 

@@ -9,11 +9,19 @@ The driver owns the MLflow parent run and a Tune callback that guarantees every 
 ends FINISHED or FAILED (with the reason), even when a scheduler stops a trial or a trial
 process dies. ``--resume DIR`` restores the Tune experiment: finished trials are kept,
 unfinished ones restart from their last pair checkpoint and re-attach their MLflow runs.
+
+Storage (``storage_path``, ``--resume``) is a local folder or a bucket URI
+(:mod:`orchestrator.storage`, ``pyarrow.fs``). With a bucket, Tune's experiment state, each
+trial's record (``trials/<id>/mlflow_run_id``), its Ray Train run (checkpoints) and the pair's
+outputs (``trials/<id>/pair``: ``final.json``, ``metrics.jsonl``, ``placement.json``, ...) are
+all in the bucket; a trial writes its pair outputs to a local scratch folder first and uploads
+them when the pair ends.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +35,7 @@ from mergenet_core.config import deep_merge
 from orchestrator import tracking
 from orchestrator.grid import GridConfig
 from orchestrator.pair import PLACEMENT, ensure_ray, run_pair_on_ray
+from orchestrator.storage import Location, scratch_dir
 
 GRID_FILE = "mergenet_grid.json"
 PARENT_FILE = "mlflow_parent_run_id"
@@ -35,10 +44,15 @@ PARENT_FILE = "mlflow_parent_run_id"
 # --------------------------------------------------------------------------- trial
 
 
-def trial_folder(grid_dir: str | Path, trial_id: str) -> Path:
-    """A trial's own folder in the grid's storage (shared storage on clusters): its MLflow run
-    id, the pair's outputs and the pair's Ray Train run (so a restored trial resumes it)."""
-    return Path(grid_dir) / "trials" / trial_id
+#: the pair outputs a trial keeps in its storage folder (``trials/<id>/pair``)
+PAIR_OUTPUTS = ("config.json", "final.json", "metrics.jsonl", PLACEMENT, "learning_curve.png")
+
+
+def trial_folder(grid_dir: str | Path | Location, trial_id: str) -> Location:
+    """A trial's own folder in the grid's storage (shared storage or a bucket on clusters): its
+    MLflow run id, the pair's outputs and the pair's Ray Train run (so a restored trial resumes it)."""
+    grid = grid_dir if isinstance(grid_dir, Location) else Location.parse(grid_dir)
+    return grid / "trials" / trial_id
 
 
 def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: str, uri: str, sha: str,
@@ -47,6 +61,10 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
     grid = GridConfig.model_validate_json(grid_json)
     ctx = tune.get_context()
     trial_dir = trial_folder(grid_dir, ctx.get_trial_id())
+    # pair outputs: straight into the trial folder when it is local, else a local scratch
+    # folder uploaded to the bucket at the end (the Train run and its checkpoints go to the
+    # bucket directly)
+    work = trial_dir.local or scratch_dir(grid.grid, ctx.get_trial_id())
     pair, method, seed, hp = config["pair"], config["method"], config["seed"], dict(config.get("hp") or {})
     cfg = grid.trial_config(pair, method, seed, hp)
     c = tracking.client(uri)
@@ -63,11 +81,13 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
         params = tracking.flatten(cfg.model_dump(mode="json"))
         params.update({f"hp.{k}": str(v) for k, v in hp.items()})
         tracking.log_params(c, run_id, params)
-        out = trial_dir / "pair"
+        out = work / "pair"
         if grid.scheduler.name == "pbt":
-            final = _pbt_segments(grid, cfg, trial_dir, out, tracking.MlflowEpochLogger(uri, run_id))
+            final = _pbt_segments(grid, cfg, trial_dir, work, out, tracking.MlflowEpochLogger(uri, run_id))
         else:
-            final = run_pair_on_ray(cfg, out, resume=True, storage_path=str(trial_dir), name="train",
+            storage_path, storage_fs = trial_dir.ray_storage()
+            final = run_pair_on_ray(cfg, out, resume=True, storage_path=storage_path, storage_filesystem=storage_fs,
+                                    name="train",
                                     callbacks=[TuneReportCallback(), tracking.MlflowEpochLogger(uri, run_id)])
         tracking.log_metrics(c, run_id, final, step=int(final.get("epochs", 0)))
         placement = json.loads((out / PLACEMENT).read_text())
@@ -75,20 +95,28 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
             c.set_tag(run_id, f"mergenet.node.{w['role']}{w['role_rank']}", w["node_id"])
         history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
         tracking.learning_curve_png(history, out / "learning_curve.png", title=cfg.name)
+        (trial_dir / "pair").upload(out, list(PAIR_OUTPUTS))  # nothing to do when the folder is local
         for name in ("config.json", "final.json", "metrics.jsonl", "learning_curve.png"):
             c.log_artifact(run_id, str(out / name))
+        if trial_dir.local is None:
+            shutil.rmtree(work, ignore_errors=True)  # everything is in the bucket and in MLflow now
         tracking.end_run(c, run_id, ok=True)
     except BaseException as e:
         tracking.end_run(c, run_id, ok=False, reason=f"{type(e).__name__}: {e}")
         raise
 
 
-def _pbt_segments(grid: GridConfig, cfg, trial_dir: Path, out: Path, logger) -> dict:
+def _pbt_segments(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: Path, logger) -> dict:
     """PBT: train ``perturbation_interval`` epochs per TorchTrainer run and report each segment's
     full pair bundle (models, optimisers, adapter, RNG, history) as the Tune checkpoint, so an
-    exploit copies the *whole* pair — adapter included — and continues with mutated settings."""
-    import shutil
+    exploit copies the *whole* pair — adapter included — and continues with mutated settings.
+
+    ``work`` is the trial folder itself when it is local, else a local scratch folder; the
+    bundle a segment starts from must be readable by every Train worker, so with a bucket it is
+    a checkpoint in the bucket (Tune's own, or the previous segment's bundle uploaded there)."""
     import uuid
+
+    from ray.train import Checkpoint
 
     from mergenet_core.engine import load_bundle
     from orchestrator.pair import BUNDLE
@@ -96,22 +124,34 @@ def _pbt_segments(grid: GridConfig, cfg, trial_dir: Path, out: Path, logger) -> 
     start, epoch = None, 0
     ck = tune.get_checkpoint()
     if ck is not None:  # restored trial or PBT exploit (a donor's bundle)
-        start = trial_dir / f"start-{uuid.uuid4().hex[:6]}"
-        with ck.as_directory() as d:
-            shutil.copytree(d, start)
-        epoch = load_bundle(start / BUNDLE)["epoch"]
+        if trial_dir.local is not None:
+            start = work / f"start-{uuid.uuid4().hex[:6]}"
+            with ck.as_directory() as d:
+                shutil.copytree(d, start)
+            epoch = load_bundle(start / BUNDLE)["epoch"]
+        else:  # already in the bucket (Tune persisted it there)
+            start = Checkpoint(path=ck.path, filesystem=ck.filesystem)
+            with ck.as_directory() as d:
+                epoch = load_bundle(Path(d) / BUNDLE)["epoch"]
     epochs = cfg.target.recipe.epochs
+    storage_path, storage_fs = (trial_dir / "segments").ray_storage()
     final: dict = {}
     while epoch < epochs:
         until = min(epochs, epoch + grid.scheduler.perturbation_interval)
-        final = run_pair_on_ray(cfg, out, storage_path=str(trial_dir / "segments"), name=f"seg-{until:04d}",
-                                callbacks=[logger], start_from=start, until_epoch=until)
-        start = trial_dir / f"bundle-{until:04d}"
-        start.mkdir(exist_ok=True)
-        shutil.move(str(out / BUNDLE), start / BUNDLE)
-        last = load_bundle(start / BUNDLE)["history"][-1]
+        final = run_pair_on_ray(cfg, out, storage_path=storage_path, storage_filesystem=storage_fs,
+                                name=f"seg-{until:04d}", callbacks=[logger], start_from=start, until_epoch=until)
+        local = work / f"bundle-{until:04d}"
+        local.mkdir(exist_ok=True)
+        shutil.move(str(out / BUNDLE), local / BUNDLE)
+        if trial_dir.local is not None:
+            start = local
+        else:
+            remote = trial_dir / local.name
+            remote.upload(local)
+            start = Checkpoint(path=remote.path, filesystem=remote.fs)
+        last = load_bundle(local / BUNDLE)["history"][-1]
         tune.report({k: v for k, v in last.items() if isinstance(v, (int, float))},
-                    checkpoint=tune.Checkpoint.from_directory(str(start)))
+                    checkpoint=tune.Checkpoint.from_directory(str(local)))
         epoch = until
     return final
 
@@ -134,7 +174,7 @@ class GridProgress(tune.Callback):
     """One line per trial state change, and MLflow end states the trial could not write."""
 
     def __init__(self, uri: str, total: int, grid_dir: str):
-        self.uri, self.total, self.done, self.grid_dir = uri, total, 0, grid_dir
+        self.uri, self.total, self.done, self.grid_dir = uri, total, 0, grid_dir  # a path or a URI
 
     def _line(self, trial, state: str, extra: str = "") -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {state:<10} {trial.trial_id} {_short(trial.config)}"
@@ -161,7 +201,7 @@ class GridProgress(tune.Callback):
         self._close(trial, ok=False, reason=reason or "trial failed")
 
     def _close(self, trial, ok: bool, reason: str | None) -> None:
-        f = trial_folder(self.grid_dir, trial.trial_id) / tracking.RUN_ID_FILE
+        f = trial_folder(self.grid_dir, trial.trial_id) / tracking.RUN_ID_FILE  # Location: local or bucket
         if not f.exists():
             return
         c = tracking.client(self.uri)
@@ -223,15 +263,21 @@ def _trial_name(trial) -> str:
     return f"{c.get('pair')}-{c.get('method')}-s{c.get('seed')}-{trial.trial_id.split('_')[-1]}"[:80]
 
 
-def build_tuner(grid: GridConfig, storage: Path, parent_run_id: str, experiment_id: str, uri: str,
+def build_tuner(grid: GridConfig, storage: Location, parent_run_id: str, experiment_id: str, uri: str,
                 restore: bool = False) -> tune.Tuner:
+    """``storage``: the folder holding the grid's folder (local, or a bucket URI). Ray gets a
+    bucket as ``storage_path`` + ``storage_filesystem`` (the file system resolved from the URI,
+    endpoint options included), so URI query parameters never have to survive Ray's path joins."""
+    grid_dir = storage / grid.grid
+    storage_path, storage_fs = storage.ray_storage()
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, grid_json=grid.model_dump_json(), parent_run_id=parent_run_id,
                              experiment_id=experiment_id, uri=uri, sha=tracking.git_sha(),
-                             grid_dir=str(storage / grid.grid)),
+                             grid_dir=str(grid_dir)),
         {"cpu": grid.resources.trial_driver_cpus})
     if restore:
-        return tune.Tuner.restore(str(storage / grid.grid), trainable, resume_errored=True)
+        return tune.Tuner.restore(grid_dir.ray_storage()[0], trainable, resume_errored=True,
+                                  storage_filesystem=storage_fs)
     epochs = grid.trial_config(grid.pairs[0].name, next(iter(grid.methods)), grid.seeds[0]).target.recipe.epochs
     space = {"pair": tune.grid_search([p.name for p in grid.pairs]),
              "method": tune.grid_search(list(grid.methods)),
@@ -245,9 +291,9 @@ def build_tuner(grid: GridConfig, storage: Path, parent_run_id: str, experiment_
         tune_config=tune.TuneConfig(num_samples=grid.num_samples, scheduler=_scheduler(grid, epochs),
                                     max_concurrent_trials=grid.max_concurrent_trials,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name=grid.grid, storage_path=str(storage),
+        run_config=tune.RunConfig(name=grid.grid, storage_path=storage_path, storage_filesystem=storage_fs,
                                   failure_config=tune.FailureConfig(max_failures=grid.max_failures),
-                                  callbacks=[GridProgress(uri, grid.trial_count(), str(storage / grid.grid))],
+                                  callbacks=[GridProgress(uri, grid.trial_count(), str(grid_dir))],
                                   verbose=1),
     )
 
@@ -257,20 +303,20 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
     uri = tracking.tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri  # reaches every worker through the runtime env
     if resume_dir:
-        exp_dir = Path(resume_dir).resolve()
+        exp_dir = Location.parse(resume_dir)
         if not (exp_dir / GRID_FILE).exists():
             raise MergenetError(f"--resume: {exp_dir} is not a mergenet grid folder (no {GRID_FILE})")
         grid = GridConfig.model_validate_json((exp_dir / GRID_FILE).read_text())
         storage = exp_dir.parent
     else:
-        storage = Path(grid.storage_path or "runs/grids").resolve()
+        storage = Location.parse(grid.storage_path or "runs/grids")
         exp_dir = storage / grid.grid
         if (exp_dir / GRID_FILE).exists():
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            exp_dir.rename(exp_dir.with_name(f"{grid.grid}.{stamp}"))  # keep the old submission's files
+            exp_dir.move_to(storage / f"{grid.grid}.{stamp}")  # keep the old submission's files
     c = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(c, grid.grid)
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    exp_dir.mkdir()
     (exp_dir / GRID_FILE).write_text(grid.model_dump_json(indent=2))
     parent = tracking.attach_or_create(
         c, exp_dir, experiment_id, f"{grid.grid}-{time.strftime('%Y%m%d-%H%M%S')}",

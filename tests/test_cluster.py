@@ -423,3 +423,91 @@ def test_resume_job_points_mergenet_run_at_the_storage_folder(tmp_path):
     job = build_resume_job("/mnt/mergenet/grids/my grid", working_dir=tmp_path, python="/opt/venv/bin/python")
     assert job["entrypoint"] == "/opt/venv/bin/python -m orchestrator.cli run --resume '/mnt/mergenet/grids/my grid'"
     assert job["metadata"]["mergenet.grid"] == "my grid" and job["runtime_env"]["working_dir"] == str(tmp_path)
+
+
+# --------------------------------------------------------------------------- (d) resource preflight
+
+
+def _gpu_pair_and_plan():
+    """A MergeNet pair (2 workers) asking for one GPU and one ``accel`` per worker, and its plan
+    (built without data: only the worker count and the adapter matter to the check)."""
+    from helpers import mergenet_options, tiny_pair
+    from mergenet_core.config import parse_config
+    from orchestrator.pair import PairPlan
+
+    cfg = parse_config(tiny_pair("mergenet", mergenet_options(),
+                                 ray={"use_gpu": True, "cpus_per_worker": 0.5, "worker_resources": {"accel": 1}}))
+    return cfg, PairPlan(["target", "source"], False, {"link": None}, 1, None)
+
+
+def test_resource_shortfall_is_refused_on_a_local_ray(ray_local, monkeypatch):
+    """A Ray started in this process (like a plain `mergenet run` without --address) has no
+    autoscaler: a pair it cannot hold is refused."""
+    from mergenet_core.errors import ConfigError
+    from orchestrator.pair import RESOURCE_CHECK_ENV, check_resources
+
+    monkeypatch.delenv(RESOURCE_CHECK_ENV, raising=False)
+    cfg, plan = _gpu_pair_and_plan()
+    with pytest.raises(ConfigError, match=r"ray.worker_resources.accel: the pair needs 2 'accel' but the cluster has 0"):
+        check_resources(cfg, plan)
+
+
+ATTACHED = r'''
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import ray
+from ray.cluster_utils import Cluster
+from test_cluster import _gpu_pair_and_plan
+from mergenet_core.errors import ConfigError
+from orchestrator.pair import check_resources, ensure_ray
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                                          "object_store_memory": 100 * 1024 ** 2})
+try:
+    ensure_ray(cluster.address)  # attached by address: the cluster may autoscale
+    cfg, plan = _gpu_pair_and_plan()
+    check_resources(cfg, plan)   # driver: warnings, no error
+
+    @ray.remote(num_cpus=0.1)
+    def in_a_worker():           # where a grid's trial runs the check
+        try:
+            check_resources(cfg, plan)
+            return os.environ.get("MERGENET_RESOURCE_CHECK")
+        except ConfigError as e:
+            return f"refused: {e}"
+
+    print("WORKER", ray.get(in_a_worker.remote()), flush=True)
+    os.environ["MERGENET_RESOURCE_CHECK"] = "strict"  # the user's choice wins
+    try:
+        check_resources(cfg, plan)
+        print("STRICT not refused", flush=True)
+    except ConfigError as e:
+        print("STRICT refused:", e, flush=True)
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+'''
+
+
+def test_resource_shortfall_only_warns_on_a_cluster_reached_by_address(tmp_path):
+    """Attached to a running cluster by address (as `--address`, RAY_ADDRESS or a Ray job do),
+    GPUs/custom resources the cluster lacks *now* may come from the autoscaler: one warning line
+    per shortfall, in the driver and in the cluster's workers, and no refusal."""
+    rtmp = short_tmp("mnw")
+    env = dict(os.environ, **FAST_ENV, RAY_TMPDIR=str(rtmp), RAY_AUTH_MODE="disabled",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    for k in ("RAY_ADDRESS", "MERGENET_RESOURCE_CHECK"):
+        env.pop(k, None)
+    proc = subprocess.Popen([sys.executable, "-c", ATTACHED, str(Path(__file__).parent)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        stop_tree([proc.pid], marker=str(rtmp))
+        shutil.rmtree(rtmp, ignore_errors=True)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    warnings = [l for l in err.splitlines() if l.startswith("warning: ")]
+    assert any("ray.use_gpu: the pair needs 2 GPUs" in l and "autoscaler" in l for l in warnings), err[-3000:]
+    assert any("ray.worker_resources.accel: the pair needs 2 'accel'" in l for l in warnings), err[-3000:]
+    assert "WORKER warn" in out, out  # the setting reached the cluster's workers; they warned too
+    assert "STRICT refused: ray.worker_resources.accel" in out, out
