@@ -5,6 +5,7 @@ Nothing here asserts on timings: benchmarks measure and write, tests never read 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import shlex
@@ -119,6 +120,16 @@ def machine_lines(m: dict, load_start, load_end, waited: list[tuple[str, float]]
         lines.append(f"- the machine was nearly idle when the measurements began (1-min load {load_start[0]:.1f}).")
     lines.append("- the load at the end includes this script's own processes (Ray workers, adapter actor).")
     return lines
+
+
+def publish(record: dict, render, args, name: str, header: str, log) -> None:
+    """Dump ``record`` to ``--json`` (if given), render it into section ``name`` of ``--out``, print it."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str))
+    body = render(record)
+    write_section(args.out, name, body, header)
+    print(body)
+    log(f"wrote {args.out} (section {name}) in {record['wall_s'] / 60:.1f} min")
 
 
 def write_section(path: str | Path, name: str, body: str, header: str) -> None:

@@ -108,12 +108,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t_start
     record = {"args": vars(args), "machine": machine, "load": [load0, load1], "waited": waited, "wait_s": wait_s, "wall_s": wall, "order": "rotated",
               "runs": runs}
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=1))
-    body = render(record)
-    bu.write_section(args.out, "async_quality", body, HEADER)
-    print(body)
-    log(f"wrote {args.out} (section async_quality) in {wall / 60:.1f} min")
+    bu.publish(record, render, args, "async_quality", HEADER, log)
     ray.shutdown()
     return 0
 

@@ -549,12 +549,7 @@ def main(argv=None) -> int:
     record = {"args": vars(args), "machine": machine, "load": [load0, load1], "waited": waited, "wall_s": wall,
               "thread_info": thread_info, "exchange": ex_rows, "breakdown": breakdown,
               "steps": {"|".join(map(str, k)): v for k, v in steps.items()}}
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=1, default=str))
-    body = render_record(record)
-    bu.write_section(args.out, "bench_pair", body, HEADER)
-    print(body)
-    log(f"wrote {args.out} (section bench_pair) in {wall / 60:.1f} min")
+    bu.publish(record, render_record, args, "bench_pair", HEADER, log)
     ray.shutdown()
     return 0
 
