@@ -122,13 +122,27 @@ def machine_lines(m: dict, load_start, load_end, waited: list[tuple[str, float]]
     return lines
 
 
+def add_run_args(p, json_help: str) -> None:
+    """The options every benchmark script takes: local Ray size, load wait, JSON dump and re-render."""
+    p.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray (the pair needs 2)")
+    p.add_argument("--wait-load", type=float, default=3.0, help="wait while the 1-min load average is above this")
+    p.add_argument("--max-wait", type=float, default=900.0, help="seconds to wait for the load at most")
+    p.add_argument("--json", default=None, help=json_help)
+    p.add_argument("--render-json", default=None, help="only rewrite the section from a --json dump of a run")
+
+
+def show(record: dict, render, out: str | Path, name: str, header: str) -> None:
+    """Render ``record`` into section ``name`` of ``out`` and print it."""
+    body = render(record)
+    write_section(out, name, body, header)
+    print(body)
+
+
 def publish(record: dict, render, args, name: str, header: str, log) -> None:
     """Dump ``record`` to ``--json`` (if given), render it into section ``name`` of ``--out``, print it."""
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1, default=str))
-    body = render(record)
-    write_section(args.out, name, body, header)
-    print(body)
+    show(record, render, args.out, name, header)
     log(f"wrote {args.out} (section {name}) in {record['wall_s'] / 60:.1f} min")
 
 

@@ -49,16 +49,10 @@ def main(argv=None) -> int:
     p.add_argument("--t-cycle", type=int, default=1)
     p.add_argument("--train-subset", type=int, default=4000)
     p.add_argument("--test-subset", type=int, default=1000)
-    p.add_argument("--num-cpus", type=int, default=2)
-    p.add_argument("--wait-load", type=float, default=3.0)
-    p.add_argument("--max-wait", type=float, default=900.0)
-    p.add_argument("--json", default=None, help="also dump every run's summary here")
-    p.add_argument("--render-json", default=None, help="only rewrite the section from a --json dump of a run")
+    bu.add_run_args(p, json_help="also dump every run's summary here")
     args = p.parse_args(argv)
     if args.render_json:
-        body = render(json.loads(Path(args.render_json).read_text()))
-        bu.write_section(args.out, "async_quality", body, HEADER)
-        print(body)
+        bu.show(json.loads(Path(args.render_json).read_text()), render, args.out, "async_quality", HEADER)
         return 0
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     args.epochs = args.epochs or (2 if args.quick else 3)

@@ -453,7 +453,6 @@ def render(args, machine, load0, load1, waited, ex_rows, steps, thread_info, wal
         if breakdown:
             b = breakdown
             add = b["exchange"] + b["feedback"]
-            faster = "source" if b["src_plain"] < b["tgt_plain"] else "target"
             L += ["", "Reading: the adapter's own work per transfer "
                       f"({_ms(add)} ms in the engine breakdown: generate + backward/AdamW) is "
                       f"{100 * add / b['tgt_plain']:.0f} % of the target's own step ({_ms(b['tgt_plain'])} ms); the "
@@ -487,18 +486,12 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="epochs per pair run (first = warm-up)")
     p.add_argument("--steps", type=int, default=None, help="steps per epoch")
     p.add_argument("--repeats", type=int, default=None, help="runs per pair config (interleaved)")
-    p.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray (the pair needs 2)")
     p.add_argument("--skip-exchange", action="store_true")
     p.add_argument("--skip-steps", action="store_true")
-    p.add_argument("--wait-load", type=float, default=3.0, help="wait while the 1-min load average is above this")
-    p.add_argument("--max-wait", type=float, default=900.0, help="seconds to wait for the load at most")
-    p.add_argument("--json", default=None, help="also dump the raw numbers here")
-    p.add_argument("--render-json", default=None, help="only rewrite the section from a --json dump of a run")
+    bu.add_run_args(p, json_help="also dump the raw numbers here")
     args = p.parse_args(argv)
     if args.render_json:
-        body = render_record(json.loads(Path(args.render_json).read_text()))
-        bu.write_section(args.out, "bench_pair", body, HEADER)
-        print(body)
+        bu.show(json.loads(Path(args.render_json).read_text()), render_record, args.out, "bench_pair", HEADER)
         return 0
     args.epochs = args.epochs or (3 if args.quick else 4)
     args.steps = args.steps or (6 if args.quick else 12)

@@ -136,7 +136,7 @@ def _fmt_s(x: float) -> str:
 
 def make_section(base: dict, seeds: list[int], out: Path, command: str, total_wall_s: float | None) -> str:
     cfg0 = build_config(base, "mergenet", seeds[0])
-    rows, per_run, notes = [], [], []
+    rows, per_run = [], []
     adapter_params = None
     mn_params: dict[str, int] = {}
     role_params: dict[str, int] = {}
