@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,32 @@ def assert_same_metrics(a: list[dict], b: list[dict], tol: float = 1e-6) -> None
         assert na.keys() == nb.keys(), (sorted(na.keys() ^ nb.keys()))
         for k in na:
             assert math.isclose(na[k], nb[k], rel_tol=0, abs_tol=tol), (ra["epoch"], k, na[k], nb[k])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def tiny_grid(name: str, *, task: dict, epochs: int, steps_per_epoch: int, target_model: dict,
+              methods: dict, seeds, ray: dict | None = None, **extra: Any) -> dict:
+    """A one-pair grid of two tiny CNNs (MergeNet links the classifiers at rank 2), on CPU with
+    half a CPU per worker; ``ray`` goes to ``base.ray``, ``extra`` to the top level."""
+    g = {
+        "grid": name,
+        "base": {"device": "cpu", "recipe": {"epochs": epochs, "batch_size": 32, "steps_per_epoch": steps_per_epoch,
+                                             "eval_batch_size": 256}},
+        "pairs": [{"name": "cnn-cnn",
+                   "source": {"model": {"name": "cnn", "options": TINY_MODELS["cnn"]}, "task": task},
+                   "target": {"model": target_model, "task": task},
+                   "layer_pairs": [{"source": "classifier.weight", "target": "classifier.weight", "rank": 2}]}],
+        "methods": methods,
+        "seeds": list(seeds),
+        "resources": {"cpus_per_worker": 0.5},
+    }
+    if ray:
+        g["base"]["ray"] = ray
+    g.update(extra)
+    return g

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_yaml
-from test_cluster import FAST_ENV, ROOT, free_port, short_tmp, stop_tree
+from helpers import free_port, write_yaml
+from test_cluster import FAST_ENV, ROOT, short_tmp, stop_tree
 from test_grid import tiny_grid
 
 BUCKET = "mergenet-test"

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import TINY_MODELS, write_yaml
+import helpers
+from helpers import TINY_MODELS, free_port, write_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAMLS = sorted(ROOT.glob("cluster*.yaml"))
@@ -39,32 +39,13 @@ TASK = {"name": "fashion_mnist", "options": {"train_subset": 128, "test_subset":
 
 def tiny_grid(name: str, ray: dict | None = None) -> dict:
     """One pair, MergeNet, one seed, one short epoch."""
-    g = {
-        "grid": name,
-        "base": {"device": "cpu", "recipe": {"epochs": 1, "batch_size": 32, "steps_per_epoch": 2,
-                                             "eval_batch_size": 256}},
-        "pairs": [{"name": "cnn-cnn",
-                   "source": {"model": {"name": "cnn", "options": TINY_MODELS["cnn"]}, "task": TASK},
-                   "target": {"model": {"name": "cnn", "options": TINY_MODELS["cnn"]}, "task": TASK},
-                   "layer_pairs": [{"source": "classifier.weight", "target": "classifier.weight", "rank": 2}]}],
-        "methods": {"mergenet": {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}},
-        "seeds": [0],
-        "resources": {"cpus_per_worker": 0.5},
-        "max_concurrent_trials": 1,
-        "max_failures": 0,
-    }
-    if ray:
-        g["base"]["ray"] = ray
-    return g
+    return helpers.tiny_grid(name, task=TASK, epochs=1, steps_per_epoch=2,
+                             target_model={"name": "cnn", "options": TINY_MODELS["cnn"]},
+                             methods={"mergenet": {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}}, seeds=[0],
+                             ray=ray, max_concurrent_trials=1, max_failures=0)
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _ppids() -> dict[int, int]:

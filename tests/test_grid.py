@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,40 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_MODELS, write_yaml
+import helpers
+from helpers import free_port, write_yaml
 
 TASK = {"name": "fashion_mnist", "options": {"train_subset": 320, "test_subset": 128, "val_fraction": 0.2}}
 
 
 def tiny_grid(name: str, methods=None, seeds=(0, 1), **extra) -> dict:
-    g = {
-        "grid": name,
-        "base": {"device": "cpu", "recipe": {"epochs": 2, "batch_size": 32, "steps_per_epoch": 3,
-                                             "eval_batch_size": 256}},
-        "pairs": [{"name": "cnn-cnn",
-                   "source": {"model": {"name": "cnn", "options": TINY_MODELS["cnn"]}, "task": TASK},
-                   "target": {"model": {"name": "cnn", "options": {"channels": [8], "hidden": 16}}, "task": TASK},
-                   "layer_pairs": [{"source": "classifier.weight", "target": "classifier.weight", "rank": 2}]}],
-        "methods": methods or {"alone": {}, "mergenet": {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}},
-        "seeds": list(seeds),
-        "resources": {"cpus_per_worker": 0.5},
-        "max_concurrent_trials": 2,
-    }
-    g.update(extra)
-    return g
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return helpers.tiny_grid(
+        name, task=TASK, epochs=2, steps_per_epoch=3, target_model={"name": "cnn", "options": {"channels": [8], "hidden": 16}},
+        methods=methods or {"alone": {}, "mergenet": {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}},
+        seeds=seeds, **{"max_concurrent_trials": 2, **extra})
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1 (sqlite backend), stopped by PID."""
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
