@@ -40,6 +40,7 @@ from mergenet_core.engine import FINAL, METRICS, PairState, build_method, load_b
 from mergenet_core.errors import ConfigError
 from mergenet_core.methods.mergenet import MergeNet
 from mergenet_core.transfer import Exchange
+from orchestrator.storage import Location
 
 BUNDLE = "pair.pt"
 PLACEMENT = "placement.json"  # role, rank, node id, pid and device of every worker
@@ -370,14 +371,9 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
     ensure_ray(address)
     storage = storage_path or str(out / "ray")
     if not resume:
-        if storage_filesystem is None:
-            shutil.rmtree(Path(storage) / name, ignore_errors=True)
-        else:
-            import pyarrow.fs
-
-            old = posixpath.join(storage, name)
-            if storage_filesystem.get_file_info(old).type == pyarrow.fs.FileType.Directory:
-                storage_filesystem.delete_dir(old)
+        previous = posixpath.join(storage, name)
+        (Location.parse(previous) if storage_filesystem is None
+         else Location(storage_filesystem, previous, previous)).delete()
         for f in (METRICS, FINAL):
             (out / f).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
