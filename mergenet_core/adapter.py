@@ -16,6 +16,8 @@ from torch.nn.utils.parametrizations import spectral_norm
 from .lowrank import rms
 
 OutputScale = Literal["none", "rms", "learned"]
+Combine = Literal["learned", "mean"]
+Gelu = Literal["erf", "tanh"]
 
 __all__ = ["head_width", "attend", "CrossAttention", "KnowledgeTransferLayer", "ParameterAdapter",
            "adapter_param_count"]
@@ -45,7 +47,7 @@ class CrossAttention(nn.Module):
     """``LayerNorm(q + W_o MHA(q W_q, kv W_k, kv W_v))``; all projections with bias, total
     width ``heads * head_width(d_q, d_kv, heads)``; dropout on the attention weights."""
 
-    def __init__(self, d_q: int, d_kv: int, heads: int = 8, dropout: float = 0.1):
+    def __init__(self, d_q: int, d_kv: int, heads: int = 8, dropout: float = 0.1, ln_eps: float = 1e-5):
         super().__init__()
         self.heads, self.d = heads, head_width(d_q, d_kv, heads)
         inner = heads * self.d
@@ -53,7 +55,7 @@ class CrossAttention(nn.Module):
         self.fc_k = nn.Linear(d_kv, inner)
         self.fc_v = nn.Linear(d_kv, inner)
         self.fc_o = nn.Linear(inner, d_q)
-        self.norm = nn.LayerNorm(d_q)
+        self.norm = nn.LayerNorm(d_q, eps=ln_eps)
         self.dropout = dropout
 
     def forward(self, q_tokens: Tensor, kv_tokens: Tensor) -> Tensor:
@@ -67,27 +69,41 @@ class CrossAttention(nn.Module):
 
 
 class KnowledgeTransferLayer(nn.Module):
-    """One KTL: four cross attentions (rows/columns of X against rows/columns of Y), a
-    softmax-weighted combination (learnable 4-vector, initialised equal), then the row-wise
-    FFN ``q -> 2q -> q`` (GELU, spectral norm on both linears, dropout, residual + LayerNorm)."""
+    """One KTL: four cross attentions (rows/columns of X against rows/columns of Y), their
+    combination, then the row-wise FFN ``q -> 2q -> q`` (GELU, spectral norm on both linears,
+    dropout, residual + LayerNorm).
+
+    ``combine``: ``learned`` mixes with ``softmax`` of a learnable 4-vector initialised to
+    zeros (equal weights); ``mean`` is the authors' fixed plain mean (no mixing parameters).
+    ``gelu``: ``erf`` (exact) or ``tanh`` (the authors' approximation). ``ln_eps``: the
+    LayerNorms' epsilon (authors: 1e-12).
+    """
 
     def __init__(self, target_shape: tuple[int, int], source_shape: tuple[int, int],
-                 heads: int = 8, attn_dropout: float = 0.1, ffn_dropout: float = 0.2):
+                 heads: int = 8, attn_dropout: float = 0.1, ffn_dropout: float = 0.2,
+                 combine: Combine = "learned", gelu: Gelu = "erf", ln_eps: float = 1e-5):
         super().__init__()
+        if combine not in ("learned", "mean") or gelu not in ("erf", "tanh"):
+            raise ValueError(f"combine must be learned|mean and gelu erf|tanh, got {combine!r}, {gelu!r}")
         (p, q), (P, Q) = target_shape, source_shape
         self.target_shape, self.source_shape = (p, q), (P, Q)
-        self.att_rr = CrossAttention(q, Q, heads, attn_dropout)  # target rows x source rows
-        self.att_rc = CrossAttention(q, P, heads, attn_dropout)  # target rows x source columns
-        self.att_cr = CrossAttention(p, Q, heads, attn_dropout)  # target columns x source rows
-        self.att_cc = CrossAttention(p, P, heads, attn_dropout)  # target columns x source columns
-        self.mix = nn.Parameter(torch.zeros(4))  # softmax(0) = equal weights = plain mean
+        self.att_rr = CrossAttention(q, Q, heads, attn_dropout, ln_eps)  # target rows x source rows
+        self.att_rc = CrossAttention(q, P, heads, attn_dropout, ln_eps)  # target rows x source columns
+        self.att_cr = CrossAttention(p, Q, heads, attn_dropout, ln_eps)  # target columns x source rows
+        self.att_cc = CrossAttention(p, P, heads, attn_dropout, ln_eps)  # target columns x source columns
+        self.combine = combine
+        if combine == "learned":
+            self.mix = nn.Parameter(torch.zeros(4))  # softmax(0) = equal weights = plain mean
+        self.gelu = "tanh" if gelu == "tanh" else "none"
         self.ffn_up = spectral_norm(nn.Linear(q, 2 * q))
         self.ffn_down = spectral_norm(nn.Linear(2 * q, q))
         self.ffn_dropout = nn.Dropout(ffn_dropout)
-        self.ffn_norm = nn.LayerNorm(q)
+        self.ffn_norm = nn.LayerNorm(q, eps=ln_eps)
 
     def combination_weights(self) -> Tensor:
-        """``softmax(mix)``: weights of (O_rr, O_rc, O_cr, O_cc)."""
+        """Weights of (O_rr, O_rc, O_cr, O_cc): ``softmax(mix)``, or 1/4 each (``mean``)."""
+        if self.combine == "mean":
+            return torch.full((4,), 0.25, device=self.ffn_norm.weight.device)
         return torch.softmax(self.mix, dim=0)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
@@ -95,7 +111,7 @@ class KnowledgeTransferLayer(nn.Module):
         w = self.combination_weights()
         z = (w[0] * self.att_rr(x, y) + w[1] * self.att_rc(x, yt)
              + w[2] * self.att_cr(xt, y).t() + w[3] * self.att_cc(xt, yt).t())
-        ffn = self.ffn_down(F.gelu(self.ffn_up(z)))
+        ffn = self.ffn_down(F.gelu(self.ffn_up(z), approximate=self.gelu))
         return self.ffn_norm(z + self.ffn_dropout(ffn))
 
 
@@ -112,7 +128,8 @@ class ParameterAdapter(nn.Module):
 
     def __init__(self, target_shape: tuple[int, int], source_shape: tuple[int, int],
                  layers: int = 2, heads: int = 8, attn_dropout: float = 0.1,
-                 ffn_dropout: float = 0.2, output_scale: OutputScale = "none"):
+                 ffn_dropout: float = 0.2, output_scale: OutputScale = "none",
+                 combine: Combine = "learned", gelu: Gelu = "erf", ln_eps: float = 1e-5):
         super().__init__()
         if output_scale not in ("none", "rms", "learned"):
             raise ValueError(f"output_scale must be none, rms or learned, got '{output_scale}'")
@@ -122,7 +139,8 @@ class ParameterAdapter(nn.Module):
         self.source_shape = tuple(int(v) for v in source_shape)
         self.output_scale = output_scale
         self.layers = nn.ModuleList(
-            KnowledgeTransferLayer(self.target_shape, self.source_shape, heads, attn_dropout, ffn_dropout)
+            KnowledgeTransferLayer(self.target_shape, self.source_shape, heads, attn_dropout, ffn_dropout,
+                                   combine, gelu, ln_eps)
             for _ in range(layers))
         if output_scale == "learned":
             self.scale = nn.Parameter(torch.ones(()))

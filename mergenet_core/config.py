@@ -60,9 +60,25 @@ class Recipe(Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class InitFrom(Strict):
+    """Trained starting weights for a role: a ``mergenet train`` output folder, its
+    ``checkpoint.pt``, or a plain ``state_dict`` file; a local path (relative to the config
+    file that names it) or a bucket URI (``s3://...``). A string is the path."""
+
+    path: str = Field(min_length=1)
+    role: str | None = Field(None, description="which role of a pair bundle to take (default: the only "
+                                               "trained one, else the role of the same name)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, str) else data
+
+
 class RoleSpec(Strict):
     model: ModelSpec
     task: TaskSpec
+    init_from: InitFrom | None = Field(None, description="start from trained weights (loaded weights_only)")
     recipe: Recipe | None = Field(None, description="filled from the top-level recipe, deep-merged with this role's overrides")
 
 
@@ -195,6 +211,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError("", f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: top level must be a mapping")
+    _resolve_init_paths(data, path.parent)
     bases = data.pop("extends", None)
     if bases is None:
         return data
@@ -208,6 +225,31 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
             raise ConfigError("extends", f"{base}: no such file (extended by {path})")
         merged = deep_merge(merged, read_yaml(base, _seen + (path.resolve(),)))
     return deep_merge(merged, data)
+
+
+def _resolve_init_paths(data: Any, base: Path) -> None:
+    """Make every ``init_from`` path in a file relative to that file (URIs and absolute paths
+    stay as they are)."""
+    if isinstance(data, list):
+        for v in data:
+            _resolve_init_paths(v, base)
+        return
+    if not isinstance(data, dict):
+        return
+    for k, v in data.items():
+        if k == "init_from":
+            if isinstance(v, str):
+                data[k] = _resolve_path(v, base)
+            elif isinstance(v, dict) and isinstance(v.get("path"), str):
+                v["path"] = _resolve_path(v["path"], base)
+        else:
+            _resolve_init_paths(v, base)
+
+
+def _resolve_path(p: str, base: Path) -> str:
+    if "://" in p or Path(p).is_absolute() or not p:
+        return p
+    return str((base / p).resolve())
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

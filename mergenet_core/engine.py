@@ -60,7 +60,8 @@ class PairState:
         method = build_method(cfg)
         names = role_names or method.roles_needed()
         devices = devices or {}
-        roles = {n: build_role(n, cfg, devices.get(n)) for n in names}
+        untrained = method.untrained_roles()
+        roles = {n: build_role(n, cfg, devices.get(n), load_init=n not in untrained) for n in names}
         method.setup(roles)
         spe = cls.steps_per_epoch_for(cfg, roles)
         for r in roles.values():
@@ -98,15 +99,23 @@ class PairState:
                         out[f"{name}/{k}"] = v
         return out
 
+    def role_state(self, name: str) -> dict:
+        """One role's state plus the method's state kept with that role."""
+        return {**self.roles[name].state_dict(), "method_role": self.method.role_state_dict(name)}
+
+    def load_role_state(self, name: str, state: dict) -> None:
+        self.roles[name].load_state_dict(state)
+        self.method.load_role_state_dict(name, state.get("method_role", {}))
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step,
-                "roles": {n: r.state_dict() for n, r in self.roles.items()},
+                "roles": {n: self.role_state(n) for n in self.roles},
                 "method": self.method.state_dict(), "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
-        for n, r in self.roles.items():
-            r.load_state_dict(state["roles"][n])
+        for n in self.roles:
+            self.load_role_state(n, state["roles"][n])
         self.method.load_state_dict(state["method"])
         self.history = list(state["history"])
 

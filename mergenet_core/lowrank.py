@@ -28,8 +28,8 @@ Mode = Literal["learned", "svd", "full"]
 MODES: tuple[str, ...] = ("learned", "svd", "full")
 
 __all__ = [
-    "MODES", "conv_to_matrix", "matrix_to_weight", "truncated_svd_factors", "rms",
-    "rms_rescale", "LowRankLinear", "LowRankConv2d", "Encoding", "make_encoding",
+    "MODES", "conv_to_matrix", "matrix_to_weight", "truncated_svd_factors", "canonical_signs",
+    "procrustes_align", "row_cosine", "rms", "rms_rescale", "LowRankLinear", "LowRankConv2d", "Encoding", "make_encoding",
 ]
 
 
@@ -63,6 +63,38 @@ def truncated_svd_factors(m: Tensor, rank: int, scale: float = 1.0) -> tuple[Ten
     b = u[:, :rank] * root
     a = root[:, None] * vh[:rank]
     return b.to(m.dtype), a.to(m.dtype)
+
+
+def canonical_signs(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Flip each rank-1 component ``b[:, i] a[i]`` so that the largest-magnitude entry of
+    ``a[i]`` is positive (SVD signs are arbitrary; ``B @ A`` is unchanged)."""
+    idx = a.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(a.gather(1, idx)).squeeze(1)
+    sign[sign == 0] = 1
+    return b * sign, a * sign[:, None]
+
+
+def procrustes_align(b: Tensor, a: Tensor, b_ref: Tensor, a_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate the rank-r basis of ``(b, a)`` towards ``(b_ref, a_ref)`` without changing ``b @ a``.
+
+    Orthogonal Procrustes on the stacked factors ``F = [b; a^T]`` (``[out + cols, r]``):
+    ``R = argmin_{R^T R = I} ||F R - F_ref||_F = U V^T`` with ``F^T F_ref = U S V^T``; returns
+    ``(b R, R^T a)``. This removes the sign flips and the rotation inside the top-r subspace
+    that a fresh SVD introduces from one transfer to the next (and, for repeated singular
+    values, the arbitrary basis), so that the rows of ``A`` keep their meaning.
+    """
+    f = torch.cat([b, a.t()], dim=0).double()
+    f_ref = torch.cat([b_ref, a_ref.t()], dim=0).double()
+    u, _, vh = torch.linalg.svd(f.t() @ f_ref)
+    r = (u @ vh).to(b.dtype)
+    return b @ r, r.t() @ a
+
+
+def row_cosine(new: Tensor, old: Tensor, eps: float = 1e-12) -> float:
+    """Mean cosine similarity between corresponding rows of two equally shaped matrices."""
+    new, old = new.detach().float().flatten(1), old.detach().float().flatten(1)
+    cos = (new * old).sum(1) / (new.norm(dim=1) * old.norm(dim=1)).clamp_min(eps)
+    return float(cos.mean())
 
 
 def rms(t: Tensor) -> Tensor:
@@ -216,6 +248,10 @@ class Encoding:
         self.param_path = param_path
         self.rank = rank
         self.alpha = alpha
+        self._last_read: Tensor | None = None
+        #: diagnostics of the last read / write (``None`` before the first one)
+        self.last_row_cos: float | None = None
+        self.last_write_change: float | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -223,12 +259,39 @@ class Encoding:
         raise NotImplementedError
 
     def read(self) -> Tensor:
-        """Detached clone of the travelling matrix."""
-        raise NotImplementedError
+        """Detached clone of the travelling matrix. Records :attr:`last_row_cos`, the mean row
+        cosine between this read and the previous one (how continuous the tokens are)."""
+        out = self._read()
+        self.last_row_cos = None if self._last_read is None else row_cosine(out, self._last_read)
+        self._last_read = out.clone()
+        return out
 
     def write(self, new: Tensor) -> None:
-        """Write ``new`` (shape :attr:`shape`) into the model in place, under no_grad."""
+        """Write ``new`` (shape :attr:`shape`) into the model in place, under no_grad. Records
+        :attr:`last_write_change` = ``||W_after - W_before|| / ||W_before||`` of the dense layer."""
+        self._check(new)
+        with torch.no_grad():
+            before = self.dense_matrix().clone()
+            self._write(new.detach())
+            after = self.dense_matrix()
+            self.last_write_change = float((after - before).norm() / before.norm().clamp_min(1e-12))
+
+    def dense_matrix(self) -> Tensor:
+        """The layer's current dense weight as a matrix (detached)."""
         raise NotImplementedError
+
+    def _read(self) -> Tensor:
+        raise NotImplementedError
+
+    def _write(self, new: Tensor) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to read the same factors (and diagnostics) again."""
+        return {"last_read": self._last_read}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._last_read = state.get("last_read")
 
     def override(self, new: Tensor) -> dict[str, Tensor]:
         """``{param path: tensor}`` for ``functional_call``; differentiable in ``new``."""
@@ -265,13 +328,14 @@ class LearnedEncoding(Encoding):
     def shape(self) -> torch.Size:
         return self.layer.A.shape
 
-    def read(self) -> Tensor:
+    def _read(self) -> Tensor:
         return self.layer.A.detach().clone()
 
-    def write(self, new: Tensor) -> None:
-        self._check(new)
-        with torch.no_grad():
-            self.layer.A.copy_(new)
+    def _write(self, new: Tensor) -> None:
+        self.layer.A.copy_(new)
+
+    def dense_matrix(self) -> Tensor:
+        return conv_to_matrix(self.layer.weight.detach())
 
     def override(self, new: Tensor) -> dict[str, Tensor]:
         self._check(new)
@@ -298,13 +362,14 @@ class FullEncoding(Encoding):
     def shape(self) -> torch.Size:
         return conv_to_matrix(self.param).shape
 
-    def read(self) -> Tensor:
+    def _read(self) -> Tensor:
         return conv_to_matrix(self.param.detach()).clone()
 
-    def write(self, new: Tensor) -> None:
-        self._check(new)
-        with torch.no_grad():
-            self.param.copy_(matrix_to_weight(new, self.param.shape))
+    def _write(self, new: Tensor) -> None:
+        self.param.copy_(matrix_to_weight(new, self.param.shape))
+
+    def dense_matrix(self) -> Tensor:
+        return conv_to_matrix(self.param.detach())
 
     def override(self, new: Tensor) -> dict[str, Tensor]:
         self._check(new)
@@ -322,13 +387,20 @@ class SVDEncoding(Encoding):
 
     ``read`` stores ``W0`` (the matrix at read time), ``B`` and ``A``; the written weight is
     ``W0 + B (new - A)`` (idempotent; equals ``W += B (new - A)`` at transfer time).
+
+    ``align`` (default): the factors are made continuous across reads -- canonical signs
+    (:func:`canonical_signs`), then the rank-r basis rotated onto the previous read's
+    (:func:`procrustes_align`); a read of an unchanged weight returns the previous factors
+    exactly. ``B @ A`` is the truncated SVD either way, so the write-back stays exact.
     """
 
     mode = "svd"
 
-    def __init__(self, model: nn.Module, weight_name: str, param: nn.Parameter, rank: int):
+    def __init__(self, model: nn.Module, weight_name: str, param: nn.Parameter, rank: int,
+                 align: bool = True):
         super().__init__(model, weight_name, weight_name, rank, None)
         self.param = param
+        self.align = align
         self._w0: Tensor | None = None
         self._b: Tensor | None = None
         self._a: Tensor | None = None
@@ -344,20 +416,35 @@ class SVDEncoding(Encoding):
             raise RuntimeError(f"{self.weight_name} (svd): call read() before write/override/delta")
         return self._b, self._a
 
-    def read(self) -> Tensor:
-        self._w0 = conv_to_matrix(self.param.detach()).clone()
-        self._b, self._a = truncated_svd_factors(self._w0, self.rank)
-        return self._a.clone()
+    def _read(self) -> Tensor:
+        w = conv_to_matrix(self.param.detach()).clone()
+        if self.align and self._a is not None and self._w0 is not None and torch.equal(w, self._w0):
+            return self._a.clone()  # unchanged weight: the very same factors
+        b, a = truncated_svd_factors(w, self.rank)
+        if self.align:
+            b, a = canonical_signs(b, a)
+            if self._a is not None and self._b is not None and self._b.shape == b.shape:
+                b, a = procrustes_align(b, a, self._b.to(b.device), self._a.to(a.device))
+        self._w0, self._b, self._a = w, b, a
+        return a.clone()
+
+    def dense_matrix(self) -> Tensor:
+        return conv_to_matrix(self.param.detach())
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "w0": self._w0, "b": self._b, "a": self._a}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._w0, self._b, self._a = state.get("w0"), state.get("b"), state.get("a")
 
     def _generated(self, new: Tensor) -> Tensor:
         b, a = self.factors
         assert self._w0 is not None
         return self._w0 + b @ (new.to(a.dtype) - a)
 
-    def write(self, new: Tensor) -> None:
-        self._check(new)
-        with torch.no_grad():
-            self.param.copy_(matrix_to_weight(self._generated(new.detach()), self.param.shape))
+    def _write(self, new: Tensor) -> None:
+        self.param.copy_(matrix_to_weight(self._generated(new), self.param.shape))
 
     def override(self, new: Tensor) -> dict[str, Tensor]:
         self._check(new)
@@ -380,13 +467,14 @@ def _swap_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def make_encoding(model: nn.Module, weight_name: str, mode: str, rank: int = 4,
-                  alpha: float | None = None, field: str = "layer_pairs") -> Encoding:
+                  alpha: float | None = None, field: str = "layer_pairs", align: bool = True) -> Encoding:
     """Create the :class:`Encoding` of ``model``'s dense parameter ``weight_name``.
 
     ``learned`` replaces the owning ``nn.Linear``/``nn.Conv2d`` in place by a factorised
     layer (SVD-initialised; create optimisers afterwards) and travels ``<module>.A``;
     calling it again for an already factorised layer with the same rank/alpha reuses it.
-    ``alpha`` defaults to ``rank`` (scaling 1). Invalid input raises ``ConfigError(field, ...)``.
+    ``alpha`` defaults to ``rank`` (scaling 1); ``align`` (svd) keeps the factors continuous
+    across reads (:class:`SVDEncoding`). Invalid input raises ``ConfigError(field, ...)``.
     """
     if mode not in MODES:
         raise ConfigError(field, f"unknown low-rank mode '{mode}' (expected one of {', '.join(MODES)})")
@@ -419,7 +507,7 @@ def make_encoding(model: nn.Module, weight_name: str, mode: str, rank: int = 4,
     if alpha is not None and not alpha > 0:
         raise ConfigError(field, f"alpha must be > 0, got {alpha}")
     if mode == "svd":
-        return SVDEncoding(model, weight_name, param, rank)
+        return SVDEncoding(model, weight_name, param, rank, align)
     if leaf != "weight" or not mod_path or type(owner) not in (nn.Linear, nn.Conv2d):
         raise ConfigError(field, f"mode 'learned' needs the weight of an nn.Linear or nn.Conv2d "
                                  f"submodule; '{weight_name}' is not (use 'svd' or 'full')")

@@ -262,13 +262,19 @@ class Role:
                 group["weight_decay"] = o.weight_decay
 
 
-def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = None) -> Role:
-    """Load the role's task and build its model, seeded per (experiment seed, role)."""
+def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = None,
+               load_init: bool = True) -> Role:
+    """Load the role's task and build its model, seeded per (experiment seed, role); then load
+    ``init_from`` weights unless ``load_init`` is false (a control arm's untrained role)."""
     spec = cfg.role(name)
     device = device or resolve_device(cfg.device)
     task = build_task(spec.task.name, spec.task.options, seed=cfg.seed)
     torch.manual_seed(derive_seed(cfg.seed, name, "init"))
     model = build_model(spec.model.name, spec.model.options, task.info)
+    if spec.init_from is not None and load_init:
+        from .init_weights import apply_init
+
+        apply_init(model, spec.init_from, name, f"{name}.init_from")
     try:
         stream = BatchStream(task.train, spec.recipe.batch_size, seed=derive_seed(cfg.seed, name, "data"))
     except ConfigError as e:  # name the role's field, not a bare "batch_size"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from .adapter import ParameterAdapter, adapter_param_count
@@ -45,18 +45,62 @@ class LayerPair(_Opts):
     alpha: float | None = Field(None, gt=0, description="learned mode scaling alpha/r (default: rank)")
     output_scale: Literal["none", "rms", "learned"] = Field(
         "rms", description="rms: rescale the adapter output to the RMS of the matrix it replaces")
+    align: bool = Field(True, description="svd: canonical signs + Procrustes alignment of each "
+                                          "read's factors to the previous read's (stable tokens)")
+
+
+#: the authors' adapter (``adapter.preset: authors``); explicitly set fields still win
+AUTHORS_ADAPTER: dict = {
+    "layers": 2, "heads": 8, "combine": "mean", "gelu": "tanh", "ln_eps": 1e-12,
+    "attn_dropout": 0.1, "ffn_dropout": 0.2, "generate_dropout": True,
+    "weight_decay": 5e-4, "grad_clip": 50.0, "schedule": "cosine", "hold_epochs": 4,
+}
 
 
 class AdapterOptions(_Opts):
+    preset: Literal["default", "authors"] = Field(
+        "default", description="authors: the authors' adapter (mean combination, tanh-GELU, LayerNorm "
+                               "eps 1e-12, cosine held for 4 epochs); fields set explicitly override it")
     layers: PositiveInt = 2
     heads: PositiveInt = 8
+    combine: Literal["learned", "mean"] = Field(
+        "learned", description="O_rr/O_rc/O_cr/O_cc combination: softmax of a learnable 4-vector "
+                               "(initialised equal) or the fixed mean (no mixing weights)")
+    gelu: Literal["erf", "tanh"] = Field("erf", description="GELU of the KTL feed-forward: exact (erf) or tanh approximation")
+    ln_eps: float = Field(1e-5, gt=0, lt=1, description="LayerNorm epsilon inside the adapter")
     attn_dropout: float = Field(0.1, ge=0, lt=1)
     ffn_dropout: float = Field(0.2, ge=0, lt=1)
+    generate_dropout: bool = Field(True, description="dropout active when generating the written weights "
+                                                     "(false: attention and FFN dropout off)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     grad_clip: float = Field(50.0, gt=0)
     schedule: Literal["constant", "cosine"] = "cosine"
-    start_epoch: int = Field(0, ge=0, description="step the adapter schedule only from this epoch on")
+    hold_epochs: int = Field(0, ge=0, validation_alias=AliasChoices("hold_epochs", "start_epoch"),
+                             description="keep the adapter LR constant for the first N epochs, then the "
+                                         "schedule, stepped only on transfer steps (alias: start_epoch)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset") == "authors":
+            base = dict(AUTHORS_ADAPTER)
+            if "start_epoch" in data:
+                base.pop("hold_epochs")
+            return {**base, **data}
+        return data
+
+    @property
+    def start_epoch(self) -> int:  # the former name
+        return self.hold_epochs
+
+    @property
+    def dropouts(self) -> tuple[float, float]:
+        """(attention, FFN) dropout used when generating."""
+        return (self.attn_dropout, self.ffn_dropout) if self.generate_dropout else (0.0, 0.0)
+
+
+CONTROLS = ("none", "untrained_source", "shuffled_source", "noise_source")
 
 
 class MergeNetOptions(_Opts):
@@ -67,6 +111,10 @@ class MergeNetOptions(_Opts):
     direction: Literal["forward", "both"] = "forward"
     freeze_source: bool = False
     self_transfer: bool = Field(False, description="both parameters live in the target model")
+    control: Literal["none", "untrained_source", "shuffled_source", "noise_source"] = Field(
+        "none", description="negative controls: untrained_source (the source at its seed's init, frozen), "
+                            "shuffled_source (source factor rows and columns permuted at every transfer), "
+                            "noise_source (source factor replaced by Gaussian noise of the same RMS)")
     max_bad_transfers: PositiveInt = Field(3, description="consecutive non-finite outputs before the run fails")
 
     @model_validator(mode="after")
@@ -75,7 +123,15 @@ class MergeNetOptions(_Opts):
             raise ValueError("freeze_source: a frozen source cannot receive transfers (direction: both)")
         if self.self_transfer and self.freeze_source:
             raise ValueError("freeze_source: self_transfer has no separate source")
+        if self.control != "none" and self.self_transfer:
+            raise ValueError(f"control: '{self.control}' needs a separate source (self_transfer is on)")
+        if self.control == "untrained_source" and self.direction == "both":
+            raise ValueError("control: the untrained source is frozen and cannot receive transfers (direction: both)")
         return self
+
+    @property
+    def source_frozen(self) -> bool:
+        return self.freeze_source or self.control == "untrained_source"
 
 
 @dataclass(frozen=True)
@@ -148,8 +204,9 @@ class AdapterHub:
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(seed)
             self.adapters = nn.ModuleDict({
-                lid: ParameterAdapter(shapes[lid][0], shapes[lid][1], a.layers, a.heads, a.attn_dropout,
-                                      a.ffn_dropout, self.links[lid].pair.output_scale)
+                lid: ParameterAdapter(shapes[lid][0], shapes[lid][1], a.layers, a.heads, *a.dropouts,
+                                      self.links[lid].pair.output_scale, combine=a.combine, gelu=a.gelu,
+                                      ln_eps=a.ln_eps)
                 for lid in self.links}).to(self.device)
             self.rng = torch.get_rng_state()
             self.cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
@@ -254,7 +311,7 @@ class AdapterHub:
                     p.grad = snap[n].grad
             norm = nn.utils.clip_grad_norm_(self.adapters[lid].parameters(), self.opts.adapter.grad_clip)
             opt.step()
-            if epoch >= self.opts.adapter.start_epoch:
+            if epoch >= self.opts.adapter.hold_epochs:
                 self.schedulers[lid].step()
             self._epoch["grad_norm"] += float(norm)
             self._epoch["updates"] += 1

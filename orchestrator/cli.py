@@ -36,7 +36,10 @@ def cmd_validate(args) -> int:
     bad = 0
     for path in args.configs:
         try:
-            load_any(path, args.set)
+            warnings: list[str] = []
+            load_any(path, args.set, warnings)
+            for w in warnings:
+                print(f"warning: {path}: {w}", file=sys.stderr)
             print(f"ok: {path}")
         except ConfigErrors as e:
             bad += 1
@@ -47,8 +50,9 @@ def cmd_validate(args) -> int:
     return EXIT_USAGE if bad else 0
 
 
-def load_any(path: str, overrides: list[str] | None = None):
-    """A pair config, or a grid config (``pairs:`` key) — validated either way."""
+def load_any(path: str, overrides: list[str] | None = None, warnings: list[str] | None = None):
+    """A pair config, or a grid config (``pairs:`` key) — validated either way; the methods'
+    warnings (e.g. a layer pair writing into an unnormalised layer) go to ``warnings``."""
     from mergenet_core.config import read_yaml
 
     try:
@@ -58,12 +62,12 @@ def load_any(path: str, overrides: list[str] | None = None):
     if is_grid:
         from orchestrator.grid import load_grid
 
-        return load_grid(path, overrides)
+        return load_grid(path, overrides, warnings=warnings)
     cfg = _load(path, overrides)
     from mergenet_core.config import ConfigErrors
     from orchestrator.grid import check_layers
 
-    problems = check_layers(cfg)  # builds the pair once: layer names, ranks, data present
+    problems = check_layers(cfg, warnings)  # builds the pair once: layer names, ranks, data present
     if problems:
         raise ConfigErrors(problems)
     return cfg
@@ -89,7 +93,7 @@ def cmd_train(args) -> int:
 def cmd_pairs(args) -> int:
     from mergenet_core.data.base import TaskInfo
     from mergenet_core.models import MODELS, build_model
-    from mergenet_core.models.inspect import describe, suggest_pairs
+    from mergenet_core.models.inspect import describe, rank_targets, suggest_pairs
 
     def info_for(name: str) -> TaskInfo:
         modality = MODELS.get(name).meta.get("modality", "image")
@@ -106,7 +110,14 @@ def cmd_pairs(args) -> int:
         print(f"# {role}: {name} ({sum(r.numel for r in rows):,} parameters)")
         for r in rows:
             if len(r.shape) >= 2 or args.all:
-                print(f"  {r.name:<55} {str(tuple(r.shape)):<22} {r.role}")
+                mark = "normalised" if r.normalised else ("UNNORMALISED" if r.pairable else "")
+                print(f"  {r.name:<55} {str(tuple(r.shape)):<22} {r.role:<17} {mark}")
+    print("# target candidates, safest first (a normalisation layer follows; classifier / "
+          "unnormalised layers last and marked)")
+    for r in rank_targets(describe(models["target"]))[:args.top]:
+        risk = "" if r.normalised else "   # UNNORMALISED: writes rescale its output" + (
+            " (classifier)" if r.role == "classifier" else "")
+        print(f"  {r.name:<55} {str(tuple(r.shape)):<22}{risk}")
     print("# suggested layer pairs (source -> target)")
     for s, t, why in suggest_pairs(models["source"], models["target"]):
         print(f"  - {{source: {s}, target: {t}}}   # {why}")
@@ -203,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("target")
     pr.add_argument("--num-classes", type=int, default=10)
     pr.add_argument("--all", action="store_true", help="include 1-D parameters")
+    pr.add_argument("--top", type=int, default=10, help="how many ranked target candidates to list")
     pr.set_defaults(fn=cmd_pairs)
 
     r = sub.add_parser("run", help="run a grid of pairs x methods x seeds on Ray Tune, tracked in MLflow")

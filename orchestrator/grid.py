@@ -167,8 +167,10 @@ def _yaml(v: Any) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool = True) -> GridConfig:
-    """Read and validate a grid; with ``deep`` also every trial config and every pair's layers."""
+def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool = True,
+              warnings: list[str] | None = None) -> GridConfig:
+    """Read and validate a grid; with ``deep`` also every trial config and every pair's layers
+    (their warnings, e.g. a layer pair writing into an unnormalised layer, go to ``warnings``)."""
     try:
         data = apply_overrides(read_yaml(path), overrides or [])
     except ConfigError as e:
@@ -192,22 +194,28 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
                 continue
             if (pair, method) not in checked_layers:
                 checked_layers.add((pair, method))
-                lines.extend(f"{where}: {line}" for line in check_layers(cfg))
+                found: list[str] = []
+                lines.extend(f"{where}: {line}" for line in check_layers(cfg, found))
+                if warnings is not None:
+                    warnings.extend(f"{where}: {w}" for w in found)
         if lines:
             raise ConfigErrors(sorted(set(lines), key=lines.index))
     return grid
 
 
-def check_layers(cfg: ExperimentConfig) -> list[str]:
+def check_layers(cfg: ExperimentConfig, warnings: list[str] | None = None) -> list[str]:
     """Build the pair once on CPU (data, models, encodings, adapters): layer names, ranks,
-    missing data. Data loads are cached per process, so this is cheap after the first pair."""
+    missing data, ``init_from`` files. Data loads are cached per process, so this is cheap
+    after the first pair. The method's warnings are appended to ``warnings``."""
     from mergenet_core.errors import MergenetError
     from orchestrator.pair import plan_pair
 
     try:
-        plan_pair(cfg)
+        plan = plan_pair(cfg)
     except MergenetError as e:
         return [str(e)]
+    if warnings is not None:
+        warnings.extend(plan.warnings)
     return []
 
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -80,6 +80,7 @@ class PairPlan:
     shapes: dict | None          # adapter link shapes (mergenet)
     steps_per_epoch: int
     adapter_params: dict | None
+    warnings: list[str] = field(default_factory=list)  # method.config_warnings (risky layer pairs)
 
     @property
     def num_workers(self) -> int:
@@ -101,7 +102,8 @@ def plan_pair(cfg: ExperimentConfig) -> PairPlan:
         layout = ["target"]
     shapes = method.link_shapes() if isinstance(method, MergeNet) else None
     counts = method.exchange.hub.param_counts() if isinstance(method, MergeNet) else None
-    return PairPlan(layout, not splittable, shapes, pair.steps_per_epoch, counts)
+    return PairPlan(layout, not splittable, shapes, pair.steps_per_epoch, counts,
+                    method.config_warnings(pair.roles))
 
 
 def check_resources(cfg: ExperimentConfig, plan: PairPlan) -> None:
@@ -292,8 +294,8 @@ def pair_worker(config: dict) -> None:
         with ckpt.as_directory() as d:
             state = load_bundle(Path(d) / BUNDLE)
         pair.epoch, pair.step, pair.history = state["epoch"], state["step"], list(state["history"])
-        for n, r in pair.roles.items():
-            r.load_state_dict(state["roles"][n])
+        for n in pair.roles:
+            pair.load_role_state(n, state["roles"][n])
         if rank == 0:
             method.load_state_dict(state["method"])
     if distributed:
@@ -317,7 +319,7 @@ def pair_worker(config: dict) -> None:
         role_numbers = method.role_metrics()  # taken on every worker, reported by the role's leader
         if leader:
             local.update(role_numbers)
-        states = {n: _to_cpu(r.state_dict()) for n, r in pair.roles.items()} if leader else {}
+        states = {n: _to_cpu(pair.role_state(n)) for n in pair.roles} if leader else {}
         if distributed:
             gathered = [None] * len(layout)
             dist.all_gather_object(gathered, (local, states))

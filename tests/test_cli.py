@@ -36,7 +36,9 @@ def test_pairs_prints_both_tables_and_suggestions(capsys):
     assert any(r.split()[0] == "classifier.weight" and "(10, 1280)" in r for r in tgt_rows)
     suggestions = [l.strip() for l in lines[sug + 1:] if l.strip()]
     assert suggestions and all(s.startswith("- {source: ") for s in suggestions)
-    assert any("source: fc.weight, target: classifier.weight" in s for s in suggestions)
+    # normalised target layers are suggested first; the unnormalised classifier is marked
+    assert not any("target: classifier.weight" in s for s in suggestions[:1])
+    assert any(r.split()[0] == "classifier.weight" and "UNNORMALISED" in r for r in tgt_rows)
     # the tables list 2-D+ weights only (no biases / norm weights without --all)
     assert not any(r.split()[0].endswith(".bias") for r in src_rows + tgt_rows)
 

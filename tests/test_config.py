@@ -149,7 +149,9 @@ def test_validate_subprocess_exit_code_and_no_traceback(tmp_path):
 
 
 def test_validate_subprocess_ok(tmp_path):
-    path = write_yaml(tmp_path / "good.yaml", tiny_pair("mergenet", mergenet_options()))
+    # a BatchNorm-followed target layer: no layer-pair warning on stderr
+    opts = mergenet_options(source="features.1.conv.weight", target="features.1.conv.weight")
+    path = write_yaml(tmp_path / "good.yaml", tiny_pair("mergenet", opts))
     proc = run_cli("validate", str(path), "--set", "method.options.t_cycle=2")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"ok: {path}"

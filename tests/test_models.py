@@ -220,21 +220,24 @@ def test_suggest_pairs_cross_architecture():
     r50, mb = build_model("resnet50", {}, C100), build_model("mobilenetv2", {}, C100)
     pairs = suggest_pairs(r50, mb, k=5)
     assert len(pairs) == 5
-    assert pairs[0][:2] == ("fc.weight", "classifier.weight")
+    # normalised target layers first: the unnormalised classifier pair is no longer suggested first
+    assert ("fc.weight", "classifier.weight") not in [p[:2] for p in pairs]
     src, tgt = dict(r50.named_parameters()), dict(mb.named_parameters())
-    for s, t, reason in pairs[1:]:
+    for s, t, reason in pairs:
         assert s.startswith("layer4.") and "last-stage" in reason
         assert tgt[t].dim() >= 2 and src[s].dim() >= 2
-    assert pairs[1][1] == "conv.conv.weight"  # largest last-stage target matrix first
+    assert pairs[0][1] == "conv.conv.weight"  # largest last-stage target matrix first
+    assert suggest_pairs(r50, mb, k=100)[-1][:2] == ("fc.weight", "classifier.weight")  # last, marked
+    assert "unnormalised" in suggest_pairs(r50, mb, k=100)[-1][2]
     assert len({t for _, t, _ in pairs}) == 5 and len({s for s, _, _ in pairs}) == 5
 
 
 def test_suggest_pairs_cross_modal(l6):
     r18 = build_model("resnet18", {}, TaskInfo("c10", "image", 10, 3, 32))
     pairs = suggest_pairs(l6, r18, k=3)
-    assert pairs[0][:2] == ("classifier.weight", "fc.weight")
-    assert pairs[1][0] == "bert.encoder.layer.5.attention.output.dense.weight"
-    assert pairs[1][1].startswith("layer4.") and pairs[1][1].endswith("conv2.weight")
-    assert all("attention output -> conv" in r for _, _, r in pairs[1:])
+    assert ("classifier.weight", "fc.weight") not in [p[:2] for p in pairs]  # unnormalised: last
+    assert pairs[0][0] == "bert.encoder.layer.5.attention.output.dense.weight"
+    assert pairs[0][1].startswith("layer4.") and pairs[0][1].endswith("conv2.weight")
+    assert all("attention output -> conv" in r for _, _, r in pairs)
     back = suggest_pairs(r18, l6, k=2)
-    assert back[1][0].startswith("layer4.") and back[1][1].endswith("attention.output.dense.weight")
+    assert back[0][0].startswith("layer4.") and back[0][1].endswith("attention.output.dense.weight")

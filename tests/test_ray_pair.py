@@ -142,3 +142,28 @@ def test_bad_pair_rejected_before_any_worker(tmp_path, change, field):
     assert len(lines) == 1 and field in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out" / "pids").exists()  # no worker ever started
+
+
+def test_ray_pair_with_trained_frozen_source_and_svd_alignment_equals_engine(ray_local, tmp_path):
+    """``source.init_from`` loads in the source worker; the svd alignment state and the
+    per-link diagnostics behave the same in the split topology as in the engine."""
+    from orchestrator.pair import run_pair_on_ray
+
+    trained = tmp_path / "trained"
+    Engine(parse_config(tiny_pair("alone", source_model=None, recipe={"steps_per_epoch": 3})), trained,
+           progress=False).run()
+    opts = mergenet_options(source="features.1.conv.weight", target="features.1.conv.weight",
+                            freeze_source=True)
+    opts["layer_pairs"][0]["mode"] = "svd"
+    cfg = mergenet_cfg(method={"options": opts}, source={"init_from": str(trained)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Engine(cfg, tmp_path / "engine", progress=False).run()
+    finally:
+        torch.set_num_threads(threads)
+    run_pair_on_ray(cfg, tmp_path / "ray")
+    a, b = read_metrics(tmp_path / "engine"), read_metrics(tmp_path / "ray")
+    assert b[-1]["transfer/0/provider_factor_cos"] == 1.0 and "transfer/0/write_change" in b[-1]
+    assert "source/val_acc" not in b[-1]  # frozen: not trained, not evaluated
+    assert_same_metrics(a, b, tol=1e-5)

@@ -53,8 +53,18 @@ class Method:
     def trained_roles(self) -> tuple[str, ...]:
         return self.roles_needed()
 
+    def untrained_roles(self) -> tuple[str, ...]:
+        """Roles kept at their seed's initialisation: their ``init_from`` is not loaded
+        (a control arm, e.g. MergeNet's ``untrained_source``)."""
+        return ()
+
     def setup(self, roles: dict) -> None:
         """Change the models before optimisers are built (e.g. factorise layers)."""
+
+    def config_warnings(self, roles: dict) -> list[str]:
+        """``field: problem`` lines for settings that run but are risky (``mergenet validate``
+        prints them as warnings; exit 0)."""
+        return []
 
     def ready(self, roles: dict, steps_per_epoch: int) -> None:
         """Called once optimisers exist (build method-owned modules/optimisers here)."""
@@ -82,6 +92,13 @@ class Method:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def role_state_dict(self, role: str) -> dict:
+        """Method state kept by the process hosting ``role`` (saved with that role)."""
+        return {}
+
+    def load_role_state_dict(self, role: str, state: dict) -> None:
         pass
 
 

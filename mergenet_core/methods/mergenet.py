@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 
 from ..errors import ConfigError
-from ..lowrank import make_encoding
+import torch
+
+from ..lowrank import make_encoding, rms
 from ..roles import derive_seed
 from ..transfer import AdapterHub, Exchange, MergeNetOptions, exact_grad, make_links
 from .base import METHODS, Method
@@ -29,6 +31,8 @@ class MergeNet(Method):
         self.written: dict[str, object] = {}
         self.steps_per_epoch = 1
         self._recv: dict[str, list[float]] = {}  # receiving role -> [gets, writes, age steps, wait s]
+        self._diag: dict[str, list[float]] = {}  # metric name -> [sum, count]
+        self._noise: dict[str, torch.Generator] = {}  # noise_source control: one stream per link
 
     @classmethod
     def check_config(cls, cfg, options: MergeNetOptions) -> None:
@@ -39,17 +43,47 @@ class MergeNet(Method):
         return ("target",) if self.options.self_transfer else ("source", "target")
 
     def trained_roles(self):
-        return ("target",) if self.options.freeze_source or self.options.self_transfer else ("source", "target")
+        return ("target",) if self.options.source_frozen or self.options.self_transfer else ("source", "target")
+
+    def untrained_roles(self):
+        """The untrained-source control keeps the source at its seed's initialisation
+        (``source.init_from`` is not loaded)."""
+        return ("source",) if self.options.control == "untrained_source" else ()
 
     # ------------------------------------------------------------------ set-up
     def setup(self, roles: dict) -> None:
+        frozen = set(self.roles_needed()) - set(self.trained_roles())
         for link in self.links:
             lp = link.pair
             for role, param, side in link.ends():
                 if role in roles and (role, param) not in self.enc:
+                    mode = lp.mode
+                    if mode == "learned" and role in frozen:
+                        # a frozen provider keeps its dense (possibly trained) weight: its factors
+                        # are read by SVD instead of truncating the layer to rank r
+                        mode = "svd"
                     self.enc[(role, param)] = make_encoding(
-                        roles[role].model, param, lp.mode, lp.rank, lp.alpha,
-                        field=f"method.options.layer_pairs.{link.index}.{side}")
+                        roles[role].model, param, mode, lp.rank, lp.alpha,
+                        field=f"method.options.layer_pairs.{link.index}.{side}", align=lp.align)
+
+    def config_warnings(self, roles: dict) -> list[str]:
+        """A layer pair whose receiving layer has no normalisation after it: every write changes
+        that layer's output scale directly (docs/METHOD.md, "Safe layer pairs")."""
+        from ..models.inspect import normalised_layers
+
+        out, normed = [], {}
+        for link in self.links:
+            if link.receiver not in roles:
+                continue
+            if link.receiver not in normed:
+                normed[link.receiver] = normalised_layers(roles[link.receiver].model)
+            layer = link.receiver_param.rpartition(".")[0]
+            if layer not in normed[link.receiver]:
+                side = "source" if link.reverse else "target"
+                out.append(f"method.options.layer_pairs.{link.index}.{side}: '{link.receiver_param}' has no "
+                           "normalisation layer after it; adapter writes rescale its output directly "
+                           "(prefer a BatchNorm/LayerNorm-followed layer: mergenet pairs)")
+        return out
 
     def link_shapes(self) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
         """(receiver matrix shape, provider matrix shape) per link; needs both roles set up."""
@@ -58,7 +92,7 @@ class MergeNet(Method):
 
     def transfers_after_start(self, steps_per_epoch: int) -> int:
         epochs = self.cfg.target.recipe.epochs
-        start = min(self.options.adapter.start_epoch, epochs)
+        start = min(self.options.adapter.hold_epochs, epochs)
         t = self.options.t_cycle
         first = -(-start * steps_per_epoch // t) * t  # first transfer step (k % t_cycle == 0) from the start epoch on
         return len(range(first, epochs * steps_per_epoch, t))
@@ -85,11 +119,38 @@ class MergeNet(Method):
         mats = {}
         for l in self.links:
             if l.provider == role.name:
-                mats[(l.id, "y")] = self.enc[(role.name, l.provider_param)].read()
+                enc = self.enc[(role.name, l.provider_param)]
+                y = enc.read()
+                self._note(f"transfer/{l.id}/provider_factor_cos", enc.last_row_cos)
+                mats[(l.id, "y")] = self._control(l, y)
             if l.receiver == role.name:
-                mats[(l.id, "x")] = self.enc[(role.name, l.receiver_param)].read()
+                enc = self.enc[(role.name, l.receiver_param)]
+                mats[(l.id, "x")] = enc.read()
+                self._note(f"transfer/{l.id}/receiver_factor_cos", enc.last_row_cos)
         if mats:
             self.exchange.put(step, mats)
+
+    def _control(self, link, y):
+        """The provider matrix the adapter sees under ``options.control`` (forward links only)."""
+        c = self.options.control
+        if c in ("none", "untrained_source") or link.reverse:
+            return y
+        if c == "shuffled_source":  # one fixed permutation of rows and of columns per link
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "shuffle", link.id))
+            rows = torch.randperm(y.shape[0], generator=g)
+            cols = torch.randperm(y.shape[1], generator=g)
+            return y[rows][:, cols]
+        g = self._noise.get(link.id)
+        if g is None:
+            g = self._noise[link.id] = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "noise", link.id))
+        noise = torch.randn(y.shape, generator=g, dtype=torch.float32).to(y.device, y.dtype)
+        return noise * (rms(y) / rms(noise).clamp_min(1e-12))
+
+    def _note(self, key: str, value: float | None) -> None:
+        if value is not None:
+            acc = self._diag.setdefault(key, [0.0, 0])
+            acc[0] += value
+            acc[1] += 1
 
     def _get(self, step: int, role) -> None:
         if not any(l.receiver == role.name for l in self.links):
@@ -109,6 +170,7 @@ class MergeNet(Method):
             enc = self.enc[(role.name, link.receiver_param)]
             new = new.to(role.device)
             enc.write(new)
+            self._note(f"transfer/{lid}/write_change", enc.last_write_change)
             self.written[lid] = (enc, new, gen_step)
 
     def _train(self, step: int, role) -> None:
@@ -163,6 +225,10 @@ class MergeNet(Method):
                         f"{name}/transfer_age_steps": age / max(1, writes),
                         f"{name}/transfer_wait_ms": 1000 * wait / max(1, gets)})
         self._recv.clear()
+        # per link: mean row cosine of consecutive reads of the receiver's / provider's factors,
+        # and the relative change ||W_after - W_before|| / ||W_before|| each write made
+        out.update({k: total / max(1, n) for k, (total, n) in self._diag.items()})
+        self._diag.clear()
         return out
 
     def epoch_metrics(self) -> dict[str, float]:
@@ -174,3 +240,18 @@ class MergeNet(Method):
     def load_state_dict(self, state: dict) -> None:
         if state and self.exchange is not None:
             self.exchange.load_state_dict(state["hub"])
+
+    def role_state_dict(self, role: str) -> dict:
+        """This role's side of the transfer: its encodings' alignment state and noise streams."""
+        encs = {p: e.state_dict() for (r, p), e in self.enc.items() if r == role}
+        noise = {lid: g.get_state() for lid, g in self._noise.items()
+                 if next(l for l in self.links if l.id == lid).provider == role}
+        return {"encodings": encs, "noise": noise}
+
+    def load_role_state_dict(self, role: str, state: dict) -> None:
+        for p, st in (state or {}).get("encodings", {}).items():
+            if (role, p) in self.enc:
+                self.enc[(role, p)].load_state_dict(st)
+        for lid, st in (state or {}).get("noise", {}).items():
+            self._noise[lid] = torch.Generator()
+            self._noise[lid].set_state(st)

@@ -30,6 +30,8 @@ class ParamInfo:
     shape: tuple[int, ...]
     numel: int
     role: str
+    #: a normalisation layer (BatchNorm/LayerNorm/GroupNorm) follows this weight's layer in its block
+    normalised: bool = False
 
     @property
     def pairable(self) -> bool:
@@ -45,9 +47,29 @@ def _classifier_name(model: nn.Module) -> str | None:
     return linears[-1] if linears else None
 
 
+def normalised_layers(model: nn.Module) -> set[str]:
+    """Names of the layers whose output goes into a normalisation layer.
+
+    Read from the registration order of the leaf modules that hold parameters (the order the
+    blocks of our models, torchvision-style CNNs and BERT define them: ``conv, bn``,
+    ``dense, LayerNorm``): a layer counts as normalised when the next such leaf is a norm layer.
+    Parameter-free leaves (activations, dropout, pooling) are skipped. A heuristic for
+    suggesting layer pairs; it does not trace the forward pass.
+    """
+    leaves = [(n, m) for n, m in model.named_modules()
+              if not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+    out = set()
+    for (name, mod), (_, nxt) in zip(leaves, leaves[1:]):
+        if not isinstance(mod, _NORMS) and isinstance(nxt, _NORMS):
+            out.add(name)
+    return out
+
+
 def describe(model: nn.Module) -> list[ParamInfo]:
-    """Every ``named_parameters()`` entry with its shape, size and role (see :data:`ROLES`)."""
+    """Every ``named_parameters()`` entry with its shape, size, role (see :data:`ROLES`) and
+    whether a normalisation layer follows its layer (:func:`normalised_layers`)."""
     modules = dict(model.named_modules())
+    normed = normalised_layers(model)
     cls = _classifier_name(model)
     prefixes = tuple(getattr(model, "last_stage_prefixes", ()))
     out = []
@@ -66,19 +88,28 @@ def describe(model: nn.Module) -> list[ParamInfo]:
             role = "last_stage_conv" if name.startswith(prefixes) and prefixes else "conv"
         else:
             role = next((r for pat, r in _PATTERNS if pat.search(name)), "other")
-        out.append(ParamInfo(name, tuple(p.shape), p.numel(), role))
+        out.append(ParamInfo(name, tuple(p.shape), p.numel(), role, mod_name in normed))
     return out
+
+
+def rank_targets(infos: list[ParamInfo]) -> list[ParamInfo]:
+    """Pairable target weights, safest first: normalised layers (largest first), then the rest;
+    classifiers and other unnormalised layers last."""
+    pos = {p.name: i for i, p in enumerate(infos)}
+    cands = [p for p in infos if p.pairable]
+    return sorted(cands, key=lambda p: (not p.normalised, p.role == "classifier", -p.numel, -pos[p.name]))
 
 
 # (source roles, target roles, reason), in priority order; roles listed first are preferred.
 _RULES = [
-    (("classifier",), ("classifier",), "classifier -> classifier"),
     (("last_stage_conv",), ("last_stage_conv",), "last-stage conv -> last-stage conv (largest first)"),
     (("attention_output",), ("last_stage_conv", "conv"), "attention output -> conv (text -> image)"),
     (("last_stage_conv", "conv"), ("attention_output",), "conv -> attention output (image -> text)"),
     (("attention_output",), ("attention_output",), "attention output -> attention output"),
     (("ffn",), ("ffn",), "ffn -> ffn"),
     (("conv",), ("conv",), "conv -> conv (largest first)"),
+    # classifiers have no normalisation after them: writes rescale the logits directly
+    (("classifier",), ("classifier",), "classifier -> classifier (unnormalised target)"),
 ]
 
 
@@ -97,7 +128,8 @@ def suggest_pairs(source: nn.Module, target: nn.Module, k: int = 5) -> list[tupl
     used_t: set[str] = set()
     for s_roles, t_roles, reason in _RULES:
         ss = [p for p in _ranked(src, s_roles) if p.name not in used_s]
-        ts = [p for p in _ranked(tgt, t_roles) if p.name not in used_t]
+        # targets with a normalisation layer after them first (stable within each group)
+        ts = sorted((p for p in _ranked(tgt, t_roles) if p.name not in used_t), key=lambda p: not p.normalised)
         for s, t in zip(ss, ts):
             if len(pairs) >= k:
                 return pairs

@@ -1,0 +1,104 @@
+"""Start a role from trained weights (``source.init_from`` / ``target.init_from``).
+
+Accepted: a ``mergenet train`` output folder (its ``checkpoint.pt``, or the Ray pair's
+``pair.pt``), one of those bundle files, or a plain ``state_dict`` file; a local path or a
+bucket URI (``s3://``, ``gs://``, ... read through ``pyarrow.fs``). Everything is loaded with
+``torch.load(weights_only=True)``. Every problem is a :class:`ConfigError` naming the field
+and, for shape or name mismatches, the first mismatching parameter -- raised while the role
+is built, before any training.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import InitFrom
+from .errors import ConfigError
+
+BUNDLE_NAMES = ("checkpoint.pt", "pair.pt")
+
+
+def _read_bytes(path: str, field: str) -> tuple[str, bytes]:
+    """``(file actually read, its bytes)``; a folder means its bundle file."""
+    if "://" in path:
+        try:
+            from pyarrow import fs as pafs
+
+            filesystem, inner = pafs.FileSystem.from_uri(path)
+            info = filesystem.get_file_info(inner)
+            if info.type == pafs.FileType.Directory:
+                for name in BUNDLE_NAMES:
+                    cand = f"{inner.rstrip('/')}/{name}"
+                    if filesystem.get_file_info(cand).type == pafs.FileType.File:
+                        inner, path = cand, f"{path.rstrip('/')}/{name}"
+                        break
+                else:
+                    raise ConfigError(field, f"{path}: folder holds no {' or '.join(BUNDLE_NAMES)}")
+            elif info.type != pafs.FileType.File:
+                raise ConfigError(field, f"{path}: no such file or folder")
+            with filesystem.open_input_file(inner) as f:
+                return path, f.read()
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any storage error is the user's to fix
+            raise ConfigError(field, f"{path}: cannot read ({type(e).__name__}: {str(e)[:160]})") from None
+    p = Path(path)
+    if p.is_dir():
+        found = next((p / n for n in BUNDLE_NAMES if (p / n).is_file()), None)
+        if found is None:
+            raise ConfigError(field, f"{p}: folder holds no {' or '.join(BUNDLE_NAMES)}")
+        p = found
+    if not p.is_file():
+        raise ConfigError(field, f"{p}: no such file or folder")
+    try:
+        return str(p), p.read_bytes()
+    except OSError as e:
+        raise ConfigError(field, f"{p}: cannot read ({e.strerror})") from None
+
+
+def load_init_state(spec: InitFrom, role: str, field: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(file, model state_dict)`` named by ``spec`` for the role ``role``."""
+    where, raw = _read_bytes(spec.path, f"{field}.path" if spec.role else field)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. pickle-protocol notes of the weights-only unpickler
+            obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(field, f"{where}: refused by the weights-only loader (corrupt, or it holds objects "
+                                 "that could run code when loaded)") from None
+    except Exception as e:  # noqa: BLE001 - truncated / corrupt / not a torch file
+        raise ConfigError(field, f"{where}: not a readable checkpoint ({type(e).__name__})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("roles"), dict):  # a pair bundle
+        roles = obj["roles"]
+        name = spec.role or (next(iter(roles)) if len(roles) == 1 else role)
+        if name not in roles:
+            raise ConfigError(field, f"{where}: the bundle has no role '{name}' (it has: {', '.join(roles)})")
+        obj = roles[name]
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # one role's state
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(field, f"{where}: neither a mergenet bundle nor a state_dict of tensors")
+    return where, obj
+
+
+def apply_init(model: nn.Module, spec: InitFrom, role: str, field: str) -> None:
+    """Load the weights named by ``spec`` into ``model`` (strict: same names and shapes)."""
+    where, state = load_init_state(spec, role, field)
+    own = model.state_dict()
+    for name, t in own.items():
+        if name not in state:
+            raise ConfigError(field, f"{where}: parameter '{name}' of the model is missing from the file "
+                                     "(a different model?)")
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise ConfigError(field, f"{where}: parameter '{name}' has shape {tuple(state[name].shape)} in "
+                                     f"the file but {tuple(t.shape)} in the model")
+    extra = next((n for n in state if n not in own), None)
+    if extra is not None:
+        raise ConfigError(field, f"{where}: parameter '{extra}' in the file does not exist in the model "
+                                 "(a different model?)")
+    model.load_state_dict(state)
