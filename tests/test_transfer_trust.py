@@ -431,3 +431,15 @@ def test_shipped_configs_have_no_layer_pair_warnings(capsys):
     files = sorted(str(p) for p in (root / "experiments").rglob("*.yaml"))
     assert main(["validate", *files]) == 0
     assert not [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+
+
+def test_val_size_draws_validation_from_the_rest_of_train():
+    from mergenet_core.data import build_task
+
+    t = build_task("fashion_mnist", {"train_subset": 500, "val_size": 300, "test_subset": 200}, seed=3)
+    assert (len(t.train), len(t.val), len(t.test)) == (500, 300, 200)
+    assert torch.bincount(t.train.y).tolist() == [50] * 10 and torch.bincount(t.val.y).tolist() == [30] * 10
+    tr = {bytes(x.numpy().tobytes()) for x in t.train.x}
+    assert not any(bytes(x.numpy().tobytes()) in tr for x in t.val.x)  # disjoint images
+    again = build_task("fashion_mnist", {"train_subset": 500, "val_size": 300, "test_subset": 200}, seed=3)
+    assert torch.equal(again.val.y, t.val.y)

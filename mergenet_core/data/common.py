@@ -23,7 +23,8 @@ class SplitOptions(BaseModel):
     """Options every task accepts.
 
     ``train_subset`` keeps that many examples of the official training set (drawn by seed,
-    class-stratified) *before* ``val_fraction`` of them are carved off as validation.
+    class-stratified) *before* ``val_fraction`` of them are carved off as validation; with
+    ``val_size`` the whole subset trains and validation is drawn from the rest of the training set.
     ``test_subset`` keeps that many test examples, drawn with a fixed seed so that every
     run of an experiment is scored on the same items.
     """
@@ -31,6 +32,9 @@ class SplitOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_size: int | None = Field(None, gt=0, description="validation = this many examples drawn (by seed, "
+                                                        "stratified) from the training examples outside "
+                                                        "train_subset; overrides val_fraction")
     train_subset: int | None = Field(None, gt=0)
     test_subset: int | None = Field(None, gt=0)
     root: str | None = None
@@ -84,6 +88,19 @@ def make_splits(
 ) -> tuple[Split, Split, Split]:
     """Apply ``train_subset``, carve validation from train by seed, apply ``test_subset``."""
     pool = take_subset(train.y, opts.train_subset, generator(seed, SALT_TRAIN_SUBSET))
+    if opts.val_size is not None:  # low-data target: validation from the examples it never trains on
+        rest = torch.ones(len(train.y), dtype=torch.bool)
+        rest[pool] = False
+        rest_idx = torch.nonzero(rest).squeeze(1)
+        if opts.val_size > len(rest_idx):
+            from ..errors import ConfigError
+
+            raise ConfigError("val_size", f"{opts.val_size} validation examples requested but only "
+                                          f"{len(rest_idx)} training examples lie outside train_subset")
+        val_idx = rest_idx[take_subset(train.y[rest_idx], opts.val_size, generator(seed, SALT_VAL))]
+        te_idx = take_subset(test.y, opts.test_subset, generator(TEST_SEED, SALT_TEST_SUBSET))
+        return (split_of(train.x, train.y, pool), split_of(train.x, train.y, val_idx),
+                split_of(test.x, test.y, te_idx))
     n_val = int(round(opts.val_fraction * len(pool)))
     order = stratified_order(train.y[pool], generator(seed, SALT_VAL))
     val_idx = pool[torch.sort(order[:n_val]).values]
