@@ -100,6 +100,9 @@ class GridConfig(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_concurrent_trials: PositiveInt = 2
     max_failures: int = Field(1, ge=0, description="Tune retries of a failed trial")
+    keep_bundles: Literal["last_and_best", "last", "all"] = Field(
+        "last_and_best", description="pair bundles (checkpoints) each trial keeps: the last and the best-validation "
+                                     "one, only the last, or all written")
     storage_path: str | None = Field(None, description="Tune/Train storage (default ./runs/grids): a local path, or "
                                                        "a bucket URI (s3://bucket/prefix, gs://...) on clusters")
 

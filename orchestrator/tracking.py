@@ -167,4 +167,5 @@ class MlflowEpochLogger(UserCallback):
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         m = dict(metrics[0]) if metrics else {}
         epoch = int(m.get("epoch", 0))
+        m = {k: v for k, v in m.items() if not k.startswith("checkpoint/")}  # bundle bookkeeping
         log_metrics(client(self.uri), self.run_id, m, step=epoch)  # epoch/step: the metrics' step, not metrics

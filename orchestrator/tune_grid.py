@@ -34,7 +34,7 @@ from mergenet_core.errors import MergenetError
 from mergenet_core.config import deep_merge
 from orchestrator import tracking
 from orchestrator.grid import GridConfig
-from orchestrator.pair import PLACEMENT, ensure_ray, run_pair_on_ray
+from orchestrator.pair import BUNDLES, PLACEMENT, ensure_ray, run_pair_on_ray
 from orchestrator.storage import Location, scratch_dir
 
 GRID_FILE = "mergenet_grid.json"
@@ -45,7 +45,7 @@ PARENT_FILE = "mlflow_parent_run_id"
 
 
 #: the pair outputs a trial keeps in its storage folder (``trials/<id>/pair``)
-PAIR_OUTPUTS = ("config.json", "final.json", "metrics.jsonl", PLACEMENT, "learning_curve.png")
+PAIR_OUTPUTS = ("config.json", "final.json", "metrics.jsonl", PLACEMENT, "learning_curve.png", BUNDLES)
 
 
 def trial_folder(grid_dir: str | Path | Location, trial_id: str) -> Location:
@@ -90,7 +90,7 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
         else:
             storage_path, storage_fs = trial_dir.ray_storage()
             final = run_pair_on_ray(cfg, out, resume=True, storage_path=storage_path, storage_filesystem=storage_fs,
-                                    name="train",
+                                    name="train", keep_bundles=grid.keep_bundles,
                                     callbacks=[TuneReportCallback(), tracking.MlflowEpochLogger(uri, run_id)])
         tracking.log_metrics(c, run_id, final, step=int(final.get("epochs", 0)))
         placement = json.loads((out / PLACEMENT).read_text())
@@ -142,7 +142,8 @@ def _pbt_segments(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: P
     while epoch < epochs:
         until = min(epochs, epoch + grid.scheduler.perturbation_interval)
         final = run_pair_on_ray(cfg, out, storage_path=storage_path, storage_filesystem=storage_fs,
-                                name=f"seg-{until:04d}", callbacks=[logger], start_from=start, until_epoch=until)
+                                name=f"seg-{until:04d}", callbacks=[logger], start_from=start, until_epoch=until,
+                                keep_bundles=grid.keep_bundles)
         local = work / f"bundle-{until:04d}"
         local.mkdir(exist_ok=True)
         shutil.move(str(out / BUNDLE), local / BUNDLE)
