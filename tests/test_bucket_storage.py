@@ -128,9 +128,10 @@ def test_grid_in_a_bucket_is_killed_and_resumed_from_its_uri(s3, tmp_path):
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "orchestrator.cli", "run"]
     log = tmp_path / "first.log"
+    # the client creates (migrates) the sqlite database as it starts: before the grid, not racing it
+    c = MlflowClient(tracking_uri=uri)
     proc = subprocess.Popen([*cmd, str(path), "--no-report"], cwd=tmp_path, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
-    c = MlflowClient(tracking_uri=uri)
     first = None
     try:
         deadline = time.time() + 300
