@@ -184,3 +184,27 @@ def test_report_on_mlflow_runs(tmp_path, monkeypatch):
     assert len(c.get_metric_history(runs[("mergenet", 0)], "gain_vs_alone/final_test_acc")) == 1  # not re-logged
     with pytest.raises(Exception, match="no arm 'nosuch'"):
         make_report("g-stats", tmp_path / "out", controls=["nosuch"])
+
+
+def test_report_without_alone_arm_still_writes_the_means(tmp_path, monkeypatch):
+    from mlflow.entities import Metric
+
+    from orchestrator import tracking
+    from orchestrator.report import make_report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    c = tracking.client()
+    exp = tracking.ensure_experiment(c, "g-noalone")
+    assert c.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = c.create_run(exp, tags={"mergenet.kind": "submission"}).info.run_id
+    for seed in (0, 1):
+        r = c.create_run(exp, tags={"mlflow.parentRunId": parent, "mergenet.trial": "1", "mergenet.pair": "p",
+                                    "mergenet.method": "mergenet", "mergenet.seed": str(seed),
+                                    "mergenet.target": "cnn@fmnist"}).info.run_id
+        c.log_batch(r, metrics=[Metric("target/final_test_acc", 0.5, 0, 1)])
+        c.set_terminated(r, "FINISHED")
+    rep = make_report("g-noalone", tmp_path / "out")
+    assert "50.00 ± 0.00 (n=2)" in rep["text"] and "No `alone` arm" in rep["text"] and rep["heatmap"] is None
+    with pytest.raises(Exception, match="no arm 'ctl'"):
+        make_report("g-noalone", tmp_path / "out", controls=["ctl"])
