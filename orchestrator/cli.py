@@ -149,7 +149,8 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from orchestrator.report import make_report
 
-    rep = make_report(args.what, args.out)
+    rep = make_report(args.what, args.out, baseline=args.baseline, controls=args.control,
+                      results_md=args.results_md, section=args.section)
     print(rep["text"])
     print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}")
     return 0
@@ -226,9 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-report", action="store_true", help="skip the report at the end")
     r.set_defaults(fn=cmd_run)
 
-    rp = sub.add_parser("report", help="pair x method table, Parquet and gain heatmap for a grid")
+    rp = sub.add_parser("report", help="pair x arm tables with paired statistics, Parquet and gain heatmap")
     rp.add_argument("what", help="grid YAML, grid storage folder, or MLflow experiment name")
     rp.add_argument("--out", help="output folder (default runs/reports/GRID)")
+    rp.add_argument("--baseline", default="alone", metavar="ARM", help="arm every other arm is paired with (default alone)")
+    rp.add_argument("--control", action="append", default=[], metavar="ARM",
+                    help="also pair every other arm with this arm (e.g. mergenet_untrained); repeatable")
+    rp.add_argument("--results-md", metavar="PATH", help="also write the tables as a section of this Markdown file")
+    rp.add_argument("--section", metavar="TITLE", help="that section's title (default: the grid name); "
+                                                        "re-running replaces only this section")
     rp.set_defaults(fn=cmd_report)
 
     addr_help = "Ray job server (default: RAY_API_SERVER_ADDRESS, or http://127.0.0.1:8265 = an SSH tunnel)"

@@ -89,7 +89,10 @@ class GridConfig(_Strict):
     grid: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="grid name = MLflow experiment name")
     base: dict[str, Any] = Field(default_factory=dict, description="pair-config fields shared by every trial")
     pairs: list[PairEntry] = Field(min_length=1)
-    methods: dict[str, dict[str, Any]] = Field(min_length=1, description="method name -> options")
+    methods: dict[str, dict[str, Any]] = Field(
+        min_length=1, description="arm name -> options; the arm runs the method of its name, or the one its "
+                                  "`method:` key names (two arms of one method: `mergenet` and "
+                                  "`mergenet_untrained: {method: mergenet, ...}`)")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     search: dict[str, Axis] = Field(default_factory=dict, description="dotted pair-config field -> axis")
     num_samples: PositiveInt = Field(1, description="samples of the random axes per grid point")
@@ -97,6 +100,9 @@ class GridConfig(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_concurrent_trials: PositiveInt = 2
     max_failures: int = Field(1, ge=0, description="Tune retries of a failed trial")
+    keep_bundles: Literal["last_and_best", "last", "all"] = Field(
+        "last_and_best", description="pair bundles (checkpoints) each trial keeps: the last and the best-validation "
+                                     "one, only the last, or all written")
     storage_path: str | None = Field(None, description="Tune/Train storage (default ./runs/grids): a local path, or "
                                                        "a bucket URI (s3://bucket/prefix, gs://...) on clusters")
 
@@ -119,15 +125,20 @@ class GridConfig(_Strict):
         return self
 
     # ----------------------------------------------------------------- composition
-    def trial_dict(self, pair: str, method: str, seed: int, hp: dict[str, Any] | None = None) -> dict:
-        """The pair-config dict of one trial."""
+    def method_of(self, arm: str) -> str:
+        """The method an arm runs: its ``method:`` key, else the arm's own name."""
+        return str(self.methods[arm].get("method", arm))
+
+    def trial_dict(self, pair: str, arm: str, seed: int, hp: dict[str, Any] | None = None) -> dict:
+        """The pair-config dict of one trial (``arm``: a key of ``methods``)."""
         p = next(x for x in self.pairs if x.name == pair)
-        opts = dict(self.methods[method])
+        opts = {k: v for k, v in self.methods[arm].items() if k != "method"}
+        method = self.method_of(arm)
         if method in ("mergenet", "param_share") and p.layer_pairs and "layer_pairs" not in opts:
             opts["layer_pairs"] = p.layer_pairs
         r = self.resources
         d = deep_merge(self.base, {
-            "name": f"{self.grid}.{pair}.{method}.s{seed}",
+            "name": f"{self.grid}.{pair}.{arm}.s{seed}",
             "seed": seed,
             "target": p.target,
             "method": {"name": method, "options": opts},
@@ -141,8 +152,8 @@ class GridConfig(_Strict):
         d = deep_merge(d, p.overrides)
         return apply_overrides(d, [f"{k}={_yaml(v)}" for k, v in (hp or {}).items()])
 
-    def trial_config(self, pair: str, method: str, seed: int, hp: dict[str, Any] | None = None) -> ExperimentConfig:
-        return parse_config(self.trial_dict(pair, method, seed, hp))
+    def trial_config(self, pair: str, arm: str, seed: int, hp: dict[str, Any] | None = None) -> ExperimentConfig:
+        return parse_config(self.trial_dict(pair, arm, seed, hp))
 
     def enumerate_checks(self):
         """Every (pair, method, seed-free) combination with every axis value to validate."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import ray
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from mergenet_core.config import ExperimentConfig
@@ -44,6 +44,16 @@ from orchestrator.storage import Location
 
 BUNDLE = "pair.pt"
 PLACEMENT = "placement.json"  # role, rank, node id, pid and device of every worker
+
+#: which pair bundles (Ray Train checkpoints) a run keeps, and so writes:
+#: ``last_and_best``: the last and the best-validation one (the earliest epoch of the highest
+#: ``target/val_acc``, as in ``final.json``); bundles are written at ``checkpoint_every`` epochs,
+#: at the last epoch and at each new best-validation epoch;
+#: ``last``: only the last (written at ``checkpoint_every`` epochs and the last epoch);
+#: ``all``: every bundle written (as ``last_and_best`` writes them)
+KEEP_BUNDLES = ("last_and_best", "last", "all")
+BEST_FLAG = "checkpoint/best_val"  # 1 on the bundle of a new best-validation epoch (Ray's score)
+BUNDLES = "bundles.json"  # where the kept bundles are: {"last": {...}, "best_val": {...}}
 
 #: environment every Ray worker of ours gets
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -304,6 +314,8 @@ def pair_worker(config: dict) -> None:
     epochs = cfg.target.recipe.epochs
     stop = min(epochs, config.get("until_epoch") or epochs)
     spe = pair.steps_per_epoch
+    keep = config.get("keep_bundles", "last_and_best")
+    best_val = max((r["target/val_acc"] for r in pair.history if "target/val_acc" in r), default=None)
     while pair.epoch < stop:
         t0 = time.perf_counter()
         for _ in range(spe):
@@ -339,15 +351,25 @@ def pair_worker(config: dict) -> None:
             with (out / METRICS).open("w") as f:
                 for r in pair.history:
                     f.write(json.dumps(r) + "\n")
-            bundle = {"epoch": pair.epoch, "step": pair.step, "roles": all_states,
-                      "method": _to_cpu(method.state_dict()), "history": pair.history}
-            tmp = Path(tempfile.mkdtemp(prefix="mergenet-ckpt-"))
-            save_bundle(tmp / BUNDLE, bundle)
-            # the placement travels with the checkpoint: the driver may sit on another node
-            # than rank 0 (bucket storage, no shared folder)
-            (tmp / PLACEMENT).write_text(json.dumps(placement, indent=2))
-            checkpoint = Checkpoint.from_directory(str(tmp))
-        ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
+            val = record.get("target/val_acc")
+            new_best = val is not None and (best_val is None or val > best_val)  # ties: the earliest stays best
+            best_val = val if new_best else best_val
+            # a bundle only when something needs it: a restart (checkpoint_every), the caller
+            # (the last epoch of this run) or the best-validation epoch
+            if (pair.epoch % cfg.checkpoint_every == 0 or pair.epoch == stop
+                    or (new_best and keep != "last")):
+                bundle = {"epoch": pair.epoch, "step": pair.step, "roles": all_states,
+                          "method": _to_cpu(method.state_dict()), "history": pair.history}
+                tmp = Path(tempfile.mkdtemp(prefix="mergenet-ckpt-"))
+                save_bundle(tmp / BUNDLE, bundle)
+                # the placement travels with the checkpoint: the driver may sit on another node
+                # than rank 0 (bucket storage, no shared folder)
+                (tmp / PLACEMENT).write_text(json.dumps(placement, indent=2))
+                checkpoint = Checkpoint.from_directory(str(tmp))
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        if checkpoint is not None:
+            metrics[BEST_FLAG] = int(new_best)
+        ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
 
@@ -355,10 +377,33 @@ def pair_worker(config: dict) -> None:
 # --------------------------------------------------------------------------- driver
 
 
+def kept_bundles(result) -> dict:
+    """``{"last": {"epoch", "path"}, "best_val": {...}}`` of a finished Train run (``best_val``
+    only when a kept bundle is flagged as a best-validation epoch)."""
+    out = {"last": {"epoch": int(result.metrics.get("epoch", 0)), "path": result.checkpoint.path}}
+    flagged = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(BEST_FLAG) == 1]
+    if flagged:
+        c, m = max(flagged, key=lambda cm: cm[1].get("epoch", 0))
+        out["best_val"] = {"epoch": int(m.get("epoch", 0)), "path": c.path}
+    return out
+
+
+def _checkpoint_config(keep: str) -> CheckpointConfig:
+    """Ray Train always keeps the latest checkpoint; ``num_to_keep=1`` scored by
+    :data:`BEST_FLAG` keeps, besides it, the latest bundle flagged as a new best-validation
+    epoch — the best one."""
+    if keep == "all":
+        return CheckpointConfig()
+    if keep == "last":
+        return CheckpointConfig(num_to_keep=1)
+    return CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=BEST_FLAG, checkpoint_score_order="max")
+
+
 def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = None, resume: bool = False,
                     plan: PairPlan | None = None, storage_path: str | None = None, name: str = "pair",
                     callbacks: list | None = None, start_from: str | Path | Checkpoint | None = None,
-                    until_epoch: int | None = None, storage_filesystem=None) -> dict:
+                    until_epoch: int | None = None, storage_filesystem=None,
+                    keep_bundles: str = "last_and_best") -> dict:
     """Run one pair through the Ray topology; returns the same summary as the engine.
 
     ``out_dir``: a local folder for the pair's outputs (``metrics.jsonl``, ``final.json``,
@@ -367,7 +412,9 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
     Ray's ``RunConfig``): where the Train run and its checkpoints live;
     ``start_from``: a folder holding a ``pair.pt`` bundle, or a checkpoint in storage, to start
     from (PBT segments); ``until_epoch``: stop after this epoch (the summary covers the epochs
-    so far)."""
+    so far); ``keep_bundles``: which checkpoints the run keeps (:data:`KEEP_BUNDLES`)."""
+    if keep_bundles not in KEEP_BUNDLES:
+        raise ConfigError("keep_bundles", f"'{keep_bundles}' is not one of {', '.join(KEEP_BUNDLES)}")
     out = Path(out_dir).resolve()
     plan = plan or preflight(cfg, address)
     ensure_ray(address)
@@ -395,14 +442,15 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
         pair_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "out_dir": str(out), "layout": plan.layout,
                            "co_located": plan.co_located, "actor": actor_name, "namespace": namespace,
-                           "until_epoch": until_epoch,
+                           "until_epoch": until_epoch, "keep_bundles": keep_bundles,
                            "start_from": (Checkpoint(path=start_from.path, filesystem=start_from.filesystem)
                                           if hasattr(start_from, "filesystem") else
                                           str(start_from) if start_from else None)},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=rs.use_gpu,
                                      resources_per_worker=per_worker, placement_strategy=rs.placement),
         run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=storage_filesystem,
-                             failure_config=FailureConfig(max_failures=rs.max_failures), callbacks=callbacks or None),
+                             failure_config=FailureConfig(max_failures=rs.max_failures), callbacks=callbacks or None,
+                             checkpoint_config=_checkpoint_config(keep_bundles)),
     )
     try:
         result = trainer.fit()
@@ -420,4 +468,5 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
             f.write(json.dumps(r) + "\n")
     final = summarise([r for r in history if "target/val_acc" in r])
     (out / FINAL).write_text(json.dumps(final, indent=2))
+    (out / BUNDLES).write_text(json.dumps(kept_bundles(result), indent=2))
     return final

@@ -1,20 +1,34 @@
-"""``mergenet report GRID_OR_EXPERIMENT``: compare pairs across methods and seeds.
+"""``mergenet report GRID_OR_EXPERIMENT``: compare pairs across arms and seeds.
 
-Reads the trials (MLflow child runs) of a grid's latest submission, writes a Parquet table of
-every trial's final metrics, a Markdown table pair × method (mean ± std over seeds, gain over
-``alone``), and a heatmap of MergeNet's gain (sources × targets); logs all three to the
-submission's parent run.
+Reads the trials (MLflow child runs) of a grid's latest submission and writes
+
+- ``trials.parquet``: one row per trial — its final metrics, every config parameter as a
+  column (``hp.*`` for the search axes, ``param.*`` for the rest) and its per-seed difference
+  to the baseline arm (``diff_vs_<arm>/<metric>``);
+- ``paired.parquet``: the paired statistics (:mod:`orchestrator.paired`) — per pair × arm,
+  the mean difference to the baseline arm at the same seed with a 95 % Student-t interval,
+  ``n`` and whether the interval excludes 0; final epoch and best-validation epoch; against
+  ``alone`` by default and against every ``--control`` arm;
+- ``report.md``: the pair × arm table (mean ± std) and the paired tables;
+- ``gain_heatmap.png``: pairs (by name) × arms, the mean paired gain with its interval, grey
+  where there is nothing to compare;
+
+logs them and the paired numbers (as metrics) to the submission's parent run, and each
+trial's gain over the baseline to its child run. ``--results-md`` writes the same tables as a
+named section of a Markdown file (``docs/RESULTS.md``).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
 
 from mergenet_core.errors import MergenetError
-from orchestrator import tracking
+from orchestrator import paired, tracking
 
-METRICS = ("target/final_test_acc", "target/test_acc_at_best_val")
+METRICS = tuple(paired.METRICS.values())
+HEATMAP = "gain_heatmap.png"
 
 
 def resolve_experiment(c, what: str) -> tuple[str, str, str | None]:
@@ -46,7 +60,17 @@ def resolve_experiment(c, what: str) -> tuple[str, str, str | None]:
     return exp.experiment_id, name, parent
 
 
+def _numeric(col: pd.Series) -> pd.Series:
+    """A parameter column as numbers when every value is one (MLflow params are strings)."""
+    try:
+        return pd.to_numeric(col)
+    except (ValueError, TypeError):
+        return col
+
+
 def trials_frame(c, experiment_id: str, parent: str | None) -> pd.DataFrame:
+    """One row per trial: ids, pair, arm (the grid's ``methods`` key), method, seed, status,
+    every metric, and every parameter (``hp.*`` search axes as logged, the rest as ``param.*``)."""
     flt = f"tags.`{tracking.TRIAL_TAG}` = '1'"
     if parent:
         flt += f" and tags.`mlflow.parentRunId` = '{parent}'"
@@ -54,73 +78,132 @@ def trials_frame(c, experiment_id: str, parent: str | None) -> pd.DataFrame:
     rows = []
     for r in runs:
         t, m = r.data.tags, r.data.metrics
-        row = {"run_id": r.info.run_id, "status": r.info.status, "pair": t.get("mergenet.pair"),
-               "method": t.get("mergenet.method"), "seed": int(t.get("mergenet.seed", -1)),
-               "source": t.get("mergenet.source"), "target": t.get("mergenet.target")}
-        row.update({k: v for k, v in r.data.params.items() if k.startswith("hp.")})
+        method = t.get("mergenet.method")
+        row = {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+               "pair": t.get("mergenet.pair"), "arm": t.get("mergenet.arm") or method, "method": method,
+               "seed": int(t.get("mergenet.seed", -1)), "source": t.get("mergenet.source"),
+               "target": t.get("mergenet.target")}
+        for k, v in r.data.params.items():
+            row[k if k.startswith("hp.") else f"param.{k}"] = v
         row.update(m)
         rows.append(row)
     if not rows:
         raise MergenetError("report: the grid has no trial runs yet")
-    return pd.DataFrame(rows).sort_values(["pair", "method", "seed"]).reset_index(drop=True)
+    df = pd.DataFrame(rows)
+    for col in df.columns:
+        if col.startswith(("hp.", "param.")):
+            df[col] = _numeric(df[col])
+    return df.sort_values(["pair", "arm", "seed"]).reset_index(drop=True)
 
 
 def _fmt(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * (0 if pd.isna(std) else std):.2f}"
 
 
-def markdown_table(df: pd.DataFrame, metric: str) -> str:
-    done = df[df["status"] == "FINISHED"].dropna(subset=[metric])
-    methods = sorted(done["method"].unique(), key=lambda m: (m != "alone", m))
-    lines = [f"| pair (source → target) | " + " | ".join(methods) + " | " +
-             " | ".join(f"{m} − alone" for m in methods if m != "alone") + " |",
-             "|---" * (1 + len(methods) + sum(m != "alone" for m in methods)) + "|"]
+def _config(df: pd.DataFrame) -> pd.Series:
+    """``arm`` or ``arm (lr=…)`` when the grid has search axes."""
+    cols = paired.hp_columns(df)
+    if not cols:
+        return df["arm"]
+    return df.apply(lambda r: f"{r['arm']} ({paired.hp_label(r, cols)})" if paired.hp_label(r, cols)
+                    else r["arm"], axis=1)
+
+
+def pair_labels(df: pd.DataFrame) -> dict[str, str]:
+    """pair name -> ``name (source → target)``."""
+    out = {}
+    for pair, g in df.groupby("pair"):
+        src = g["source"].dropna()
+        src = next((s for s in src if s != "-"), "-")
+        out[pair] = f"{pair} ({src} → {g['target'].iloc[0]})"
+    return out
+
+
+def markdown_table(df: pd.DataFrame, metric: str, baseline: str = "alone") -> str:
+    """pair × arm: mean ± sample std over seeds (n = seeds), in %."""
+    done = df[df["status"] == "FINISHED"].dropna(subset=[metric]).copy()
+    done["config"] = _config(done)
+    configs = sorted(done["config"].unique(), key=lambda m: (not m.startswith(baseline), m))
+    labels = pair_labels(df)
+    lines = ["| pair (source → target) | " + " | ".join(configs) + " |", "|---" * (1 + len(configs)) + "|"]
     for pair, g in done.groupby("pair", sort=True):
-        stats = {m: g[g["method"] == m][metric].agg(["mean", "std", "count"]) for m in methods}
-        label = f"{pair} ({g['source'].dropna().iloc[0] if g['source'].notna().any() else '-'} → {g['target'].iloc[0]})"
-        cells = [(_fmt(s["mean"], s["std"]) + f" (n={int(s['count'])})") if s["count"] else "–" for s in stats.values()]
-        base = stats.get("alone")
-        gains = []
-        for m in methods:
-            if m == "alone":
-                continue
-            s = stats[m]
-            gains.append(f"{100 * (s['mean'] - base['mean']):+.2f}" if base is not None and base["count"] and s["count"]
-                         else "–")
-        lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(gains) + " |")
+        cells = []
+        for m in configs:
+            s = g[g["config"] == m][metric].agg(["mean", "std", "count"])
+            cells.append(f"{_fmt(s['mean'], s['std'])} (n={int(s['count'])})" if s["count"] else "–")
+        lines.append(f"| {labels[pair]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def gain_heatmap(df: pd.DataFrame, path: Path, metric: str = METRICS[0]) -> Path | None:
+def paired_markdown(table: pd.DataFrame, labels: dict[str, str]) -> str:
+    """One row per pair × arm: n, mean Δ with 95 % CI and whether it excludes 0, for the final
+    and the best-validation epoch, and the per-seed Δ at the final epoch (points)."""
+    if table.empty:
+        return "_no arm shares a seed with the baseline (nothing to pair)_"
+    lines = ["| pair (source → target) | arm | n | Δ final [95 % CI] | CI excludes 0 (final) | "
+             "Δ best-val [95 % CI] | CI excludes 0 (best-val) | per-seed Δ final (seed: Δ) |",
+             "|---|---|---|---|---|---|---|---|"]
+    keys = ["pair", "arm", "hp"]
+    for (pair, arm, hp), g in table.groupby(keys, sort=False):
+        by = {r["epoch"]: r for _, r in g.iterrows()}
+        f, b = by.get("final"), by.get("best_val")
+
+        def cell(r):
+            if r is None:
+                return "–", "–"
+            return (f"{paired.fmt_points(r['mean_diff'])} {paired.fmt_ci(r['ci_low'], r['ci_high'])}",
+                    paired.verdict(r["excludes_zero"], r["mean_diff"]))
+
+        fc, fv = cell(f)
+        bc, bv = cell(b)
+        n = (f if f is not None else b)["n"]
+        seeds = ", ".join(f"{s}: {paired.fmt_points(d)}" for s, d in zip(f["seeds"], f["diffs"])) if f is not None else "–"
+        name = f"{arm} ({hp})" if hp else arm
+        lines.append(f"| {labels.get(pair, pair)} | {name} | {n} | {fc} | {fv} | {bc} | {bv} | {seeds} |")
+    return "\n".join(lines)
+
+
+def gain_heatmap(table: pd.DataFrame, path: Path, labels: dict[str, str], epoch: str = "final") -> Path | None:
+    """Pairs (by name) × arms: the mean paired gain over the baseline in points, annotated with
+    its 95 % interval and n; cells with nothing to compare are grey (white would read as "no
+    gain")."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    if metric not in df:
+    t = table[table["epoch"] == epoch]
+    if t.empty:
         return None
-    done = df[df["status"] == "FINISHED"].dropna(subset=[metric])
-    mean = done.groupby(["pair", "method"])[metric].mean().unstack()
-    if "alone" not in mean or "mergenet" not in mean:
-        return None
-    gain = (mean["mergenet"] - mean["alone"]).dropna() * 100
-    labels = done.drop_duplicates("pair").set_index("pair")
-    src = done[done["method"] == "mergenet"].drop_duplicates("pair").set_index("pair")["source"]
-    table = pd.DataFrame({"source": src.reindex(gain.index), "target": labels["target"].reindex(gain.index),
-                          "gain": gain}).pivot_table(index="source", columns="target", values="gain", aggfunc="mean")
-    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * table.shape[1], 1.2 + 0.8 * table.shape[0]))
-    lim = max(1e-9, float(abs(table.values[~pd.isna(table.values)]).max()) if table.notna().any().any() else 1.0)
-    im = ax.imshow(table.values.astype(float), cmap="RdBu", vmin=-lim, vmax=lim)
-    ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
-    for i in range(table.shape[0]):
-        for j in range(table.shape[1]):
-            v = table.values[i, j]
-            if not pd.isna(v):
-                ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=8)
-    ax.set_xlabel("target (model@task)")
-    ax.set_ylabel("source (model@task)")
-    ax.set_title("MergeNet gain over alone\n(target final test acc, points)", fontsize=9)
+    baseline = t["baseline"].iloc[0]
+    t = t.assign(col=[f"{a}\n({h})" if h else a for a, h in zip(t["arm"], t["hp"])])
+    pairs = sorted(labels)
+    cols = list(dict.fromkeys(t["col"]))
+    val = np.full((len(pairs), len(cols)), np.nan)
+    text = [["no data"] * len(cols) for _ in pairs]
+    for _, r in t.iterrows():
+        i, j = pairs.index(r["pair"]), cols.index(r["col"])
+        if r["n"] == 0:
+            continue
+        val[i, j] = 100 * r["mean_diff"]
+        ci = paired.fmt_ci(r["ci_low"], r["ci_high"])
+        text[i][j] = f"{100 * r['mean_diff']:+.2f}\n{ci}\nn={r['n']}" + (" *" if r["excludes_zero"] else "")
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.8 + 1.7 * len(cols)), 1.6 + 0.9 * len(pairs)))
+    finite = np.abs(val[~np.isnan(val)])
+    lim = max(1e-9, float(finite.max())) if finite.size else 1.0
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#c8c8c8")
+    im = ax.imshow(np.ma.masked_invalid(val), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, fontsize=8)
+    ax.set_yticks(range(len(pairs)), [labels[p].replace(" (", "\n(") for p in pairs], fontsize=7)
+    for i in range(len(pairs)):
+        for j in range(len(cols)):
+            dark = not np.isnan(val[i, j]) and abs(val[i, j]) > 0.6 * lim
+            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7,
+                    color="#555555" if np.isnan(val[i, j]) else "white" if dark else "black")
+    kind = "final epoch" if epoch == "final" else "best-validation epoch"
+    ax.set_title(f"gain over {baseline} at the same seed (target test acc, {kind}, points)\n"
+                 "mean [95 % t-interval], * = excludes 0; grey = nothing to compare", fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -128,27 +211,125 @@ def gain_heatmap(df: pd.DataFrame, path: Path, metric: str = METRICS[0]) -> Path
     return path
 
 
-def make_report(what: str, out_dir: str | Path | None = None) -> dict:
-    c = tracking.client()
-    experiment_id, name, parent = resolve_experiment(c, what)
-    df = trials_frame(c, experiment_id, parent)
-    out = Path(out_dir or Path("runs") / "reports" / name)
-    out.mkdir(parents=True, exist_ok=True)
-    parquet = out / "trials.parquet"
-    df.to_parquet(parquet, index=False)
-    parts = [f"# {name}: pair × method\n",
-             f"MLflow experiment `{name}` ({experiment_id}), submission run `{parent}`; "
-             f"{(df['status'] == 'FINISHED').sum()} finished / {len(df)} trials. "
-             "Accuracy in %, mean ± std over seeds (n = seeds).\n"]
+def _metric_key(*parts: str) -> str:
+    """An MLflow-safe metric key (letters, digits, ``_ - . / : space``)."""
+    return "/".join(re.sub(r"[^\w.\- :]", "_", p) for p in parts if p)
+
+
+def log_paired(c, parent: str, table: pd.DataFrame) -> None:
+    """The paired numbers as parent-run metrics:
+    ``paired/<arm>_vs_<baseline>/<pair>[/<hp>]/<final|best_val>/<mean_diff|ci_low|ci_high|n|excludes_zero>``
+    (accuracy fractions like the trial metrics; ``excludes_zero`` 1/0, absent when n < 2)."""
+    metrics = {}
+    for _, r in table.iterrows():
+        base = _metric_key("paired", f"{r['arm']}_vs_{r['baseline']}", r["pair"], r["hp"].replace(", ", "_"),
+                           r["epoch"])
+        metrics[f"{base}/n"] = r["n"]
+        for k in ("mean_diff", "ci_low", "ci_high"):
+            if not pd.isna(r[k]):
+                metrics[f"{base}/{k}"] = r[k]
+        if r["excludes_zero"] is not None:
+            metrics[f"{base}/excludes_zero"] = int(bool(r["excludes_zero"]))
+    tracking.log_metrics(c, parent, metrics, step=0)
+
+
+def log_trial_gains(c, df: pd.DataFrame, baseline: str) -> None:
+    """Each trial's own difference to the baseline at its seed, on its child run:
+    ``gain_vs_<baseline>/final_test_acc`` and ``gain_vs_<baseline>/test_acc_at_best_val``
+    (skipped when the run already holds the same value)."""
+    for _, r in df.iterrows():
+        out = {}
+        for metric in METRICS:
+            v = r.get(f"diff_vs_{baseline}/{metric}")
+            key = _metric_key(f"gain_vs_{baseline}", metric.split("/")[-1])
+            if v is not None and not pd.isna(v) and r.get(key) != v:
+                out[key] = float(v)
+        if out:
+            tracking.log_metrics(c, r["run_id"], out, step=0)
+
+
+def section_name(title: str) -> str:
+    """The marker name of a section: ``Study: image`` -> ``study-image``."""
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "report"
+
+
+def write_section(path: str | Path, title: str, body: str) -> str:
+    """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``path``
+    (NAME from ``title``) with ``## title`` and ``body``; append the section when it is
+    missing, create the file when it does not exist. Returns NAME."""
+    path = Path(path)
+    name = section_name(title)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n## {title}\n\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else "# Results\n"
+    if start in text and end in text and text.index(start) < text.index(end):
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return name
+
+
+def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: int = 2) -> list[str]:
+    """The Markdown body: arm means, then one paired table per comparison."""
+    h = "#" * level
+    labels = pair_labels(df)
+    baseline = next(iter(tables), "alone")
+    parts = []
     for metric, title in ((METRICS[0], "Target test accuracy at the final epoch"),
                           (METRICS[1], "Target test accuracy at the best-validation epoch")):
         if metric in df:
-            parts += [f"\n## {title}\n", markdown_table(df, metric), ""]
+            parts += [f"\n{h} {title}\n", "Accuracy in %, mean ± sample std over seeds (n = seeds).\n",
+                      markdown_table(df, metric, baseline), ""]
+    if not tables:
+        parts += [f"\n_No `{baseline}` arm: no paired differences._\n"]
+    for base, table in tables.items():
+        parts += [f"\n{h} Paired differences to `{base}` (same seed)\n",
+                  f"Δ = arm − `{base}` at the same pair and seed (same data subset, initialisation and batch "
+                  "order), target test accuracy in points; mean over seeds with a 95 % Student-t interval "
+                  "(n − 1 degrees of freedom). \"best-val\": test accuracy at each run's best-validation epoch.\n",
+                  paired_markdown(table, labels), ""]
+    return parts
+
+
+def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "alone",
+                controls: list[str] | tuple[str, ...] = (), results_md: str | Path | None = None,
+                section: str | None = None) -> dict:
+    c = tracking.client()
+    experiment_id, name, parent = resolve_experiment(c, what)
+    df = trials_frame(c, experiment_id, parent)
+    arms = set(df["arm"])
+    # a grid without `alone` still gets its means table; an arm asked for by name must exist
+    for a in ((baseline,) if baseline != "alone" else ()) + tuple(controls):
+        if a not in arms:
+            raise MergenetError(f"report: no arm '{a}' in grid {name} (arms: {', '.join(sorted(arms))})")
+    out = Path(out_dir or Path("runs") / "reports" / name)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tables = {baseline: paired.paired_table(df, baseline)} if baseline in arms else {}
+    for ctl in controls:
+        tables[ctl] = paired.paired_table(df, ctl, arms=[a for a in sorted(arms) if a not in (baseline, ctl)])
+    for base in tables:
+        df = paired.per_trial_diffs(df, base)
+    table = pd.concat(tables.values(), ignore_index=True) if tables else paired.paired_table(df.iloc[0:0])
+
+    parquet, paired_parquet = out / "trials.parquet", out / "paired.parquet"
+    df.to_parquet(parquet, index=False)
+    table.to_parquet(paired_parquet, index=False)
+    intro = (f"MLflow experiment `{name}` ({experiment_id}), submission run `{parent}`; "
+             f"{(df['status'] == 'FINISHED').sum()} finished / {len(df)} trials.\n")
     md = out / "report.md"
-    md.write_text("\n".join(parts) + "\n")
-    heat = gain_heatmap(df, out / "mergenet_gain.png")
+    md.write_text("\n".join([f"# {name}: pair × arm\n", intro, *report_sections(df, tables)]) + "\n")
+    heat = gain_heatmap(tables[baseline], out / HEATMAP, pair_labels(df)) if baseline in tables else None
+    if results_md:
+        body = "\n".join([intro, *report_sections(df, tables, level=3)])
+        write_section(results_md, section or name, body)
     if parent:
-        for f in (parquet, md, heat):
+        for f in (parquet, paired_parquet, md, heat):
             if f is not None:
                 c.log_artifact(parent, str(f), artifact_path="report")
-    return {"markdown": md, "parquet": parquet, "heatmap": heat, "text": md.read_text()}
+        log_paired(c, parent, table)
+    log_trial_gains(c, df, baseline)
+    return {"markdown": md, "parquet": parquet, "paired": paired_parquet, "heatmap": heat, "text": md.read_text(),
+            "tables": tables}

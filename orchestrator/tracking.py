@@ -38,11 +38,21 @@ def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
 
+#: the experiment tag MLflow 3's UI reads to pick an experiment's kind, and the value for model
+#: training ("Machine learning"): the experiment then opens on its runs table, not on GenAI traces
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+#: counters, not measurements: never logged as metrics (the step of every metric says it)
+NOT_METRICS = frozenset({"epoch", "epochs", "step", "steps"})
+
+
 def ensure_experiment(c: MlflowClient, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     uri = c.tracking_uri
@@ -50,7 +60,7 @@ def ensure_experiment(c: MlflowClient, name: str) -> str:
         # a local backend: keep artifacts beside the database, whatever the logging process's cwd
         db = Path(uri.split("///", 1)[-1]) if uri.startswith("sqlite:") else Path.cwd()
         location = (db.parent / "mlartifacts").resolve().as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
@@ -82,7 +92,7 @@ def log_params(c: MlflowClient, run_id: str, params: dict[str, str]) -> None:
 def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, Any], step: int) -> None:
     ts = int(time.time() * 1000)
     ms = [Metric(k, float(v), ts, step) for k, v in metrics.items()
-          if isinstance(v, (int, float)) and not isinstance(v, bool)]
+          if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS]
     for chunk in _chunks(ms, 500):
         c.log_batch(run_id, metrics=chunk)
 
@@ -157,4 +167,5 @@ class MlflowEpochLogger(UserCallback):
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         m = dict(metrics[0]) if metrics else {}
         epoch = int(m.get("epoch", 0))
-        log_metrics(client(self.uri), self.run_id, {k: v for k, v in m.items() if k not in ("epoch",)}, step=epoch)
+        m = {k: v for k, v in m.items() if not k.startswith("checkpoint/")}  # bundle bookkeeping
+        log_metrics(client(self.uri), self.run_id, m, step=epoch)  # epoch/step: the metrics' step, not metrics

@@ -34,7 +34,7 @@ from mergenet_core.errors import MergenetError
 from mergenet_core.config import deep_merge
 from orchestrator import tracking
 from orchestrator.grid import GridConfig
-from orchestrator.pair import PLACEMENT, ensure_ray, run_pair_on_ray
+from orchestrator.pair import BUNDLES, PLACEMENT, ensure_ray, run_pair_on_ray
 from orchestrator.storage import Location, scratch_dir
 
 GRID_FILE = "mergenet_grid.json"
@@ -45,7 +45,7 @@ PARENT_FILE = "mlflow_parent_run_id"
 
 
 #: the pair outputs a trial keeps in its storage folder (``trials/<id>/pair``)
-PAIR_OUTPUTS = ("config.json", "final.json", "metrics.jsonl", PLACEMENT, "learning_curve.png")
+PAIR_OUTPUTS = ("config.json", "final.json", "metrics.jsonl", PLACEMENT, "learning_curve.png", BUNDLES)
 
 
 def trial_folder(grid_dir: str | Path | Location, trial_id: str) -> Location:
@@ -65,21 +65,24 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
     # folder uploaded to the bucket at the end (the Train run and its checkpoints go to the
     # bucket directly)
     work = trial_dir.local or scratch_dir(grid.grid, ctx.get_trial_id())
-    pair, method, seed, hp = config["pair"], config["method"], config["seed"], dict(config.get("hp") or {})
-    cfg = grid.trial_config(pair, method, seed, hp)
+    # config["method"]: the arm (a key of the grid's methods), which may run another method
+    pair, arm, seed, hp = config["pair"], config["method"], config["seed"], dict(config.get("hp") or {})
+    cfg = grid.trial_config(pair, arm, seed, hp)
     c = tracking.client(uri)
     tags = {"mlflow.parentRunId": parent_run_id, tracking.TRIAL_TAG: "1", "mergenet.grid": grid.grid,
-            "mergenet.pair": pair, "mergenet.method": method, "mergenet.seed": str(seed),
-            "mergenet.trial_id": ctx.get_trial_id(), "mergenet.git_sha": sha,
+            "mergenet.pair": pair, "mergenet.arm": arm, "mergenet.method": grid.method_of(arm),
+            "mergenet.seed": str(seed), "mergenet.trial_id": ctx.get_trial_id(), "mergenet.git_sha": sha,
             **pair_labels(grid, pair)}
-    run_id = tracking.attach_or_create(c, trial_dir, experiment_id, ctx.get_trial_name(), tags)
+    params = tracking.flatten(cfg.model_dump(mode="json"))
+    short = short_params(grid, pair, arm, hp, params)
+    run_id = tracking.attach_or_create(c, trial_dir, experiment_id, run_name(arm, seed, pair, short), tags)
     run = c.get_run(run_id)
     if run.info.status == "FINISHED":  # finished before an interruption Tune's state did not record
         tune.report(dict(run.data.metrics))
         return
     try:
-        params = tracking.flatten(cfg.model_dump(mode="json"))
         params.update({f"hp.{k}": str(v) for k, v in hp.items()})
+        params.update(short)
         tracking.log_params(c, run_id, params)
         out = work / "pair"
         if grid.scheduler.name == "pbt":
@@ -87,7 +90,7 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
         else:
             storage_path, storage_fs = trial_dir.ray_storage()
             final = run_pair_on_ray(cfg, out, resume=True, storage_path=storage_path, storage_filesystem=storage_fs,
-                                    name="train",
+                                    name="train", keep_bundles=grid.keep_bundles,
                                     callbacks=[TuneReportCallback(), tracking.MlflowEpochLogger(uri, run_id)])
         tracking.log_metrics(c, run_id, final, step=int(final.get("epochs", 0)))
         placement = json.loads((out / PLACEMENT).read_text())
@@ -139,7 +142,8 @@ def _pbt_segments(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: P
     while epoch < epochs:
         until = min(epochs, epoch + grid.scheduler.perturbation_interval)
         final = run_pair_on_ray(cfg, out, storage_path=storage_path, storage_filesystem=storage_fs,
-                                name=f"seg-{until:04d}", callbacks=[logger], start_from=start, until_epoch=until)
+                                name=f"seg-{until:04d}", callbacks=[logger], start_from=start, until_epoch=until,
+                                keep_bundles=grid.keep_bundles)
         local = work / f"bundle-{until:04d}"
         local.mkdir(exist_ok=True)
         shutil.move(str(out / BUNDLE), local / BUNDLE)
@@ -154,6 +158,31 @@ def _pbt_segments(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: P
                     checkpoint=tune.Checkpoint.from_directory(str(local)))
         epoch = until
     return final
+
+
+def short_params(grid: GridConfig, pair: str, arm: str, hp: dict, config_params: dict[str, str]) -> dict[str, str]:
+    """What varies across the grid, as short top-level params for MLflow's runs table: ``arm``,
+    ``pair``, and each search axis by the shortest suffix of its dotted field that no other axis
+    and no top-level config param shares (``method.options.adapter.lr`` -> ``lr``, or
+    ``adapter.lr`` if another axis ends in ``lr``). ``seed`` is a config param already."""
+    out = {"arm": arm, "pair": pair}
+    keys = list(hp)
+    for k in keys:
+        parts = k.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            name = ".".join(parts[i:])
+            clash = any(o != k and (o == name or o.endswith("." + name)) for o in keys)
+            if not clash and name not in out and (name == k or name not in config_params):
+                break
+        if name != k:  # a top-level field (seed) is logged under its own name already
+            out[name] = str(hp[k])
+    return out
+
+
+def run_name(arm: str, seed: int, pair: str, short: dict[str, str]) -> str:
+    """``mergenet s3 · r18-mbv2 lr=0.001``: arm and seed first (the runs table cuts long names)."""
+    extra = " ".join(f"{k}={v}" for k, v in short.items() if k not in ("arm", "pair"))
+    return f"{arm} s{seed} · {pair}" + (f" {extra}" if extra else "")
 
 
 def pair_labels(grid: GridConfig, pair: str) -> dict[str, str]:

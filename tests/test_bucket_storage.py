@@ -128,9 +128,10 @@ def test_grid_in_a_bucket_is_killed_and_resumed_from_its_uri(s3, tmp_path):
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "orchestrator.cli", "run"]
     log = tmp_path / "first.log"
+    # the client creates (migrates) the sqlite database as it starts: before the grid, not racing it
+    c = MlflowClient(tracking_uri=uri)
     proc = subprocess.Popen([*cmd, str(path), "--no-report"], cwd=tmp_path, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
-    c = MlflowClient(tracking_uri=uri)
     first = None
     try:
         deadline = time.time() + 300
@@ -188,7 +189,8 @@ def test_grid_in_a_bucket_is_killed_and_resumed_from_its_uri(s3, tmp_path):
         assert run.data.tags["mergenet.trial_id"] == t
         inside = folder.listdir(recursive=True)
         ckpts = [f for f in inside if f.startswith("train/checkpoint_") and f.endswith("/pair.pt")]
-        assert len(ckpts) == 2, inside  # one Train checkpoint per epoch
+        assert 1 <= len(ckpts) <= 2, inside  # the last and the best-validation bundle (one when they coincide)
+        assert "pair/bundles.json" in inside
         final = json.loads((folder / "pair" / "final.json").read_text())
         assert final["target/final_test_acc"] == pytest.approx(run.data.metrics["target/final_test_acc"])
         history = [json.loads(l) for l in (folder / "pair" / "metrics.jsonl").read_text().splitlines() if l]

@@ -79,42 +79,86 @@ def cli(args: list[str], cwd: Path, uri: str, **kw) -> subprocess.CompletedProce
                           text=True, timeout=kw.pop("timeout", 600), **kw)
 
 
+MERGENET = {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}
+
+
 def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
-    path = write_yaml(tmp_path / "grid.yaml", tiny_grid("g-server"))
+    # two arms of one method: `mergenet` and its variant `mergenet_t2` (the arm vs arm comparison)
+    grid = tiny_grid("g-server", methods={"alone": {}, "mergenet": MERGENET,
+                                          "mergenet_t2": {"method": "mergenet", **MERGENET, "t_cycle": 2}})
+    path = write_yaml(tmp_path / "grid.yaml", grid)
     r = cli(["run", str(path)], tmp_path, mlflow_server)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "RUNNING" in r.stdout and "FINISHED" in r.stdout  # one line per state change
-    assert "| cnn-cnn" in r.stdout  # the report table
+    assert "| cnn-cnn" in r.stdout and "Paired differences to `alone`" in r.stdout  # the report tables
 
     exp = api(mlflow_server, "experiments/get-by-name?experiment_name=g-server")["experiment"]
+    exp_tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
+    assert exp_tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
     runs = search_runs(mlflow_server, exp["experiment_id"])
     parents = [x for x in runs if tags(x).get("mergenet.kind") == "submission"]
     children = [x for x in runs if tags(x).get("mergenet.trial") == "1"]
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 6
     parent_id = parents[0]["info"]["run_id"]
     assert {x["info"]["status"] for x in runs} == {"FINISHED"}
     combos = set()
     for ch in children:
         t = tags(ch)
+        arm, seed = t["mergenet.arm"], t["mergenet.seed"]
         assert t["mlflow.parentRunId"] == parent_id
         assert t["mergenet.git_sha"] and t["mergenet.pair"] == "cnn-cnn"
-        combos.add((t["mergenet.method"], t["mergenet.seed"]))
+        assert t["mergenet.method"] == ("alone" if arm == "alone" else "mergenet")
+        assert ch["info"]["run_name"] == f"{arm} s{seed} · cnn-cnn"  # arm and seed first
+        combos.add((arm, seed))
         params = {p["key"]: p["value"] for p in ch["data"]["params"]}
-        assert params["method.name"] == t["mergenet.method"] and params["seed"] == t["mergenet.seed"]
+        assert params["method.name"] == t["mergenet.method"] and params["seed"] == seed
+        assert params["arm"] == arm and params["pair"] == "cnn-cnn"  # what varies, as short params
+        if arm != "alone":
+            assert params["method.options.t_cycle"] == ("2" if arm == "mergenet_t2" else "1")
         assert all(len(v) <= 500 for v in params.values())
         run_id = ch["info"]["run_id"]
+        metrics = {m["key"]: m["value"] for m in ch["data"]["metrics"]}
+        assert not {"epoch", "epochs", "step", "steps"} & set(metrics)  # counters are steps, not metrics
+        assert not any(k.startswith("checkpoint/") for k in metrics)
+        assert {"target/final_test_acc", "target/test_acc_at_best_val"} <= set(metrics)  # summary on every run
+        if arm == "alone":
+            assert "gain_vs_alone/final_test_acc" not in metrics
+        else:  # the report's per-seed gain over alone, on the child run
+            alone = next(x for x in children if tags(x)["mergenet.arm"] == "alone" and tags(x)["mergenet.seed"] == seed)
+            am = {m["key"]: m["value"] for m in alone["data"]["metrics"]}
+            for k in ("final_test_acc", "test_acc_at_best_val"):
+                assert metrics[f"gain_vs_alone/{k}"] == pytest.approx(metrics[f"target/{k}"] - am[f"target/{k}"])
         hist = api(mlflow_server, f"metrics/get-history?run_id={run_id}&metric_key=target/val_acc")["metrics"]
         assert sorted(m["step"] for m in hist) == [1, 2]
-        if t["mergenet.method"] == "mergenet":
+        if arm == "mergenet":
             for key in ("source/val_acc", "adapter/transfers", "adapter/grad_norm", "adapter/generate_ms"):
                 h = api(mlflow_server, f"metrics/get-history?run_id={run_id}&metric_key={key}")["metrics"]
                 assert len(h) == 2, key
             assert t["mergenet.node.source0"] and t["mergenet.node.target0"]
         files = {f["path"] for f in api(mlflow_server, f"artifacts/list?run_id={run_id}").get("files", [])}
         assert {"config.json", "final.json", "metrics.jsonl", "learning_curve.png"} <= files
-    assert combos == {("alone", "0"), ("alone", "1"), ("mergenet", "0"), ("mergenet", "1")}
+        # small outputs: the last and the best-validation bundle only
+        folder = tmp_path / "runs" / "grids" / "g-server" / "trials" / t["mergenet.trial_id"]
+        assert 1 <= len(list((folder / "train").glob("checkpoint_*/pair.pt"))) <= 2
+        assert json.loads((folder / "pair" / "bundles.json").read_text())["last"]["epoch"] == 2
+    assert combos == {(a, s) for a in ("alone", "mergenet", "mergenet_t2") for s in ("0", "1")}
     rep = {f["path"] for f in api(mlflow_server, f"artifacts/list?run_id={parent_id}&path=report").get("files", [])}
-    assert {"report/report.md", "report/trials.parquet", "report/mergenet_gain.png"} <= rep
+    assert {"report/report.md", "report/trials.parquet", "report/paired.parquet", "report/gain_heatmap.png"} <= rep
+    pm = {m["key"]: m["value"] for m in
+          api(mlflow_server, f"runs/get?run_id={parent_id}")["run"]["data"].get("metrics", [])}
+    assert pm["paired/mergenet_vs_alone/cnn-cnn/final/n"] == 2
+    assert "paired/mergenet_vs_alone/cnn-cnn/best_val/mean_diff" in pm
+
+    # arm vs arm: mergenet against its variant, into a RESULTS.md section
+    md = tmp_path / "RESULTS.md"
+    r = cli(["report", "g-server", "--control", "mergenet_t2", "--results-md", str(md), "--section", "Tiny study"],
+            tmp_path, mlflow_server, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Paired differences to `mergenet_t2`" in r.stdout
+    assert "<!-- tiny-study:start -->\n## Tiny study" in md.read_text()
+    pm = {m["key"]: m["value"] for m in
+          api(mlflow_server, f"runs/get?run_id={parent_id}")["run"]["data"].get("metrics", [])}
+    assert pm["paired/mergenet_vs_mergenet_t2/cnn-cnn/final/n"] == 2
 
 
 def test_interrupted_grid_resumes_without_duplicate_runs(mlflow_server, tmp_path):

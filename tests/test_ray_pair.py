@@ -70,6 +70,27 @@ def test_colocated_baseline_runs_on_ray(ray_local, tmp_path):
     assert "source/final_test_acc" in final and "target/final_test_acc" in final
 
 
+@pytest.mark.parametrize("keep", ["last_and_best", "last"])
+def test_keeps_only_the_last_and_the_best_validation_bundle(ray_local, tmp_path, keep):
+    import json
+
+    from mergenet_core.engine import load_bundle
+    from orchestrator.pair import run_pair_on_ray
+
+    cfg = parse_config(tiny_pair("alone", source_model=None, recipe={"epochs": 4, "steps_per_epoch": 2}, ray=RAY))
+    final = run_pair_on_ray(cfg, tmp_path / keep, keep_bundles=keep)
+    kept = sorted(load_bundle(b)["epoch"] for b in (tmp_path / keep / "ray" / "pair").glob("checkpoint_*/pair.pt"))
+    index = json.loads((tmp_path / keep / "bundles.json").read_text())
+    assert index["last"]["epoch"] == 4
+    if keep == "last":
+        assert kept == [4] and "best_val" not in index
+    else:  # the best-validation epoch as final.json names it (ties: the earliest)
+        best = final["target/best_val_epoch"]
+        assert kept == sorted({best, 4}) and index["best_val"]["epoch"] == best
+        assert load_bundle(Path(index["best_val"]["path"]) / "pair.pt")["epoch"] == best
+    assert "checkpoint/best_val" not in read_metrics(tmp_path / keep)[-1]  # bookkeeping is not a metric
+
+
 def _run_in_thread(cfg, out):
     from orchestrator.pair import run_pair_on_ray
 

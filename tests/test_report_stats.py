@@ -1,0 +1,210 @@
+"""Paired statistics of ``mergenet report`` on hand-made numbers (no Ray): the t-interval
+against values computed by hand, seed matching, hyperparameter matching, and the whole report
+on trial runs written to a real MLflow (sqlite) — Parquet, report.md, parent-run metrics,
+child-run gains and the docs/RESULTS.md section."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from orchestrator import paired
+
+# t(0.975, df) from a printed table
+T975 = {2: 4.302653, 4: 2.776445}
+
+
+def test_t_interval_matches_hand_computation():
+    mean, sd, lo, hi = paired.t_interval([0.02, 0.03, 0.04, 0.05, 0.06])
+    half = T975[4] * math.sqrt(0.00025) / math.sqrt(5)  # sample sd = sqrt(0.00025)
+    assert mean == pytest.approx(0.04) and sd == pytest.approx(math.sqrt(0.00025))
+    assert (lo, hi) == (pytest.approx(0.04 - half), pytest.approx(0.04 + half))
+    assert paired.excludes_zero(lo, hi) is True  # [+2.04, +5.96] points
+
+    mean, sd, lo, hi = paired.t_interval([0.01, 0.02, 0.03])
+    assert (lo, hi) == (pytest.approx(0.02 - T975[2] * 0.01 / math.sqrt(3)),
+                        pytest.approx(0.02 + T975[2] * 0.01 / math.sqrt(3)))
+    assert paired.excludes_zero(lo, hi) is False  # [-0.48, +4.48] points
+
+    assert paired.excludes_zero(*paired.t_interval([-0.05, -0.04, -0.06])[2:]) is True
+    mean, sd, lo, hi = paired.t_interval([0.01])
+    assert mean == 0.01 and math.isnan(sd) and paired.excludes_zero(lo, hi) is None
+    assert math.isnan(paired.t_interval([])[0])
+
+
+def _trials(rows):
+    """rows: (pair, arm, seed, final, best_val[, status]) -> the report's trial frame."""
+    out = []
+    for r in rows:
+        pair, arm, seed, final, best = r[:5]
+        out.append({"pair": pair, "arm": arm, "seed": seed, "status": r[5] if len(r) > 5 else "FINISHED",
+                    "target/final_test_acc": final, "target/test_acc_at_best_val": best})
+    return pd.DataFrame(out)
+
+
+def test_paired_table_pairs_by_seed_not_by_mean():
+    # mergenet is 1 point above alone at every seed, although seed noise (±10 points) swamps the means
+    df = _trials([("p", "alone", s, b, b) for s, b in enumerate([0.50, 0.70, 0.60, 0.80, 0.65])] +
+                 [("p", "mergenet", s, b + 0.01, b) for s, b in enumerate([0.50, 0.70, 0.60, 0.80, 0.65])] +
+                 [("p", "kd", 0, 0.52, 0.50), ("p", "kd", 1, 0.69, 0.70),
+                  ("p", "kd", 2, 0.99, 0.99, "FAILED"),  # a failed trial never counts
+                  ("p", "kd", 7, 0.99, 0.99)])  # no alone at seed 7: not paired
+    t = paired.paired_table(df, "alone")
+    m = t[(t["arm"] == "mergenet") & (t["epoch"] == "final")].iloc[0]
+    assert m["n"] == 5 and m["seeds"] == [0, 1, 2, 3, 4]
+    assert m["mean_diff"] == pytest.approx(0.01) and m["sd_diff"] == pytest.approx(0, abs=1e-12)
+    assert m["ci_low"] == pytest.approx(0.01) and m["excludes_zero"] is True
+    b = t[(t["arm"] == "mergenet") & (t["epoch"] == "best_val")].iloc[0]
+    assert b["mean_diff"] == pytest.approx(0) and b["excludes_zero"] is False
+    k = t[(t["arm"] == "kd") & (t["epoch"] == "final")].iloc[0]
+    assert k["n"] == 2 and k["seeds"] == [0, 1] and k["diffs"] == pytest.approx([0.02, -0.01])
+    assert k["mean_diff"] == pytest.approx(0.005)
+    half = 12.706205 * math.sqrt(((0.015) ** 2 * 2) / 1) / math.sqrt(2)  # t(0.975, 1) = 12.706205
+    assert (k["ci_low"], k["ci_high"]) == (pytest.approx(0.005 - half), pytest.approx(0.005 + half))
+    assert list(t["arm"].unique()) == ["mergenet", "kd"]  # mergenet first, baseline not compared to itself
+
+
+def test_control_arm_vs_arm_and_missing_baseline():
+    df = _trials([("p", "alone", s, 0.6, 0.6) for s in range(3)] +
+                 [("p", "mergenet", s, 0.62 + 0.01 * s, 0.6) for s in range(3)] +
+                 [("p", "mergenet_untrained", s, 0.61, 0.6) for s in range(3)] +
+                 [("q", "mergenet", 0, 0.7, 0.7)])  # pair q has no alone: nothing to compare
+    t = paired.paired_table(df, "mergenet_untrained", arms=["mergenet"])
+    assert set(t["pair"]) == {"p"} and set(t["arm"]) == {"mergenet"}
+    f = t[t["epoch"] == "final"].iloc[0]
+    assert f["diffs"] == pytest.approx([0.01, 0.02, 0.03]) and f["baseline"] == "mergenet_untrained"
+    assert f["arm_mean"] == pytest.approx(0.63) and f["baseline_mean"] == pytest.approx(0.61)
+    assert set(paired.paired_table(df, "alone")["pair"]) == {"p"}
+
+
+def test_search_axes_pair_with_the_same_hyperparameters():
+    rows = []
+    for s in range(3):
+        for lr, bump in (("0.001", 0.01), ("0.01", -0.02)):
+            rows.append({"pair": "p", "arm": "alone", "seed": s, "hp.recipe.optimizer.lr": lr, "bump": 0})
+            rows.append({"pair": "p", "arm": "mergenet", "seed": s, "hp.recipe.optimizer.lr": lr, "bump": bump})
+    df = pd.DataFrame(rows).assign(status="FINISHED")
+    df["target/final_test_acc"] = 0.5 + 0.1 * df["seed"] + (df["hp.recipe.optimizer.lr"] == "0.01") * 0.05 + df["bump"]
+    df["target/test_acc_at_best_val"] = df["target/final_test_acc"]
+    t = paired.paired_table(df, "alone")
+    f = t[t["epoch"] == "final"].set_index("hp")
+    assert f.loc["lr=0.001", "diffs"] == pytest.approx([0.01] * 3)
+    assert f.loc["lr=0.01", "diffs"] == pytest.approx([-0.02] * 3)
+    assert f.loc["lr=0.01", "excludes_zero"] is True
+    d = paired.per_trial_diffs(df, "alone")
+    got = d[d["arm"] == "mergenet"]["diff_vs_alone/target/final_test_acc"]
+    assert got.tolist() == pytest.approx([0.01, -0.02] * 3)
+    assert d[d["arm"] == "alone"]["diff_vs_alone/target/final_test_acc"].isna().all()
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path):
+    from orchestrator.report import write_section
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nintro\n\n<!-- other:start -->\nkeep me\n<!-- other:end -->\n")
+    assert write_section(md, "Study: image", "first body") == "study-image"
+    write_section(md, "Study: image", "second body")
+    text = md.read_text()
+    assert text.count("<!-- study-image:start -->") == 1 and "second body" in text and "first body" not in text
+    assert "## Study: image" in text and "keep me" in text and text.startswith("# Results\n\nintro")
+    write_section(tmp_path / "new" / "R.md", "X", "b")
+    assert "<!-- x:start -->\n## X\n\nb\n<!-- x:end -->" in (tmp_path / "new" / "R.md").read_text()
+
+
+def test_report_on_mlflow_runs(tmp_path, monkeypatch):
+    """The whole report from trial runs in a real MLflow (sqlite): trials.parquet with
+    hyperparameter columns and per-seed differences, paired.parquet, report.md, parent-run
+    metrics and artifacts, child-run gains, a RESULTS.md section and the heatmap."""
+    from mlflow.entities import Metric, Param
+
+    from orchestrator import tracking
+    from orchestrator.report import make_report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    c = tracking.client()
+    exp = tracking.ensure_experiment(c, "g-stats")
+    parent = c.create_run(exp, run_name="sub", tags={"mergenet.kind": "submission"}).info.run_id
+    acc = {"alone": [0.60, 0.70, 0.65], "mergenet": [0.62, 0.72, 0.66], "mergenet_untrained": [0.61, 0.70, 0.66]}
+    runs = {}
+    for arm, values in acc.items():
+        for seed, v in enumerate(values):
+            tags = {"mlflow.parentRunId": parent, "mergenet.trial": "1", "mergenet.pair": "r18-mbv2",
+                    "mergenet.arm": arm, "mergenet.method": "alone" if arm == "alone" else "mergenet",
+                    "mergenet.seed": str(seed), "mergenet.source": "-" if arm == "alone" else "resnet18@fmnist",
+                    "mergenet.target": "mobilenetv2@fmnist"}
+            r = c.create_run(exp, run_name=f"{arm} s{seed}", tags=tags).info.run_id
+            c.log_batch(r, metrics=[Metric("target/final_test_acc", v, 0, 4),
+                                    Metric("target/test_acc_at_best_val", v - 0.01, 0, 4)],
+                        params=[Param("seed", str(seed)), Param("recipe.optimizer.lr", "0.05"),
+                                Param("method.name", tags["mergenet.method"])])
+            c.set_terminated(r, "FINISHED")
+            runs[(arm, seed)] = r
+    c.set_terminated(parent, "FINISHED")
+
+    md_path = tmp_path / "docs" / "RESULTS.md"
+    rep = make_report("g-stats", tmp_path / "out", controls=["mergenet_untrained"], results_md=str(md_path),
+                      section="Study: test")
+    text = rep["text"]
+    assert "Paired differences to `alone`" in text and "Paired differences to `mergenet_untrained`" in text
+    # mergenet − alone: +2, +2, +1 points; mean +1.67, sd 0.577 -> ± 4.303*0.577/sqrt(3) = ± 1.43
+    assert "| r18-mbv2 (resnet18@fmnist → mobilenetv2@fmnist) | mergenet | 3 | +1.67 [+0.23, +3.10] | yes, above 0" in text
+    # mergenet − untrained control: +1, +2, 0 -> +1.00 [-1.48, +3.48]
+    assert "| mergenet | 3 | +1.00 [-1.48, +3.48] | no (CI includes 0)" in text
+    assert "0: +2.00, 1: +2.00, 2: +1.00" in text
+
+    trials = pd.read_parquet(rep["parquet"])
+    assert trials["param.recipe.optimizer.lr"].tolist() == [0.05] * 9  # hyperparameters as (numeric) columns
+    m = trials[trials["arm"] == "mergenet"].sort_values("seed")
+    assert m["diff_vs_alone/target/final_test_acc"].tolist() == pytest.approx([0.02, 0.02, 0.01])
+    assert m["diff_vs_mergenet_untrained/target/final_test_acc"].tolist() == pytest.approx([0.01, 0.02, 0.0])
+    pt = pd.read_parquet(rep["paired"])
+    assert set(zip(pt["arm"], pt["baseline"])) == {("mergenet", "alone"), ("mergenet_untrained", "alone"),
+                                                   ("mergenet", "mergenet_untrained")}
+    assert len(pt) == 6  # × final, best_val
+
+    pm = c.get_run(parent).data.metrics
+    key = "paired/mergenet_vs_alone/r18-mbv2/final"
+    assert pm[f"{key}/mean_diff"] == pytest.approx(1 / 60) and pm[f"{key}/n"] == 3
+    assert pm[f"{key}/excludes_zero"] == 1
+    assert pm["paired/mergenet_vs_mergenet_untrained/r18-mbv2/final/excludes_zero"] == 0
+    arts = {f.path for f in c.list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/trials.parquet", "report/paired.parquet", "report/gain_heatmap.png"} <= arts
+    child = c.get_run(runs[("mergenet", 0)]).data.metrics
+    assert child["gain_vs_alone/final_test_acc"] == pytest.approx(0.02)
+    assert child["gain_vs_alone/test_acc_at_best_val"] == pytest.approx(0.02)
+    assert "gain_vs_alone/final_test_acc" not in c.get_run(runs[("alone", 0)]).data.metrics
+
+    section = md_path.read_text()
+    assert "<!-- study-test:start -->\n## Study: test" in section and "### Paired differences to `alone`" in section
+    make_report("g-stats", tmp_path / "out", results_md=str(md_path), section="Study: test")  # rewritten in place
+    again = md_path.read_text()
+    assert again.count("<!-- study-test:start -->") == 1 and "mergenet_untrained` (same seed)" not in again
+    assert len(c.get_metric_history(runs[("mergenet", 0)], "gain_vs_alone/final_test_acc")) == 1  # not re-logged
+    with pytest.raises(Exception, match="no arm 'nosuch'"):
+        make_report("g-stats", tmp_path / "out", controls=["nosuch"])
+
+
+def test_report_without_alone_arm_still_writes_the_means(tmp_path, monkeypatch):
+    from mlflow.entities import Metric
+
+    from orchestrator import tracking
+    from orchestrator.report import make_report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    c = tracking.client()
+    exp = tracking.ensure_experiment(c, "g-noalone")
+    assert c.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = c.create_run(exp, tags={"mergenet.kind": "submission"}).info.run_id
+    for seed in (0, 1):
+        r = c.create_run(exp, tags={"mlflow.parentRunId": parent, "mergenet.trial": "1", "mergenet.pair": "p",
+                                    "mergenet.method": "mergenet", "mergenet.seed": str(seed),
+                                    "mergenet.target": "cnn@fmnist"}).info.run_id
+        c.log_batch(r, metrics=[Metric("target/final_test_acc", 0.5, 0, 1)])
+        c.set_terminated(r, "FINISHED")
+    rep = make_report("g-noalone", tmp_path / "out")
+    assert "50.00 ± 0.00 (n=2)" in rep["text"] and "No `alone` arm" in rep["text"] and rep["heatmap"] is None
+    with pytest.raises(Exception, match="no arm 'ctl'"):
+        make_report("g-noalone", tmp_path / "out", controls=["ctl"])
