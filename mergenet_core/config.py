@@ -106,6 +106,10 @@ class RayPairSpec(Strict):
     staleness: PositiveInt = Field(1, description="async: adapter output at most this many transfers old")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    topology: Literal["auto", "split", "inline"] = Field(
+        "auto", description="grids: split = Ray Train role workers + adapter actor; inline = the whole pair "
+                            "in the Tune trial process; auto = split when the pair asks for GPUs, several "
+                            "workers per role, spread placement or custom worker resources, else inline")
 
 
 class ExperimentConfig(Strict):

@@ -25,6 +25,7 @@ from .roles import Role, build_role, resolve_device
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 FINAL = "final.json"
+BEST = "best.pt"  # the bundle of the best-validation epoch (Engine(keep_best=True))
 
 
 def save_bundle(path: Path, state: dict) -> None:
@@ -145,16 +146,23 @@ class Engine:
     """Train one pair in this process. ``on_epoch(record)`` lets callers log each epoch."""
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
-                 on_epoch: Callable[[dict], None] | None = None):
+                 on_epoch: Callable[[dict], None] | None = None,
+                 on_checkpoint: Callable[[Path, dict], None] | None = None, keep_best: bool = False):
+        """``on_checkpoint(path, record)`` runs after each bundle write (``checkpoint.pt``, and
+        ``best.pt`` with ``keep_best``: the bundle of the best-validation epoch so far)."""
         self.cfg = cfg
         self.out = Path(out_dir)
         self.progress = progress
         self.on_epoch = on_epoch
+        self.on_checkpoint = on_checkpoint
+        self.keep_best = keep_best
         self.device = resolve_device(cfg.device)
         self.pair = PairState.build(cfg, devices={n: self.device for n in ("source", "target")})
 
-    def run(self, resume: bool = False, stop_after_epochs: int | None = None) -> dict[str, float]:
-        """Train to the configured number of epochs (or ``stop_after_epochs`` more)."""
+    def run(self, resume: bool = False, stop_after_epochs: int | None = None,
+            until_epoch: int | None = None) -> dict[str, float]:
+        """Train to the configured number of epochs (or ``stop_after_epochs`` more, or up to
+        epoch ``until_epoch``)."""
         pair, cfg = self.pair, self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = self.out / CHECKPOINT
@@ -165,6 +173,8 @@ class Engine:
         spe = pair.steps_per_epoch
         epochs = cfg.target.recipe.epochs
         end = epochs if stop_after_epochs is None else min(epochs, pair.epoch + stop_after_epochs)
+        if until_epoch is not None:
+            end = min(end, until_epoch)
         bar = _progress(total=(end - pair.epoch) * spe, enabled=self.progress, desc=cfg.name)
         while pair.epoch < end:
             t0 = time.perf_counter()
@@ -187,8 +197,16 @@ class Engine:
             if self.on_epoch:
                 self.on_epoch(record)
             bar.set_postfix({k.split("/")[-1]: round(v, 4) for k, v in record.items() if k == "target/val_acc"})
-            if pair.epoch % cfg.checkpoint_every == 0 or pair.epoch == end:
-                save_bundle(ckpt, pair.state_dict())
+            val = record.get("target/val_acc")
+            best = self.keep_best and val is not None and val > max(
+                (r["target/val_acc"] for r in pair.history[:-1] if "target/val_acc" in r), default=-1.0)
+            if pair.epoch % cfg.checkpoint_every == 0 or pair.epoch == end or best:
+                state = pair.state_dict()
+                save_bundle(ckpt, state)
+                if best:
+                    save_bundle(self.out / BEST, state)
+                if self.on_checkpoint:
+                    self.on_checkpoint(ckpt, record)
         bar.close()
         final = summarise([r for r in pair.history if "target/val_acc" in r])
         (self.out / FINAL).write_text(json.dumps(final, indent=2))

@@ -135,7 +135,7 @@ def cmd_run(args) -> int:
         grid = load_grid(args.grid, args.set)  # every trial validated before Ray starts
     from orchestrator.tune_grid import run_grid
 
-    summary = run_grid(grid, address=args.address, resume_dir=args.resume)
+    summary = run_grid(grid, address=args.address, resume_dir=args.resume, verbose=args.verbose)
     print(json.dumps(summary, indent=2))
     if not args.no_report:
         from orchestrator.report import make_report
@@ -149,8 +149,14 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from orchestrator.report import make_report
 
+    checks = []
+    for v in args.verdict:
+        arm, sep, ctl = v.partition(":")
+        if not sep or not arm or not ctl:
+            return _fail([f"--verdict: '{v[:60]}' is not ARM:CONTROL"])
+        checks.append((arm, ctl))
     rep = make_report(args.what, args.out, baseline=args.baseline, controls=args.control,
-                      results_md=args.results_md, section=args.section)
+                      results_md=args.results_md, section=args.section, verdict=checks)
     print(rep["text"])
     print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}")
     return 0
@@ -225,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--resume", metavar="DIR_OR_URI",
                    help="resume an interrupted grid from its storage folder (a local path or a bucket URI)")
     r.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    r.add_argument("--verbose", action="store_true", help="also print Ray Tune's status tables")
     r.set_defaults(fn=cmd_run)
 
     rp = sub.add_parser("report", help="pair x arm tables with paired statistics, Parquet and gain heatmap")
@@ -233,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--baseline", default="alone", metavar="ARM", help="arm every other arm is paired with (default alone)")
     rp.add_argument("--control", action="append", default=[], metavar="ARM",
                     help="also pair every other arm with this arm (e.g. mergenet_untrained); repeatable")
+    rp.add_argument("--verdict", action="append", default=[], metavar="ARM:CONTROL",
+                    help="a one-line transfer verdict per pair for ARM against its negative control arm "
+                         "(e.g. mergenet:mergenet_untrained); repeatable")
     rp.add_argument("--results-md", metavar="PATH", help="also write the tables as a section of this Markdown file")
     rp.add_argument("--section", metavar="TITLE", help="that section's title (default: the grid name); "
                                                         "re-running replaces only this section")

@@ -134,8 +134,10 @@ class GridConfig(_Strict):
         p = next(x for x in self.pairs if x.name == pair)
         opts = {k: v for k, v in self.methods[arm].items() if k != "method"}
         method = self.method_of(arm)
-        if method in ("mergenet", "param_share") and p.layer_pairs and "layer_pairs" not in opts:
-            opts["layer_pairs"] = p.layer_pairs
+        if p.layer_pairs and "layer_pairs" not in opts:
+            injected = _layer_pairs_for(method, p.layer_pairs)
+            if injected is not None:
+                opts["layer_pairs"] = injected
         r = self.resources
         d = deep_merge(self.base, {
             "name": f"{self.grid}.{pair}.{arm}.s{seed}",
@@ -170,6 +172,24 @@ class GridConfig(_Strict):
             if a.grid is not None:
                 n *= len(a.grid)
         return n
+
+
+def _layer_pairs_for(method: str, layer_pairs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The pair's ``layer_pairs`` for a method whose options have a ``layer_pairs`` list, each
+    entry cut to the keys that method's layer-pair model knows (``param_share`` takes
+    source/target, not MergeNet's mode/rank); ``None`` for methods without layer pairs."""
+    import typing
+
+    from mergenet_core.methods import METHODS
+
+    if method not in METHODS:
+        return None
+    field = METHODS.get(method).options.model_fields.get("layer_pairs")
+    if field is None:
+        return None
+    item = next((a for a in typing.get_args(field.annotation) if isinstance(a, type)), None)
+    keys = set(item.model_fields) if item is not None and hasattr(item, "model_fields") else None
+    return [{k: v for k, v in lp.items() if keys is None or k in keys} for lp in layer_pairs]
 
 
 def _yaml(v: Any) -> str:

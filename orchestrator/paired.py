@@ -152,3 +152,46 @@ def verdict(excl: bool | None, mean: float) -> str:
     if not excl:
         return "no (CI includes 0)"
     return "yes, above 0" if mean > 0 else "yes, below 0"
+
+
+def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, str]]) -> list[dict]:
+    """For each ``(arm, control)`` and pair, on the test accuracy at the best-validation epoch (the
+    primary number; never selected on test): ``transfer shown`` when the arm's 95 % interval
+    against ``baseline`` and against ``control`` both lie above 0; ``harmful`` when its interval
+    against ``baseline`` lies below 0; ``not shown`` otherwise (or without intervals)."""
+    out = []
+    for arm, control in checks:
+        vs_base = paired_table(df, baseline, arms=[arm])
+        vs_ctl = paired_table(df, control, arms=[arm])
+        ctl_base = paired_table(df, baseline, arms=[control])
+        for pair in sorted(set(vs_base["pair"]) | set(vs_ctl["pair"])):
+            def row(t):
+                r = t[(t["pair"] == pair) & (t["epoch"] == "best_val")]
+                return r.iloc[0] if len(r) else None
+            b, c, cb = row(vs_base), row(vs_ctl), row(ctl_base)
+            if b is None or c is None or b["excludes_zero"] is None or c["excludes_zero"] is None:
+                word = "not shown (too few paired seeds)"
+            elif b["ci_high"] < 0:
+                word = "harmful"
+            elif b["ci_low"] > 0 and c["ci_low"] > 0:
+                word = "transfer shown"
+            else:
+                word = "not shown"
+            out.append({"pair": pair, "arm": arm, "control": control, "baseline": baseline, "verdict": word,
+                        "vs_baseline": b, "vs_control": c, "control_vs_baseline": cb})
+    return out
+
+
+def verdict_lines(verdicts: list[dict]) -> list[str]:
+    """One Markdown bullet per (pair, arm): the verdict and the intervals behind it."""
+    lines = []
+    for v in verdicts:
+        def part(r, what):
+            if r is None:
+                return f"{what}: –"
+            return f"{what} {fmt_points(r['mean_diff'])} {fmt_ci(r['ci_low'], r['ci_high'])} (n = {r['n']})"
+        lines.append(f"- **{v['pair']} · {v['arm']}: {v['verdict']}** — "
+                     + "; ".join([part(v["vs_baseline"], f"vs `{v['baseline']}`"),
+                                  part(v["vs_control"], f"vs `{v['control']}`"),
+                                  part(v["control_vs_baseline"], f"control `{v['control']}` vs `{v['baseline']}`")]))
+    return lines

@@ -271,12 +271,20 @@ def write_section(path: str | Path, title: str, body: str) -> str:
     return name
 
 
-def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: int = 2) -> list[str]:
-    """The Markdown body: arm means, then one paired table per comparison."""
+def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: int = 2,
+                    verdicts: list[dict] | None = None) -> list[str]:
+    """The Markdown body: verdicts (when asked for), arm means, then one paired table per comparison."""
     h = "#" * level
     labels = pair_labels(df)
     baseline = next(iter(tables), "alone")
     parts = []
+    if verdicts:
+        parts += [f"\n{h} Verdict\n",
+                  "On the target test accuracy at each run's best-validation epoch (points, mean paired "
+                  "difference with its 95 % interval). *Transfer shown*: the interval lies above 0 both "
+                  f"against `{baseline}` and against the arm's negative control; *harmful*: the interval "
+                  f"against `{baseline}` lies below 0; otherwise *not shown*.\n",
+                  *paired.verdict_lines(verdicts), ""]
     for metric, title in ((METRICS[0], "Target test accuracy at the final epoch"),
                           (METRICS[1], "Target test accuracy at the best-validation epoch")):
         if metric in df:
@@ -295,13 +303,14 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
 
 def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "alone",
                 controls: list[str] | tuple[str, ...] = (), results_md: str | Path | None = None,
-                section: str | None = None) -> dict:
+                section: str | None = None, verdict: list[tuple[str, str]] | tuple = ()) -> dict:
+    """``verdict``: ``(arm, control)`` pairs that get a one-line transfer verdict per pair."""
     c = tracking.client()
     experiment_id, name, parent = resolve_experiment(c, what)
     df = trials_frame(c, experiment_id, parent)
     arms = set(df["arm"])
     # a grid without `alone` still gets its means table; an arm asked for by name must exist
-    for a in ((baseline,) if baseline != "alone" else ()) + tuple(controls):
+    for a in ((baseline,) if baseline != "alone" else ()) + tuple(controls) + tuple(x for v in verdict for x in v):
         if a not in arms:
             raise MergenetError(f"report: no arm '{a}' in grid {name} (arms: {', '.join(sorted(arms))})")
     out = Path(out_dir or Path("runs") / "reports" / name)
@@ -320,10 +329,11 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     intro = (f"MLflow experiment `{name}` ({experiment_id}), submission run `{parent}`; "
              f"{(df['status'] == 'FINISHED').sum()} finished / {len(df)} trials.\n")
     md = out / "report.md"
-    md.write_text("\n".join([f"# {name}: pair × arm\n", intro, *report_sections(df, tables)]) + "\n")
+    verdicts = paired.transfer_verdicts(df, baseline, list(verdict)) if verdict and baseline in arms else []
+    md.write_text("\n".join([f"# {name}: pair × arm\n", intro, *report_sections(df, tables, verdicts=verdicts)]) + "\n")
     heat = gain_heatmap(tables[baseline], out / HEATMAP, pair_labels(df)) if baseline in tables else None
     if results_md:
-        body = "\n".join([intro, *report_sections(df, tables, level=3)])
+        body = "\n".join([intro, *report_sections(df, tables, level=3, verdicts=verdicts)])
         write_section(results_md, section or name, body)
     if parent:
         for f in (parquet, paired_parquet, md, heat):
@@ -332,4 +342,4 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
         log_paired(c, parent, table)
     log_trial_gains(c, df, baseline)
     return {"markdown": md, "parquet": parquet, "paired": paired_parquet, "heatmap": heat, "text": md.read_text(),
-            "tables": tables}
+            "tables": tables, "verdicts": [{k: v[k] for k in ("pair", "arm", "control", "verdict")} for v in verdicts]}

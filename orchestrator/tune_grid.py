@@ -34,6 +34,7 @@ from mergenet_core.errors import MergenetError
 from mergenet_core.config import deep_merge
 from orchestrator import tracking
 from orchestrator.grid import GridConfig
+from orchestrator.inline import choose_topology, run_pair_inline
 from orchestrator.pair import BUNDLES, PLACEMENT, ensure_ray, run_pair_on_ray
 from orchestrator.storage import Location, scratch_dir
 
@@ -85,7 +86,19 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
         params.update(short)
         tracking.log_params(c, run_id, params)
         out = work / "pair"
-        if grid.scheduler.name == "pbt":
+        topology = choose_topology(cfg)
+        c.set_tag(run_id, "mergenet.topology", topology)
+        if topology == "inline" and grid.scheduler.name == "pbt":
+            final = _pbt_inline(grid, cfg, trial_dir, work, out, uri, run_id)
+        elif topology == "inline":
+            def on_epoch(record: dict) -> None:  # this process is the whole pair: report directly
+                numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+                tracking.log_metrics(c, run_id, numbers, step=int(record["epoch"]))
+                tune.report(numbers)
+
+            final = run_pair_inline(cfg, out, on_epoch=on_epoch, keep_bundles=grid.keep_bundles,
+                                    remote=None if trial_dir.local is not None else trial_dir / "inline")
+        elif grid.scheduler.name == "pbt":
             final = _pbt_segments(grid, cfg, trial_dir, work, out, tracking.MlflowEpochLogger(uri, run_id))
         else:
             storage_path, storage_fs = trial_dir.ray_storage()
@@ -185,6 +198,42 @@ def run_name(arm: str, seed: int, pair: str, short: dict[str, str]) -> str:
     return f"{arm} s{seed} · {pair}" + (f" {extra}" if extra else "")
 
 
+def _pbt_inline(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: Path, uri: str, run_id: str) -> dict:
+    """PBT for an inline pair: ``perturbation_interval`` epochs per segment in this process, the
+    whole pair bundle (``checkpoint.pt``: models, optimisers, adapter, RNG, history) reported as
+    each segment's Tune checkpoint; an exploit starts from the donor's bundle."""
+    import uuid
+
+    from mergenet_core.engine import CHECKPOINT, load_bundle
+
+    c = tracking.client(uri)
+    start, epoch = None, 0
+    ck = tune.get_checkpoint()
+    if ck is not None:  # restored trial or PBT exploit (a donor's bundle)
+        start = work / f"start-{uuid.uuid4().hex[:6]}"
+        with ck.as_directory() as d:
+            shutil.copytree(d, start)
+        epoch = load_bundle(start / CHECKPOINT)["epoch"]
+    elif (out / CHECKPOINT).exists():
+        epoch = load_bundle(out / CHECKPOINT)["epoch"]
+    epochs = cfg.target.recipe.epochs
+    final: dict = {}
+    while epoch < epochs:
+        until = min(epochs, epoch + grid.scheduler.perturbation_interval)
+        final = run_pair_inline(cfg, out, keep_bundles="last", start_from=start, until_epoch=until,
+                                on_epoch=lambda r: tracking.log_metrics(
+                                    c, run_id, {k: v for k, v in r.items() if isinstance(v, (int, float))},
+                                    step=int(r["epoch"])))
+        seg = work / f"bundle-{until:04d}"
+        seg.mkdir(exist_ok=True)
+        shutil.copy2(out / CHECKPOINT, seg / CHECKPOINT)
+        last = load_bundle(seg / CHECKPOINT)["history"][-1]
+        tune.report({k: v for k, v in last.items() if isinstance(v, (int, float))},
+                    checkpoint=tune.Checkpoint.from_directory(str(seg)))
+        start, epoch = None, until
+    return final
+
+
 def pair_labels(grid: GridConfig, pair: str) -> dict[str, str]:
     """``model@task`` of the pair's source and target (also on ``alone`` trials, for the report)."""
     p = next(x for x in grid.pairs if x.name == pair)
@@ -202,8 +251,24 @@ def pair_labels(grid: GridConfig, pair: str) -> dict[str, str]:
 class GridProgress(tune.Callback):
     """One line per trial state change, and MLflow end states the trial could not write."""
 
-    def __init__(self, uri: str, total: int, grid_dir: str):
+    def __init__(self, uri: str, total: int, grid_dir: str, every_s: float = 30.0):
         self.uri, self.total, self.done, self.grid_dir = uri, total, 0, grid_dir  # a path or a URI
+        self.every_s, self.started, self.last_progress = every_s, time.time(), time.time()
+
+    def on_step(self, iteration, trials, **info):
+        """Every ``every_s`` seconds one progress line: done / running / pending, elapsed, ETA."""
+        now = time.time()
+        if now - self.last_progress < self.every_s:
+            return
+        self.last_progress = now
+        states = [t.status for t in trials]
+        done = sum(s in ("TERMINATED", "ERROR") for s in states)
+        running = states.count("RUNNING")
+        pending = max(0, self.total - done - running)
+        elapsed = now - self.started
+        eta = f"{_mmss(elapsed / done * (self.total - done))}" if done else "?"
+        print(f"[{time.strftime('%H:%M:%S')}] progress   {done}/{self.total} done, {running} running, "
+              f"{pending} pending; elapsed {_mmss(elapsed)}, ETA {eta}", flush=True)
 
     def _line(self, trial, state: str, extra: str = "") -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {state:<10} {trial.trial_id} {_short(trial.config)}"
@@ -241,6 +306,11 @@ class GridProgress(tune.Callback):
             tracking.end_run(c, run_id, ok=ok, reason=reason)
 
 
+def _mmss(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}:{s:02d}"
+
+
 def _short(config: dict) -> str:
     hp = config.get("hp") or {}
     extra = " ".join(f"{'.'.join(k.split('.')[-2:])}={v:.4g}" if isinstance(v, float)
@@ -257,6 +327,27 @@ def _error_text(trial) -> str:
 
 
 # --------------------------------------------------------------------------- tuner
+
+
+def trial_resources(grid: GridConfig):
+    """Per trial: an inline pair trains in the trial process, which therefore holds the pair's
+    CPUs (``resources.cpus_per_worker``) or GPU; a split pair's trial is only the driver of its
+    Ray Train worker group (``resources.trial_driver_cpus``)."""
+    from ray.tune import PlacementGroupFactory
+
+    def resources(config: dict) -> PlacementGroupFactory:
+        try:
+            cfg = grid.trial_config(config["pair"], config["method"], config["seed"], dict(config.get("hp") or {}))
+        except Exception:  # noqa: BLE001 - validated before the grid starts; be safe on restore
+            return PlacementGroupFactory([{"CPU": grid.resources.trial_driver_cpus}])
+        if choose_topology(cfg) == "inline":
+            need = {"CPU": cfg.ray.cpus_per_worker}
+            if cfg.ray.use_gpu:
+                need["GPU"] = 1
+            return PlacementGroupFactory([need])
+        return PlacementGroupFactory([{"CPU": grid.resources.trial_driver_cpus}])
+
+    return resources
 
 
 def _axis(a, pbt: bool = False):
@@ -293,7 +384,7 @@ def _trial_name(trial) -> str:
 
 
 def build_tuner(grid: GridConfig, storage: Location, parent_run_id: str, experiment_id: str, uri: str,
-                restore: bool = False) -> tune.Tuner:
+                restore: bool = False, verbose: bool = False) -> tune.Tuner:
     """``storage``: the folder holding the grid's folder (local, or a bucket URI). Ray gets a
     bucket as ``storage_path`` + ``storage_filesystem`` (the file system resolved from the URI,
     endpoint options included), so URI query parameters never have to survive Ray's path joins."""
@@ -303,7 +394,7 @@ def build_tuner(grid: GridConfig, storage: Location, parent_run_id: str, experim
         tune.with_parameters(trial_fn, grid_json=grid.model_dump_json(), parent_run_id=parent_run_id,
                              experiment_id=experiment_id, uri=uri, sha=tracking.git_sha(),
                              grid_dir=str(grid_dir)),
-        {"cpu": grid.resources.trial_driver_cpus})
+        trial_resources(grid))
     if restore:
         return tune.Tuner.restore(grid_dir.ray_storage()[0], trainable, resume_errored=True,
                                   storage_filesystem=storage_fs)
@@ -323,11 +414,12 @@ def build_tuner(grid: GridConfig, storage: Location, parent_run_id: str, experim
         run_config=tune.RunConfig(name=grid.grid, storage_path=storage_path, storage_filesystem=storage_fs,
                                   failure_config=tune.FailureConfig(max_failures=grid.max_failures),
                                   callbacks=[GridProgress(uri, grid.trial_count(), str(grid_dir))],
-                                  verbose=1),
+                                  verbose=1 if verbose else 0),
     )
 
 
-def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: str | None = None) -> dict:
+def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: str | None = None,
+             verbose: bool = False) -> dict:
     """Submit (or resume) a grid; returns a summary with the MLflow ids and trial states."""
     uri = tracking.tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri  # reaches every worker through the runtime env
@@ -356,7 +448,7 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
           f"run {parent}; storage {exp_dir}", flush=True)
     ensure_ray(address)
     try:
-        tuner = build_tuner(grid, storage, parent, experiment_id, uri, restore=bool(resume_dir))
+        tuner = build_tuner(grid, storage, parent, experiment_id, uri, restore=bool(resume_dir), verbose=verbose)
         results = tuner.fit()
     except BaseException as e:
         tracking.end_run(c, parent, ok=False, reason=f"{type(e).__name__}: {e}")

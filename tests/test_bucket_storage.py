@@ -118,7 +118,7 @@ def test_grid_in_a_bucket_is_killed_and_resumed_from_its_uri(s3, tmp_path):
     storage = s3["uri"]("grids")
     grid_uri = s3["uri"]("grids/g-bucket")
     path = write_yaml(tmp_path / "grid.yaml", tiny_grid("g-bucket", seeds=(0,), max_concurrent_trials=1,
-                                                        storage_path=storage))  # alone + mergenet
+                                                        storage_path=storage, ray={"topology": "split"}))  # alone + mergenet
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     rtmp = short_tmp("mnb3")

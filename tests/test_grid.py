@@ -84,8 +84,11 @@ MERGENET = {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}
 
 def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
     # two arms of one method: `mergenet` and its variant `mergenet_t2` (the arm vs arm comparison)
+    # the split topology (Ray Train role workers + adapter actor), explicitly: the inline one has
+    # its own test (tests/test_inline.py)
     grid = tiny_grid("g-server", methods={"alone": {}, "mergenet": MERGENET,
-                                          "mergenet_t2": {"method": "mergenet", **MERGENET, "t_cycle": 2}})
+                                          "mergenet_t2": {"method": "mergenet", **MERGENET, "t_cycle": 2}},
+                     ray={"topology": "split"})
     path = write_yaml(tmp_path / "grid.yaml", grid)
     r = cli(["run", str(path)], tmp_path, mlflow_server)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

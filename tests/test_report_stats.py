@@ -208,3 +208,22 @@ def test_report_without_alone_arm_still_writes_the_means(tmp_path, monkeypatch):
     assert "50.00 ± 0.00 (n=2)" in rep["text"] and "No `alone` arm" in rep["text"] and rep["heatmap"] is None
     with pytest.raises(Exception, match="no arm 'ctl'"):
         make_report("g-noalone", tmp_path / "out", controls=["ctl"])
+
+
+def test_transfer_verdicts_need_the_baseline_and_the_control():
+    base = [0.60, 0.70, 0.65, 0.62, 0.68]
+    rows = [("p", "alone", s, b, b) for s, b in enumerate(base)]
+    # shown: +2 points over alone and over its control at every seed (small jitter)
+    rows += [("p", "mergenet", s, b, b + 0.02 + 0.001 * s) for s, b in enumerate(base)]
+    rows += [("p", "mergenet_untrained", s, b, b + 0.001 * (s % 2)) for s, b in enumerate(base)]
+    # not shown: above alone, but no better than its own control
+    rows += [("p", "lucky", s, b, b + 0.02 + 0.001 * s) for s, b in enumerate(base)]
+    rows += [("p", "lucky_untrained", s, b, b + 0.02 + 0.001 * ((s + 1) % 3)) for s, b in enumerate(base)]
+    # harmful: below alone at every seed
+    rows += [("p", "bad", s, b, b - 0.03 - 0.001 * s) for s, b in enumerate(base)]
+    df = _trials(rows)
+    v = {x["arm"]: x["verdict"] for x in paired.transfer_verdicts(
+        df, "alone", [("mergenet", "mergenet_untrained"), ("lucky", "lucky_untrained"), ("bad", "mergenet_untrained")])}
+    assert v == {"mergenet": "transfer shown", "lucky": "not shown", "bad": "harmful"}
+    lines = paired.verdict_lines(paired.transfer_verdicts(df, "alone", [("mergenet", "mergenet_untrained")]))
+    assert len(lines) == 1 and "transfer shown" in lines[0] and "vs `mergenet_untrained`" in lines[0]

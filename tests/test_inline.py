@@ -1,0 +1,77 @@
+"""Topology ``inline``: a grid trial whose pair fits one device trains inside the Tune trial
+process (no Ray Train worker group); its metrics equal the single-process engine's."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import helpers
+from helpers import assert_same_metrics, limit_threads, read_metrics, tiny_pair, write_yaml
+from mergenet_core.config import parse_config
+from mergenet_core.engine import Engine
+
+limit_threads()
+ROOT = Path(__file__).resolve().parents[1]
+TASK = {"name": "fashion_mnist", "options": {"train_subset": 320, "test_subset": 128, "val_fraction": 0.2}}
+
+
+@pytest.mark.parametrize("ray,expected", [
+    ({}, "inline"),
+    ({"topology": "split"}, "split"),
+    ({"use_gpu": True}, "split"),
+    ({"target_workers": 2}, "split"),
+    ({"placement": "STRICT_SPREAD"}, "split"),
+    ({"worker_resources": {"accel": 1}}, "split"),
+    ({"use_gpu": True, "topology": "inline"}, "inline"),
+])
+def test_auto_topology(ray, expected):
+    from orchestrator.inline import choose_topology
+
+    cfg = parse_config(tiny_pair("alone", source_model=None, ray=ray))
+    assert choose_topology(cfg) == expected
+
+
+def test_inline_grid_trials_equal_the_engine_and_are_tracked(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.grid import load_grid
+
+    grid = helpers.tiny_grid(
+        "g-inline", task=TASK, epochs=2, steps_per_epoch=3,
+        target_model={"name": "cnn", "options": {"channels": [8, 16], "hidden": 16}},
+        methods={"alone": {}, "mergenet": {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}}, seeds=[0])
+    grid["pairs"][0]["layer_pairs"] = [{"source": "features.1.conv.weight", "target": "features.1.conv.weight",
+                                        "mode": "svd", "rank": 2}]
+    path = write_yaml(tmp_path / "grid.yaml", grid)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, **helpers.SUBPROCESS_ENV_OVERRIDES,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    g = load_grid(path, deep=False)
+    folders = sorted((tmp_path / "runs" / "grids" / "g-inline" / "trials").iterdir())
+    assert len(folders) == 2
+    for folder in folders:
+        cfg_json = json.loads((folder / "pair" / "config.json").read_text())
+        arm = cfg_json["method"]["name"]
+        ref = tmp_path / f"engine-{arm}"
+        Engine(g.trial_config("cnn-cnn", arm, 0), ref, progress=False).run()
+        assert_same_metrics(read_metrics(ref), read_metrics(folder / "pair"), tol=1e-6)
+        placement = json.loads((folder / "pair" / "placement.json").read_text())
+        assert [w["role"] for w in placement] == ["pair"]
+        assert not (folder / "train").exists()  # no Ray Train run
+        assert json.loads((folder / "pair" / "bundles.json").read_text())["last"]["epoch"] == 2
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("g-inline")
+    runs = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("mergenet.trial") == "1"]
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags["mergenet.topology"] == "inline" for r in runs)
+    assert all("target/final_test_acc" in r.data.metrics for r in runs)
+    hist = c.get_metric_history(runs[0].info.run_id, "target/val_acc")
+    assert sorted(m.step for m in hist) == [1, 2]
