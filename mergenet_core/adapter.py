@@ -23,9 +23,10 @@ __all__ = ["head_width", "attend", "CrossAttention", "KnowledgeTransferLayer", "
            "adapter_param_count"]
 
 
-def head_width(d_q: int, d_kv: int, heads: int) -> int:
-    """Per-head width ``max((d_q + d_kv) // 2, 128) // heads`` (the authors' rule)."""
-    d = max((d_q + d_kv) // 2, 128) // heads
+def head_width(d_q: int, d_kv: int, heads: int, width: int | None = None) -> int:
+    """Per-head width ``max((d_q + d_kv) // 2, 128) // heads`` (the authors' rule), or
+    ``width // heads`` for a fixed model width (``adapter.width``)."""
+    d = (width if width else max((d_q + d_kv) // 2, 128)) // heads
     if d < 1:
         raise ValueError(f"heads={heads} leaves a per-head width of 0")
     return d
@@ -47,9 +48,10 @@ class CrossAttention(nn.Module):
     """``LayerNorm(q + W_o MHA(q W_q, kv W_k, kv W_v))``; all projections with bias, total
     width ``heads * head_width(d_q, d_kv, heads)``; dropout on the attention weights."""
 
-    def __init__(self, d_q: int, d_kv: int, heads: int = 8, dropout: float = 0.1, ln_eps: float = 1e-5):
+    def __init__(self, d_q: int, d_kv: int, heads: int = 8, dropout: float = 0.1, ln_eps: float = 1e-5,
+                 width: int | None = None):
         super().__init__()
-        self.heads, self.d = heads, head_width(d_q, d_kv, heads)
+        self.heads, self.d = heads, head_width(d_q, d_kv, heads, width)
         inner = heads * self.d
         self.fc_q = nn.Linear(d_q, inner)
         self.fc_k = nn.Linear(d_kv, inner)
@@ -81,22 +83,24 @@ class KnowledgeTransferLayer(nn.Module):
 
     def __init__(self, target_shape: tuple[int, int], source_shape: tuple[int, int],
                  heads: int = 8, attn_dropout: float = 0.1, ffn_dropout: float = 0.2,
-                 combine: Combine = "learned", gelu: Gelu = "erf", ln_eps: float = 1e-5):
+                 combine: Combine = "learned", gelu: Gelu = "erf", ln_eps: float = 1e-5,
+                 width: int | None = None):
         super().__init__()
         if combine not in ("learned", "mean") or gelu not in ("erf", "tanh"):
             raise ValueError(f"combine must be learned|mean and gelu erf|tanh, got {combine!r}, {gelu!r}")
         (p, q), (P, Q) = target_shape, source_shape
         self.target_shape, self.source_shape = (p, q), (P, Q)
-        self.att_rr = CrossAttention(q, Q, heads, attn_dropout, ln_eps)  # target rows x source rows
-        self.att_rc = CrossAttention(q, P, heads, attn_dropout, ln_eps)  # target rows x source columns
-        self.att_cr = CrossAttention(p, Q, heads, attn_dropout, ln_eps)  # target columns x source rows
-        self.att_cc = CrossAttention(p, P, heads, attn_dropout, ln_eps)  # target columns x source columns
+        self.att_rr = CrossAttention(q, Q, heads, attn_dropout, ln_eps, width)  # target rows x source rows
+        self.att_rc = CrossAttention(q, P, heads, attn_dropout, ln_eps, width)  # target rows x source columns
+        self.att_cr = CrossAttention(p, Q, heads, attn_dropout, ln_eps, width)  # target columns x source rows
+        self.att_cc = CrossAttention(p, P, heads, attn_dropout, ln_eps, width)  # target columns x source columns
         self.combine = combine
         if combine == "learned":
             self.mix = nn.Parameter(torch.zeros(4))  # softmax(0) = equal weights = plain mean
         self.gelu = "tanh" if gelu == "tanh" else "none"
-        self.ffn_up = spectral_norm(nn.Linear(q, 2 * q))
-        self.ffn_down = spectral_norm(nn.Linear(2 * q, q))
+        hidden = width if width else 2 * q  # the authors' q -> 2q -> q, or the fixed model width
+        self.ffn_up = spectral_norm(nn.Linear(q, hidden))
+        self.ffn_down = spectral_norm(nn.Linear(hidden, q))
         self.ffn_dropout = nn.Dropout(ffn_dropout)
         self.ffn_norm = nn.LayerNorm(q, eps=ln_eps)
 
@@ -129,7 +133,8 @@ class ParameterAdapter(nn.Module):
     def __init__(self, target_shape: tuple[int, int], source_shape: tuple[int, int],
                  layers: int = 2, heads: int = 8, attn_dropout: float = 0.1,
                  ffn_dropout: float = 0.2, output_scale: OutputScale = "none",
-                 combine: Combine = "learned", gelu: Gelu = "erf", ln_eps: float = 1e-5):
+                 combine: Combine = "learned", gelu: Gelu = "erf", ln_eps: float = 1e-5,
+                 width: int | None = None):
         super().__init__()
         if output_scale not in ("none", "rms", "learned"):
             raise ValueError(f"output_scale must be none, rms or learned, got '{output_scale}'")
@@ -140,7 +145,7 @@ class ParameterAdapter(nn.Module):
         self.output_scale = output_scale
         self.layers = nn.ModuleList(
             KnowledgeTransferLayer(self.target_shape, self.source_shape, heads, attn_dropout, ffn_dropout,
-                                   combine, gelu, ln_eps)
+                                   combine, gelu, ln_eps, width)
             for _ in range(layers))
         if output_scale == "learned":
             self.scale = nn.Parameter(torch.ones(()))

@@ -68,6 +68,10 @@ class AdapterOptions(_Opts):
                                "(initialised equal) or the fixed mean (no mixing weights)")
     gelu: Literal["erf", "tanh"] = Field("erf", description="GELU of the KTL feed-forward: exact (erf) or tanh approximation")
     ln_eps: float = Field(1e-5, gt=0, lt=1, description="LayerNorm epsilon inside the adapter")
+    width: PositiveInt | None = Field(None, description="fixed model width: every attention block projects its "
+                                                        "tokens to this width (width/heads per head) and the FFN's "
+                                                        "hidden layer has this width; default: the authors' "
+                                                        "widths (max((d_q+d_kv)//2, 128) and 2q)")
     attn_dropout: float = Field(0.1, ge=0, lt=1)
     ffn_dropout: float = Field(0.2, ge=0, lt=1)
     generate_dropout: bool = Field(True, description="dropout active when generating the written weights "
@@ -89,6 +93,12 @@ class AdapterOptions(_Opts):
                 base.pop("hold_epochs")
             return {**base, **data}
         return data
+
+    @model_validator(mode="after")
+    def _width(self) -> "AdapterOptions":
+        if self.width is not None and self.width < self.heads:
+            raise ValueError(f"width: {self.width} leaves less than one unit per head ({self.heads} heads)")
+        return self
 
     @property
     def start_epoch(self) -> int:  # the former name
@@ -206,7 +216,7 @@ class AdapterHub:
             self.adapters = nn.ModuleDict({
                 lid: ParameterAdapter(shapes[lid][0], shapes[lid][1], a.layers, a.heads, *a.dropouts,
                                       self.links[lid].pair.output_scale, combine=a.combine, gelu=a.gelu,
-                                      ln_eps=a.ln_eps)
+                                      ln_eps=a.ln_eps, width=a.width)
                 for lid in self.links}).to(self.device)
             self.rng = torch.get_rng_state()
             self.cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None

@@ -255,7 +255,7 @@ class GridProgress(tune.Callback):
         self.uri, self.total, self.done, self.grid_dir = uri, total, 0, grid_dir  # a path or a URI
         self.every_s, self.started, self.last_progress = every_s, time.time(), time.time()
 
-    def on_step(self, iteration, trials, **info):
+    def on_step_end(self, iteration, trials, **info):
         """Every ``every_s`` seconds one progress line: done / running / pending, elapsed, ETA."""
         now = time.time()
         if now - self.last_progress < self.every_s:

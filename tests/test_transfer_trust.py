@@ -443,3 +443,18 @@ def test_val_size_draws_validation_from_the_rest_of_train():
     assert not any(bytes(x.numpy().tobytes()) in tr for x in t.val.x)  # disjoint images
     again = build_task("fashion_mnist", {"train_subset": 500, "val_size": 300, "test_subset": 200}, seed=3)
     assert torch.equal(again.val.y, t.val.y)
+
+
+def test_adapter_width_fixes_the_model_width():
+    from mergenet_core.adapter import head_width
+
+    wide = ParameterAdapter((4, 1280), (4, 64), 1, 4)
+    narrow = ParameterAdapter((4, 1280), (4, 64), 1, 4, width=64)
+    assert adapter_param_count(narrow) < adapter_param_count(wide) / 10
+    assert head_width(1280, 64, 4, width=64) == 16 and head_width(1280, 64, 4) == 168
+    ktl = narrow.layers[0]
+    assert ktl.att_rr.fc_q.out_features == 64 and ktl.ffn_up.out_features == 64
+    x, y = torch.randn(4, 1280), torch.randn(4, 64)
+    assert narrow(x, y).shape == (4, 1280)
+    with pytest.raises(ValueError, match="width"):
+        AdapterOptions.model_validate({"width": 4, "heads": 8})
