@@ -75,3 +75,30 @@ def test_inline_grid_trials_equal_the_engine_and_are_tracked(tmp_path):
     assert all("target/final_test_acc" in r.data.metrics for r in runs)
     hist = c.get_metric_history(runs[0].info.run_id, "target/val_acc")
     assert sorted(m.step for m in hist) == [1, 2]
+
+
+def test_inline_pbt_grid_finishes_with_whole_pair_bundles(tmp_path):
+    """PBT on inline pairs: segments of `perturbation_interval` epochs in the trial process, each
+    reporting the pair bundle as its Tune checkpoint; every trial ends FINISHED with all epochs."""
+    from mlflow.tracking import MlflowClient
+
+    grid = helpers.tiny_grid(
+        "g-pbt", task=TASK, epochs=3, steps_per_epoch=2,
+        target_model={"name": "cnn", "options": {"channels": [8], "hidden": 16}},
+        methods={"mergenet": {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}}, seeds=[0, 1],
+        scheduler={"name": "pbt", "perturbation_interval": 1,
+                   "hyperparam_mutations": {"recipe.optimizer.lr": {"loguniform": [0.01, 0.1]}}})
+    path = write_yaml(tmp_path / "grid.yaml", grid)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, **helpers.SUBPROCESS_ENV_OVERRIDES,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path), "--no-report"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    c = MlflowClient(uri)
+    runs = [r for r in c.search_runs([c.get_experiment_by_name("g-pbt").experiment_id])
+            if r.data.tags.get("mergenet.trial") == "1"]
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags["mergenet.topology"] == "inline" for r in runs)
+    for folder in (tmp_path / "runs" / "grids" / "g-pbt" / "trials").iterdir():
+        assert [r["epoch"] for r in read_metrics(folder / "pair")] == [1, 2, 3]
