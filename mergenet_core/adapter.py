@@ -128,13 +128,17 @@ class ParameterAdapter(nn.Module):
     rescales the output to the RMS of ``reference`` (the matrix being replaced);
     ``learned`` multiplies by a learnable scalar, initialised on the first call that has a
     ``reference`` so that the output RMS equals the reference RMS (1 until then).
+
+    ``gate``: the output is ``X + g (X' - X)`` with a learnable scalar ``g`` initialised to 0,
+    so an untrained adapter rewrites nothing and the adapter only moves the target as far as its
+    feedback (the target's own loss) says the proposal helps.
     """
 
     def __init__(self, target_shape: tuple[int, int], source_shape: tuple[int, int],
                  layers: int = 2, heads: int = 8, attn_dropout: float = 0.1,
                  ffn_dropout: float = 0.2, output_scale: OutputScale = "none",
                  combine: Combine = "learned", gelu: Gelu = "erf", ln_eps: float = 1e-5,
-                 width: int | None = None):
+                 width: int | None = None, gate: bool = False):
         super().__init__()
         if output_scale not in ("none", "rms", "learned"):
             raise ValueError(f"output_scale must be none, rms or learned, got '{output_scale}'")
@@ -150,6 +154,9 @@ class ParameterAdapter(nn.Module):
         if output_scale == "learned":
             self.scale = nn.Parameter(torch.ones(()))
             self.register_buffer("scale_initialised", torch.zeros((), dtype=torch.bool))
+        self.gated = gate
+        if gate:  # zero-initialised residual gate: an untrained adapter writes back its input
+            self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: Tensor, y: Tensor, reference: Tensor | None = None) -> Tensor:
         if tuple(x.shape) != self.target_shape or tuple(y.shape) != self.source_shape:
@@ -168,6 +175,8 @@ class ParameterAdapter(nn.Module):
                     self.scale.copy_(rms(reference) / (rms(out) + 1e-12))
                     self.scale_initialised.fill_(True)
             out = out * self.scale
+        if self.gated:
+            out = x + self.gate * (out - x)
         return out
 
 

@@ -68,6 +68,8 @@ class AdapterOptions(_Opts):
                                "(initialised equal) or the fixed mean (no mixing weights)")
     gelu: Literal["erf", "tanh"] = Field("erf", description="GELU of the KTL feed-forward: exact (erf) or tanh approximation")
     ln_eps: float = Field(1e-5, gt=0, lt=1, description="LayerNorm epsilon inside the adapter")
+    gate: bool = Field(False, description="zero-initialised residual gate: write X + g (X' - X), g learned "
+                                          "from 0, so an untrained adapter changes nothing")
     width: PositiveInt | None = Field(None, description="fixed model width: every attention block projects its "
                                                         "tokens to this width (width/heads per head) and the FFN's "
                                                         "hidden layer has this width; default: the authors' "
@@ -216,7 +218,7 @@ class AdapterHub:
             self.adapters = nn.ModuleDict({
                 lid: ParameterAdapter(shapes[lid][0], shapes[lid][1], a.layers, a.heads, *a.dropouts,
                                       self.links[lid].pair.output_scale, combine=a.combine, gelu=a.gelu,
-                                      ln_eps=a.ln_eps, width=a.width)
+                                      ln_eps=a.ln_eps, width=a.width, gate=a.gate)
                 for lid in self.links}).to(self.device)
             self.rng = torch.get_rng_state()
             self.cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None

@@ -458,3 +458,17 @@ def test_adapter_width_fixes_the_model_width():
     assert narrow(x, y).shape == (4, 1280)
     with pytest.raises(ValueError, match="width"):
         AdapterOptions.model_validate({"width": 4, "heads": 8})
+
+
+def test_gated_adapter_starts_as_the_identity_and_learns_its_gate(tmp_path):
+    torch.manual_seed(0)
+    ad = ParameterAdapter((4, 30), (4, 50), 1, 2, output_scale="rms", gate=True)
+    x, y = torch.randn(4, 30), torch.randn(4, 50)
+    out = ad(x, y, reference=x)
+    torch.testing.assert_close(out, x)  # g = 0: writes back its input
+    out.backward(torch.randn_like(out))
+    assert ad.gate.grad is not None and float(ad.gate.grad.abs()) > 0
+    # in a pair: the first transfer writes (almost) nothing
+    Engine(parse_config(_mergenet_pair(adapter={"gate": True})), tmp_path, progress=False).run()
+    rec = read_metrics(tmp_path)[0]
+    assert rec["transfer/0/write_change"] < 0.05
