@@ -1,6 +1,7 @@
 """Data layer: loaders on the offline sets, CIFAR pickle format, splits, augmentation, streams."""
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -290,3 +291,65 @@ def test_iter_eval():
     batches = list(iter_eval(_split(50), 16))
     assert [len(b[1]) for b in batches] == [16, 16, 16, 2]
     assert torch.equal(torch.cat([b[1] for b in batches]), torch.arange(50))
+
+
+# ------------------------------------------------------------------ hostile data files
+
+
+class _Boom:
+    """Pickles to a call of os.system: what a crafted CIFAR batch would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("cmd", ["validate", "train"])
+def test_malicious_cifar_pickle_is_refused_not_run(tmp_path, cmd):
+    """A batch file that would run a command when unpickled: refused (exit 2, one line naming
+    the file and the refused global); the command never runs, under validate or train."""
+    import subprocess
+
+    import yaml
+
+    _write_cifar(tmp_path, fine=False)
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": _Boom(marker), b"labels": [0]}, f, protocol=2)
+    cfg = {"name": "evil", "device": "cpu", "recipe": {"epochs": 1, "batch_size": 8},
+           "target": {"model": {"name": "cnn", "options": {"channels": [4], "hidden": 0}},
+                      "task": {"name": "cifar10", "options": {"root": str(tmp_path)}}}}
+    path = tmp_path / "evil.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    argv = [cmd, str(path)] + (["--out", str(tmp_path / "run"), "--quiet"] if cmd == "train" else [])
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "data_batch_3" in lines[0] and "posix.system" in lines[0], lines
+    assert not marker.exists()
+
+
+def test_restricted_unpickler_admits_numpy_and_plain_containers(tmp_path):
+    from mergenet_core.errors import DataMissingError
+    from mergenet_core.safe_pickle import load_data_pickle
+
+    d = {b"a": np.arange(6, dtype=np.uint8).reshape(2, 3), "s": {1, 2}, "f": frozenset([3]), "t": (1.5, None),
+         "b": bytearray(b"xy"), "n": np.float32(2.0)}
+    for proto in (2, 4, 5):
+        (tmp_path / "ok").write_bytes(pickle.dumps(d, protocol=proto))
+        back = load_data_pickle(tmp_path / "ok")
+        assert np.array_equal(back[b"a"], d[b"a"]) and back["s"] == {1, 2} and back["n"] == 2.0
+    import collections
+
+    (tmp_path / "od").write_bytes(pickle.dumps(collections.OrderedDict(a=1)))
+    with pytest.raises(DataMissingError, match="collections.OrderedDict"):
+        load_data_pickle(tmp_path / "od")
+    (tmp_path / "cut").write_bytes(pickle.dumps(d)[:40])
+    with pytest.raises(DataMissingError, match="not a readable data pickle"):
+        load_data_pickle(tmp_path / "cut")
