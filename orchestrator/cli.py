@@ -16,11 +16,17 @@ from mergenet_core.errors import MergenetError
 EXIT_USAGE = 2
 
 
+#: an error line never grows past this (it may quote a short prefix of a value, never all of it)
+MAX_LINE = 400
+
+
 def _fail(lines: list[str], prefix: str = "") -> int:
+    from mergenet_core.errors import short
+
     for line in lines:
         if prefix and line.startswith(prefix):  # the message already names the file
             line = line[len(prefix):]
-        print(f"error: {prefix}{line}", file=sys.stderr)
+        print(short(f"error: {prefix}{line}", MAX_LINE), file=sys.stderr)
     return EXIT_USAGE
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from mergenet_core.config import (ConfigErrors, ExperimentConfig, apply_overrides, deep_merge,
                                   format_validation_error, parse_config, read_yaml)
-from mergenet_core.errors import ConfigError
+from mergenet_core.errors import ConfigError, short
 
 
 class _Strict(BaseModel):
@@ -181,7 +181,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
         lines: list[str] = []
         checked_layers: set[tuple[str, str]] = set()
         for pair, method, hp in grid.enumerate_checks():
-            where = f"pairs[{pair}] method[{method}]" + (f" {hp}" if hp else "")
+            where = f"pairs[{pair}] method[{method}]" + (f" {short(hp, 80)}" if hp else "")
             try:
                 cfg = grid.trial_config(pair, method, grid.seeds[0], hp)
             except ConfigErrors as e:
