@@ -95,7 +95,8 @@ class RayPairSpec(Strict):
 class ExperimentConfig(Strict):
     """One pair experiment: a target (and usually a source) trained side by side."""
 
-    name: str = "pair"
+    name: str = Field("pair", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$",
+                      description="run name (the default output folder): letters, digits, _ . + -; no path separators")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -275,6 +276,10 @@ def check_registries(cfg: ExperimentConfig) -> list[str]:
                 lines.append(f"{role}.model.name: model '{spec.model.name}' takes {mm} input but task "
                              f"'{spec.task.name}' is {tm}")
     check(METHODS, cfg.method.name, cfg.method.options, "method")
+    if not lines:
+        from .validation import cross_checks  # checks across fields (layer pairs sharing a weight, ...)
+
+        lines.extend(cross_checks(cfg))
     if not lines and cfg.method.name in METHODS:
         cls = METHODS.get(cfg.method.name).fn
         try:

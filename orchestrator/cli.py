@@ -76,8 +76,12 @@ def load_any(path: str, overrides: list[str] | None = None):
 
 
 def cmd_train(args) -> int:
+    from mergenet_core.safe_io import prepare_run_dir
+
     cfg = _load(args.config, args.set)
     out = Path(args.out or Path("runs") / f"{cfg.name}-s{cfg.seed}")
+    # nothing lost: a folder holding a run needs --resume or --overwrite; --resume needs a checkpoint
+    prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite, ray=args.ray)
     if args.ray:
         from orchestrator.pair import preflight, run_pair_on_ray
 
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--out", help="output directory (default runs/NAME-sSEED)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace the run in --out (default: refuse)")
     t.add_argument("--ray", action="store_true", help="run through the Ray pair topology")
     t.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -80,8 +80,8 @@ def test_make_splits_disjoint_and_seeded():
     tr2, va2, _ = make_splits(train, test, opts, seed=3)
     _, va3, _ = make_splits(train, test, opts, seed=4)
     assert _ids(va2) == _ids(va) and _ids(va3) != _ids(va)
-    none = make_splits(train, test, SplitOptions(val_fraction=0.0), seed=0)
-    assert len(none[0]) == 1000 and len(none[1]) == 0
+    with pytest.raises(ValidationError, match="greater than 0"):  # no validation split: refused
+        SplitOptions(val_fraction=0.0)
 
 
 def test_stratified_order_prefixes_balanced():
@@ -156,13 +156,14 @@ def _write_cifar(tmp: Path, fine: bool, n_per_file: int = 20) -> np.ndarray:
 def test_cifar_pickle_format(tmp_path, fine):
     first = _write_cifar(tmp_path, fine)
     name, k, n_train = ("cifar100", 100, 40) if fine else ("cifar10", 10, 100)
-    d = build_task(name, {"root": str(tmp_path), "val_fraction": 0.0}, seed=0)
+    d = build_task(name, {"root": str(tmp_path), "val_fraction": 0.1}, seed=0)
     assert d.info.num_classes == k and (d.info.in_channels, d.info.image_size) == (3, 32)
-    assert len(d.train) == n_train and len(d.test) == 20 and len(d.val) == 0
+    assert len(d.train) + len(d.val) == n_train and len(d.test) == 20 and len(d.val) == n_train // 10
     assert d.train.x.dtype == torch.uint8 and d.train.x.shape[1:] == (3, 32, 32)
     assert d.class_names[:2] == ["c0", "c1"] and len(d.class_names) == k
     # row layout: 1024 red, 1024 green, 1024 blue, each row-major 32x32
-    assert torch.equal(d.train.x[0, 1], torch.from_numpy(first[0, 1024:2048].reshape(32, 32)))
+    green = torch.from_numpy(first[0, 1024:2048].reshape(32, 32))
+    assert any(torch.equal(x[1], green) for x in torch.cat([d.train.x, d.val.x]))
     folder = tmp_path / ("cifar-100-python" if fine else "cifar-10-batches-py")
     d2 = build_task(name, {"root": str(folder)}, seed=0)  # the folder itself also works
     assert len(d2.train) + len(d2.val) == n_train and len(d2.val) == n_train // 10

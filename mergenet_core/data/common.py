@@ -30,7 +30,8 @@ class SplitOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0,
+                                description="> 0: the best-validation epoch and schedulers need a validation split")
     train_subset: int | None = Field(None, gt=0)
     test_subset: int | None = Field(None, gt=0)
     root: str | None = None
