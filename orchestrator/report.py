@@ -129,7 +129,7 @@ def gain_heatmap(df: pd.DataFrame, path: Path, metric: str = METRICS[0]) -> Path
 
 
 def make_report(what: str, out_dir: str | Path | None = None) -> dict:
-    c = tracking.client()
+    c = tracking.existing_client()  # reading: never creates an empty mlflow.db
     experiment_id, name, parent = resolve_experiment(c, what)
     df = trials_frame(c, experiment_id, parent)
     out = Path(out_dir or Path("runs") / "reports" / name)
