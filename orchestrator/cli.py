@@ -82,6 +82,10 @@ def cmd_train(args) -> int:
     out = Path(args.out or Path("runs") / f"{cfg.name}-s{cfg.seed}")
     # nothing lost: a folder holding a run needs --resume or --overwrite; --resume needs a checkpoint
     prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite, ray=args.ray)
+    if args.ray and args.resume:  # a corrupt or foreign checkpoint: one line here, not a worker failure
+        from mergenet_core.safe_io import load_checkpoint, ray_checkpoints
+
+        load_checkpoint(ray_checkpoints(out)[-1])
     if args.ray:
         from orchestrator.pair import preflight, run_pair_on_ray
 
