@@ -137,11 +137,12 @@ def bench_exchange(sizes, reps_for, log) -> list[dict]:
         actor = AdapterActor.options(max_concurrency=16, num_cpus=0).remote(
             cfg.model_dump_json(), {"0": (tuple(shape_t), tuple(shape_s))}, 10**6)
         try:
-            proxy = RayExchange(actor, leader=True, sync=True)
+            ray.get(actor.begin.remote("bench"))  # an attempt: what rank 0 of a pair starts first
+            proxy = RayExchange(actor, leader=True, sync=True, attempt="bench")
             _round_trips(proxy, shape_t, shape_s, 0, warmup)
-            ray.get(actor.take_epoch_metrics.remote())
+            proxy.take_epoch_metrics()
             total, get_lat, fb_lat = _round_trips(proxy, shape_t, shape_s, reps, 0, start_step=warmup)
-            hub = ray.get(actor.take_epoch_metrics.remote())
+            hub = proxy.take_epoch_metrics()
         finally:
             ray.kill(actor)
         echo = EchoActor.options(max_concurrency=16, num_cpus=0).remote()

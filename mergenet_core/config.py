@@ -12,10 +12,10 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
-from .errors import ConfigError, MergenetError
+from .errors import ConfigError, MergenetError, short
+from .safe_yaml import load_yaml_text
 
 
 class Strict(BaseModel):
@@ -115,7 +115,8 @@ class RayPairSpec(Strict):
 class ExperimentConfig(Strict):
     """One pair experiment: a target (and usually a source) trained side by side."""
 
-    name: str = "pair"
+    name: str = Field("pair", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$",
+                      description="run name (the default output folder): letters, digits, _ . + -; no path separators")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -171,7 +172,7 @@ class ConfigErrors(MergenetError):
 
 
 def _loc(parts) -> str:
-    return ".".join(str(p) for p in parts if p != "__root__")
+    return ".".join(short(p, 40) for p in parts if p != "__root__")
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]:
@@ -183,6 +184,7 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]
             msg = "unknown key"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+        msg = short(msg, 200)
         lines.append(f"{loc}: {msg}" if loc else msg)
     return lines
 
@@ -207,12 +209,9 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError("", f"{path}: no such file")
     if path.resolve() in _seen:
         raise ConfigError("extends", f"{path}: circular extends")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError("", f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    from .safe_yaml import read_yaml_file
+
+    data = read_yaml_file(path) or {}  # bounded: size, nesting, alias expansion; strict UTF-8
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: top level must be a mapping")
     _resolve_init_paths(data, path.parent)
@@ -261,12 +260,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError("--set", f"'{item}' is not of the form key.path=value")
+            raise ConfigError("--set", f"'{short(item)}' is not of the form key.path=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+            value = load_yaml_text(raw, "--set") if raw != "" else ""
+        except ConfigError as e:
+            if "invalid YAML" not in e.problem:  # too large / deep / an alias bomb: refused
+                raise ConfigError(f"--set {short(key, 40)}", e.problem.removeprefix("--set: ")) from None
+            value = raw  # not YAML: the plain string
         parts = key.strip().split(".")
         cur: Any = data
         for i, p in enumerate(parts[:-1]):
@@ -321,6 +322,10 @@ def check_registries(cfg: ExperimentConfig) -> list[str]:
                 lines.append(f"{role}.model.name: model '{spec.model.name}' takes {mm} input but task "
                              f"'{spec.task.name}' is {tm}")
     check(METHODS, cfg.method.name, cfg.method.options, "method")
+    if not lines:
+        from .validation import cross_checks  # checks across fields (layer pairs sharing a weight, ...)
+
+        lines.extend(cross_checks(cfg))
     if not lines and cfg.method.name in METHODS:
         cls = METHODS.get(cfg.method.name).fn
         try:

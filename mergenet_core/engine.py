@@ -10,7 +10,6 @@ The Ray pair workers (``orchestrator.pair``) drive the same :class:`PairState` p
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,10 @@ from typing import Callable
 import torch
 
 from .config import ExperimentConfig, method_options
+from .errors import ConfigError, short
 from .methods import METHODS, Method
 from .roles import Role, build_role, resolve_device
+from .safe_io import load_checkpoint, restore_into, save_checkpoint, write_atomic
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -29,15 +30,13 @@ BEST = "best.pt"  # the bundle of the best-validation epoch (Engine(keep_best=Tr
 
 
 def save_bundle(path: Path, state: dict) -> None:
-    """Atomic ``torch.save`` (write to a temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic ``torch.save`` (a unique temp file, fsync, rename; removed on failure)."""
+    save_checkpoint(path, state)
 
 
 def load_bundle(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """``torch.load(weights_only=True)``; a bad file is one :class:`MergenetError` line."""
+    return load_checkpoint(path)
 
 
 def build_method(cfg: ExperimentConfig) -> Method:
@@ -68,7 +67,11 @@ class PairState:
         for r in roles.values():
             r.init_training(spe)
             r.trainable = r.name in method.trained_roles()
-        method.ready(roles, spe)
+        try:
+            method.ready(roles, spe)  # builds the adapters (mergenet): sizes from the paired weights
+        except ValueError as e:  # e.g. more heads than the adapter's width allows
+            field = "method.options.adapter.heads" if "heads" in str(e) else "method.options"
+            raise ConfigError(field, short(str(e), 160)) from None
         return cls(cfg, method, roles)
 
     @staticmethod
@@ -166,9 +169,11 @@ class Engine:
         pair, cfg = self.pair, self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = self.out / CHECKPOINT
+        if not resume:
+            (self.out / FINAL).unlink(missing_ok=True)  # never leave a previous run's summary
         if resume and ckpt.exists():
-            pair.load_state_dict(load_bundle(ckpt))
-        (self.out / "config.json").write_text(cfg.model_dump_json(indent=2))
+            restore_into(ckpt, pair.load_state_dict, load_bundle(ckpt))
+        write_atomic(self.out / "config.json", cfg.model_dump_json(indent=2))
         self._rewrite_metrics(pair.history)
         spe = pair.steps_per_epoch
         epochs = cfg.target.recipe.epochs
@@ -192,8 +197,7 @@ class Engine:
             record["time/train_s"] = train_s
             record["time/epoch_s"] = time.perf_counter() - t0
             pair.history.append(record)
-            with (self.out / METRICS).open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._rewrite_metrics(pair.history)
             if self.on_epoch:
                 self.on_epoch(record)
             bar.set_postfix({k.split("/")[-1]: round(v, 4) for k, v in record.items() if k == "target/val_acc"})
@@ -209,14 +213,12 @@ class Engine:
                     self.on_checkpoint(ckpt, record)
         bar.close()
         final = summarise([r for r in pair.history if "target/val_acc" in r])
-        (self.out / FINAL).write_text(json.dumps(final, indent=2))
+        write_atomic(self.out / FINAL, json.dumps(final, indent=2))
         return final
 
     def _rewrite_metrics(self, history: list[dict]) -> None:
         """metrics.jsonl mirrors the checkpointed history (drops epochs lost in a crash)."""
-        with (self.out / METRICS).open("w") as f:
-            for r in history:
-                f.write(json.dumps(r) + "\n")
+        write_atomic(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -24,3 +24,22 @@ class DataMissingError(MergenetError):
 
 class TransferError(MergenetError):
     """A MergeNet transfer failed repeatedly (e.g. persistent NaN/Inf)."""
+
+
+def short(value: object, limit: int = 60) -> str:
+    """``str(value)`` cut to ``limit`` characters (``...`` marks the cut), on one line: what an
+    error line may echo of a user's value."""
+    text = value if isinstance(value, str) else _bounded_repr(value, limit)
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
+
+
+def _bounded_repr(value: object, limit: int) -> str:
+    """repr of a value without ever building more than ``limit`` characters of it (a deeply
+    shared structure can expand to gigabytes)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 4, 4, 4, 4
+    r.maxstring = r.maxother = max(8, limit)
+    return r.repr(value)

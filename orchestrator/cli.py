@@ -16,11 +16,17 @@ from mergenet_core.errors import MergenetError
 EXIT_USAGE = 2
 
 
+#: an error line never grows past this (it may quote a short prefix of a value, never all of it)
+MAX_LINE = 400
+
+
 def _fail(lines: list[str], prefix: str = "") -> int:
+    from mergenet_core.errors import short
+
     for line in lines:
         if prefix and line.startswith(prefix):  # the message already names the file
             line = line[len(prefix):]
-        print(f"error: {prefix}{line}", file=sys.stderr)
+        print(short(f"error: {prefix}{line}", MAX_LINE), file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -74,8 +80,16 @@ def load_any(path: str, overrides: list[str] | None = None, warnings: list[str] 
 
 
 def cmd_train(args) -> int:
+    from mergenet_core.safe_io import prepare_run_dir
+
     cfg = _load(args.config, args.set)
     out = Path(args.out or Path("runs") / f"{cfg.name}-s{cfg.seed}")
+    # nothing lost: a folder holding a run needs --resume or --overwrite; --resume needs a checkpoint
+    prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite, ray=args.ray)
+    if args.ray and args.resume:  # a corrupt or foreign checkpoint: one line here, not a worker failure
+        from mergenet_core.safe_io import load_checkpoint, ray_checkpoints
+
+        load_checkpoint(ray_checkpoints(out)[-1])
     if args.ray:
         from orchestrator.pair import preflight, run_pair_on_ray
 
@@ -211,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--out", help="output directory (default runs/NAME-sSEED)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace the run in --out (default: refuse)")
     t.add_argument("--ray", action="store_true", help="run through the Ray pair topology")
     t.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from mergenet_core.config import (ConfigErrors, ExperimentConfig, apply_overrides, deep_merge,
                                   format_validation_error, parse_config, read_yaml)
-from mergenet_core.errors import ConfigError
+from mergenet_core.errors import ConfigError, short
 
 
 class _Strict(BaseModel):
@@ -214,7 +214,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
         lines: list[str] = []
         checked_layers: set[tuple[str, str]] = set()
         for pair, method, hp in grid.enumerate_checks():
-            where = f"pairs[{pair}] method[{method}]" + (f" {hp}" if hp else "")
+            where = f"pairs[{pair}] method[{method}]" + (f" {short(hp, 80)}" if hp else "")
             try:
                 cfg = grid.trial_config(pair, method, grid.seeds[0], hp)
             except ConfigErrors as e:
@@ -229,9 +229,47 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
                 lines.extend(f"{where}: {line}" for line in check_layers(cfg, found))
                 if warnings is not None:
                     warnings.extend(f"{where}: {w}" for w in found)
+                if grid.scheduler.name != "fifo":
+                    problem = check_scheduler_metric(cfg, grid.scheduler.metric)
+                    if problem:
+                        lines.append(f"{where}: scheduler.metric: {problem}")
         if lines:
             raise ConfigErrors(sorted(set(lines), key=lines.index))
     return grid
+
+
+EPOCH_METRICS = ("epoch", "step", "time/train_s", "time/epoch_s")
+ROLE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
+ADAPTER_METRICS = ("adapter/transfers", "adapter/skipped", "adapter/grad_norm", "adapter/lr",
+                   "adapter/generate_ms", "adapter/update_ms")
+
+
+def reported_metrics(cfg: ExperimentConfig) -> tuple[set[str], set[str]]:
+    """(metrics the trial reports every epoch, metrics it reports only on evaluation epochs)."""
+    from mergenet_core.engine import build_method
+
+    method = build_method(cfg)
+    every = set(EPOCH_METRICS)
+    evals = {f"{r}/{k}" for r in method.trained_roles() for k in ROLE_METRICS}
+    if cfg.method.name == "mergenet":
+        every |= set(ADAPTER_METRICS)
+        every |= {f"target/transfer_{k}" for k in ("steps", "writes", "age_steps", "wait_ms")}  # the target receives
+    if cfg.target.recipe.eval_every == 1:
+        every |= evals
+    return every, evals
+
+
+def check_scheduler_metric(cfg: ExperimentConfig, metric: str) -> str | None:
+    """A problem with the scheduler's metric for this trial (Tune fails at run time on a result
+    without it), or None."""
+    every, evals = reported_metrics(cfg)
+    if metric in every:
+        return None
+    if metric in evals:
+        return (f"'{short(metric, 40)}' is reported only every {cfg.target.recipe.eval_every} epochs "
+                "(recipe.eval_every); the scheduler needs it every epoch")
+    return (f"'{short(metric, 40)}' is not reported by this trial (it reports e.g. "
+            f"{', '.join(sorted(m for m in every if '/' in m and not m.startswith('time'))[:6])})")
 
 
 def check_layers(cfg: ExperimentConfig, warnings: list[str] | None = None) -> list[str]:

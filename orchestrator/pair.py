@@ -13,8 +13,12 @@ through :meth:`Method.pair_step`.
 
 Every epoch world rank 0 gathers all role states and reports one bundle (``pair.pt``, the
 same format as the engine's checkpoint) through Ray Train checkpoints; after a worker or
-adapter-actor failure Ray Train restarts the workers, they restore from the bundle and the
-target leader reloads the adapter hub into the (restarted) actor.
+adapter-actor failure Ray Train restarts the workers, they restore from the bundle (or start
+afresh when none was registered yet) and world rank 0 starts a new *attempt* in the actor:
+a fresh exchange with the initial adapters, loaded with the bundle's adapter state, under a
+new attempt id that every adapter call carries (:class:`AdapterActor`). Nothing a killed
+attempt left in the actor survives, so the adapters always match the workers' checkpoint
+(see docs/RELIABILITY.md).
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from ray.train.torch import TorchTrainer
 
 from mergenet_core.config import ExperimentConfig
 from mergenet_core.engine import FINAL, METRICS, PairState, build_method, load_bundle, save_bundle, summarise
-from mergenet_core.errors import ConfigError
+from mergenet_core.errors import ConfigError, MergenetError
 from mergenet_core.methods.mergenet import MergeNet
 from mergenet_core.transfer import Exchange
 from orchestrator.storage import Location
@@ -64,17 +68,51 @@ WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 RESOURCE_CHECK_ENV = "MERGENET_RESOURCE_CHECK"
 
 
+#: MLflow settings a worker needs; nothing else of the environment is forwarded (credentials
+#: such as MLFLOW_TRACKING_PASSWORD / _TOKEN stay where they are: workers read them from the
+#: node's own environment or ``~/.mlflow/credentials``, never from a runtime env)
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
+                 RESOURCE_CHECK_ENV)
+
+#: seconds to reach a Ray address before giving up (a dead address otherwise waits minutes)
+CONNECT_TIMEOUT_S = 10.0
+
+
+def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The env vars every Ray worker of ours gets: :data:`WORKER_ENV` and the allow-listed
+    :data:`FORWARDED_ENV`; a tracking URI carrying ``user:password@`` is refused."""
+    from orchestrator.secrets import check_no_credentials
+
+    environ = os.environ if environ is None else environ
+    env = {**WORKER_ENV, **{k: environ[k] for k in FORWARDED_ENV if k in environ}}
+    for k, v in env.items():
+        check_no_credentials(k, v)
+    return env
+
+
 def ensure_ray(address: str | None = None, **init_kwargs) -> None:
-    """Attach to ``address`` (or ``RAY_ADDRESS``), else start a local Ray bound to 127.0.0.1."""
+    """Attach to ``address`` (or ``RAY_ADDRESS``), else start a local Ray bound to 127.0.0.1.
+    An address nobody answers on fails within :data:`CONNECT_TIMEOUT_S` with one line."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         os.environ.setdefault(RESOURCE_CHECK_ENV, "warn")  # a cluster reached by address may autoscale
-    env = {"env_vars": {**WORKER_ENV, **{k: v for k, v in os.environ.items()
-                                         if k.startswith("MLFLOW_") or k == RESOURCE_CHECK_ENV}}}
+    env = {"env_vars": worker_env()}
     if address:
-        ray.init(address=address, runtime_env=env, **init_kwargs)
+        from orchestrator.secrets import probe_address
+
+        probe_address(address, CONNECT_TIMEOUT_S)
+        # something answers: give Ray's own GCS handshake a bounded number of 1 s attempts too
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(int(CONNECT_TIMEOUT_S)))
+        try:
+            ray.init(address=address, runtime_env=env, **init_kwargs)
+        except (ConnectionError, TimeoutError) as e:
+            from mergenet_core.errors import MergenetError, short
+
+            raise MergenetError(f"--address {short(address)}: no Ray cluster answers there "
+                                f"({short(str(e).splitlines()[0] if str(e) else type(e).__name__, 100)})") from None
     else:
         init_kwargs.setdefault("include_dashboard", os.environ.get("MERGENET_RAY_DASHBOARD", "1") != "0")
         ray.init(address="local", dashboard_host="127.0.0.1", runtime_env=env, **init_kwargs)
@@ -157,39 +195,86 @@ def preflight(cfg: ExperimentConfig, address: str | None = None) -> PairPlan:
 # --------------------------------------------------------------------------- adapter actor
 
 
+class StaleAttempt(RuntimeError):
+    """A call from a worker-group attempt that is no longer the current one (or to an adapter
+    actor restarted since): the caller must restart from the last checkpoint."""
+
+
 @ray.remote
 class AdapterActor:
-    """The pair's adapters and their optimisers: a core :class:`Exchange` behind Ray calls."""
+    """The pair's adapters and their optimisers: a core :class:`Exchange` behind Ray calls.
+
+    Every worker-group attempt starts with :meth:`begin`: a *fresh* exchange (initial adapter
+    state: no pending inputs, outputs or updates of a killed attempt survive) loaded with the
+    adapter state of the checkpoint the workers restart from, under a new attempt id. Calls
+    carry that id; a call of an older attempt (a killed worker's late message, or any call after
+    this actor itself was restarted and lost its state) raises :class:`StaleAttempt` and never
+    touches the current adapters. So the adapter state always matches the workers' checkpoint.
+    """
 
     def __init__(self, cfg_json: str, shapes: dict, steps_per_epoch: int):
-        cfg = ExperimentConfig.model_validate_json(cfg_json)
-        method = build_method(cfg)
-        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        rs = cfg.ray
+        import threading
+
+        self.cfg = ExperimentConfig.model_validate_json(cfg_json)
+        self.shapes, self.steps_per_epoch = shapes, steps_per_epoch
+        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.attempt: str | None = None
+        self.exchange: Exchange | None = None
+        self._lock = threading.Lock()
+
+    def _fresh_exchange(self) -> Exchange:
+        method = build_method(self.cfg)
+        rs = self.cfg.ray
         staleness = rs.staleness * method.options.t_cycle if rs.mode == "async" else 0
-        self.exchange = Exchange(method.make_hub(steps_per_epoch, device, shapes), staleness_steps=staleness)
+        return Exchange(method.make_hub(self.steps_per_epoch, self.device, self.shapes), staleness_steps=staleness)
 
-    def put(self, step: int, keys: list, *mats) -> None:
-        self.exchange.put(step, {tuple(k): m for k, m in zip(keys, mats)})
+    def begin(self, attempt: str, state: dict | None = None) -> None:
+        """Start attempt ``attempt`` from the initial adapter state, or from ``state`` (the
+        exchange state of the checkpoint the workers restored)."""
+        ex = self._fresh_exchange()
+        if state:
+            ex.load_state_dict(state)
+        with self._lock:
+            old, self.exchange, self.attempt = self.exchange, ex, attempt
+        if old is not None:
+            _abandon(old)
 
-    def get(self, step: int, role: str):
-        gen, out = self.exchange.get(step, role)
+    def _ex(self, attempt: str) -> Exchange:
+        with self._lock:
+            if attempt != self.attempt or self.exchange is None:
+                raise StaleAttempt(f"adapter call of attempt {attempt[:8]} but the current attempt is "
+                                   f"{(self.attempt or 'none (actor restarted)')[:30]}")
+            return self.exchange
+
+    def put(self, attempt: str, step: int, keys: list, *mats) -> None:
+        self._ex(attempt).put(step, {tuple(k): m for k, m in zip(keys, mats)})
+
+    def get(self, attempt: str, step: int, role: str):
+        gen, out = self._ex(attempt).get(step, role)
         return gen, {k: (v.cpu() if v is not None else None) for k, v in out.items()}
 
-    def feedback(self, gen_step: int, keys: list, epoch: int, *grads) -> None:
-        self.exchange.feedback(gen_step, dict(zip(keys, grads)), epoch)
+    def feedback(self, attempt: str, gen_step: int, keys: list, epoch: int, *grads) -> None:
+        self._ex(attempt).feedback(gen_step, dict(zip(keys, grads)), epoch)
 
-    def take_epoch_metrics(self) -> dict:
-        return self.exchange.take_epoch_metrics()
+    def take_epoch_metrics(self, attempt: str) -> dict:
+        return self._ex(attempt).take_epoch_metrics()
 
-    def state_dict(self) -> dict:
-        return _to_cpu(self.exchange.state_dict())
+    def state_dict(self, attempt: str) -> dict:
+        return _to_cpu(self._ex(attempt).state_dict())
 
-    def load_state_dict(self, state: dict) -> None:
-        self.exchange.load_state_dict(state)
+    def load_state_dict(self, attempt: str, state: dict) -> None:
+        self._ex(attempt).load_state_dict(state)
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _abandon(ex: Exchange) -> None:
+    """Wake every call still waiting in a superseded exchange (a killed attempt's ``get``) with
+    an error, so it frees its actor thread at once instead of after the exchange timeout."""
+    with ex._cv:  # noqa: SLF001 - the exchange's own condition variable and error slot
+        ex._error = StaleAttempt("superseded by a new attempt")
+        ex._cv.notify_all()
 
 
 def _to_cpu(obj):
@@ -204,22 +289,25 @@ def _to_cpu(obj):
 
 class RayExchange:
     """Worker-side proxy with the :class:`Exchange` API. Only the role leader talks to the
-    actor; generated matrices are broadcast to the rest of the role."""
+    actor; generated matrices are broadcast to the rest of the role. Every call carries the
+    attempt id the actor was started with (:meth:`AdapterActor.begin`)."""
 
-    def __init__(self, actor, leader: bool, group=None, leader_rank: int = 0, sync: bool = True):
+    def __init__(self, actor, leader: bool, group=None, leader_rank: int = 0, sync: bool = True,
+                 attempt: str = ""):
         self.actor, self.leader, self.group, self.leader_rank, self.sync = actor, leader, group, leader_rank, sync
+        self.attempt = attempt
 
     def put(self, step: int, mats: dict) -> None:
         if self.leader:
             keys = list(mats)
             # plain arguments: Ray inlines objects <= 100 KiB in the call message (a rank-r
             # factor usually is); an explicit ray.put first cost an object-store round trip
-            self.actor.put.remote(step, keys, *[mats[k].detach().cpu().clone() for k in keys])
+            self.actor.put.remote(self.attempt, step, keys, *[mats[k].detach().cpu().clone() for k in keys])
 
     def get(self, step: int, role: str):
         box = [None]
         if self.leader:
-            box[0] = ray.get(self.actor.get.remote(step, role))
+            box[0] = ray.get(self.actor.get.remote(self.attempt, step, role))
         if self.group is not None:
             dist.broadcast_object_list(box, src=self.leader_rank, group=self.group)
         return box[0]
@@ -227,18 +315,19 @@ class RayExchange:
     def feedback(self, gen_step: int, grads: dict, epoch: int) -> None:
         if self.leader:
             keys = list(grads)
-            ref = self.actor.feedback.remote(gen_step, keys, epoch, *[grads[k].detach().cpu() for k in keys])
+            ref = self.actor.feedback.remote(self.attempt, gen_step, keys, epoch,
+                                             *[grads[k].detach().cpu() for k in keys])
             if self.sync:
                 ray.get(ref)
 
     def take_epoch_metrics(self) -> dict:
-        return ray.get(self.actor.take_epoch_metrics.remote())
+        return ray.get(self.actor.take_epoch_metrics.remote(self.attempt))
 
     def state_dict(self) -> dict:
-        return ray.get(self.actor.state_dict.remote())
+        return ray.get(self.actor.state_dict.remote(self.attempt))
 
     def load_state_dict(self, state: dict) -> None:
-        ray.get(self.actor.load_state_dict.remote(state))
+        ray.get(self.actor.load_state_dict.remote(self.attempt, state))
 
 
 # --------------------------------------------------------------------------- worker
@@ -251,6 +340,16 @@ def _grad_sync(group, size: int):
                 dist.all_reduce(p.grad, group=group)
                 p.grad.div_(size)
     return sync
+
+
+def _mark(out: Path, what: str, role: str, role_rank: int, epoch: int) -> None:
+    """Append one timestamped event line (``events.jsonl``; fault-recovery timing and tests)."""
+    try:
+        with (out / "events.jsonl").open("a") as f:
+            f.write(json.dumps({"t": time.time(), "event": what, "worker": f"{role}{role_rank}",
+                                "pid": os.getpid(), "epoch": epoch}) + "\n")
+    except OSError:
+        pass
 
 
 def pair_worker(config: dict) -> None:
@@ -279,10 +378,12 @@ def pair_worker(config: dict) -> None:
         if len(ranks[me]) > 1:
             role.shard = (role_rank, len(ranks[me]))
             role.grad_sync = _grad_sync(groups[me], len(ranks[me]))
+    actor = proxy = None
     if config.get("actor"):
         actor = ray.get_actor(config["actor"], namespace=config["namespace"])
         group = groups.get(me) if len(ranks[me]) > 1 else None
-        method.attach(RayExchange(actor, leader, group, ranks[me][0], sync=cfg.ray.mode == "sync"))
+        proxy = RayExchange(actor, leader, group, ranks[me][0], sync=cfg.ray.mode == "sync")
+        method.attach(proxy)
 
     (out / "pids").mkdir(parents=True, exist_ok=True)
     (out / "pids" / f"{me}{role_rank}.pid").write_text(str(os.getpid()))
@@ -300,16 +401,30 @@ def pair_worker(config: dict) -> None:
     if ckpt is None and config.get("start_from"):
         start = config["start_from"]  # a local/shared folder, or a Checkpoint in bucket storage
         ckpt = start if isinstance(start, Checkpoint) else Checkpoint.from_directory(start)
+    state = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_bundle(Path(d) / BUNDLE)
         pair.epoch, pair.step, pair.history = state["epoch"], state["step"], list(state["history"])
         for n in pair.roles:
             pair.load_role_state(n, state["roles"][n])
+    if proxy is not None:
+        # a new attempt: the actor drops whatever a killed attempt left (pending inputs, outputs,
+        # updates) and starts from the initial adapter state, then takes the checkpoint's
+        box = [uuid.uuid4().hex if rank == 0 else None]
         if rank == 0:
-            method.load_state_dict(state["method"])
+            ray.get(actor.begin.remote(box[0]))
+            if state is not None:
+                proxy.attempt = box[0]
+                method.load_state_dict(state["method"])
+        if distributed:
+            dist.broadcast_object_list(box, src=0)
+        proxy.attempt = box[0]
+    elif rank == 0 and state is not None:
+        method.load_state_dict(state["method"])
     if distributed:
         dist.barrier()  # the actor holds the restored hub before anyone transfers
+    _mark(out, "started", me, role_rank, pair.epoch)
 
     epochs = cfg.target.recipe.epochs
     stop = min(epochs, config.get("until_epoch") or epochs)
@@ -372,6 +487,7 @@ def pair_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
+            _mark(out, "reported", me, role_rank, pair.epoch)
 
 
 # --------------------------------------------------------------------------- driver
@@ -397,6 +513,14 @@ def _checkpoint_config(keep: str) -> CheckpointConfig:
     if keep == "last":
         return CheckpointConfig(num_to_keep=1)
     return CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=BEST_FLAG, checkpoint_score_order="max")
+
+
+def _root_cause(e: BaseException) -> str:
+    """The last meaningful line of a Ray Train failure (the worker's own error), shortened."""
+    from mergenet_core.errors import short
+
+    lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.strip().startswith(("[Rank", "File "))]
+    return short(lines[-1] if lines else type(e).__name__, 200)
 
 
 def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = None, resume: bool = False,
@@ -454,6 +578,11 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
     )
     try:
         result = trainer.fit()
+    except Exception as e:  # noqa: BLE001
+        if type(e).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+            raise
+        raise MergenetError(f"pair {cfg.name}: training failed after {rs.max_failures} restart(s) "
+                            f"(ray.max_failures): {_root_cause(e)}") from None
     finally:
         if actor is not None:
             ray.kill(actor)

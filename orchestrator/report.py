@@ -305,7 +305,7 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
                 controls: list[str] | tuple[str, ...] = (), results_md: str | Path | None = None,
                 section: str | None = None, verdict: list[tuple[str, str]] | tuple = ()) -> dict:
     """``verdict``: ``(arm, control)`` pairs that get a one-line transfer verdict per pair."""
-    c = tracking.client()
+    c = tracking.existing_client()  # reading: never creates an empty mlflow.db
     experiment_id, name, parent = resolve_experiment(c, what)
     df = trials_frame(c, experiment_id, parent)
     arms = set(df["arm"])

@@ -14,7 +14,6 @@ pickled file system carries only its options (endpoint, scheme, region), not the
 from __future__ import annotations
 
 import posixpath
-import shutil
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -201,11 +200,10 @@ class Location:
 
 
 def scratch_dir(*parts: str) -> Path:
-    """A per-process local scratch folder (emptied): where a trial writes files before they go
-    to bucket storage."""
+    """A new private local scratch folder (``tempfile.mkdtemp``: unpredictable name, mode 700):
+    where a trial writes files before they go to bucket storage. The caller removes it."""
+    import re
     import tempfile
 
-    d = Path(tempfile.gettempdir()).joinpath("mergenet-scratch", *parts)
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))[:80]
+    return Path(tempfile.mkdtemp(prefix=f"mergenet-{tag}-"))

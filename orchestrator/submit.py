@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from mergenet_core.errors import MergenetError
+from mergenet_core.errors import MergenetError, short
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the local end of `ray dashboard cluster.yaml` / an SSH tunnel
 
@@ -180,6 +180,7 @@ def build_job(grid_path: str | Path, overrides: list[str] | None = None, working
     if storage_path:
         env_vars["MERGENET_STORAGE_PATH"] = storage_path
     env_vars.update(env or {})
+    check_job_env(env_vars)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return {
         "grid": grid,
@@ -191,6 +192,18 @@ def build_job(grid_path: str | Path, overrides: list[str] | None = None, working
         "mlflow": mlflow_uri or "the cluster's MLFLOW_TRACKING_URI",
         "storage": storage_note,
     }
+
+
+def check_job_env(env_vars: dict[str, str]) -> None:
+    """A job's runtime env is stored in the GCS and shown by the dashboard and ``ray job``: no
+    secret-looking variable and no URI with ``user:password@`` goes into it."""
+    from orchestrator.secrets import check_no_credentials, is_secret_name
+
+    for k, v in env_vars.items():
+        if is_secret_name(k):
+            raise MergenetError(f"--env {short(k, 40)}: looks like a secret; a job's runtime env is visible in the "
+                                "dashboard and job logs: provision it on the nodes (a file of mode 600) instead")
+        check_no_credentials(k, v)
 
 
 def _git_sha(wd: Path) -> str:
@@ -216,6 +229,7 @@ def build_resume_job(resume_dir: str, working_dir: str | Path = ".", mlflow_uri:
     if mlflow_uri:
         env_vars["MLFLOW_TRACKING_URI"] = mlflow_uri
     env_vars.update(env or {})
+    check_job_env(env_vars)
     return {
         "grid": None,
         "entrypoint": " ".join(shlex.quote(a) for a in [python, "-m", "orchestrator.cli", "run", "--resume",

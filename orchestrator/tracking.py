@@ -46,6 +46,20 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 NOT_METRICS = frozenset({"epoch", "epochs", "step", "steps"})
 
 
+def existing_client(uri: str | None = None) -> MlflowClient:
+    """A client for reading only: a sqlite store that does not exist is an error, not a new
+    empty database (read-only commands create no files)."""
+    from mergenet_core.errors import MergenetError
+
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:"):
+        db = Path(uri.split("///", 1)[-1]) if "///" in uri else None
+        if db is not None and not db.is_file():
+            raise MergenetError(f"no MLflow database at {db} (set MLFLOW_TRACKING_URI, or run from the folder "
+                                "that holds mlflow.db)")
+    return MlflowClient(tracking_uri=uri)
+
+
 def ensure_experiment(c: MlflowClient, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:

@@ -114,12 +114,13 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
         (trial_dir / "pair").upload(out, list(PAIR_OUTPUTS))  # nothing to do when the folder is local
         for name in ("config.json", "final.json", "metrics.jsonl", "learning_curve.png"):
             c.log_artifact(run_id, str(out / name))
-        if trial_dir.local is None:
-            shutil.rmtree(work, ignore_errors=True)  # everything is in the bucket and in MLflow now
         tracking.end_run(c, run_id, ok=True)
     except BaseException as e:
         tracking.end_run(c, run_id, ok=False, reason=f"{type(e).__name__}: {e}")
         raise
+    finally:
+        if trial_dir.local is None:
+            shutil.rmtree(work, ignore_errors=True)  # the private scratch folder (tempfile.mkdtemp)
 
 
 def _pbt_segments(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: Path, logger) -> dict:
@@ -423,6 +424,11 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
     """Submit (or resume) a grid; returns a summary with the MLflow ids and trial states."""
     uri = tracking.tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri  # reaches every worker through the runtime env
+    if address or os.environ.get("RAY_ADDRESS"):  # an unreachable address fails before any run or folder exists
+        from orchestrator.pair import CONNECT_TIMEOUT_S
+        from orchestrator.secrets import probe_address
+
+        probe_address(address or os.environ["RAY_ADDRESS"], CONNECT_TIMEOUT_S)
     if resume_dir:
         exp_dir = Location.parse(resume_dir)
         if not (exp_dir / GRID_FILE).exists():

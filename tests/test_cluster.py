@@ -159,7 +159,17 @@ def test_cluster_yaml_validates_offline(path):
     assert all("GLOO_SOCKET_IFNAME=$(ip -o " in c for c in starts if "ray start" in c), starts
     # the MLflow server on the head: sqlite backend, reachable from workers, job execution off
     head = " ".join(cfg["head_start_ray_commands"])
-    assert "mlflow server" in head and "--host 0.0.0.0" in head and "--backend-store-uri sqlite:" in head
+    assert "mlflow server" in head and "--backend-store-uri sqlite:" in head
+    # no unauthenticated MLflow open to the network: a private bind, never all interfaces ...
+    assert "0.0.0.0 --port 5000" not in head and re.search(r"--host (\$HEAD_IP|192\.168\.\d+\.\d+) --port 5000", head)
+    # ... plus the firewall: AWS's security group (only in-group traffic), on-prem an iptables rule
+    if raw["provider"]["type"] == "local":
+        fw = " ".join(cfg["head_setup_commands"])
+        assert "--dport 5000 -j MERGENET_MLFLOW" in fw and "-j DROP" in fw
+        allowed = set(re.findall(r"for src in ([\d. ]+);", fw)[0].split())
+        assert allowed == {"127.0.0.1", raw["provider"]["head_ip"], *raw["provider"]["worker_ips"]}
+    else:
+        assert "ray-autoscaler-mergenet" in text and "never add a rule opening 5000" in text
     assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in head
     assert "MLFLOW_TRACKING_URI=http://" in head and "MERGENET_STORAGE_PATH=" in head
     # pinned versions, the same Ray as here (`ray up` requires it)

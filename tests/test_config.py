@@ -67,6 +67,24 @@ MALFORMED = [
     ("set-without-equals", tiny_pair(), ["recipe.epochs"], "--set"),
     ("extends-missing-file", {"extends": "missing_base.yaml", "seed": 1}, [], "extends"),
     ("extends-not-a-name", {"extends": 5, "seed": 1}, [], "extends"),
+    # gaps closed by issue 14: each used to pass validate and fail (or misbehave) later
+    ("adapter-heads-too-many", tiny_pair("mergenet", mergenet_options()), ["method.options.adapter.heads=1000"],
+     "method.options.adapter.heads"),
+    ("negative-conv-channels", tiny_pair(target_model={"name": "cnn", "options": {"channels": [-3, 8]}}), [],
+     "target.model.options.channels.0"),
+    ("zero-conv-channels", tiny_pair(source_model={"name": "cnn", "options": {"channels": [8, 0]}}), [],
+     "source.model.options.channels.1"),
+    ("val-fraction-zero", tiny_pair(), ["target.task.options.val_fraction=0"], "target.task.options.val_fraction"),
+    ("name-with-path-separator", tiny_pair(name="../../etc/x"), [], "name"),
+    ("name-absolute-path", tiny_pair(name="/tmp/x"), [], "name"),
+    ("layer-pairs-one-target-two-ranks", tiny_pair("mergenet", mergenet_options(layer_pairs=[
+        {"source": "classifier.weight", "target": "classifier.weight", "rank": 2},
+        {"source": "hidden.weight", "target": "classifier.weight", "rank": 3}])), [],
+     "method.options.layer_pairs.1.rank"),
+    ("layer-pairs-one-target-two-modes", tiny_pair("mergenet", mergenet_options(layer_pairs=[
+        {"source": "classifier.weight", "target": "hidden.weight", "mode": "learned"},
+        {"source": "hidden.weight", "target": "hidden.weight", "mode": "svd"}])), [],
+     "method.options.layer_pairs.1.mode"),
 ]
 
 

@@ -1,6 +1,7 @@
 """Data layer: loaders on the offline sets, CIFAR pickle format, splits, augmentation, streams."""
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -79,8 +80,8 @@ def test_make_splits_disjoint_and_seeded():
     tr2, va2, _ = make_splits(train, test, opts, seed=3)
     _, va3, _ = make_splits(train, test, opts, seed=4)
     assert _ids(va2) == _ids(va) and _ids(va3) != _ids(va)
-    none = make_splits(train, test, SplitOptions(val_fraction=0.0), seed=0)
-    assert len(none[0]) == 1000 and len(none[1]) == 0
+    with pytest.raises(ValidationError, match="greater than 0"):  # no validation split: refused
+        SplitOptions(val_fraction=0.0)
 
 
 def test_stratified_order_prefixes_balanced():
@@ -155,13 +156,14 @@ def _write_cifar(tmp: Path, fine: bool, n_per_file: int = 20) -> np.ndarray:
 def test_cifar_pickle_format(tmp_path, fine):
     first = _write_cifar(tmp_path, fine)
     name, k, n_train = ("cifar100", 100, 40) if fine else ("cifar10", 10, 100)
-    d = build_task(name, {"root": str(tmp_path), "val_fraction": 0.0}, seed=0)
+    d = build_task(name, {"root": str(tmp_path), "val_fraction": 0.1}, seed=0)
     assert d.info.num_classes == k and (d.info.in_channels, d.info.image_size) == (3, 32)
-    assert len(d.train) == n_train and len(d.test) == 20 and len(d.val) == 0
+    assert len(d.train) + len(d.val) == n_train and len(d.test) == 20 and len(d.val) == n_train // 10
     assert d.train.x.dtype == torch.uint8 and d.train.x.shape[1:] == (3, 32, 32)
     assert d.class_names[:2] == ["c0", "c1"] and len(d.class_names) == k
     # row layout: 1024 red, 1024 green, 1024 blue, each row-major 32x32
-    assert torch.equal(d.train.x[0, 1], torch.from_numpy(first[0, 1024:2048].reshape(32, 32)))
+    green = torch.from_numpy(first[0, 1024:2048].reshape(32, 32))
+    assert any(torch.equal(x[1], green) for x in torch.cat([d.train.x, d.val.x]))
     folder = tmp_path / ("cifar-100-python" if fine else "cifar-10-batches-py")
     d2 = build_task(name, {"root": str(folder)}, seed=0)  # the folder itself also works
     assert len(d2.train) + len(d2.val) == n_train and len(d2.val) == n_train // 10
@@ -290,3 +292,65 @@ def test_iter_eval():
     batches = list(iter_eval(_split(50), 16))
     assert [len(b[1]) for b in batches] == [16, 16, 16, 2]
     assert torch.equal(torch.cat([b[1] for b in batches]), torch.arange(50))
+
+
+# ------------------------------------------------------------------ hostile data files
+
+
+class _Boom:
+    """Pickles to a call of os.system: what a crafted CIFAR batch would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("cmd", ["validate", "train"])
+def test_malicious_cifar_pickle_is_refused_not_run(tmp_path, cmd):
+    """A batch file that would run a command when unpickled: refused (exit 2, one line naming
+    the file and the refused global); the command never runs, under validate or train."""
+    import subprocess
+
+    import yaml
+
+    _write_cifar(tmp_path, fine=False)
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": _Boom(marker), b"labels": [0]}, f, protocol=2)
+    cfg = {"name": "evil", "device": "cpu", "recipe": {"epochs": 1, "batch_size": 8},
+           "target": {"model": {"name": "cnn", "options": {"channels": [4], "hidden": 0}},
+                      "task": {"name": "cifar10", "options": {"root": str(tmp_path)}}}}
+    path = tmp_path / "evil.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    argv = [cmd, str(path)] + (["--out", str(tmp_path / "run"), "--quiet"] if cmd == "train" else [])
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "data_batch_3" in lines[0] and "posix.system" in lines[0], lines
+    assert not marker.exists()
+
+
+def test_restricted_unpickler_admits_numpy_and_plain_containers(tmp_path):
+    from mergenet_core.errors import DataMissingError
+    from mergenet_core.safe_pickle import load_data_pickle
+
+    d = {b"a": np.arange(6, dtype=np.uint8).reshape(2, 3), "s": {1, 2}, "f": frozenset([3]), "t": (1.5, None),
+         "b": bytearray(b"xy"), "n": np.float32(2.0)}
+    for proto in (2, 4, 5):
+        (tmp_path / "ok").write_bytes(pickle.dumps(d, protocol=proto))
+        back = load_data_pickle(tmp_path / "ok")
+        assert np.array_equal(back[b"a"], d[b"a"]) and back["s"] == {1, 2} and back["n"] == 2.0
+    import collections
+
+    (tmp_path / "od").write_bytes(pickle.dumps(collections.OrderedDict(a=1)))
+    with pytest.raises(DataMissingError, match="collections.OrderedDict"):
+        load_data_pickle(tmp_path / "od")
+    (tmp_path / "cut").write_bytes(pickle.dumps(d)[:40])
+    with pytest.raises(DataMissingError, match="not a readable data pickle"):
+        load_data_pickle(tmp_path / "cut")

@@ -217,6 +217,8 @@ def test_interrupted_grid_resumes_without_duplicate_runs(mlflow_server, tmp_path
                  "target": {"model": {"name": "cnn"}, "task": TASK},
                  "layer_pairs": [{"source": "missing.weight", "target": "classifier.weight"}]}]},
      "method.options.layer_pairs.0.source"),
+    ({"scheduler": {"name": "asha", "metric": "target/val_accuracy"}}, "scheduler.metric"),
+    ({"scheduler": {"name": "asha", "metric": "source/val_acc"}}, "scheduler.metric"),  # alone trains no source
 ])
 def test_malformed_grid_rejected_before_ray(tmp_path, change, needle):
     grid = tiny_grid("g-bad")

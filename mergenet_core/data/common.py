@@ -31,7 +31,8 @@ class SplitOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0,
+                                description="> 0: the best-validation epoch and schedulers need a validation split")
     val_size: int | None = Field(None, gt=0, description="validation = this many examples drawn (by seed, "
                                                         "stratified) from the training examples outside "
                                                         "train_subset; overrides val_fraction")

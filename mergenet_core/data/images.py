@@ -5,7 +5,6 @@ Images are kept as uint8 ``[N, C, H, W]``; :func:`prepare_images` normalises per
 from __future__ import annotations
 
 import gzip
-import pickle
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -104,10 +103,14 @@ class CifarOptions(SplitOptions):
 
 
 def _unpickle(path: Path) -> dict:
-    # The CIFAR archives are python pickles. Pickle can execute code, so only point `root`
-    # at files you trust (the official archives from the CIFAR site).
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    """The CIFAR archives are python pickles: read them with the restricted unpickler (plain
+    containers and numpy arrays only; a file naming anything else is refused, never run)."""
+    from ..safe_pickle import load_data_pickle
+
+    d = load_data_pickle(path)
+    if not isinstance(d, dict):
+        raise DataMissingError(f"{path}: not a CIFAR batch (a {type(d).__name__}, expected a mapping)")
+    return d
 
 
 def _cifar_folder(root: str | None, folder: str, what: str) -> Path:
@@ -140,13 +143,19 @@ def _cifar_raw(folder: str, fine: bool) -> tuple[torch.Tensor, torch.Tensor, tor
         if missing:
             raise DataMissingError(f"CIFAR folder {base} lacks {', '.join(missing)}: re-download it")
         parts = [_unpickle(base / f) for f in files]
+        for f, p in zip(files, parts):
+            if b"data" not in p or key not in p:
+                raise DataMissingError(f"{base / f}: not a CIFAR batch (no {b'data'!r} / {key!r} entry)")
         x = torch.cat([_rows_to_images(p[b"data"]) for p in parts])
         y = torch.cat([torch.as_tensor(list(p[key]), dtype=torch.int64) for p in parts])
         return x, y
 
     xtr, ytr = load(files_tr)
     xte, yte = load(files_te)
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(base / meta)[names_key]]
+    meta_d = _unpickle(base / meta)
+    if names_key not in meta_d:
+        raise DataMissingError(f"{base / meta}: no {names_key!r} entry")
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta_d[names_key]]
     return xtr, ytr, xte, yte, names
 
 

@@ -6,6 +6,7 @@ Names: ``features.{i}.conv.weight``, ``hidden.weight``, ``classifier.weight``.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,8 +20,9 @@ class CNNOptions(BaseModel):
     """``channels``: output channels per conv block; ``hidden``: 0 disables the hidden linear."""
 
     model_config = ConfigDict(extra="forbid")
-    channels: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1, max_length=5)
-    hidden: int = Field(256, ge=0)
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [32, 64, 128],
+                                                                 min_length=1, max_length=5)
+    hidden: int = Field(256, ge=0, le=65536)
 
 
 class SmallCNN(nn.Module):

@@ -26,7 +26,7 @@ LAST_STAGE_FIRST_BLOCK = 1 + sum(n for _, _, n, _ in CONFIG[:5])  # features.14 
 
 class MobileNetV2Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    width_mult: float = Field(1.0, gt=0)
+    width_mult: float = Field(1.0, gt=0, le=8)
 
 
 def _div8(v: float) -> int:

@@ -17,14 +17,14 @@ class ResNetOptions(BaseModel):
     """``width``: channels of the stem / first stage; ``blocks``: blocks per stage (4 ints)."""
 
     model_config = ConfigDict(extra="forbid")
-    width: int = Field(64, ge=1)
+    width: int = Field(64, ge=1, le=1024)
     blocks: list[int] | None = None
 
     @field_validator("blocks")
     @classmethod
     def _four_stages(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (len(v) != 4 or min(v) < 1):
-            raise ValueError("blocks must be 4 positive integers (one per stage)")
+        if v is not None and (len(v) != 4 or min(v) < 1 or max(v) > 64):
+            raise ValueError("blocks must be 4 integers from 1 to 64 (one per stage)")
         return v
 
 

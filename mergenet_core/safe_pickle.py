@@ -1,0 +1,61 @@
+"""Restricted unpickling of *data* files (the CIFAR python-pickle batches).
+
+``pickle.load`` runs whatever callables a file names, so a crafted data folder can execute
+commands (even under ``mergenet validate``). :func:`load_data_pickle` uses an
+:class:`pickle.Unpickler` whose ``find_class`` admits only what a numpy data pickle needs:
+plain containers (dict/list/tuple/str/bytes/numbers come from opcodes, never from globals;
+``set``, ``frozenset``, ``bytearray`` and ``_codecs.encode`` for Python-3-written bytes) and
+numpy arrays (``ndarray``, ``dtype``, the array/scalar reconstructors). Anything else ends
+with :class:`~mergenet_core.errors.DataMissingError` naming the file and the refused global;
+nothing from the file is called.
+
+Checkpoints are not pickles read here: they go through ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+from .errors import DataMissingError
+
+#: (module, name) pairs a data pickle may reference
+ALLOWED: frozenset[tuple[str, str]] = frozenset({
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"),
+    ("__builtin__", "set"), ("__builtin__", "frozenset"), ("__builtin__", "bytearray"),  # Python 2 pickles
+    ("_codecs", "encode"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+})
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+        super().__init__(f"refused global {module[:60]}.{name[:60]}")
+
+
+class DataUnpickler(pickle.Unpickler):
+    """Admits plain containers and numpy arrays only (see :data:`ALLOWED`)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED:
+            raise RefusedGlobal(module, name)
+        return super().find_class(module, name)
+
+
+def load_data_pickle(path: str | Path, encoding: str = "bytes"):
+    """Unpickle a data file with :class:`DataUnpickler`; every failure is one-line
+    :class:`DataMissingError` naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return DataUnpickler(f, encoding=encoding).load()
+    except RefusedGlobal as e:
+        raise DataMissingError(f"{path}: refused to load: the pickle references {e.module[:60]}.{e.name[:60]}, "
+                               "but a data file may hold only plain containers and numpy arrays") from None
+    except OSError as e:
+        raise DataMissingError(f"{path}: cannot read: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - any malformed pickle: one line, no traceback
+        raise DataMissingError(f"{path}: not a readable data pickle ({type(e).__name__}: {str(e)[:80]})") from None
