@@ -285,6 +285,11 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
                   f"against `{baseline}` and against the arm's negative control; *harmful*: the interval "
                   f"against `{baseline}` lies below 0; otherwise *not shown*.\n",
                   *paired.verdict_lines(verdicts), ""]
+    if paired.hp_columns(df) and "target/best_val_acc" in df:
+        parts += [f"\n{h} Best validation accuracy (choose hyperparameters here, never on test)\n",
+                  "Target accuracy on the validation split at each run's best-validation epoch, in %, "
+                  "mean ± sample std over seeds, per arm and search-axis value.\n",
+                  markdown_table(df, "target/best_val_acc", baseline), ""]
     for metric, title in ((METRICS[0], "Target test accuracy at the final epoch"),
                           (METRICS[1], "Target test accuracy at the best-validation epoch")):
         if metric in df:

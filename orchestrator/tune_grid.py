@@ -242,7 +242,7 @@ def pair_labels(grid: GridConfig, pair: str) -> dict[str, str]:
     def label(d):
         return f"{d['model']['name']}@{d['task']['name']}" if d else "-"
 
-    src = p.source and deep_merge(grid.base.get("source", {}), p.source)
+    src = deep_merge(grid.base.get("source", {}), p.source or {}) if (p.source or grid.base.get("source")) else None
     return {"mergenet.source": label(src), "mergenet.target": label(deep_merge(grid.base.get("target", {}), p.target))}
 
 
