@@ -66,8 +66,8 @@ class InitFrom(Strict):
     file that names it) or a bucket URI (``s3://...``). A string is the path."""
 
     path: str = Field(min_length=1)
-    role: str | None = Field(None, description="which role of a pair bundle to take (default: the only "
-                                               "trained one, else the role of the same name)")
+    role: str | None = Field(None, description="which role of a pair bundle to take (default: the bundle's "
+                                               "only role, else the role of the same name)")
 
     @model_validator(mode="before")
     @classmethod

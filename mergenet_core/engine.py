@@ -206,9 +206,9 @@ class Engine:
                 (r["target/val_acc"] for r in pair.history[:-1] if "target/val_acc" in r), default=-1.0)
             if pair.epoch % cfg.checkpoint_every == 0 or pair.epoch == end or best:
                 state = pair.state_dict()
-                save_bundle(ckpt, state)
-                if best:
+                if best:  # first: a crash in between never leaves a history whose best bundle is older
                     save_bundle(self.out / BEST, state)
+                save_bundle(ckpt, state)
                 if self.on_checkpoint:
                     self.on_checkpoint(ckpt, record)
         bar.close()

@@ -91,6 +91,11 @@ def apply_init(model: nn.Module, spec: InitFrom, role: str, field: str) -> None:
     where, state = load_init_state(spec, role, field)
     own = model.state_dict()
     for name, t in own.items():
+        base = name.rpartition(".")[0]
+        if name not in state and f"{base}.A" in state and f"{base}.B" in state:
+            raise ConfigError(field, f"{where}: layer '{base}' is stored factorised (A, B of a mergenet "
+                                     "'learned' layer pair), not as the dense weight this model has; start "
+                                     "from a run without learned-mode pairs on that role, or a plain state_dict")
         if name not in state:
             raise ConfigError(field, f"{where}: parameter '{name}' of the model is missing from the file "
                                      "(a different model?)")

@@ -262,7 +262,7 @@ class Encoding:
         """Detached clone of the travelling matrix. Records :attr:`last_row_cos`, the mean row
         cosine between this read and the previous one (how continuous the tokens are)."""
         out = self._read()
-        self.last_row_cos = None if self._last_read is None else row_cosine(out, self._last_read)
+        self.last_row_cos = None if self._last_read is None else row_cosine(out, self._last_read.to(out.device))
         self._last_read = out.clone()
         return out
 
@@ -418,6 +418,8 @@ class SVDEncoding(Encoding):
 
     def _read(self) -> Tensor:
         w = conv_to_matrix(self.param.detach()).clone()
+        if self._w0 is not None and self._w0.device != w.device:  # restored from a CPU checkpoint
+            self._w0, self._b, self._a = (t.to(w.device) for t in (self._w0, self._b, self._a))
         if self.align and self._a is not None and self._w0 is not None and torch.equal(w, self._w0):
             return self._a.clone()  # unchanged weight: the very same factors
         b, a = truncated_svd_factors(w, self.rank)

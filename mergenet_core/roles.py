@@ -265,12 +265,19 @@ class Role:
 def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = None,
                load_init: bool = True) -> Role:
     """Load the role's task and build its model, seeded per (experiment seed, role); then load
-    ``init_from`` weights unless ``load_init`` is false (a control arm's untrained role)."""
+    ``init_from`` weights unless ``load_init`` is false (a control arm's untrained role, which
+    is also built without pretrained weights where the model has a ``pretrained`` option)."""
     spec = cfg.role(name)
     device = device or resolve_device(cfg.device)
     task = build_task(spec.task.name, spec.task.options, seed=cfg.seed)
     torch.manual_seed(derive_seed(cfg.seed, name, "init"))
-    model = build_model(spec.model.name, spec.model.options, task.info)
+    options = spec.model.options
+    if not load_init:
+        from .models import MODELS
+
+        if "pretrained" in MODELS.get(spec.model.name).options.model_fields:
+            options = {**options, "pretrained": False}  # untrained: no downloaded/packaged weights either
+    model = build_model(spec.model.name, options, task.info)
     if spec.init_from is not None and load_init:
         from .init_weights import apply_init
 

@@ -26,7 +26,8 @@ from .errors import MergenetError, short
 
 CHECKPOINT = "checkpoint.pt"
 #: what a run folder holds (engine outputs, and the Ray Train run of ``--ray``)
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "final.json", "config.json", "placement.json", "ray", "pids")
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.jsonl", "final.json", "config.json", "placement.json",
+             "bundles.json", "ray", "pids")
 RAY_RUN = ("ray", "pair")  # run_pair_on_ray's default storage: OUT/ray/pair/checkpoint_*/pair.pt
 BUNDLE_KEYS = ("epoch", "step", "roles", "method", "history")
 

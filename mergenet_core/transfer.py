@@ -112,9 +112,6 @@ class AdapterOptions(_Opts):
         return (self.attn_dropout, self.ffn_dropout) if self.generate_dropout else (0.0, 0.0)
 
 
-CONTROLS = ("none", "untrained_source", "shuffled_source", "noise_source")
-
-
 class MergeNetOptions(_Opts):
     layer_pairs: list[LayerPair] = Field(min_length=1)
     t_cycle: PositiveInt = 1

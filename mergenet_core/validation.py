@@ -25,7 +25,7 @@ def _mergenet_layer_pairs(options: dict[str, Any]) -> list[str]:
     seen: dict[tuple[str, str], tuple[int, tuple]] = {}
     lines = []
     for i, lp in enumerate(opts.layer_pairs):
-        enc = (lp.mode, lp.rank, lp.alpha)
+        enc = (lp.mode, lp.rank, lp.alpha, lp.align)
         for side, role, param in (("source", src_role, lp.source), ("target", "target", lp.target)):
             key = (role, param)
             if key not in seen:
@@ -33,8 +33,8 @@ def _mergenet_layer_pairs(options: dict[str, Any]) -> list[str]:
                 continue
             j, other = seen[key]
             if other != enc:
-                what = next(n for n, a, b in zip(("mode", "rank", "alpha"), enc, other) if a != b)
+                what = next(n for n, a, b in zip(("mode", "rank", "alpha", "align"), enc, other) if a != b)
                 lines.append(f"method.options.layer_pairs.{i}.{what}: {role} weight '{param[:60]}' is also paired in "
-                             f"layer_pairs.{j} with {what} {dict(zip(('mode', 'rank', 'alpha'), other))[what]}; "
+                             f"layer_pairs.{j} with {what} {dict(zip(('mode', 'rank', 'alpha', 'align'), other))[what]}; "
                              "pairs sharing a weight must encode it the same way")
     return lines

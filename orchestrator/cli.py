@@ -169,8 +169,11 @@ def cmd_report(args) -> int:
         if not sep or not arm or not ctl:
             return _fail([f"--verdict: '{v[:60]}' is not ARM:CONTROL"])
         checks.append((arm, ctl))
-    rep = make_report(args.what, args.out, baseline=args.baseline, controls=args.control,
-                      results_md=args.results_md, section=args.section, verdict=checks)
+    try:
+        rep = make_report(args.what, args.out, baseline=args.baseline, controls=args.control,
+                          results_md=args.results_md, section=args.section, verdict=checks)
+    except OSError as e:  # an unwritable --out / --results-md
+        return _fail([f"report: {e.filename or ''}: {e.strerror or e}"])
     print(rep["text"])
     print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}")
     return 0

@@ -122,6 +122,9 @@ class GridConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"pairs: duplicate pair name(s) {sorted(dup)}")
+        if self.scheduler.name == "pbt" and (len(self.pairs) > 1 or len(self.methods) > 1):
+            raise ValueError("scheduler: pbt copies a donor trial's whole config on exploit (pair and arm "
+                             "included), which would mix arms; use one pair and one arm per PBT grid")
         return self
 
     # ----------------------------------------------------------------- composition

@@ -22,9 +22,6 @@ from mergenet_core.config import ExperimentConfig
 from mergenet_core.engine import BEST, CHECKPOINT, Engine
 from orchestrator.storage import Location
 
-TOPOLOGIES = ("split", "inline")
-
-
 def choose_topology(cfg: ExperimentConfig) -> str:
     """``ray.topology``, with ``auto`` resolved: the Ray Train role workers (``split``) when the
     pair asks for a GPU per role, several workers per role, spread placement or custom worker
@@ -61,18 +58,26 @@ def run_pair_inline(cfg: ExperimentConfig, out: Path, *, on_epoch: Callable[[dic
     if start_from is not None:
         shutil.copy2(Path(start_from) / CHECKPOINT, out / CHECKPOINT)
     elif remote is not None and not (out / CHECKPOINT).exists() and (remote / CHECKPOINT).exists():
-        (out / CHECKPOINT).write_bytes((remote / CHECKPOINT).read_bytes())
+        for name in (CHECKPOINT, BEST):  # a restarted trial on another node
+            if (remote / name).exists():
+                (out / name).write_bytes((remote / name).read_bytes())
 
     def mirror(path: Path, record: dict) -> None:
+        names = [n for n in (CHECKPOINT, BEST) if (out / n).exists()]
+        if keep_bundles == "all":  # every bundle written, like the split topology's checkpoints
+            kept = f"bundle-{int(record['epoch']):04d}.pt"
+            shutil.copy2(out / CHECKPOINT, out / kept)
+            names.append(kept)
         if remote is not None:
-            remote.upload(out, [n for n in (CHECKPOINT, BEST) if (out / n).exists()])
+            remote.upload(out, names)
 
     engine = Engine(cfg, out, progress=False, on_epoch=on_epoch, on_checkpoint=mirror,
                     keep_best=keep_bundles != "last")
     final = engine.run(resume=True, until_epoch=until_epoch)
     (out / "placement.json").write_text(json.dumps(placement_record(str(engine.device)), indent=2))
-    kept = {"last": {"epoch": engine.pair.epoch, "path": str(out / CHECKPOINT)}}
+    where = (lambda n: str(remote / n)) if remote is not None else (lambda n: str(out / n))
+    kept = {"last": {"epoch": engine.pair.epoch, "path": where(CHECKPOINT)}}
     if (out / BEST).exists() and "target/best_val_epoch" in final:
-        kept["best_val"] = {"epoch": int(final["target/best_val_epoch"]), "path": str(out / BEST)}
+        kept["best_val"] = {"epoch": int(final["target/best_val_epoch"]), "path": where(BEST)}
     (out / "bundles.json").write_text(json.dumps(kept, indent=2))
     return final

@@ -164,9 +164,12 @@ def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, s
         vs_base = paired_table(df, baseline, arms=[arm])
         vs_ctl = paired_table(df, control, arms=[arm])
         ctl_base = paired_table(df, baseline, arms=[control])
-        for pair in sorted(set(vs_base["pair"]) | set(vs_ctl["pair"])):
-            def row(t):
+        keys = sorted({(p, h) for t in (vs_base, vs_ctl) for p, h in zip(t["pair"], t["hp"])})
+        for pair, hp in keys:
+            def row(t, hp=hp):  # the same pair and the same search-axis values
                 r = t[(t["pair"] == pair) & (t["epoch"] == "best_val")]
+                same = r[r["hp"] == hp]
+                r = same if len(same) else r[r["hp"] == ""] if (r["hp"] == "").any() else same
                 return r.iloc[0] if len(r) else None
             b, c, cb = row(vs_base), row(vs_ctl), row(ctl_base)
             if b is None or c is None or b["excludes_zero"] is None or c["excludes_zero"] is None:
@@ -177,7 +180,8 @@ def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, s
                 word = "transfer shown"
             else:
                 word = "not shown"
-            out.append({"pair": pair, "arm": arm, "control": control, "baseline": baseline, "verdict": word,
+            out.append({"pair": pair if not hp else f"{pair} ({hp})", "arm": arm, "control": control,
+                        "baseline": baseline, "verdict": word,
                         "vs_baseline": b, "vs_control": c, "control_vs_baseline": cb})
     return out
 

@@ -60,6 +60,53 @@ def resolve_experiment(c, what: str) -> tuple[str, str, str | None]:
     return exp.experiment_id, name, parent
 
 
+#: data sets by their plain names (Fashion-MNIST is not CIFAR)
+DATA_NAMES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+              "rotten_tomatoes": "Rotten Tomatoes (movie-review sentiment snippets)",
+              "bbc_news": "BBC News (5 topics)"}
+
+
+def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None = None) -> list[str]:
+    """What the grid ran, from its stored config (``runs/grids/NAME/mergenet_grid.json`` or
+    ``grid_file``): per pair the source and target (model, data set named plainly, options,
+    ``init_from``), the recipe, seeds and arms; and the submission's wall time from MLflow."""
+    import json
+
+    from orchestrator.grid import GridConfig
+    from orchestrator.storage import Location
+
+    out = []
+    f = Location.parse(grid_file) if grid_file else Location.parse("runs/grids") / name / "mergenet_grid.json"
+    if f.exists():
+        g = GridConfig.model_validate_json(f.read_text())
+        for p in g.pairs:
+            t = g.trial_dict(p.name, next(iter(g.methods)), g.seeds[0])
+            src = g.trial_dict(p.name, next((a for a in g.methods if g.method_of(a) != "alone"),
+                                            next(iter(g.methods))), g.seeds[0]).get("source")
+            for role, spec in (("source", src), ("target", t["target"])):
+                if not spec:
+                    continue
+                task = spec["task"]
+                init = spec.get("init_from")
+                init = init if isinstance(init, str) or init is None else init.get("path")
+                out.append(f"- pair `{p.name}`, {role}: `{spec['model']['name']}` "
+                           f"{json.dumps(spec['model'].get('options', {}))} on **{DATA_NAMES.get(task['name'], task['name'])}** "
+                           f"{json.dumps(task.get('options', {}))}"
+                           + (f"; starts from `{Path(init).name if '://' not in init else init}`"
+                              f" (`init_from`)" if init else ""))
+            r = t.get("recipe", {})
+            out.append(f"- recipe: {json.dumps(r)}")
+        out.append(f"- seeds: {g.seeds}; arms: "
+                   + "; ".join(f"`{a}` = {g.method_of(a)} {json.dumps({k: v for k, v in o.items() if k != 'method'})}"
+                               for a, o in g.methods.items()))
+    if parent:
+        info = c.get_run(parent).info
+        if info.end_time and info.start_time:
+            out.append(f"- wall time of the submission (`mergenet run`, MLflow parent run start → end): "
+                       f"{(info.end_time - info.start_time) / 60000:.1f} min")
+    return out
+
+
 def _numeric(col: pd.Series) -> pd.Series:
     """A parameter column as numbers when every value is one (MLflow params are strings)."""
     try:
@@ -308,7 +355,8 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
 
 def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "alone",
                 controls: list[str] | tuple[str, ...] = (), results_md: str | Path | None = None,
-                section: str | None = None, verdict: list[tuple[str, str]] | tuple = ()) -> dict:
+                section: str | None = None, verdict: list[tuple[str, str]] | tuple = (),
+                grid_file: str | Path | None = None) -> dict:
     """``verdict``: ``(arm, control)`` pairs that get a one-line transfer verdict per pair."""
     c = tracking.existing_client()  # reading: never creates an empty mlflow.db
     experiment_id, name, parent = resolve_experiment(c, what)
@@ -333,8 +381,13 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     table.to_parquet(paired_parquet, index=False)
     intro = (f"MLflow experiment `{name}` ({experiment_id}), submission run `{parent}`; "
              f"{(df['status'] == 'FINISHED').sum()} finished / {len(df)} trials.\n")
+    setting = setting_lines(c, name, parent, grid_file)
+    if setting:
+        intro += "\n" + "\n".join(setting) + "\n"
     md = out / "report.md"
-    verdicts = paired.transfer_verdicts(df, baseline, list(verdict)) if verdict and baseline in arms else []
+    if verdict and baseline not in arms:
+        raise MergenetError(f"report: --verdict needs the baseline arm '{baseline}' in grid {name}")
+    verdicts = paired.transfer_verdicts(df, baseline, list(verdict)) if verdict else []
     md.write_text("\n".join([f"# {name}: pair × arm\n", intro, *report_sections(df, tables, verdicts=verdicts)]) + "\n")
     heat = gain_heatmap(tables[baseline], out / HEATMAP, pair_labels(df)) if baseline in tables else None
     if results_md:

@@ -106,7 +106,7 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
                                     name="train", keep_bundles=grid.keep_bundles,
                                     callbacks=[TuneReportCallback(), tracking.MlflowEpochLogger(uri, run_id)])
         tracking.log_metrics(c, run_id, final, step=int(final.get("epochs", 0)))
-        placement = json.loads((out / PLACEMENT).read_text())
+        placement = json.loads((out / PLACEMENT).read_text()) if (out / PLACEMENT).exists() else []
         for w in placement:
             c.set_tag(run_id, f"mergenet.node.{w['role']}{w['role_rank']}", w["node_id"])
         history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]

@@ -472,3 +472,24 @@ def test_gated_adapter_starts_as_the_identity_and_learns_its_gate(tmp_path):
     Engine(parse_config(_mergenet_pair(adapter={"gate": True})), tmp_path, progress=False).run()
     rec = read_metrics(tmp_path)[0]
     assert rec["transfer/0/write_change"] < 0.05
+
+
+def test_untrained_source_of_a_pretrained_model_is_randomly_initialised():
+    from mergenet_core.methods.base import Method  # noqa: F401  (registry import)
+
+    text = {"name": "rotten_tomatoes", "options": {"max_length": 16, "train_subset": 64, "test_subset": 32}}
+    l3 = {"name": "minilm_l3", "options": {"num_layers": 1}}
+    opts = mergenet_options(source="bert.encoder.layer.0.attention.output.dense.weight",
+                            target="bert.encoder.layer.0.attention.output.dense.weight", rank=2)
+    opts["layer_pairs"][0]["mode"] = "svd"
+    base = tiny_pair("mergenet", opts, source_model=l3, target_model=l3, task=text)
+    trained = PairState.build(parse_config(base))
+    ctl = PairState.build(parse_config({**base, "method": {"name": "mergenet",
+                                                            "options": {**opts, "control": "untrained_source"}}}))
+    name = "bert.embeddings.word_embeddings.weight"
+    w_pre = trained.roles["source"].model.get_parameter(name)
+    w_ctl = ctl.roles["source"].model.get_parameter(name)
+    assert not torch.allclose(w_pre, w_ctl)  # not the pretrained encoder
+    # the target keeps its pretrained weights in both arms
+    torch.testing.assert_close(trained.roles["target"].model.get_parameter(name),
+                               ctl.roles["target"].model.get_parameter(name))
