@@ -143,6 +143,31 @@ def trials_frame(c, experiment_id: str, parent: str | None) -> pd.DataFrame:
     return df.sort_values(["pair", "arm", "seed"]).reset_index(drop=True)
 
 
+DIAGNOSTICS = (("write_change", "write change"), ("receiver_factor_cos", "receiver factor cos"),
+               ("provider_factor_cos", "provider factor cos"))
+
+
+def diagnostics_markdown(df: pd.DataFrame) -> str | None:
+    """Per pair × arm with transfer diagnostics: the last epoch's per-link means (``transfer/L/*``:
+    relative size of each write, row cosine of consecutive factors) and the adapter's gradient
+    norm, averaged over seeds; ``None`` when no arm has them."""
+    done = df[df["status"] == "FINISHED"]
+    links = sorted({c.split("/")[1] for c in df.columns if c.startswith("transfer/") and c.count("/") == 2})
+    if not links:
+        return None
+    head = ["pair", "arm", "link"] + [t for _, t in DIAGNOSTICS] + ["adapter grad norm"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for (pair, arm), g in done.groupby(["pair", "arm"], sort=True):
+        for link in links:
+            cols = [f"transfer/{link}/{k}" for k, _ in DIAGNOSTICS]
+            if not any(c in g and g[c].notna().any() for c in cols):
+                continue
+            cells = [f"{g[c].mean():.3f}" if c in g and g[c].notna().any() else "–" for c in cols]
+            gn = f"{g['adapter/grad_norm'].mean():.3g}" if "adapter/grad_norm" in g else "–"
+            lines.append(f"| {pair} | {arm} | {link} | " + " | ".join(cells) + f" | {gn} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 def _fmt(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * (0 if pd.isna(std) else std):.2f}"
 
@@ -344,6 +369,12 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
                       markdown_table(df, metric, baseline), ""]
     if not tables:
         parts += [f"\n_No `{baseline}` arm: no paired differences._\n"]
+    diag = diagnostics_markdown(df)
+    if diag:
+        parts += [f"\n{h} Transfer diagnostics (last epoch, mean over seeds)\n",
+                  "Per link: *write change* = ‖W_after − W_before‖ / ‖W_before‖ of each write into the target "
+                  "layer; *factor cos* = mean row cosine between consecutive transfers' factors; the adapter's "
+                  "pre-clip gradient norm.\n", diag, ""]
     for base, table in tables.items():
         parts += [f"\n{h} Paired differences to `{base}` (same seed)\n",
                   f"Δ = arm − `{base}` at the same pair and seed (same data subset, initialisation and batch "

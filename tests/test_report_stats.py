@@ -227,3 +227,15 @@ def test_transfer_verdicts_need_the_baseline_and_the_control():
     assert v == {"mergenet": "transfer shown", "lucky": "not shown", "bad": "harmful"}
     lines = paired.verdict_lines(paired.transfer_verdicts(df, "alone", [("mergenet", "mergenet_untrained")]))
     assert len(lines) == 1 and "transfer shown" in lines[0] and "vs `mergenet_untrained`" in lines[0]
+
+
+def test_diagnostics_table_lists_arms_with_transfer_metrics():
+    from orchestrator.report import diagnostics_markdown
+
+    df = _trials([("p", "alone", 0, 0.6, 0.6), ("p", "mergenet", 0, 0.6, 0.6), ("p", "mergenet", 1, 0.6, 0.6)])
+    assert diagnostics_markdown(df) is None
+    df["transfer/0/write_change"] = [None, 0.5, 0.7]
+    df["transfer/0/receiver_factor_cos"] = [None, 0.9, 0.8]
+    df["adapter/grad_norm"] = [None, 2.0, 4.0]
+    table = diagnostics_markdown(df)
+    assert "| p | mergenet | 0 | 0.600 | 0.850 | – | 3 |" in table and "alone" not in table
