@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -35,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 from mergenet_core.config import deep_merge, parse_config, read_yaml  # noqa: E402
 from mergenet_core.engine import Engine  # noqa: E402
+from orchestrator.paired import t_interval  # noqa: E402  (the report's own Student-t interval)
 
 
 def pair_config(grid: dict, method: dict, seed: int, epochs: int, steps: int) -> dict:
@@ -50,16 +50,6 @@ def mergenet(grid: dict, **extra) -> dict:
     pair = next(p for p in grid["pairs"] if p["name"] == "img-r18-mbv2")
     opts = deep_merge(grid["methods"]["mergenet"], {"layer_pairs": pair["layer_pairs"]})
     return {"name": "mergenet", "options": deep_merge(opts, extra)}
-
-
-def t_interval(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean and 95 % Student-t interval of paired differences (n <= 10 table)."""
-    t975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-    n, m = len(diffs), statistics.fmean(diffs)
-    if n < 2:
-        return m, float("nan"), float("nan")
-    h = t975[n] * statistics.stdev(diffs) / math.sqrt(n)
-    return m, m - h, m + h
 
 
 def main() -> int:
@@ -104,7 +94,7 @@ def main() -> int:
                 cells.append("–")
                 continue
             d = [100 * (per[s]["target/final_test_acc"] - out["arms"][ref][s]["target/final_test_acc"]) for s in args.seeds]
-            m, lo, hi = t_interval(d)
+            m, _, lo, hi = t_interval(d)
             cells.append(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]")
         sd = statistics.stdev(f) if len(f) > 1 else 0.0
         sdb = statistics.stdev(b) if len(b) > 1 else 0.0
