@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from mergenet_core.config import parse_config
+    from orchestrator.config import parse_config
     from orchestrator.pair import run_pair_on_ray
 
     runs: list[dict] = []

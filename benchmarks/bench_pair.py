@@ -125,7 +125,7 @@ def _q(xs, q):
 
 
 def bench_exchange(sizes, reps_for, log) -> list[dict]:
-    from mergenet_core.config import parse_config
+    from orchestrator.config import parse_config
     from orchestrator.pair import AdapterActor, RayExchange
 
     rows = []
@@ -172,7 +172,7 @@ def bench_exchange(sizes, reps_for, log) -> list[dict]:
 
 
 def _adapter_params(cfg, shape_t, shape_s) -> int:
-    from mergenet_core.adapter import ParameterAdapter, adapter_param_count
+    from mergenet_core.methods.mergenet.adapter import ParameterAdapter, adapter_param_count
 
     a = cfg.method.options.get("adapter") or {}
     with torch.device("meta"):  # count without allocating (the 512x512x3x3 link has ~10^8 parameters)
@@ -207,7 +207,7 @@ def _receiver_stats(history: list[dict]) -> tuple[float, float, float]:
 
 
 def run_engine(cfg_dict: dict, out: Path) -> list[dict]:
-    from mergenet_core.config import parse_config
+    from orchestrator.config import parse_config
     from mergenet_core.engine import Engine
 
     torch.set_num_threads(1)  # as each Ray worker (1 CPU -> OMP_NUM_THREADS=1)
@@ -216,7 +216,7 @@ def run_engine(cfg_dict: dict, out: Path) -> list[dict]:
 
 
 def run_ray(cfg_dict: dict, out: Path) -> list[dict]:
-    from mergenet_core.config import parse_config
+    from orchestrator.config import parse_config
     from orchestrator.pair import run_pair_on_ray
 
     run_pair_on_ray(parse_config(cfg_dict), out)
@@ -226,7 +226,7 @@ def run_ray(cfg_dict: dict, out: Path) -> list[dict]:
 def bench_breakdown(steps: int, log) -> dict:
     """Phase times of single engine steps, transfer and plain steps interleaved (t_cycle 2), in
     one process: the machine's load drifts alike over both kinds of step."""
-    from mergenet_core.config import parse_config
+    from orchestrator.config import parse_config
     from mergenet_core.engine import PairState
 
     torch.set_num_threads(1)

@@ -32,7 +32,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from mergenet_core.config import parse_config, read_yaml  # noqa: E402
+from mergenet_core.config import read_yaml  # noqa: E402
+from orchestrator.config import parse_config  # noqa: E402
 from mergenet_core.engine import FINAL, METRICS, Engine, PairState  # noqa: E402
 
 BASE = ROOT / "experiments" / "results_fmnist.yaml"
@@ -197,7 +198,7 @@ def make_section(base: dict, seeds: list[int], out: Path, command: str, total_wa
     mb = method_blocks(base)
     lp = mb["mergenet"]["options"]["layer_pairs"]
     ad = cfg0.method.options.get("adapter", {})
-    from mergenet_core.transfer import AdapterOptions
+    from mergenet_core.methods.mergenet import AdapterOptions
     ado = AdapterOptions(**ad)
     today = dt.date.today().isoformat()
     threads = sorted({json.loads((out / m / f"s{s}" / "meta.json").read_text()).get("threads")

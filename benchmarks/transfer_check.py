@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mergenet_core.config import deep_merge, parse_config, read_yaml  # noqa: E402
+from mergenet_core.config import deep_merge, read_yaml  # noqa: E402
+from orchestrator.config import parse_config  # noqa: E402
 from mergenet_core.engine import Engine  # noqa: E402
 from orchestrator.paired import t_interval  # noqa: E402  (the report's own Student-t interval)
 

@@ -1,10 +1,10 @@
 """Experiment configuration: pydantic v2 models, YAML loading, ``extends:`` and ``--set``.
 
-Structure is checked by pydantic (unknown keys are errors). Registry-backed option blocks
-(``model.options``, ``task.options``, ``method.options``) are checked against the option
-model of the named entry by :func:`check_registries`, so every error carries the full field
-path (``target.model.options.width``). :func:`load_config` does both and raises
-:class:`ConfigErrors` listing every problem.
+Structure is checked by pydantic (unknown keys are errors). This module knows no registry
+and no host: registry-backed option blocks (``model.options``, ``task.options``,
+``method.options``) are checked by :mod:`mergenet_core.checks` (``load_config`` /
+``parse_config``), and hosts extend :class:`ExperimentConfig` with their own sections (the
+orchestrator adds ``ray``: ``orchestrator/config.py``).
 """
 from __future__ import annotations
 
@@ -87,31 +87,6 @@ class MethodSpec(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class AdapterPlacement(Strict):
-    num_cpus: float = Field(0.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0, description="fractional GPUs for the adapter actor")
-
-
-class RayPairSpec(Strict):
-    """How a pair runs on Ray (``mergenet train --ray`` and grids); ignored by the engine."""
-
-    source_workers: PositiveInt = 1
-    target_workers: PositiveInt = 1
-    use_gpu: bool = False
-    cpus_per_worker: PositiveFloat = 1.0
-    worker_resources: dict[str, PositiveFloat] = Field(
-        default_factory=dict, description="extra (custom) Ray resources per worker, e.g. {accel_slot: 1}")
-    adapter: AdapterPlacement = Field(default_factory=AdapterPlacement)
-    mode: Literal["sync", "async"] = "sync"
-    staleness: PositiveInt = Field(1, description="async: adapter output at most this many transfers old")
-    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
-    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    topology: Literal["auto", "split", "inline"] = Field(
-        "auto", description="grids: split = Ray Train role workers + adapter actor; inline = the whole pair "
-                            "in the Tune trial process; auto = split when the pair asks for GPUs, several "
-                            "workers per role, spread placement or custom worker resources, else inline")
-
-
 class ExperimentConfig(Strict):
     """One pair experiment: a target (and usually a source) trained side by side."""
 
@@ -126,7 +101,6 @@ class ExperimentConfig(Strict):
     recipe: Recipe = Field(default_factory=Recipe)
     method: MethodSpec = Field(default_factory=MethodSpec)
     checkpoint_every: PositiveInt = Field(1, description="checkpoint every N epochs (and at the end)")
-    ray: RayPairSpec = Field(default_factory=RayPairSpec)
 
     @model_validator(mode="before")
     @classmethod
@@ -292,49 +266,6 @@ def _index(p: str, path: list[str], seq: list) -> int:
     return int(p)
 
 
-def check_registries(cfg: ExperimentConfig) -> list[str]:
-    """Validate every registry-backed option block; returns ``field: problem`` lines."""
-    from .data import TASKS
-    from .methods import METHODS
-    from .models import MODELS
-
-    lines: list[str] = []
-
-    def check(reg, name: str, options: dict, where: str):
-        try:
-            reg.get(name, field=f"{where}.name")
-            reg.options(name, options)
-        except ConfigError as e:
-            lines.append(str(e))
-        except ValidationError as e:
-            lines.extend(format_validation_error(e, f"{where}.options"))
-
-    for role in ("source", "target"):
-        spec = getattr(cfg, role)
-        if spec is None:
-            continue
-        check(MODELS, spec.model.name, spec.model.options, f"{role}.model")
-        check(TASKS, spec.task.name, spec.task.options, f"{role}.task")
-        if spec.model.name in MODELS and spec.task.name in TASKS:
-            mm = MODELS.get(spec.model.name).meta.get("modality")
-            tm = TASKS.get(spec.task.name).meta.get("modality")
-            if mm and tm and mm != tm:
-                lines.append(f"{role}.model.name: model '{spec.model.name}' takes {mm} input but task "
-                             f"'{spec.task.name}' is {tm}")
-    check(METHODS, cfg.method.name, cfg.method.options, "method")
-    if not lines:
-        from .validation import cross_checks  # checks across fields (layer pairs sharing a weight, ...)
-
-        lines.extend(cross_checks(cfg))
-    if not lines and cfg.method.name in METHODS:
-        cls = METHODS.get(cfg.method.name).fn
-        try:
-            cls.check_config(cfg, METHODS.options(cfg.method.name, cfg.method.options))
-        except ConfigError as e:
-            lines.append(str(e))
-    return lines
-
-
 def _has_path(d: Any, parts: list[str]) -> bool:
     for p in parts:
         if not isinstance(d, dict) or p not in d:
@@ -363,29 +294,3 @@ def _drop_inherited_recipe_errors(lines: list[str], data: Any) -> list[str]:
                 continue
         out.append(line)
     return out
-
-
-def parse_config(data: dict) -> ExperimentConfig:
-    try:
-        cfg = ExperimentConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigErrors(_drop_inherited_recipe_errors(format_validation_error(e), data)) from None
-    lines = check_registries(cfg)
-    if lines:
-        raise ConfigErrors(lines)
-    return cfg
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read, merge, override and fully validate an experiment config file."""
-    try:
-        data = apply_overrides(read_yaml(path), overrides or [])
-    except ConfigError as e:
-        raise ConfigErrors([str(e)]) from None
-    return parse_config(data)
-
-
-def method_options(cfg: ExperimentConfig) -> BaseModel:
-    from .methods import METHODS
-
-    return METHODS.options(cfg.method.name, cfg.method.options)

@@ -33,11 +33,13 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, options: type[BaseModel] = NoOptions, **meta: Any):
+    def register(self, name: str, options: type[BaseModel] | None = None, **meta: Any):
+        """Decorator: register ``fn`` (a factory or a class) under ``name``. The options model
+        is ``options``, else the class's own ``Options`` attribute, else :class:`NoOptions`."""
         def deco(fn):
             if name in self._entries:
                 raise ValueError(f"{self.kind} '{name}' registered twice")
-            self._entries[name] = Entry(name, fn, options, dict(meta))
+            self._entries[name] = Entry(name, fn, options or getattr(fn, "Options", NoOptions), dict(meta))
             return fn
 
         return deco

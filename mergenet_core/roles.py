@@ -10,9 +10,7 @@ share a process.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,9 +22,7 @@ from .config import ExperimentConfig, Recipe, RoleSpec
 from .data import BatchStream, TaskData, build_task, iter_eval, prepare_images
 from .errors import ConfigError
 from .models import build_model
-
-ROLE_NAMES = ("source", "target")
-
+from .optim import RngStream, param_groups, reapply_hparams, schedule_lambda
 
 def derive_seed(*parts) -> int:
     """A stable 63-bit seed from any printable parts (no Python ``hash`` randomisation)."""
@@ -52,10 +48,8 @@ def to_device(x, device):
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """No weight decay on biases and normalisation weights (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     o = recipe.optimizer
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups(model.parameters(), o.weight_decay)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
@@ -65,21 +59,8 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 def lr_lambda(recipe: Recipe, steps_per_epoch: int):
     """Per-step multiplier for LambdaLR: linear warm-up, then constant / multistep / cosine."""
     s = recipe.schedule
-    total = recipe.epochs * steps_per_epoch
-    warm = int(s.warmup_epochs * steps_per_epoch)
-    marks = [m * steps_per_epoch for m in s.milestones]
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if s.name == "multistep":
-            return s.gamma ** sum(step >= m for m in marks)
-        if s.name == "cosine":
-            t = (step - warm) / max(1, total - warm)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        return 1.0
-
-    return f
+    return schedule_lambda(s.name, recipe.epochs * steps_per_epoch, int(s.warmup_epochs * steps_per_epoch),
+                           [m * steps_per_epoch for m in s.milestones], s.gamma)
 
 
 @dataclass
@@ -96,8 +77,7 @@ class Role:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     stream: BatchStream | None = None
-    _rng: torch.Tensor | None = None
-    _cuda_rng: torch.Tensor | None = None
+    rng: RngStream | None = None  # the role's own global-RNG stream (dropout)
     aug: torch.Generator | None = None
     #: data parallelism inside the role (Ray topology): this worker's (index, count) of each
     #: global batch, and a callable that averages gradients across the role's workers
@@ -126,23 +106,9 @@ class Role:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.recipe, steps_per_epoch or self.steps_per_epoch))
 
-    @contextlib.contextmanager
     def rng_scope(self):
         """Run with this role's own global-RNG stream (dropout etc.), then restore the caller's."""
-        outer = torch.get_rng_state()
-        cuda = self.device.type == "cuda"
-        outer_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
-        torch.set_rng_state(self._rng)
-        if cuda and self._cuda_rng is not None:
-            torch.cuda.set_rng_state(self._cuda_rng, self.device)
-        try:
-            yield
-        finally:
-            self._rng = torch.get_rng_state()
-            torch.set_rng_state(outer)
-            if cuda:
-                self._cuda_rng = torch.cuda.get_rng_state(self.device)
-                torch.cuda.set_rng_state(outer_cuda, self.device)
+        return self.rng.scope()
 
     def autocast(self):
         on = self.precision == "bf16" and self.device.type == "cuda"
@@ -232,8 +198,7 @@ class Role:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "stream": self.stream.state_dict(),
-            "rng": self._rng,
-            "cuda_rng": self._cuda_rng,
+            **self.rng.state_dict(),
             "aug": self.aug.get_state(),
             # train loss/accuracy accumulated since the last evaluation (eval_every > 1)
             "stats": dict(self.stats),
@@ -244,8 +209,7 @@ class Role:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
-        self._rng = state["rng"]
-        self._cuda_rng = state.get("cuda_rng")
+        self.rng.load_state_dict(state)
         self.aug.set_state(state["aug"])
         if "stats" in state:
             self.stats = dict(state["stats"])
@@ -255,11 +219,7 @@ class Role:
         """Make the optimiser follow the recipe's lr and weight decay again after a state load
         (a PBT exploit or an edited config may change them; the schedule position is kept)."""
         o = self.recipe.optimizer
-        self.scheduler.base_lrs = [o.lr for _ in self.optimizer.param_groups]
-        for group, lam in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["lr"] = o.lr * lam(self.scheduler.last_epoch)
-            if group["weight_decay"]:
-                group["weight_decay"] = o.weight_decay
+        reapply_hparams(self.optimizer, self.scheduler, o.lr, o.weight_decay)
 
 
 def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = None,
@@ -288,6 +248,6 @@ def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = N
         raise ConfigError(f"{name}.recipe.{e.field}", f"{e.problem} ({name} train split)") from None
     aug = torch.Generator(device=device)
     aug.manual_seed(derive_seed(cfg.seed, name, "augment"))
-    rng = torch.Generator().manual_seed(derive_seed(cfg.seed, name, "dropout")).get_state()
+    rng = RngStream(derive_seed(cfg.seed, name, "dropout"), device)
     return Role(name=name, spec=spec, task=task, model=model, device=device, seed=cfg.seed,
-                precision=cfg.precision, channels_last=cfg.channels_last, stream=stream, aug=aug, _rng=rng)
+                precision=cfg.precision, channels_last=cfg.channels_last, stream=stream, aug=aug, rng=rng)

@@ -31,7 +31,7 @@ def _fail(lines: list[str], prefix: str = "") -> int:
 
 
 def _load(path: str, overrides: list[str] | None = None):
-    from mergenet_core.config import load_config
+    from orchestrator.config import load_config
 
     return load_config(path, overrides)
 

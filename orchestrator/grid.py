@@ -10,14 +10,13 @@ grid exits with code 2 before any cluster work.
 from __future__ import annotations
 
 import itertools
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from mergenet_core.config import (ConfigErrors, ExperimentConfig, apply_overrides, deep_merge,
-                                  format_validation_error, parse_config, read_yaml)
+from mergenet_core.config import ConfigErrors, apply_overrides, deep_merge, format_validation_error, read_yaml
+from orchestrator.config import PairConfig, parse_config
 from mergenet_core.errors import ConfigError, short
 
 
@@ -150,14 +149,14 @@ class GridConfig(_Strict):
             "ray": {"cpus_per_worker": r.cpus_per_worker, "use_gpu": r.use_gpu,
                     "adapter": {"num_cpus": r.adapter_num_cpus, "num_gpus": r.adapter_num_gpus}},
         })
-        if p.source is not None and method != "alone":
-            d["source"] = deep_merge(self.base.get("source", {}), p.source)
-        elif method == "alone":
+        if not _uses_source(method):  # e.g. alone: no source model to build
             d.pop("source", None)
+        elif p.source is not None:
+            d["source"] = deep_merge(self.base.get("source", {}), p.source)
         d = deep_merge(d, p.overrides)
         return apply_overrides(d, [f"{k}={_yaml(v)}" for k, v in (hp or {}).items()])
 
-    def trial_config(self, pair: str, arm: str, seed: int, hp: dict[str, Any] | None = None) -> ExperimentConfig:
+    def trial_config(self, pair: str, arm: str, seed: int, hp: dict[str, Any] | None = None) -> PairConfig:
         return parse_config(self.trial_dict(pair, arm, seed, hp))
 
     def enumerate_checks(self):
@@ -175,6 +174,12 @@ class GridConfig(_Strict):
             if a.grid is not None:
                 n *= len(a.grid)
         return n
+
+
+def _uses_source(method: str) -> bool:
+    from mergenet_core.methods import METHODS
+
+    return method not in METHODS or METHODS.get(method).fn.uses_source
 
 
 def _layer_pairs_for(method: str, layer_pairs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -243,26 +248,22 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
 
 EPOCH_METRICS = ("epoch", "step", "time/train_s", "time/epoch_s")
 ROLE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
-ADAPTER_METRICS = ("adapter/transfers", "adapter/skipped", "adapter/grad_norm", "adapter/lr",
-                   "adapter/generate_ms", "adapter/update_ms")
 
 
-def reported_metrics(cfg: ExperimentConfig) -> tuple[set[str], set[str]]:
+def reported_metrics(cfg: PairConfig) -> tuple[set[str], set[str]]:
     """(metrics the trial reports every epoch, metrics it reports only on evaluation epochs)."""
     from mergenet_core.engine import build_method
 
     method = build_method(cfg)
     every = set(EPOCH_METRICS)
     evals = {f"{r}/{k}" for r in method.trained_roles() for k in ROLE_METRICS}
-    if cfg.method.name == "mergenet":
-        every |= set(ADAPTER_METRICS)
-        every |= {f"target/transfer_{k}" for k in ("steps", "writes", "age_steps", "wait_ms")}  # the target receives
+    every |= set(method.epoch_metric_names)
     if cfg.target.recipe.eval_every == 1:
         every |= evals
     return every, evals
 
 
-def check_scheduler_metric(cfg: ExperimentConfig, metric: str) -> str | None:
+def check_scheduler_metric(cfg: PairConfig, metric: str) -> str | None:
     """A problem with the scheduler's metric for this trial (Tune fails at run time on a result
     without it), or None."""
     every, evals = reported_metrics(cfg)
@@ -275,7 +276,7 @@ def check_scheduler_metric(cfg: ExperimentConfig, metric: str) -> str | None:
             f"{', '.join(sorted(m for m in every if '/' in m and not m.startswith('time'))[:6])})")
 
 
-def check_layers(cfg: ExperimentConfig, warnings: list[str] | None = None) -> list[str]:
+def check_layers(cfg: PairConfig, warnings: list[str] | None = None) -> list[str]:
     """Build the pair once on CPU (data, models, encodings, adapters): layer names, ranks,
     missing data, ``init_from`` files. Data loads are cached per process, so this is cheap
     after the first pair. The method's warnings are appended to ``warnings``."""
@@ -289,8 +290,3 @@ def check_layers(cfg: ExperimentConfig, warnings: list[str] | None = None) -> li
     if warnings is not None:
         warnings.extend(plan.warnings)
     return []
-
-
-def short_trial_name(pair: str, method: str, seed: int, index: int) -> str:
-    """Readable and short: ``0003-r18-mbv2-mergenet-s1``."""
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{index:04d}-{pair}-{method}-s{seed}")[:80]

@@ -18,11 +18,12 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from mergenet_core.config import ExperimentConfig
-from mergenet_core.engine import BEST, CHECKPOINT, Engine
+from orchestrator.config import PairConfig
+from mergenet_core.engine import Engine
+from mergenet_core.loop import BEST, CHECKPOINT
 from orchestrator.storage import Location
 
-def choose_topology(cfg: ExperimentConfig) -> str:
+def choose_topology(cfg: PairConfig) -> str:
     """``ray.topology``, with ``auto`` resolved: the Ray Train role workers (``split``) when the
     pair asks for a GPU per role, several workers per role, spread placement or custom worker
     resources; otherwise ``inline``."""
@@ -44,7 +45,7 @@ def placement_record(device: str = "cpu") -> list[dict]:
              "device": device}]
 
 
-def run_pair_inline(cfg: ExperimentConfig, out: Path, *, on_epoch: Callable[[dict], None] | None = None,
+def run_pair_inline(cfg: PairConfig, out: Path, *, on_epoch: Callable[[dict], None] | None = None,
                     remote: Location | None = None, keep_bundles: str = "last_and_best",
                     start_from: Path | None = None, until_epoch: int | None = None) -> dict:
     """Train (or resume) the pair in this process; returns the engine's summary.
@@ -72,7 +73,7 @@ def run_pair_inline(cfg: ExperimentConfig, out: Path, *, on_epoch: Callable[[dic
             remote.upload(out, names)
 
     engine = Engine(cfg, out, progress=False, on_epoch=on_epoch, on_checkpoint=mirror,
-                    keep_best=keep_bundles != "last")
+                    keep_bundles=keep_bundles)
     final = engine.run(resume=True, until_epoch=until_epoch)
     (out / "placement.json").write_text(json.dumps(placement_record(str(engine.device)), indent=2))
     where = (lambda n: str(remote / n)) if remote is not None else (lambda n: str(out / n))

@@ -1,18 +1,20 @@
 """One pair on Ray: a Train V2 ``TorchTrainer`` whose workers take roles, plus an adapter actor.
 
-World ranks ``0 .. target_workers-1`` are the target role, the rest the source role (so
-world rank 0, whose metrics Ray Train keeps, is the target's leader). Each role is
+The method's placement (:meth:`Method.placement`) decides the layout. Roles that may run
+apart get their own workers: world ranks ``0 .. target_workers-1`` are the target role, the
+rest the source role (so world rank 0, whose metrics Ray Train keeps, is the target's leader). Each role is
 data-parallel inside its own process group (each worker takes a slice of the global batch,
 gradients are averaged in the role's group). Role leaders send clones of their factors as
 plain call arguments (inline when ≤ 100 KiB, else through the object store) to the shared
-:class:`AdapterActor`, which wraps the core :class:`~mergenet_core.transfer.Exchange`; the
+:class:`AdapterActor`, which holds the exchange the method builds (MergeNet's adapters); the
 target leader broadcasts the generated matrices inside its role. Workers run
-:meth:`Method.role_step` — the same code the single-process engine runs. Methods that need
-both models on one batch (kd, dml, param_share) and ``alone`` run co-located in one worker
-through :meth:`Method.pair_step`.
+:meth:`Method.role_step` inside the core :class:`~mergenet_core.loop.PairLoop` — the loop and
+step code the single-process engine runs. Methods whose roles may not run apart (both models
+on one batch) run co-located in one worker through :meth:`Method.pair_step`.
 
-Every epoch world rank 0 gathers all role states and reports one bundle (``pair.pt``, the
-same format as the engine's checkpoint) through Ray Train checkpoints; after a worker or
+Every epoch world rank 0 gathers the records and role states and, when the loop's checkpoint
+policy says so, reports one bundle (``pair.pt``, the same format as the engine's checkpoint)
+through Ray Train checkpoints; after a worker or
 adapter-actor failure Ray Train restarts the workers, they restore from the bundle (or start
 afresh when none was registered yet) and world rank 0 starts a new *attempt* in the actor:
 a fresh exchange with the initial adapters, loaded with the bundle's adapter state, under a
@@ -39,23 +41,19 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from mergenet_core.config import ExperimentConfig
-from mergenet_core.engine import FINAL, METRICS, PairState, build_method, load_bundle, save_bundle, summarise
+from orchestrator.config import PairConfig
 from mergenet_core.errors import ConfigError, MergenetError
-from mergenet_core.methods.mergenet import MergeNet
-from mergenet_core.transfer import Exchange
+from mergenet_core.loop import (FINAL, KEEP_BUNDLES, METRICS, PairLoop, PairState, build_method, load_bundle,
+                                save_bundle, summarise, write_metrics)
 from orchestrator.storage import Location
 
 BUNDLE = "pair.pt"
 PLACEMENT = "placement.json"  # role, rank, node id, pid and device of every worker
 
-#: which pair bundles (Ray Train checkpoints) a run keeps, and so writes:
+#: which pair bundles (Ray Train checkpoints) a run keeps, and so writes
+#: (:data:`mergenet_core.loop.KEEP_BUNDLES`, written by the loop's checkpoint policy):
 #: ``last_and_best``: the last and the best-validation one (the earliest epoch of the highest
-#: ``target/val_acc``, as in ``final.json``); bundles are written at ``checkpoint_every`` epochs,
-#: at the last epoch and at each new best-validation epoch;
-#: ``last``: only the last (written at ``checkpoint_every`` epochs and the last epoch);
-#: ``all``: every bundle written (as ``last_and_best`` writes them)
-KEEP_BUNDLES = ("last_and_best", "last", "all")
+#: ``target/val_acc``, as in ``final.json``); ``last``: only the last; ``all``: every bundle written
 BEST_FLAG = "checkpoint/best_val"  # 1 on the bundle of a new best-validation epoch (Ray's score)
 BUNDLES = "bundles.json"  # where the kept bundles are: {"last": {...}, "best_val": {...}}
 
@@ -124,10 +122,9 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
 @dataclass
 class PairPlan:
     layout: list[str]            # role of each world rank
-    co_located: bool             # one worker runs every role (non-splittable methods, alone)
-    shapes: dict | None          # adapter link shapes (mergenet)
+    co_located: bool             # one worker runs every role (methods whose roles may not run apart)
+    exchange_spec: dict | None   # the method's exchange (built in the adapter actor), if its roles talk
     steps_per_epoch: int
-    adapter_params: dict | None
     warnings: list[str] = field(default_factory=list)  # method.config_warnings (risky layer pairs)
 
     @property
@@ -135,26 +132,25 @@ class PairPlan:
         return len(self.layout)
 
 
-def plan_pair(cfg: ExperimentConfig) -> PairPlan:
+def plan_pair(cfg: PairConfig) -> PairPlan:
     """Build the pair once on CPU in this process: every config error (layer pair names,
     ranks, data) surfaces here, before any Ray worker starts."""
     pair = PairState.build(cfg, devices={n: torch.device("cpu") for n in ("source", "target")})
     method, rs = pair.method, cfg.ray
-    splittable = method.splittable and isinstance(method, MergeNet) and len(method.roles_needed()) == 2
-    if splittable:
-        layout = ["target"] * rs.target_workers + ["source"] * rs.source_workers
+    where = method.placement()
+    if where.apart:  # each role its own workers (world rank 0: the target's leader)
+        workers = {"target": rs.target_workers, "source": rs.source_workers}
+        layout = [r for r in ("target", "source") if r in where.roles for _ in range(workers[r])]
     else:
         if rs.source_workers > 1 or rs.target_workers > 1:
             raise ConfigError("ray.target_workers", f"method '{cfg.method.name}' runs both models in one "
                                                     "worker; set source_workers and target_workers to 1")
         layout = ["target"]
-    shapes = method.link_shapes() if isinstance(method, MergeNet) else None
-    counts = method.exchange.hub.param_counts() if isinstance(method, MergeNet) else None
-    return PairPlan(layout, not splittable, shapes, pair.steps_per_epoch, counts,
-                    method.config_warnings(pair.roles))
+    spec = method.exchange_spec() if where.apart else None
+    return PairPlan(layout, not where.apart, spec, pair.steps_per_epoch, method.config_warnings(pair.roles))
 
 
-def check_resources(cfg: ExperimentConfig, plan: PairPlan) -> None:
+def check_resources(cfg: PairConfig, plan: PairPlan) -> None:
     """Refuse a pair that the connected cluster cannot hold now — on a Ray started here. On a
     cluster reached by address (``MERGENET_RESOURCE_CHECK=warn``, see :data:`RESOURCE_CHECK_ENV`)
     the autoscaler may still add the nodes: print one warning line per shortfall instead (Ray
@@ -162,7 +158,7 @@ def check_resources(cfg: ExperimentConfig, plan: PairPlan) -> None:
     total = ray.cluster_resources()
     rs = cfg.ray
     problems: list[ConfigError] = []
-    need_cpu = plan.num_workers * rs.cpus_per_worker + (rs.adapter.num_cpus if plan.shapes else 0)
+    need_cpu = plan.num_workers * rs.cpus_per_worker + (rs.adapter.num_cpus if plan.exchange_spec else 0)
     if need_cpu > total.get("CPU", 0) + 1e-9:
         problems.append(ConfigError("ray.cpus_per_worker", f"the pair needs {need_cpu:g} CPUs ({plan.num_workers} "
                                     f"workers x {rs.cpus_per_worker:g}) but the cluster has {total.get('CPU', 0):g}"))
@@ -172,7 +168,7 @@ def check_resources(cfg: ExperimentConfig, plan: PairPlan) -> None:
             problems.append(ConfigError(f"ray.worker_resources.{res}", f"the pair needs {need:g} '{res}' but the "
                                                                       f"cluster has {total.get(res, 0):g}"))
     if rs.use_gpu:
-        need_gpu = plan.num_workers + (rs.adapter.num_gpus if plan.shapes else 0)
+        need_gpu = plan.num_workers + (rs.adapter.num_gpus if plan.exchange_spec else 0)
         if need_gpu > total.get("GPU", 0) + 1e-9:
             problems.append(ConfigError("ray.use_gpu", f"the pair needs {need_gpu:g} GPUs (one per worker) but the "
                                                        f"cluster has {total.get('GPU', 0):g}"))
@@ -185,7 +181,7 @@ def check_resources(cfg: ExperimentConfig, plan: PairPlan) -> None:
               f"({RESOURCE_CHECK_ENV}=strict refuses instead)", file=sys.stderr, flush=True)
 
 
-def preflight(cfg: ExperimentConfig, address: str | None = None) -> PairPlan:
+def preflight(cfg: PairConfig, address: str | None = None) -> PairPlan:
     plan = plan_pair(cfg)
     ensure_ray(address)
     check_resources(cfg, plan)
@@ -202,7 +198,8 @@ class StaleAttempt(RuntimeError):
 
 @ray.remote
 class AdapterActor:
-    """The pair's adapters and their optimisers: a core :class:`Exchange` behind Ray calls.
+    """The pair method's exchange (MergeNet: the adapters and their optimisers) behind Ray
+    calls, built by the method itself (:meth:`Method.build_exchange`).
 
     Every worker-group attempt starts with :meth:`begin`: a *fresh* exchange (initial adapter
     state: no pending inputs, outputs or updates of a killed attempt survive) loaded with the
@@ -212,21 +209,20 @@ class AdapterActor:
     touches the current adapters. So the adapter state always matches the workers' checkpoint.
     """
 
-    def __init__(self, cfg_json: str, shapes: dict, steps_per_epoch: int):
+    def __init__(self, cfg_json: str, spec: dict, steps_per_epoch: int):
         import threading
 
-        self.cfg = ExperimentConfig.model_validate_json(cfg_json)
-        self.shapes, self.steps_per_epoch = shapes, steps_per_epoch
+        self.cfg = PairConfig.model_validate_json(cfg_json)
+        self.spec, self.steps_per_epoch = spec, steps_per_epoch
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.attempt: str | None = None
-        self.exchange: Exchange | None = None
+        self.exchange = None
         self._lock = threading.Lock()
 
-    def _fresh_exchange(self) -> Exchange:
-        method = build_method(self.cfg)
+    def _fresh_exchange(self):
         rs = self.cfg.ray
-        staleness = rs.staleness * method.options.t_cycle if rs.mode == "async" else 0
-        return Exchange(method.make_hub(self.steps_per_epoch, self.device, self.shapes), staleness_steps=staleness)
+        return build_method(self.cfg).build_exchange(self.spec, self.steps_per_epoch, self.device,
+                                                     staleness=rs.staleness if rs.mode == "async" else 0)
 
     def begin(self, attempt: str, state: dict | None = None) -> None:
         """Start attempt ``attempt`` from the initial adapter state, or from ``state`` (the
@@ -236,10 +232,10 @@ class AdapterActor:
             ex.load_state_dict(state)
         with self._lock:
             old, self.exchange, self.attempt = self.exchange, ex, attempt
-        if old is not None:
-            _abandon(old)
+        if old is not None:  # wake every call still waiting there (a killed attempt's get)
+            old.abandon(StaleAttempt("superseded by a new attempt"))
 
-    def _ex(self, attempt: str) -> Exchange:
+    def _ex(self, attempt: str):
         with self._lock:
             if attempt != self.attempt or self.exchange is None:
                 raise StaleAttempt(f"adapter call of attempt {attempt[:8]} but the current attempt is "
@@ -269,14 +265,6 @@ class AdapterActor:
         return os.getpid()
 
 
-def _abandon(ex: Exchange) -> None:
-    """Wake every call still waiting in a superseded exchange (a killed attempt's ``get``) with
-    an error, so it frees its actor thread at once instead of after the exchange timeout."""
-    with ex._cv:  # noqa: SLF001 - the exchange's own condition variable and error slot
-        ex._error = StaleAttempt("superseded by a new attempt")
-        ex._cv.notify_all()
-
-
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
@@ -288,7 +276,7 @@ def _to_cpu(obj):
 
 
 class RayExchange:
-    """Worker-side proxy with the :class:`Exchange` API. Only the role leader talks to the
+    """Worker-side proxy with the exchange API (:class:`~mergenet_core.methods.base.ExchangeAPI`). Only the role leader talks to the
     actor; generated matrices are broadcast to the rest of the role. Every call carries the
     attempt id the actor was started with (:meth:`AdapterActor.begin`)."""
 
@@ -352,12 +340,75 @@ def _mark(out: Path, what: str, role: str, role_rank: int, epoch: int) -> None:
         pass
 
 
+class RoleWorkerHost:
+    """The :class:`~mergenet_core.loop.Host` of one Ray Train worker: its role (or the whole
+    pair, co-located), data parallel inside the role's process group; world rank 0 (the
+    target's leader) leads: it assembles records and reports bundles as Ray Train checkpoints."""
+
+    def __init__(self, pair: PairState, me: str, co_located: bool, rank: int, role_leader: bool,
+                 world: int, out: Path, placement: list, role_rank: int):
+        self.pair, self.me, self.co_located = pair, me, co_located
+        self.lead, self.role_leader = rank == 0, role_leader
+        self.distributed = world > 1
+        self.world, self.out, self.placement, self.role_rank = world, out, placement, role_rank
+        self._states: dict = {}
+        self._checkpoint = None
+
+    def step(self, step: int) -> None:
+        if self.co_located:
+            self.pair.method.pair_step(step, self.pair.roles)
+        else:
+            self.pair.method.role_step(step, self.pair.roles[self.me])
+
+    def gather(self, local: dict) -> dict | None:
+        # role states travel with the records: whether a bundle is due is known only on the lead
+        states = {n: _to_cpu(self.pair.role_state(n)) for n in self.pair.roles} if self.role_leader else {}
+        if self.distributed:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, (local, states))
+        else:
+            gathered = [(local, states)]
+        if not self.lead:
+            return None
+        parts, self._states = {}, {}
+        for m, s in gathered:
+            parts.update(m)
+            self._states.update(s)
+        return parts
+
+    def role_states(self) -> dict:
+        return self._states
+
+    def save(self, bundle: dict, record: dict, best: bool) -> None:
+        bundle["method"] = _to_cpu(bundle["method"])
+        tmp = Path(tempfile.mkdtemp(prefix="mergenet-ckpt-"))
+        save_bundle(tmp / BUNDLE, bundle)
+        # the placement travels with the checkpoint: the driver may sit on another node than
+        # rank 0 (bucket storage, no shared folder)
+        (tmp / PLACEMENT).write_text(json.dumps(self.placement, indent=2))
+        self._checkpoint = Checkpoint.from_directory(str(tmp))
+
+    def end_epoch(self, record: dict | None, saved: bool, best: bool) -> None:
+        import ray.train
+
+        pair = self.pair
+        record = record or {"epoch": pair.epoch, "step": pair.step}
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        checkpoint, self._checkpoint = self._checkpoint, None
+        if checkpoint is not None:
+            metrics[BEST_FLAG] = int(best)
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+            _mark(self.out, "reported", self.me, self.role_rank, pair.epoch)
+
+
 def pair_worker(config: dict) -> None:
-    """Ray Train worker loop: one role (or the whole pair when co-located)."""
+    """Ray Train worker: one role (or the whole pair when co-located) running the core loop."""
     import ray.train
     import ray.train.torch
 
-    cfg = ExperimentConfig.model_validate(config["experiment"])
+    cfg = PairConfig.model_validate(config["experiment"])
     out = Path(config["out_dir"])
     layout: list[str] = config["layout"]
     ctx = ray.train.get_context()
@@ -405,9 +456,7 @@ def pair_worker(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_bundle(Path(d) / BUNDLE)
-        pair.epoch, pair.step, pair.history = state["epoch"], state["step"], list(state["history"])
-        for n in pair.roles:
-            pair.load_role_state(n, state["roles"][n])
+        pair.load_state_dict(state, method=proxy is None and rank == 0)
     if proxy is not None:
         # a new attempt: the actor drops whatever a killed attempt left (pending inputs, outputs,
         # updates) and starts from the initial adapter state, then takes the checkpoint's
@@ -420,74 +469,13 @@ def pair_worker(config: dict) -> None:
         if distributed:
             dist.broadcast_object_list(box, src=0)
         proxy.attempt = box[0]
-    elif rank == 0 and state is not None:
-        method.load_state_dict(state["method"])
     if distributed:
-        dist.barrier()  # the actor holds the restored hub before anyone transfers
+        dist.barrier()  # the actor holds the restored exchange before anyone transfers
     _mark(out, "started", me, role_rank, pair.epoch)
 
-    epochs = cfg.target.recipe.epochs
-    stop = min(epochs, config.get("until_epoch") or epochs)
-    spe = pair.steps_per_epoch
-    keep = config.get("keep_bundles", "last_and_best")
-    best_val = max((r["target/val_acc"] for r in pair.history if "target/val_acc" in r), default=None)
-    while pair.epoch < stop:
-        t0 = time.perf_counter()
-        for _ in range(spe):
-            if config["co_located"]:
-                method.pair_step(pair.step, pair.roles)
-            else:
-                method.role_step(pair.step, pair.roles[me])
-            pair.step += 1
-        pair.epoch += 1
-        train_s = time.perf_counter() - t0
-        evaluate = pair.epoch % cfg.target.recipe.eval_every == 0 or pair.epoch == epochs
-        local = pair.evaluate() if leader and evaluate else {}
-        role_numbers = method.role_metrics()  # taken on every worker, reported by the role's leader
-        if leader:
-            local.update(role_numbers)
-        states = {n: _to_cpu(pair.role_state(n)) for n in pair.roles} if leader else {}
-        if distributed:
-            gathered = [None] * len(layout)
-            dist.all_gather_object(gathered, (local, states))
-        else:
-            gathered = [(local, states)]
-        record = {"epoch": pair.epoch, "step": pair.step}
-        checkpoint = None
-        if rank == 0:
-            all_states = {}
-            for m, s in gathered:
-                record.update(m)
-                all_states.update(s)
-            record.update(method.epoch_metrics())
-            record["time/train_s"] = train_s
-            record["time/epoch_s"] = time.perf_counter() - t0
-            pair.history.append(record)
-            with (out / METRICS).open("w") as f:
-                for r in pair.history:
-                    f.write(json.dumps(r) + "\n")
-            val = record.get("target/val_acc")
-            new_best = val is not None and (best_val is None or val > best_val)  # ties: the earliest stays best
-            best_val = val if new_best else best_val
-            # a bundle only when something needs it: a restart (checkpoint_every), the caller
-            # (the last epoch of this run) or the best-validation epoch
-            if (pair.epoch % cfg.checkpoint_every == 0 or pair.epoch == stop
-                    or (new_best and keep != "last")):
-                bundle = {"epoch": pair.epoch, "step": pair.step, "roles": all_states,
-                          "method": _to_cpu(method.state_dict()), "history": pair.history}
-                tmp = Path(tempfile.mkdtemp(prefix="mergenet-ckpt-"))
-                save_bundle(tmp / BUNDLE, bundle)
-                # the placement travels with the checkpoint: the driver may sit on another node
-                # than rank 0 (bucket storage, no shared folder)
-                (tmp / PLACEMENT).write_text(json.dumps(placement, indent=2))
-                checkpoint = Checkpoint.from_directory(str(tmp))
-        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        if checkpoint is not None:
-            metrics[BEST_FLAG] = int(new_best)
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if checkpoint is not None:
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
-            _mark(out, "reported", me, role_rank, pair.epoch)
+    host = RoleWorkerHost(pair, me, config["co_located"], rank, leader, len(layout), out, placement, role_rank)
+    PairLoop(host, keep_bundles=config.get("keep_bundles", "last_and_best"), until_epoch=config.get("until_epoch"),
+             metrics_path=out / METRICS if rank == 0 else None).run()
 
 
 # --------------------------------------------------------------------------- driver
@@ -523,7 +511,7 @@ def _root_cause(e: BaseException) -> str:
     return short(lines[-1] if lines else type(e).__name__, 200)
 
 
-def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = None, resume: bool = False,
+def run_pair_on_ray(cfg: PairConfig, out_dir: str | Path, address: str | None = None, resume: bool = False,
                     plan: PairPlan | None = None, storage_path: str | None = None, name: str = "pair",
                     callbacks: list | None = None, start_from: str | Path | Checkpoint | None = None,
                     until_epoch: int | None = None, storage_filesystem=None,
@@ -537,7 +525,7 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
     ``start_from``: a folder holding a ``pair.pt`` bundle, or a checkpoint in storage, to start
     from (PBT segments); ``until_epoch``: stop after this epoch (the summary covers the epochs
     so far); ``keep_bundles``: which checkpoints the run keeps (:data:`KEEP_BUNDLES`)."""
-    if keep_bundles not in KEEP_BUNDLES:
+    if keep_bundles not in KEEP_BUNDLES:  # before any Ray work
         raise ConfigError("keep_bundles", f"'{keep_bundles}' is not one of {', '.join(KEEP_BUNDLES)}")
     out = Path(out_dir).resolve()
     plan = plan or preflight(cfg, address)
@@ -554,11 +542,11 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
     rs = cfg.ray
     actor_name = namespace = None
     actor = None
-    if plan.shapes is not None and not plan.co_located:
+    if plan.exchange_spec is not None and not plan.co_located:
         actor_name, namespace = f"mergenet-adapter-{uuid.uuid4().hex[:8]}", ray.get_runtime_context().namespace
         actor = AdapterActor.options(name=actor_name, max_restarts=-1, max_concurrency=16,
                                      num_cpus=rs.adapter.num_cpus, num_gpus=rs.adapter.num_gpus).remote(
-            cfg.model_dump_json(), plan.shapes, plan.steps_per_epoch)
+            cfg.model_dump_json(), plan.exchange_spec, plan.steps_per_epoch)
         (out / "pids").mkdir(parents=True, exist_ok=True)
         (out / "pids" / "adapter.pid").write_text(str(ray.get(actor.pid.remote())))
     per_worker = {"CPU": rs.cpus_per_worker, **rs.worker_resources}
@@ -592,9 +580,7 @@ def run_pair_on_ray(cfg: ExperimentConfig, out_dir: str | Path, address: str | N
             shutil.copy2(Path(d) / PLACEMENT, out / PLACEMENT)
         if start_from is not None or until_epoch is not None:  # keep the bundle for the caller (PBT)
             shutil.copy2(Path(d) / BUNDLE, out / BUNDLE)
-    with (out / METRICS).open("w") as f:  # what rank 0 wrote, from the checkpoint (rank 0 may be elsewhere)
-        for r in history:
-            f.write(json.dumps(r) + "\n")
+    write_metrics(out / METRICS, history)  # what rank 0 wrote, from the checkpoint (rank 0 may be elsewhere)
     final = summarise([r for r in history if "target/val_acc" in r])
     (out / FINAL).write_text(json.dumps(final, indent=2))
     (out / BUNDLES).write_text(json.dumps(kept_bundles(result), indent=2))

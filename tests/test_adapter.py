@@ -1,10 +1,10 @@
-"""Tests for mergenet_core.adapter (spec section 4)."""
+"""Tests for mergenet_core.methods.mergenet.adapter (spec section 4)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mergenet_core.adapter import (CrossAttention, KnowledgeTransferLayer, ParameterAdapter,
+from mergenet_core.methods.mergenet.adapter import (CrossAttention, KnowledgeTransferLayer, ParameterAdapter,
                                    adapter_param_count, head_width)
 from mergenet_core.lowrank import rms
 
@@ -112,7 +112,7 @@ def test_cpu_attention_dropout_drops_p_of_the_weights_and_is_unbiased():
     dropout p it zeroes about p of the attention weights and is unbiased on average."""
     import torch.nn.functional as F
 
-    from mergenet_core.adapter import attend
+    from mergenet_core.methods.mergenet.adapter import attend
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 6, 4, generator=g), torch.randn(1, 2, 7, 4, generator=g)

@@ -423,7 +423,7 @@ def _gpu_pair_and_plan():
     """A MergeNet pair (2 workers) asking for one GPU and one ``accel`` per worker, and its plan
     (built without data: only the worker count and the adapter matter to the check)."""
     from helpers import mergenet_options, tiny_pair
-    from mergenet_core.config import parse_config
+    from orchestrator.config import parse_config
     from orchestrator.pair import PairPlan
 
     cfg = parse_config(tiny_pair("mergenet", mergenet_options(),

@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from helpers import SUBPROCESS_ENV_OVERRIDES, mergenet_options, tiny_pair, write_yaml
-from mergenet_core.config import ConfigErrors, load_config, method_options
+from mergenet_core.checks import method_options
+from mergenet_core.config import ConfigErrors
+from orchestrator.config import load_config
 from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import torch
 
 from helpers import (SUBPROCESS_ENV_OVERRIDES, assert_same_metrics, limit_threads, mergenet_options,
                      numeric_items, read_metrics, tiny_pair, write_yaml)
-from mergenet_core.config import parse_config
+from mergenet_core.checks import parse_config
 from mergenet_core.engine import CHECKPOINT, FINAL, METRICS, Engine
 
 ROOT = Path(__file__).resolve().parents[1]

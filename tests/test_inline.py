@@ -12,7 +12,7 @@ import pytest
 
 import helpers
 from helpers import assert_same_metrics, limit_threads, read_metrics, tiny_pair, write_yaml
-from mergenet_core.config import parse_config
+from orchestrator.config import parse_config
 from mergenet_core.engine import Engine
 
 limit_threads()

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mergenet_core.config import ConfigErrors, deep_merge, parse_config
+from mergenet_core.checks import parse_config
+from mergenet_core.config import ConfigErrors, deep_merge
 from mergenet_core.engine import PairState
 from mergenet_core.errors import ConfigError
 from mergenet_core.lowrank import conv_to_matrix, rms

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import assert_same_metrics, mergenet_options, read_metrics, tiny_pair, write_yaml
-from mergenet_core.config import parse_config
+from orchestrator.config import parse_config
 from mergenet_core.engine import Engine
 
 RAY = {"cpus_per_worker": 0.5}

@@ -13,13 +13,14 @@ from torch import nn
 
 from helpers import (assert_same_metrics, limit_threads, mergenet_options, read_metrics, tiny_pair,
                      write_yaml)
-from mergenet_core.adapter import ParameterAdapter, adapter_param_count
-from mergenet_core.config import ConfigErrors, load_config, parse_config
+from mergenet_core.methods.mergenet.adapter import ParameterAdapter, adapter_param_count
+from mergenet_core.config import ConfigErrors
+from orchestrator.config import load_config, parse_config
 from mergenet_core.engine import Engine, PairState
 from mergenet_core.errors import ConfigError
 from mergenet_core.lowrank import (canonical_signs, make_encoding, procrustes_align, row_cosine,
                                    truncated_svd_factors)
-from mergenet_core.transfer import AdapterOptions, MergeNetOptions
+from mergenet_core.methods.mergenet import AdapterOptions, MergeNetOptions
 from orchestrator.cli import main
 
 limit_threads()
@@ -446,7 +447,7 @@ def test_val_size_draws_validation_from_the_rest_of_train():
 
 
 def test_adapter_width_fixes_the_model_width():
-    from mergenet_core.adapter import head_width
+    from mergenet_core.methods.mergenet.adapter import head_width
 
     wide = ParameterAdapter((4, 1280), (4, 64), 1, 4)
     narrow = ParameterAdapter((4, 1280), (4, 64), 1, 4, width=64)

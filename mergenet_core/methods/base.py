@@ -1,54 +1,114 @@
 """The one contract every method implements (mdistiller's ``Distiller`` idea).
 
-A method is constructed from its validated options and the experiment config, may rewrite
-the models in :meth:`setup` (before optimisers exist), and advances training by one
-lockstep step in :meth:`pair_step`. Methods whose two roles only talk through an
-:class:`Exchange` (MergeNet) also implement :meth:`role_step`, which lets the Ray topology
-run each role in its own worker with exactly the same code.
+A method is a class registered under a name (``METHODS.register("name")(cls)``); the registry
+reads its options model from ``cls.Options``. It is constructed from its validated options and
+the experiment config, may rewrite the models in :meth:`setup` (before optimisers exist), and
+advances training by one lockstep step in :meth:`pair_step`. The training loop
+(:class:`~mergenet_core.loop.PairLoop`) owns epochs, evaluation, metrics and checkpoints; the
+method owns only the step and its own state.
+
+Placement: :meth:`placement` says which roles the method needs and whether they may run in
+separate processes. Methods whose roles may run apart implement :meth:`role_step` (one role's
+part of a step). If their roles talk to each other, they do it through an *exchange* (an object
+with the :class:`ExchangeAPI` methods): :meth:`exchange_spec` describes it with plain data,
+:meth:`build_exchange` builds it from that description in any process (a host puts it behind a
+Ray actor), and :meth:`attach` hands a role-hosting process the exchange (or a proxy) to use.
+Hosts call only these methods, so no host names a method.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel
 
-from ..config import ExperimentConfig
 from ..errors import ConfigError
 from ..registry import NoOptions, Registry
 
+if TYPE_CHECKING:  # the config module never imports methods; no cycle at run time either
+    from ..config import ExperimentConfig
+
 METHODS = Registry("method")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which roles a method needs (each gets its own process group when ``apart``), and whether
+    they may run in separate processes (``role_step``); otherwise one process hosts all roles
+    and calls ``pair_step``."""
+
+    roles: tuple[str, ...]
+    apart: bool
+
+
+class ExchangeAPI(Protocol):
+    """What role processes call on a method's exchange (in-process object or a Ray proxy)."""
+
+    def put(self, step: int, mats: dict) -> None: ...
+    def get(self, step: int, role: str) -> tuple[int, dict]: ...
+    def feedback(self, gen_step: int, grads: dict, epoch: int) -> None: ...
+    def take_epoch_metrics(self) -> dict: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class Method:
     Options: ClassVar[type[BaseModel]] = NoOptions
     #: build and train a source model
     uses_source: ClassVar[bool] = True
-    #: roles can run in separate processes through ``role_step`` + an exchange
+    #: roles can run in separate processes (``role_step``, and an exchange if they talk)
     splittable: ClassVar[bool] = False
+    #: metrics (besides the roles' train/val/test numbers) this method reports every epoch
+    epoch_metric_names: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options: BaseModel, cfg: ExperimentConfig):
+    def __init__(self, options: BaseModel, cfg: "ExperimentConfig"):
         self.options = options
         self.cfg = cfg
 
     # ---------------------------------------------------------------- config
     @classmethod
-    def check_config(cls, cfg: ExperimentConfig, options: BaseModel) -> None:
-        """Raise :class:`ConfigError` for combinations the method cannot run."""
+    def check_config(cls, cfg: "ExperimentConfig", options: BaseModel) -> list[str]:
+        """``field: problem`` lines for combinations the method cannot run (fields across
+        blocks; the options model itself is already valid)."""
         if cls.uses_source and cfg.source is None:
-            raise ConfigError("source", f"method '{cfg.method.name}' needs a source model")
+            return [str(ConfigError("source", f"method '{cfg.method.name}' needs a source model"))]
+        return []
 
     @staticmethod
-    def require_same_labels(cfg: ExperimentConfig, method: str) -> None:
+    def require_same_labels(cfg: "ExperimentConfig", method: str) -> list[str]:
         s, t = cfg.source.task, cfg.target.task
         if s.name != t.name or s.options != t.options:
             what = f"source: {s.name}, target: {t.name}" if s.name != t.name else "the task options differ"
-            raise ConfigError("method.name", f"'{method}' feeds the target's batches to the source, so both need "
-                                             f"the same task and task options ({what})")
+            return [str(ConfigError("method.name", f"'{method}' feeds the target's batches to the source, so both "
+                                                   f"need the same task and task options ({what})"))]
+        return []
 
-    # ---------------------------------------------------------------- lifecycle
+    # ---------------------------------------------------------------- placement / exchange
     def roles_needed(self) -> tuple[str, ...]:
         return ("source", "target") if self.uses_source else ("target",)
+
+    def placement(self) -> Placement:
+        return Placement(self.roles_needed(), self.splittable)
+
+    def exchange_spec(self) -> dict | None:
+        """Plain (picklable) data from which :meth:`build_exchange` builds this method's exchange
+        in a process without the models; ``None``: the roles never talk. Needs :meth:`setup`."""
+        return None
+
+    def build_exchange(self, spec: dict, steps_per_epoch: int, device: str = "cpu",
+                       staleness: int = 0) -> ExchangeAPI:
+        """The exchange for ``spec``; ``staleness``: how many exchanges old an answer may be
+        (0: synchronous)."""
+        raise NotImplementedError(f"{type(self).__name__} has no exchange")
+
+    def attach(self, exchange: ExchangeAPI) -> None:
+        """Use ``exchange`` (e.g. a proxy to a Ray actor holding the real one)."""
+        raise NotImplementedError(f"{type(self).__name__} has no exchange")
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the built method worth logging once (e.g. adapter sizes)."""
+        return {}
 
     def trained_roles(self) -> tuple[str, ...]:
         return self.roles_needed()

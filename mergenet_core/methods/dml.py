@@ -16,14 +16,13 @@ class DMLOptions(BaseModel):
     temperature: float = Field(1.0, gt=0)
 
 
-@METHODS.register("dml", options=DMLOptions)
+@METHODS.register("dml")
 class DML(Method):
     Options = DMLOptions
 
     @classmethod
-    def check_config(cls, cfg, options) -> None:
-        super().check_config(cfg, options)
-        cls.require_same_labels(cfg, "dml")
+    def check_config(cls, cfg, options) -> list[str]:
+        return super().check_config(cfg, options) or cls.require_same_labels(cfg, "dml")
 
     def pair_step(self, step: int, roles: dict) -> None:
         src, tgt = roles["source"], roles["target"]

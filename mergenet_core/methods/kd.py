@@ -18,14 +18,13 @@ class KDOptions(BaseModel):
     train_source: bool = True
 
 
-@METHODS.register("kd", options=KDOptions)
+@METHODS.register("kd")
 class KD(Method):
     Options = KDOptions
 
     @classmethod
-    def check_config(cls, cfg, options) -> None:
-        super().check_config(cfg, options)
-        cls.require_same_labels(cfg, "kd")
+    def check_config(cls, cfg, options) -> list[str]:
+        return super().check_config(cfg, options) or cls.require_same_labels(cfg, "kd")
 
     def trained_roles(self):
         return ("source", "target") if self.options.train_source else ("target",)

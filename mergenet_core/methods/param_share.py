@@ -38,7 +38,7 @@ def project(src: torch.Tensor, like: torch.Tensor, rescale: bool) -> torch.Tenso
     return rms_rescale(out, like) if rescale else out
 
 
-@METHODS.register("param_share", options=ParamShareOptions)
+@METHODS.register("param_share")
 class ParamShare(Method):
     Options = ParamShareOptions
 

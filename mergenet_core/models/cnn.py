@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from ..data.base import TaskInfo
-from . import MODELS
+from .base import MODELS
 
 
 class CNNOptions(BaseModel):

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from ..data.base import TaskInfo
-from . import MODELS
+from .base import MODELS
 
 # (expansion t, channels c, repeats n, first stride s), CIFAR strides.
 CONFIG = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),

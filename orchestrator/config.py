@@ -1,0 +1,54 @@
+"""The orchestrator's pair config: the core :class:`ExperimentConfig` plus a ``ray`` section
+(how a pair runs on Ray). The core config knows nothing of Ray; the single-process engine
+ignores this section. Importing this module imports no Ray.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt
+
+from mergenet_core import checks
+from mergenet_core.config import ExperimentConfig, Strict
+
+
+class AdapterPlacement(Strict):
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, description="fractional GPUs for the adapter actor")
+
+
+class RayPairSpec(Strict):
+    """How a pair runs on Ray (``mergenet train --ray`` and grids); ignored by the engine."""
+
+    source_workers: PositiveInt = 1
+    target_workers: PositiveInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    worker_resources: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="extra (custom) Ray resources per worker, e.g. {accel_slot: 1}")
+    adapter: AdapterPlacement = Field(default_factory=AdapterPlacement)
+    mode: Literal["sync", "async"] = "sync"
+    staleness: PositiveInt = Field(1, description="async: adapter output at most this many transfers old")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    topology: Literal["auto", "split", "inline"] = Field(
+        "auto", description="grids: split = Ray Train role workers + adapter actor; inline = the whole pair "
+                            "in the Tune trial process; auto = split when the pair asks for GPUs, several "
+                            "workers per role, spread placement or custom worker resources, else inline")
+
+
+class PairConfig(ExperimentConfig):
+    """A pair experiment as the orchestrator runs it (``mergenet train``, ``--ray``, grids)."""
+
+    ray: RayPairSpec = Field(default_factory=RayPairSpec)
+
+
+def parse_config(data: dict) -> PairConfig:
+    """Validate a pair config mapping fully (schema, registries, method checks)."""
+    return checks.parse_config(data, PairConfig)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PairConfig:
+    """Read (``extends:``), override (``--set``) and fully validate a pair config file."""
+    return checks.load_config(path, overrides, PairConfig)
