@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from .config import ExperimentConfig
-from .loop import (BEST, CHECKPOINT, FINAL, METRICS, PairLoop, PairState, build_method, load_bundle,  # noqa: F401
-                   save_bundle, summarise, write_metrics)
+from .loop import (BEST, CHECKPOINT, FINAL, METRICS, PairLoop, PairState, load_bundle,  # noqa: F401 (re-exported)
+                   save_bundle, write_metrics)
 from .roles import resolve_device
 from .safe_io import restore_into, write_atomic
 

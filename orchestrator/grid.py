@@ -149,7 +149,7 @@ class GridConfig(_Strict):
             "ray": {"cpus_per_worker": r.cpus_per_worker, "use_gpu": r.use_gpu,
                     "adapter": {"num_cpus": r.adapter_num_cpus, "num_gpus": r.adapter_num_gpus}},
         })
-        if not _uses_source(method):  # e.g. alone: no source model to build
+        if not uses_source(method):  # e.g. alone: no source model to build
             d.pop("source", None)
         elif p.source is not None:
             d["source"] = deep_merge(self.base.get("source", {}), p.source)
@@ -176,7 +176,7 @@ class GridConfig(_Strict):
         return n
 
 
-def _uses_source(method: str) -> bool:
+def uses_source(method: str) -> bool:
     from mergenet_core.methods import METHODS
 
     return method not in METHODS or METHODS.get(method).fn.uses_source
@@ -252,7 +252,7 @@ ROLE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "
 
 def reported_metrics(cfg: PairConfig) -> tuple[set[str], set[str]]:
     """(metrics the trial reports every epoch, metrics it reports only on evaluation epochs)."""
-    from mergenet_core.engine import build_method
+    from mergenet_core.loop import build_method
 
     method = build_method(cfg)
     every = set(EPOCH_METRICS)

@@ -90,7 +90,7 @@ def paired_table(df: pd.DataFrame, baseline: str = "alone", arms: list[str] | No
             base = g[g["arm"] == baseline]
             if base.empty:
                 continue
-            for arm in sorted(set(g["arm"]) - {baseline}, key=lambda a: (a != "mergenet", a)):
+            for arm in [a for a in dict.fromkeys(g["arm"]) if a != baseline]:  # the grid's order
                 if arms is not None and arm not in arms:
                     continue
                 a = g[g["arm"] == arm]

@@ -72,7 +72,7 @@ def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None
     ``init_from``), the recipe, seeds and arms; and the submission's wall time from MLflow."""
     import json
 
-    from orchestrator.grid import GridConfig
+    from orchestrator.grid import GridConfig, uses_source
     from orchestrator.storage import Location
 
     out = []
@@ -81,7 +81,7 @@ def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None
         g = GridConfig.model_validate_json(f.read_text())
         for p in g.pairs:
             t = g.trial_dict(p.name, next(iter(g.methods)), g.seeds[0])
-            src = g.trial_dict(p.name, next((a for a in g.methods if g.method_of(a) != "alone"),
+            src = g.trial_dict(p.name, next((a for a in g.methods if uses_source(g.method_of(a))),
                                             next(iter(g.methods))), g.seeds[0]).get("source")
             for role, spec in (("source", src), ("target", t["target"])):
                 if not spec:

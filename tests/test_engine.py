@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (SUBPROCESS_ENV_OVERRIDES, assert_same_metrics, limit_threads, mergenet_options,
+from helpers import (SUBPROCESS_ENV_OVERRIDES, limit_threads, mergenet_options,
                      numeric_items, read_metrics, tiny_pair, write_yaml)
 from mergenet_core.checks import parse_config
 from mergenet_core.engine import CHECKPOINT, FINAL, METRICS, Engine
@@ -30,53 +30,7 @@ def without_wall(final: dict) -> dict:
     return {k: v for k, v in final.items() if k != "wall_s"}
 
 
-CASES = {
-    "alone": tiny_pair("alone", source_model=None),
-    "mergenet": tiny_pair("mergenet", mergenet_options()),
-}
-
-
-@pytest.mark.parametrize("method", list(CASES))
-def test_same_seed_same_metrics_different_seed_differs(tmp_path, method):
-    data = {**CASES[method], "recipe": {**CASES[method]["recipe"], "epochs": 2}}
-    run(data, tmp_path / "a")
-    run(data, tmp_path / "b")
-    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert len(a) == 2 and "target/test_acc" in a[-1]
-    assert_same_metrics(a, b, tol=0.0)
-    run({**data, "seed": 1}, tmp_path / "c")
-    c = read_metrics(tmp_path / "c")
-    diff = [k for k, v in numeric_items(a[-1]).items() if k not in ("epoch", "step") and v != c[-1].get(k)]
-    assert diff, "seed 1 gave exactly the metrics of seed 0"
-    assert "target/train_loss" in diff
-
-
-RESUME_CASES = {
-    # 2 epochs straight == 1 epoch, then a new Engine resuming for the second
-    "alone": (tiny_pair("alone", source_model=None, recipe={"epochs": 2}), 1),
-    # adapter, adapter optimiser/schedule and both roles' RNG streams must resume; eval_every 2
-    # also needs the train statistics accumulated in the un-evaluated epoch to be checkpointed
-    "mergenet": (tiny_pair("mergenet", mergenet_options(), recipe={"epochs": 3, "eval_every": 2}), 1),
-    "kd": (tiny_pair("kd", source_model="resnet18", recipe={"epochs": 2}), 1),
-}
-
-
-@pytest.mark.parametrize("method", list(RESUME_CASES))
-def test_resume_equals_straight_run(tmp_path, method):
-    data, stop = RESUME_CASES[method]
-    straight = run(data, tmp_path / "straight")
-    first = run(data, tmp_path / "resumed", stop_after_epochs=stop)
-    assert first == {} or first["epochs"] == stop
-    assert len(read_metrics(tmp_path / "resumed")) == stop
-    resumed = run(data, tmp_path / "resumed", resume=True)
-    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
-    assert len(a) == data["recipe"]["epochs"]
-    assert_same_metrics(a, b, tol=1e-6)
-    assert without_wall(straight) == pytest.approx(without_wall(resumed), abs=1e-6)
-    # resuming a finished run is a no-op
-    again = run(data, tmp_path / "resumed", resume=True)
-    assert without_wall(again) == without_wall(resumed)
-    assert len(read_metrics(tmp_path / "resumed")) == len(a)
+# determinism and resume equivalence for every method: tests/test_method_contract.py
 
 
 def test_outputs_and_checkpoint_loads_weights_only(tmp_path):

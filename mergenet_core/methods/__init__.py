@@ -1,8 +1,16 @@
-"""Method registry: ``alone``, ``mergenet``, ``kd``, ``dml``, ``param_share``.
+"""Method registry: every module or package in this folder registers its method on import.
 
-A new method is one module here that subclasses :class:`Method` and registers itself.
+A new method is one module (``kd.py``) or one folder (``mergenet/``) here that subclasses
+:class:`Method` and registers it (``METHODS.register("name")(cls)``); it is found and imported
+by the loop below, so nothing else in the code base changes (docs/ARCHITECTURE.md).
 """
-from . import alone, dml, kd, mergenet, param_share  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from .base import METHODS, Method
+
+for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _m.name != "base":
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["METHODS", "Method"]

@@ -1,0 +1,227 @@
+"""The method contract, checked for every registered method from one table (PEFT-style
+table-driven tests): a method gets these checks by being registered and having a row in
+:data:`CASES`.
+
+* determinism: the same seed gives the same metrics; another seed does not;
+* resume equivalence: 2 epochs straight == 1 epoch + resume + 1 (and resuming a finished run
+  changes nothing);
+* state round trip: a pair rebuilt from a ``state_dict`` continues exactly like the original;
+* placement: a method whose roles may run apart steps each role on its own (``role_step``);
+* sync Ray equals the engine for every method whose roles may run apart (Ray Train role
+  workers, and an adapter actor when the method has an exchange).
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from helpers import (assert_same_metrics, limit_threads, mergenet_options, numeric_items, read_metrics,
+                     tiny_pair)
+from mergenet_core.checks import parse_config
+from mergenet_core.engine import Engine
+from mergenet_core.loop import PairState
+from mergenet_core.methods import METHODS
+
+limit_threads()
+
+#: one tiny pair per registered method (2 epochs; eval_every 2 where the method supports it,
+#: so un-evaluated epochs' train statistics must survive a resume too)
+CASES: dict[str, dict] = {
+    "alone": tiny_pair("alone", source_model=None, recipe={"epochs": 2}),
+    "mergenet": tiny_pair("mergenet", mergenet_options(t_cycle=2), recipe={"epochs": 3, "eval_every": 2}),
+    "kd": tiny_pair("kd", source_model="resnet18", recipe={"epochs": 2}),
+    "dml": tiny_pair("dml", recipe={"epochs": 2}),
+    "param_share": tiny_pair("param_share", {"layer_pairs": [{"source": "classifier.weight",
+                                                              "target": "classifier.weight"}], "t_cycle": 2},
+                             recipe={"epochs": 2}),
+}
+
+METHOD_NAMES = METHODS.names()
+
+
+def _apart(name: str) -> bool:
+    return PairState.build(parse_config(CASES[name])).method.placement().apart
+
+
+def run(data: dict, out, **kw) -> dict:
+    return Engine(parse_config(data), out, progress=False).run(**kw)
+
+
+def test_every_registered_method_has_a_contract_case():
+    assert set(CASES) == set(METHOD_NAMES), "add a CASES row for every registered method"
+
+
+def test_registry_reads_options_from_the_class():
+    for name in METHOD_NAMES:
+        entry = METHODS.get(name)
+        assert entry.options is entry.fn.Options, name
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_determinism(tmp_path, method):
+    data = CASES[method]
+    run(data, tmp_path / "a")
+    run(data, tmp_path / "b")
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert "target/test_acc" in a[-1]
+    assert_same_metrics(a, b, tol=0.0)
+    run({**data, "seed": 1}, tmp_path / "c")
+    c = read_metrics(tmp_path / "c")
+    diff = [k for k, v in numeric_items(a[-1]).items() if k not in ("epoch", "step") and v != c[-1].get(k)]
+    assert diff, "seed 1 gave exactly the metrics of seed 0"
+    assert "target/train_loss" in diff
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_resume_equals_straight_run(tmp_path, method):
+    data = CASES[method]
+    straight = run(data, tmp_path / "straight")
+    first = run(data, tmp_path / "resumed", stop_after_epochs=1)
+    assert first == {} or first["epochs"] == 1
+    assert len(read_metrics(tmp_path / "resumed")) == 1
+    resumed = run(data, tmp_path / "resumed", resume=True)
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert len(a) == data["recipe"]["epochs"]
+    assert_same_metrics(a, b, tol=1e-6)
+    drop = lambda f: {k: v for k, v in f.items() if k != "wall_s"}  # noqa: E731
+    assert drop(straight) == pytest.approx(drop(resumed), abs=1e-6)
+    again = run(data, tmp_path / "resumed", resume=True)  # a finished run: nothing more happens
+    assert drop(again) == drop(resumed) and len(read_metrics(tmp_path / "resumed")) == len(a)
+
+
+def _params(pair: PairState) -> dict[str, torch.Tensor]:
+    return {f"{r}.{k}": v.detach().clone() for r, role in pair.roles.items()
+            for k, v in role.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_state_round_trip(method):
+    cfg = parse_config(CASES[method])
+    a = PairState.build(cfg)
+    for step in range(3):
+        a.method.pair_step(step, a.roles)
+    a.step = 3
+    buf = io.BytesIO()  # through bytes, as a checkpoint goes (no tensor shared with ``a``)
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = PairState.build(cfg)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    for step in range(3, 6):  # both continue: the same batches, RNG draws and method state
+        a.method.pair_step(step, a.roles)
+        b.method.pair_step(step, b.roles)
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.allclose(pa[k].float(), pb[k].float(), atol=1e-6), k
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_placement_matches_the_steps(method):
+    """The placement names the roles the pair builds; a one-role method whose role may run
+    apart gives the same result through ``role_step`` as through ``pair_step`` (two roles that
+    talk are run apart by the Ray test below: in one thread a sync exchange would wait)."""
+    cfg = parse_config(CASES[method])
+    a, b = PairState.build(cfg), PairState.build(cfg)
+    where = a.method.placement()
+    assert set(where.roles) == set(a.roles)
+    if not where.apart or len(where.roles) > 1:
+        return
+    for step in range(4):
+        a.method.pair_step(step, a.roles)
+        b.method.role_step(step, next(iter(b.roles.values())))
+    pa, pb = _params(a), _params(b)
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_sync_ray_equals_engine(ray_local, tmp_path, method):
+    """Roles in their own Ray Train workers (and the method's exchange in an actor) give the
+    engine's metrics."""
+    if not _apart(method):
+        pytest.skip(f"{method}: roles run together (co-located in one worker on Ray)")
+    from orchestrator.config import parse_config as parse_pair
+    from orchestrator.pair import plan_pair, run_pair_on_ray
+
+    data = {**CASES[method], "ray": {"cpus_per_worker": 0.5}}
+    cfg = parse_pair(data)
+    plan = plan_pair(cfg)
+    assert not plan.co_located and set(plan.layout) == set(PairState.build(cfg).method.placement().roles)
+    Engine(cfg, tmp_path / "engine", progress=False).run()
+    run_pair_on_ray(cfg, tmp_path / "ray", plan=plan)
+    assert_same_metrics(read_metrics(tmp_path / "engine"), read_metrics(tmp_path / "ray"), tol=1e-5)
+
+
+def _core_import_graph() -> dict[str, set[str]]:
+    """Every import inside ``mergenet_core`` (module level and inside functions)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    mods = {}
+    for f in (root / "mergenet_core").rglob("*.py"):
+        name = ".".join(f.relative_to(root).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = f
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        pkg = m if f.name == "__init__.py" else m.rpartition(".")[0]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = pkg
+                for _ in range(max(0, node.level - 1)):
+                    base = base.rpartition(".")[0]
+                tgt = (base + ("." + node.module if node.module else "")) if node.level else (node.module or "")
+                names = [tgt] + [f"{tgt}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            edges[m] |= {n for n in names if n in mods and n != m}
+    return edges
+
+
+def test_core_has_no_import_cycle():
+    edges = _core_import_graph()
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(edges[m]):
+            assert state.get(n) != 1, "import cycle: " + " -> ".join(path + [m, n])
+            if n not in state:
+                visit(n, path + [m])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [])
+
+
+def test_validating_a_pair_imports_no_ray_or_mlflow(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import write_yaml
+
+    path = write_yaml(tmp_path / "pair.yaml", {**CASES["mergenet"], "ray": {"cpus_per_worker": 0.5}})
+    code = ("import sys; from orchestrator.config import load_config; load_config(sys.argv[1]); "
+            "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.strip() == "[]"
+
+
+def test_no_file_outside_a_method_names_it():
+    """Hosts, grids and reports reach methods only through the contract (``alone`` is the
+    report's default baseline arm name, not a code path)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [*(root / "orchestrator").glob("*.py"), *(root / "mergenet_core").glob("*.py")]
+    pattern = re.compile(r"""isinstance\([^)]*\b(MergeNet|KD|DML|ParamShare|Alone)\b|methods\.(mergenet|kd|dml|param_share)\b|["'](mergenet|kd|dml|param_share)["']""")
+    hits = [f"{f.name}: {m.group(0)}" for f in files for m in pattern.finditer(f.read_text())
+            if not (f.name == "cli.py" and m.group(0) in ('"mergenet"', "'mergenet'"))]  # the program's name
+    assert not hits, hits
