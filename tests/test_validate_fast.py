@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SUBPROCESS_ENV_OVERRIDES, TINY_TASK, limit_threads, mergenet_options, tiny_grid, tiny_pair, write_yaml
+from helpers import (SUBPROCESS_ENV_OVERRIDES, TINY_TASK, limit_threads, mergenet_options, tiny_grid, tiny_pair,
+                     write_yaml)
 from mergenet_core.config import parse_config
 from orchestrator.grid import check_layers
 
