@@ -43,6 +43,9 @@ def cmd_validate(args) -> int:
     for path in args.configs:
         try:
             warnings: list[str] = []
+            if args.deep and sys.stderr.isatty():  # seconds per pair: say what is going on
+                print(f"{path}: building every pair (--deep: data, weights, adapters) ...", file=sys.stderr,
+                      flush=True)
             load_any(path, args.set, warnings, deep=args.deep)
             for w in warnings:
                 print(f"warning: {path}: {w}", file=sys.stderr)

@@ -45,6 +45,18 @@ def _bundle_without_target(tmp_path: Path) -> Path:
     return path
 
 
+def _factorised_state(tmp_path: Path) -> Path:
+    """The state_dict of a tiny CNN whose classifier a mergenet 'learned' pair factorised (A, B)."""
+    from mergenet_core.lowrank import make_encoding
+    from mergenet_core.models.cnn import SmallCNN
+
+    model = SmallCNN(10, 1, [8, 16], 32)
+    make_encoding(model, "classifier.weight", "learned", 2)
+    path = tmp_path / "factorised.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
 def _svd(**extra):
     opts = mergenet_options(**extra)
     opts["layer_pairs"][0]["mode"] = "svd"
@@ -74,6 +86,9 @@ BAD = [
     ("init-from-missing", lambda t: tiny_pair(target={"init_from": str(t / "missing.pt")})),
     ("init-from-other-shapes", lambda t: tiny_pair(target={"init_from": str(_cnn_state(t, (8, 24)))})),
     ("init-from-not-a-checkpoint", lambda t: tiny_pair(target={"init_from": str(write_yaml(t / "x.pt", "hello"))})),
+    ("init-from-factorised", lambda t: tiny_pair(target={"init_from": str(_factorised_state(t))})),
+    ("self-transfer-unknown-layer", lambda t: tiny_pair("mergenet", mergenet_options(
+        source="hidden.weight", target="nope.weight", self_transfer=True), source_model=None)),
     ("init-from-bundle-without-role", lambda t: tiny_pair(target={"init_from": str(_bundle_without_target(t))})),
     ("ray-workers-co-located", lambda t: tiny_pair("kd", ray={"target_workers": 2})),
     ("text-learned-embedding", lambda t: tiny_pair("mergenet", mergenet_options(
@@ -88,6 +103,8 @@ GOOD = [
                                                                              target="features.1.conv.weight"))),
     ("mergenet-both-directions", lambda t: tiny_pair("mergenet", mergenet_options(source="fc.weight", direction="both"),
                                                      source_model="resnet18", target_model="mobilenetv2")),
+    ("self-transfer", lambda t: tiny_pair("mergenet", _svd(
+        source="hidden.weight", target="features.1.conv.weight", self_transfer=True), source_model=None)),
     ("param-share", lambda t: tiny_pair("param_share", {"layer_pairs": [
         {"source": "hidden.weight", "target": "classifier.weight"}]})),
     ("kd-init-from", lambda t: tiny_pair("kd", source={"init_from": str(_cnn_state(t))})),
