@@ -472,6 +472,10 @@ def render_widths(rec: dict) -> str:
     L += bu.table(["adapter", "plain pair step ms", "transfer pair step ms",
                    "put + get + feedback ms", "transfer share of the pair step (goal ≤ 10 %)", "adapter params",
                    "target params", "adapter / target"], rows)
+    L += ["", "**Goal check** (issue #12 item 5: the transfer ≤ 10 % of the pair step on CPU at `t_cycle: 1`): "
+          + "; ".join(f"{name[w]}: {100 * ov[str(w)]['overhead']:.1f} % — "
+                      f"{'met' if ov[str(w)]['overhead'] <= 0.10 else 'NOT met'}" for w in widths)
+          + " (this machine, this run)."]
     L += ["", "### Target test accuracy after the quickstart budget", "",
           f"{rec['args']['acc_epochs']} epochs × {rec['args']['acc_steps']} steps of batch 32, evaluated at the "
           f"end (final-epoch test accuracy, not best-on-test), seeds {', '.join(map(str, rec['seeds']))}; the "
