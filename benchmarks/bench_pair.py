@@ -19,6 +19,17 @@ section between ``<!-- bench_pair:start -->`` and ``<!-- bench_pair:end -->`` of
 3. **Transfer overhead.** ``overhead = (t_with - t_without) / t_with`` where ``t_without``
    is the same pair, same topology, with ``t_cycle`` larger than the run: the only transfer
    is at step 0, inside the warm-up epoch that is not measured.
+4. **Adapter width** (issue #12 item 5; section ``bench_pair_width``). The quickstart grid's
+   image pair (ResNet-18 width 8 → MobileNetV2 ×0.25, ``fc.weight`` → ``features.16.project``,
+   svd rank 4, adapter L = 1, h = 4) at ``t_cycle: 1`` with the authors' adapter width
+   (``adapter.width`` unset) and with a small fixed ``adapter.width`` (``--width``, 64):
+   the transfer's share of the pair step (engine, the topology a quickstart trial runs:
+   transfer and plain steps of both widths interleaved in one process, medians), the
+   adapter's parameter count against the target model's, and the target's test accuracy
+   after the quickstart budget over ``--seeds`` seeds (with ``alone`` for reference; paired
+   by seed). ``--widths-only`` runs just this part (no Ray).
+
+    python benchmarks/bench_pair.py --widths-only [--quick]
 
 Timings are never assertions anywhere; this script only measures and writes.
 """
@@ -318,6 +329,204 @@ def _tc(tc: int) -> str:
     return "off" if tc == OFF else str(tc)
 
 
+# --------------------------------------------------------------------------- adapter width (issue #12 item 5)
+
+#: the quickstart grid's image pair (experiments/quickstart.yaml, pair img-r18-mbv2), copied here so
+#: that edits of the quickstart file do not change this benchmark; t_cycle 1 instead of 2
+QUICKSTART_IMAGE_TASK = {"name": "fashion_mnist", "options": {"image_size": 32, "channels": 3, "train_subset": 2000,
+                                                              "test_subset": 1000}}
+
+
+def width_config(width: int | None, *, seed: int, epochs: int, steps: int, method: str = "mergenet",
+                 task: dict | None = None, eval_every: int = 1) -> dict:
+    """The quickstart image pair on CPU; ``width`` None = the authors' adapter widths."""
+    task = task or QUICKSTART_IMAGE_TASK
+    adapter = {"layers": 1, "heads": 4, **({"width": width} if width else {})}
+    cfg = {
+        "name": f"width-{width or 'authors'}-s{seed}", "seed": seed, "device": "cpu",
+        "source": {"model": {"name": "resnet18", "options": {"width": 8, "blocks": [1, 1, 1, 1]}}, "task": task},
+        "target": {"model": {"name": "mobilenetv2", "options": {"width_mult": 0.25}}, "task": task},
+        "recipe": {"optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+                   "schedule": {"name": "cosine"}, "epochs": epochs, "steps_per_epoch": steps, "batch_size": 32,
+                   "eval_batch_size": 256, "eval_every": eval_every},
+        "method": {"name": method, "options": {} if method == "alone" else {
+            "t_cycle": 1, "adapter": adapter,
+            "layer_pairs": [{"source": "fc.weight", "target": "features.16.project.conv.weight", "mode": "svd",
+                             "rank": 4}]}},
+    }
+    if method == "alone":
+        cfg.pop("source")
+    return cfg
+
+
+def bench_width_overhead(widths: list, steps: int, log) -> dict:
+    """Per width: median plain step, transfer step and adapter phases (ms). Both pairs step in
+    turn in one process (t_cycle 2 here, so transfer and plain steps alternate): the load
+    drifts alike over every kind of step and width."""
+    from orchestrator.config import parse_config
+    from mergenet_core.engine import PairState
+
+    torch.set_num_threads(1)
+    pairs, timers = {}, {}
+    for w in widths:
+        cfg = width_config(w, seed=0, epochs=1, steps=10**6, eval_every=10**6)
+        cfg["method"]["options"]["t_cycle"] = 2
+        pairs[w] = PairState.build(parse_config(cfg))
+        ex = pairs[w].method.exchange
+        fb = {"t": 0.0}
+        feedback = ex.feedback
+
+        def timed_feedback(*a, _f=feedback, _fb=fb, **k):
+            t0 = time.perf_counter()
+            _f(*a, **k)
+            _fb["t"] += time.perf_counter() - t0
+
+        ex.feedback = timed_feedback
+        timers[w] = fb
+    rec = {w: {"step_plain": [], "step_xfer": [], "exchange": [], "feedback": []} for w in widths}
+    warm = 4
+    for k in range(warm + 2 * steps):
+        for w in (widths if k % 4 < 2 else widths[::-1]):  # alternate which width goes first
+            m, roles, fb = pairs[w].method, pairs[w].roles, timers[w]
+            fb["t"] = 0.0
+            t0 = time.perf_counter()
+            xfer = m.is_transfer(k)
+            if xfer:
+                for r in roles.values():
+                    m._put(k, r)
+                for r in roles.values():
+                    m._get(k, r)
+            t1 = time.perf_counter()
+            for r in roles.values():
+                m._train(k, r)
+            t2 = time.perf_counter()
+            if k < warm:
+                continue
+            rec[w]["step_xfer" if xfer else "step_plain"].append(t2 - t0)
+            if xfer:
+                rec[w]["exchange"].append(t1 - t0)
+                rec[w]["feedback"].append(fb["t"])
+    out = {}
+    for w in widths:
+        med = {k: statistics.median(v) for k, v in rec[w].items()}
+        # the transfer's own work per step, timed directly (less noisy than a difference of two medians)
+        add = statistics.median(e + f for e, f in zip(rec[w]["exchange"], rec[w]["feedback"]))
+        med["transfer"] = add
+        med["overhead"] = add / (med["step_plain"] + add)
+        med["overhead_diff"] = (med["step_xfer"] - med["step_plain"]) / med["step_xfer"]
+        med["n"] = steps
+        tgt = pairs[w].roles["target"].model
+        med["adapter_params"] = sum(pairs[w].method.exchange.hub.param_counts().values())
+        med["target_params"] = sum(p.numel() for p in tgt.parameters())
+        med["link"] = [list(x) for x in pairs[w].method.link_shapes()["0"]]
+        out[str(w)] = med
+        log(f"width {w or 'authors'}: plain {1e3 * med['step_plain']:.1f} ms, transfer {1e3 * med['step_xfer']:.1f} ms, "
+            f"transfer work {1e3 * add:.1f} ms -> overhead {100 * med['overhead']:.1f} % "
+            f"(step difference {100 * med['overhead_diff']:.1f} %); adapter {med['adapter_params']:,} params vs target "
+            f"{med['target_params']:,}")
+    return out
+
+
+def bench_width_accuracy(widths: list, seeds: list[int], epochs: int, steps: int, task: dict, work: Path,
+                         log) -> dict:
+    """Target test accuracy at the end of the budget: ``alone`` and each width, per seed."""
+    arms = [("alone", None, "alone")] + [(f"mergenet, adapter.width {w}" if w else "mergenet, authors' widths", w,
+                                          "mergenet") for w in widths]
+    out: dict[str, dict] = {label: {} for label, _, _ in arms}
+    for seed in seeds:
+        for label, w, method in arms:
+            t0 = time.perf_counter()
+            cfg = width_config(w, seed=seed, epochs=epochs, steps=steps, method=method, task=task,
+                               eval_every=epochs)
+            hist = run_engine(cfg, work / f"{method}-{w}-s{seed}")
+            acc = hist[-1]["target/test_acc"]
+            out[label][str(seed)] = {"test_acc": acc, "wall_s": time.perf_counter() - t0}
+            log(f"seed {seed} {label}: target test acc {100 * acc:.1f} % ({time.perf_counter() - t0:.0f} s)")
+    return out
+
+
+def render_widths(rec: dict) -> str:
+    args = argparse.Namespace(**rec["args"])
+    ov, acc = rec["overhead"], rec["accuracy"]
+    widths = [None if w == "None" else int(w) for w in ov]
+    name = {w: ("authors' widths (`adapter.width` unset)" if w is None else f"`adapter.width: {w}`") for w in widths}
+    L = [f"## Adapter width: transfer overhead, size and accuracy (`benchmarks/bench_pair.py --widths-only"
+         f"{' --quick' if args.quick else ''}`)", ""]
+    L += bu.machine_lines(rec["machine"], rec["load"][0], rec["load"][1], rec["waited"], args.wait_load)[:-1]
+    first = ov[str(widths[0])]
+    L += [f"- whole run: {rec['wall_s'] / 60:.1f} min", "",
+          "Pair: the quickstart grid's image pair — ResNet-18 (width 8, one block per stage) → MobileNetV2 (×0.25) "
+          "on Fashion-MNIST (the offline CIFAR stand-in: 32×32, grey repeated to 3 channels), "
+          "2,000 training images (10 % of them validation), 1,000 test images, batch 32, SGD; MergeNet svd rank 4, "
+          f"`fc.weight` → `features.16.project.conv.weight` (A_t {first['link'][0][0]}×{first['link'][0][1]} ← "
+          f"A_s {first['link'][1][0]}×{first['link'][1][1]}), adapter L = 1, h = 4, `t_cycle: 1`, on CPU with 1 "
+          "torch thread, in one process (the single-process engine: what a quickstart trial runs, "
+          "`ray.topology: auto` → inline on CPU).", "",
+          "### Transfer overhead and adapter size", "",
+          f"Both pairs built once and stepped in turn ({first['n']} transfer and {first['n']} plain steps each, "
+          "after 4 warm-up steps; `t_cycle` 2 for this measurement so that transfer and plain steps alternate "
+          "under the same load). Transfer work = put + get (read both factors, adapter generate, write) + "
+          "feedback (Δ to the hub, adapter backward, clip, AdamW), timed directly on every transfer step. "
+          "Share at `t_cycle: 1` (every step transfers) = transfer work / (plain step + transfer work); the "
+          "cross-check (transfer step − plain step) / transfer step is a difference of two medians and noisier "
+          "on a busy machine. Medians.", ""]
+    rows = []
+    for w in widths:
+        o = ov[str(w)]
+        rows.append([name[w], _ms(o["step_plain"]), _ms(o["step_xfer"]),
+                     f"{_ms(o['exchange'])} + {_ms(o['feedback'])}", f"**{100 * o['overhead']:.1f} %**",
+                     f"{100 * o['overhead_diff']:.1f} %",
+                     f"{o['adapter_params']:,}", f"{o['target_params']:,}",
+                     f"{o['adapter_params'] / o['target_params']:.2f}×"])
+    L += bu.table(["adapter", "plain pair step ms", "transfer pair step ms",
+                   "put + get + feedback ms", "transfer share of the pair step (goal ≤ 10 %)",
+                   "cross-check: step difference", "adapter params",
+                   "target params", "adapter / target"], rows)
+    L += ["", "**Goal check** (issue #12 item 5: the transfer ≤ 10 % of the pair step on CPU at `t_cycle: 1`): "
+          + "; ".join(f"{name[w]}: {100 * ov[str(w)]['overhead']:.1f} % — "
+                      f"{'met' if ov[str(w)]['overhead'] <= 0.10 else 'NOT met'}" for w in widths)
+          + " (this machine, this run)."]
+    L += ["", "### Target test accuracy after the quickstart budget", "",
+          f"{rec['args']['acc_epochs']} epochs × {rec['args']['acc_steps']} steps of batch 32, evaluated at the "
+          f"end (final-epoch test accuracy, not best-on-test), seeds {', '.join(map(str, rec['seeds']))}; the "
+          "same seed gives every arm the same data order and target initialisation.", ""]
+    labels = list(acc)
+    seeds = [str(s) for s in rec["seeds"]]
+    rows = []
+    for label in labels:
+        xs = [acc[label][s]["test_acc"] for s in seeds]
+        sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
+        rows.append([label, " / ".join(f"{100 * x:.1f}" for x in xs), f"{100 * statistics.mean(xs):.1f}",
+                     "–" if sd != sd else f"{100 * sd:.1f}"])
+    L += bu.table(["arm", "test acc % per seed", "mean %", "std (pp)"], rows)
+    if len(labels) >= 3:
+        a, b = labels[1], labels[2]
+        d = [acc[b][s]["test_acc"] - acc[a][s]["test_acc"] for s in seeds]
+        sd = statistics.stdev(d) if len(d) > 1 else float("nan")
+        L += ["", f"Paired by seed, {b} − {a}: {' / '.join(f'{100 * x:+.1f}' for x in d)} pp, mean "
+                  f"{100 * statistics.mean(d):+.1f} pp" + ("" if sd != sd else f" (std {100 * sd:.1f} pp)")
+              + f" over {len(d)} seeds — a short budget: read it as whether the small width breaks the transfer, "
+                "not as a transfer effect."]
+    return "\n".join(L) + "\n"
+
+
+def run_widths(args, log) -> dict:
+    widths = [None, args.width]
+    if args.quick:
+        task = {"name": "fashion_mnist", "options": {"image_size": 32, "channels": 3, "train_subset": 400,
+                                                     "test_subset": 200}}
+        ov_steps, acc_epochs, acc_steps = 6, 1, 4
+    else:
+        task, ov_steps = QUICKSTART_IMAGE_TASK, args.width_steps
+        acc_epochs, acc_steps = args.acc_epochs or 2, args.acc_steps or 20  # default: the quickstart budget
+    args.acc_epochs, args.acc_steps = acc_epochs, acc_steps
+    seeds = list(range(args.seeds))
+    overhead = bench_width_overhead(widths, ov_steps, log)
+    with tempfile.TemporaryDirectory(prefix="bench_width-") as work:
+        accuracy = bench_width_accuracy(widths, seeds, acc_epochs, acc_steps, task, Path(work), log)
+    return {"overhead": overhead, "accuracy": accuracy, "seeds": seeds}
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -489,11 +698,27 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="runs per pair config (interleaved)")
     p.add_argument("--skip-exchange", action="store_true")
     p.add_argument("--skip-steps", action="store_true")
+    p.add_argument("--skip-widths", action="store_true", help="leave out the adapter-width part")
+    p.add_argument("--widths-only", action="store_true", help="only the adapter-width part (section "
+                                                                  "bench_pair_width; no Ray)")
+    p.add_argument("--width", type=int, default=64, help="the small adapter.width compared with the authors' widths")
+    p.add_argument("--width-steps", type=int, default=40, help="transfer (and plain) steps timed per width")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the width accuracy comparison")
+    p.add_argument("--acc-epochs", type=int, default=None, help="epochs of the accuracy runs (default 2: quickstart)")
+    p.add_argument("--acc-steps", type=int, default=None, help="steps per epoch of the accuracy runs (default 20)")
     bu.add_run_args(p, json_help="also dump the raw numbers here")
     args = p.parse_args(argv)
     if args.render_json:
-        bu.show(json.loads(Path(args.render_json).read_text()), render_record, args.out, "bench_pair", HEADER)
+        rec = json.loads(Path(args.render_json).read_text())
+        if "bench_pair" in rec or "bench_pair_width" in rec:  # a run with the width part
+            for name, fn in (("bench_pair", render_record), ("bench_pair_width", render_widths)):
+                if name in rec:
+                    bu.show(rec[name], fn, args.out, name, HEADER)
+        else:
+            bu.show(rec, render_record, args.out, "bench_pair", HEADER)
         return 0
+    if args.quick:
+        args.seeds = min(args.seeds, 1)
     args.epochs = args.epochs or (3 if args.quick else 4)
     args.steps = args.steps or (6 if args.quick else 12)
     args.repeats = args.repeats or (1 if args.quick else 2)
@@ -506,6 +731,16 @@ def main(argv=None) -> int:
     args.wait_s = time.perf_counter() - t_start
     load0 = bu.loadavg()
     log(f"load average at start {load0}")
+    if args.widths_only:
+        machine = bu.machine_record()
+        rec = run_widths(args, log)
+        rec.update({"args": vars(args), "machine": machine, "load": [load0, bu.loadavg()], "waited": waited,
+                    "wall_s": time.perf_counter() - t_start})
+        if args.json:
+            Path(args.json).write_text(json.dumps({"bench_pair_width": rec}, indent=1, default=str))
+        bu.show(rec, render_widths, args.out, "bench_pair_width", HEADER)
+        log(f"wrote {args.out} (section bench_pair_width) in {rec['wall_s'] / 60:.1f} min")
+        return 0
     bu.start_ray(args.num_cpus)
     machine = bu.machine_record()
 
@@ -538,11 +773,24 @@ def main(argv=None) -> int:
         breakdown = bench_breakdown(20 if args.quick else 40, log)
         with tempfile.TemporaryDirectory(prefix="bench_pair-") as work:
             steps = bench_steps(args, Path(work), log)
+    widths = None
+    if not args.skip_widths:
+        t_w = time.perf_counter()
+        load_w = bu.loadavg()
+        widths = run_widths(args, log)
+        widths.update({"args": vars(args), "machine": machine, "load": [load_w, bu.loadavg()], "waited": waited,
+                       "wall_s": time.perf_counter() - t_w})
     load1 = bu.loadavg()
     wall = time.perf_counter() - t_start
     record = {"args": vars(args), "machine": machine, "load": [load0, load1], "waited": waited, "wall_s": wall,
               "thread_info": thread_info, "exchange": ex_rows, "breakdown": breakdown,
               "steps": {"|".join(map(str, k)): v for k, v in steps.items()}}
+    if widths is not None:
+        bu.show(widths, render_widths, args.out, "bench_pair_width", HEADER)
+        if args.json:  # both records in one dump (--render-json rewrites both sections)
+            Path(args.json).write_text(json.dumps({"bench_pair": record, "bench_pair_width": widths}, indent=1,
+                                                  default=str))
+            args.json = None
     bu.publish(record, render_record, args, "bench_pair", HEADER, log)
     ray.shutdown()
     return 0

@@ -89,6 +89,13 @@ def load_init_state(spec: InitFrom, role: str, field: str) -> tuple[str, dict[st
 def apply_init(model: nn.Module, spec: InitFrom, role: str, field: str) -> None:
     """Load the weights named by ``spec`` into ``model`` (strict: same names and shapes)."""
     where, state = load_init_state(spec, role, field)
+    check_init_state(model, state, where, field)
+    model.load_state_dict(state)
+
+
+def check_init_state(model: nn.Module, state: dict, where: str, field: str) -> None:
+    """Raise :class:`ConfigError` unless ``state`` has exactly ``model``'s state_dict names and
+    shapes (only shapes are compared: ``model`` may live on the meta device)."""
     own = model.state_dict()
     for name, t in own.items():
         base = name.rpartition(".")[0]
@@ -106,4 +113,42 @@ def apply_init(model: nn.Module, spec: InitFrom, role: str, field: str) -> None:
     if extra is not None:
         raise ConfigError(field, f"{where}: parameter '{extra}' in the file does not exist in the model "
                                  "(a different model?)")
-    model.load_state_dict(state)
+
+
+def check_init(model: nn.Module, spec: InitFrom, role: str, field: str) -> None:
+    """Fast validation of ``init_from`` against a (weightless) ``model``: the same errors as
+    :func:`apply_init`. A local file in torch's zip format is opened memory-mapped (its
+    tensors are not read, only the weights-only unpickler's record of them); anything else
+    (a bucket URI, an old-format or unreadable file) goes through :func:`load_init_state`,
+    so its error lines are the full build's."""
+    where, state = _load_mapped(spec, role, field)
+    if state is None:
+        where, state = load_init_state(spec, role, field)
+    check_init_state(model, state, where, field)
+
+
+def _load_mapped(spec: InitFrom, role: str, field: str) -> tuple[str, dict | None]:
+    if "://" in spec.path:
+        return spec.path, None
+    p = Path(spec.path)
+    if p.is_dir():
+        p = next((p / n for n in BUNDLE_NAMES if (p / n).is_file()), p)
+    if not p.is_file():
+        return str(p), None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the full loader names the problem
+        return str(p), None
+    if isinstance(obj, dict) and isinstance(obj.get("roles"), dict):  # a pair bundle
+        roles = obj["roles"]
+        name = spec.role or (next(iter(roles)) if len(roles) == 1 else role)
+        if name not in roles:
+            raise ConfigError(field, f"{p}: the bundle has no role '{name}' (it has: {', '.join(roles)})")
+        obj = roles[name]
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # one role's state
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return str(p), None
+    return str(p), obj

@@ -29,7 +29,8 @@ MODES: tuple[str, ...] = ("learned", "svd", "full")
 
 __all__ = [
     "MODES", "conv_to_matrix", "matrix_to_weight", "truncated_svd_factors", "canonical_signs",
-    "procrustes_align", "row_cosine", "rms", "rms_rescale", "LowRankLinear", "LowRankConv2d", "Encoding", "make_encoding",
+    "procrustes_align", "row_cosine", "rms", "rms_rescale", "LowRankLinear", "LowRankConv2d", "Encoding",
+    "check_encoding", "make_encoding",
 ]
 
 
@@ -468,6 +469,41 @@ def _swap_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def check_encoding(model: nn.Module, weight_name: str, mode: str, rank: int = 4,
+                   alpha: float | None = None, field: str = "layer_pairs") -> tuple[int, int]:
+    """The checks :func:`make_encoding` makes on a dense (not yet factorised) ``model``, without
+    touching any weight: the model may live on the ``meta`` device (fast validation). Returns
+    the shape of the travelling matrix; invalid input raises ``ConfigError(field, ...)``."""
+    if mode not in MODES:
+        raise ConfigError(field, f"unknown low-rank mode '{mode}' (expected one of {', '.join(MODES)})")
+    mod_path, _, leaf = weight_name.rpartition(".")
+    try:
+        param = model.get_parameter(weight_name)
+    except AttributeError:
+        raise ConfigError(field, f"model has no parameter '{weight_name}'") from None
+    if param.dim() < 2:
+        raise ConfigError(field, f"parameter '{weight_name}' has shape {tuple(param.shape)}; "
+                                 "only matrices and conv kernels can be transferred")
+    out, cols = int(param.shape[0]), math.prod(int(d) for d in param.shape[1:])
+    if mode == "full":
+        return out, cols
+    if not isinstance(rank, int) or not 1 <= rank <= min(out, cols):
+        raise ConfigError(field, f"rank {rank} is invalid for '{weight_name}' viewed as a "
+                                 f"{out}x{cols} matrix (must be 1..{min(out, cols)})")
+    if alpha is not None and not alpha > 0:
+        raise ConfigError(field, f"alpha must be > 0, got {alpha}")
+    if mode == "svd":
+        return rank, cols
+    owner = model.get_submodule(mod_path) if mod_path else model
+    if leaf != "weight" or not mod_path or type(owner) not in (nn.Linear, nn.Conv2d):
+        raise ConfigError(field, f"mode 'learned' needs the weight of an nn.Linear or nn.Conv2d "
+                                 f"submodule; '{weight_name}' is not (use 'svd' or 'full')")
+    if isinstance(owner, nn.Conv2d) and owner.padding_mode != "zeros":
+        raise ConfigError(field, f"'{weight_name}': padding_mode '{owner.padding_mode}' is not "
+                                 "supported by mode 'learned' (use 'svd' or 'full')")
+    return rank, cols
+
+
 def make_encoding(model: nn.Module, weight_name: str, mode: str, rank: int = 4,
                   alpha: float | None = None, field: str = "layer_pairs", align: bool = True) -> Encoding:
     """Create the :class:`Encoding` of ``model``'s dense parameter ``weight_name``.
@@ -476,7 +512,8 @@ def make_encoding(model: nn.Module, weight_name: str, mode: str, rank: int = 4,
     layer (SVD-initialised; create optimisers afterwards) and travels ``<module>.A``;
     calling it again for an already factorised layer with the same rank/alpha reuses it.
     ``alpha`` defaults to ``rank`` (scaling 1); ``align`` (svd) keeps the factors continuous
-    across reads (:class:`SVDEncoding`). Invalid input raises ``ConfigError(field, ...)``.
+    across reads (:class:`SVDEncoding`). Invalid input raises ``ConfigError(field, ...)``
+    (the checks of :func:`check_encoding`).
     """
     if mode not in MODES:
         raise ConfigError(field, f"unknown low-rank mode '{mode}' (expected one of {', '.join(MODES)})")
@@ -493,29 +530,12 @@ def make_encoding(model: nn.Module, weight_name: str, mode: str, rank: int = 4,
             raise ConfigError(field, f"'{weight_name}' is already factorised with rank {owner.rank}, "
                                      f"alpha {owner.alpha:g}; got rank {rank}, alpha {a:g}")
         return LearnedEncoding(model, weight_name, f"{mod_path}.A", owner)
-    try:
-        param = model.get_parameter(weight_name)
-    except AttributeError:
-        raise ConfigError(field, f"model has no parameter '{weight_name}'") from None
-    if param.dim() < 2:
-        raise ConfigError(field, f"parameter '{weight_name}' has shape {tuple(param.shape)}; "
-                                 "only matrices and conv kernels can be transferred")
+    check_encoding(model, weight_name, mode, rank, alpha, field)
+    param = model.get_parameter(weight_name)
     if mode == "full":
         return FullEncoding(model, weight_name, param)
-    out, cols = conv_to_matrix(param).shape
-    if not isinstance(rank, int) or not 1 <= rank <= min(out, cols):
-        raise ConfigError(field, f"rank {rank} is invalid for '{weight_name}' viewed as a "
-                                 f"{out}x{cols} matrix (must be 1..{min(out, cols)})")
-    if alpha is not None and not alpha > 0:
-        raise ConfigError(field, f"alpha must be > 0, got {alpha}")
     if mode == "svd":
         return SVDEncoding(model, weight_name, param, rank, align)
-    if leaf != "weight" or not mod_path or type(owner) not in (nn.Linear, nn.Conv2d):
-        raise ConfigError(field, f"mode 'learned' needs the weight of an nn.Linear or nn.Conv2d "
-                                 f"submodule; '{weight_name}' is not (use 'svd' or 'full')")
-    if isinstance(owner, nn.Conv2d) and owner.padding_mode != "zeros":
-        raise ConfigError(field, f"'{weight_name}': padding_mode '{owner.padding_mode}' is not "
-                                 "supported by mode 'learned' (use 'svd' or 'full')")
     layer = (LowRankLinear if isinstance(owner, nn.Linear) else LowRankConv2d).from_dense(owner, rank, alpha)
     layer.train(owner.training)
     _swap_module(model, mod_path, layer)

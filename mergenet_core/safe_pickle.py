@@ -59,3 +59,50 @@ def load_data_pickle(path: str | Path, encoding: str = "bytes"):
         raise DataMissingError(f"{path}: cannot read: {e.strerror or e}") from None
     except Exception as e:  # noqa: BLE001 - any malformed pickle: one line, no traceback
         raise DataMissingError(f"{path}: not a readable data pickle ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+_STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                         "BINUNICODE8"})
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
+def scan_data_pickle(path: str | Path) -> None:
+    """The check :func:`load_data_pickle` makes, without unpickling (fast validation): walk the
+    file's opcodes (``pickletools.genops``; nothing is built or called) and refuse a file that
+    references a global outside :data:`ALLOWED`, or that is not a complete pickle. Same
+    one-line :class:`DataMissingError` as the loader. ``STACK_GLOBAL`` names are read from the
+    strings pushed (or fetched from the memo) just before it: a file crafted to defeat that is
+    still refused by the loader itself when the data are read."""
+    import pickletools
+
+    path = Path(path)
+    recent: list = []  # the last two string values pushed
+    memo: dict = {}
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                name = op.name
+                if name == "GLOBAL" or name == "INST":
+                    module, _, attr = str(arg).partition(" ")
+                    if (module, attr) not in ALLOWED:
+                        raise RefusedGlobal(module, attr)
+                elif name == "STACK_GLOBAL":
+                    module, attr = (recent[-2], recent[-1]) if len(recent) >= 2 else ("?", "?")
+                    if (module, attr) not in ALLOWED:
+                        raise RefusedGlobal(str(module), str(attr))
+                if name in _STRING_OPS:
+                    recent = (recent + [arg])[-2:]
+                elif name in _GET_OPS:
+                    recent = (recent + [memo.get(arg)])[-2:]
+                elif name in _PUT_OPS or name == "MEMOIZE":  # stores the top of the stack
+                    memo[arg if name in _PUT_OPS else len(memo)] = recent[-1] if recent else None
+                elif name not in ("FRAME", "PROTO"):
+                    recent = []
+    except RefusedGlobal as e:
+        raise DataMissingError(f"{path}: refused to load: the pickle references {e.module[:60]}.{e.name[:60]}, "
+                               "but a data file may hold only plain containers and numpy arrays") from None
+    except OSError as e:
+        raise DataMissingError(f"{path}: cannot read: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - any malformed pickle: one line, no traceback
+        raise DataMissingError(f"{path}: not a readable data pickle ({type(e).__name__}: {str(e)[:80]})") from None

@@ -11,6 +11,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 
 from mergenet_core import checks
 from mergenet_core.config import ExperimentConfig, Strict
+from mergenet_core.errors import ConfigError
 
 
 class AdapterPlacement(Strict):
@@ -42,6 +43,21 @@ class PairConfig(ExperimentConfig):
     """A pair experiment as the orchestrator runs it (``mergenet train``, ``--ray``, grids)."""
 
     ray: RayPairSpec = Field(default_factory=RayPairSpec)
+
+
+def worker_layout(cfg: PairConfig, placement) -> list[str]:
+    """The role of each Ray Train worker (world rank order) for a method's
+    :class:`~mergenet_core.methods.base.Placement`: roles that may run apart get their own
+    workers (the target's first, so world rank 0 is the target's leader); otherwise one worker
+    hosts the whole pair."""
+    rs = cfg.ray
+    if placement.apart:
+        workers = {"target": rs.target_workers, "source": rs.source_workers}
+        return [r for r in ("target", "source") if r in placement.roles for _ in range(workers[r])]
+    if rs.source_workers > 1 or rs.target_workers > 1:
+        raise ConfigError("ray.target_workers", f"method '{cfg.method.name}' runs both models in one "
+                                                "worker; set source_workers and target_workers to 1")
+    return ["target"]
 
 
 def parse_config(data: dict) -> PairConfig:

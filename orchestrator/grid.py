@@ -207,9 +207,11 @@ def _yaml(v: Any) -> str:
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool = True,
-              warnings: list[str] | None = None) -> GridConfig:
+              warnings: list[str] | None = None, build: bool = True) -> GridConfig:
     """Read and validate a grid; with ``deep`` also every trial config and every pair's layers
-    (their warnings, e.g. a layer pair writing into an unnormalised layer, go to ``warnings``)."""
+    (their warnings, e.g. a layer pair writing into an unnormalised layer, go to ``warnings``):
+    by building each pair (``build``, as ``mergenet run`` does), or from metadata and shapes
+    only (``build=False``: ``mergenet validate`` without ``--deep``, see :func:`check_layers`)."""
     try:
         data = apply_overrides(read_yaml(path), overrides or [])
     except ConfigError as e:
@@ -234,7 +236,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
             if (pair, method) not in checked_layers:
                 checked_layers.add((pair, method))
                 found: list[str] = []
-                lines.extend(f"{where}: {line}" for line in check_layers(cfg, found))
+                lines.extend(f"{where}: {line}" for line in check_layers(cfg, found, build=build))
                 if warnings is not None:
                     warnings.extend(f"{where}: {w}" for w in found)
                 if grid.scheduler.name != "fifo":
@@ -276,10 +278,24 @@ def check_scheduler_metric(cfg: PairConfig, metric: str) -> str | None:
             f"{', '.join(sorted(m for m in every if '/' in m and not m.startswith('time'))[:6])})")
 
 
-def check_layers(cfg: PairConfig, warnings: list[str] | None = None) -> list[str]:
-    """Build the pair once on CPU (data, models, encodings, adapters): layer names, ranks,
-    missing data, ``init_from`` files. Data loads are cached per process, so this is cheap
-    after the first pair. The method's warnings are appended to ``warnings``."""
+def check_layers(cfg: PairConfig, warnings: list[str] | None = None, build: bool = True) -> list[str]:
+    """Layer names, ranks, missing data, ``init_from`` files; the method's warnings are
+    appended to ``warnings``. ``build``: build the pair once on CPU (data, models, encodings,
+    adapters; data loads are cached per process); else the fast check from file metadata and
+    weightless models (:func:`mergenet_core.shape_check.check_pair_shapes`: no Ray, no data
+    decoded, no weights), which reports the same first error for what it can see."""
+    if not build:
+        from mergenet_core.loop import build_method
+        from mergenet_core.shape_check import check_pair_shapes
+        from orchestrator.config import worker_layout
+
+        lines = check_pair_shapes(cfg, warnings)
+        if not lines:
+            try:
+                worker_layout(cfg, build_method(cfg).placement())
+            except ConfigError as e:
+                return [str(e)]
+        return lines
     from mergenet_core.errors import MergenetError
     from orchestrator.pair import plan_pair
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from orchestrator.config import PairConfig
+from orchestrator.config import PairConfig, worker_layout
 from mergenet_core.errors import ConfigError, MergenetError
 from mergenet_core.loop import (FINAL, KEEP_BUNDLES, METRICS, PairLoop, PairState, build_method, load_bundle,
                                 save_bundle, summarise, write_metrics)
@@ -136,16 +136,9 @@ def plan_pair(cfg: PairConfig) -> PairPlan:
     """Build the pair once on CPU in this process: every config error (layer pair names,
     ranks, data) surfaces here, before any Ray worker starts."""
     pair = PairState.build(cfg, devices={n: torch.device("cpu") for n in ("source", "target")})
-    method, rs = pair.method, cfg.ray
+    method = pair.method
     where = method.placement()
-    if where.apart:  # each role its own workers (world rank 0: the target's leader)
-        workers = {"target": rs.target_workers, "source": rs.source_workers}
-        layout = [r for r in ("target", "source") if r in where.roles for _ in range(workers[r])]
-    else:
-        if rs.source_workers > 1 or rs.target_workers > 1:
-            raise ConfigError("ray.target_workers", f"method '{cfg.method.name}' runs both models in one "
-                                                    "worker; set source_workers and target_workers to 1")
-        layout = ["target"]
+    layout = worker_layout(cfg, where)
     spec = method.exchange_spec() if where.apart else None
     return PairPlan(layout, not where.apart, spec, pair.steps_per_epoch, method.config_warnings(pair.roles))
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from . import images, text  # noqa: F401  (register the tasks)
 from .augment import prepare_images
-from .base import TASKS, Split, TaskData, TaskInfo
+from .base import TASKS, Split, TaskData, TaskInfo, TaskShape
 from .stream import BatchStream, iter_eval
 
 
@@ -25,5 +25,15 @@ def build_task(name: str, options: dict[str, Any] | BaseModel | None, seed: int)
     return entry.fn(opts, int(seed))
 
 
-__all__ = ["TASKS", "Split", "TaskInfo", "TaskData", "build_task", "prepare_images",
+def probe_task(name: str, options: dict[str, Any] | BaseModel | None) -> TaskShape:
+    """What :func:`build_task` would give, without loading the data (fast validation): the
+    task's :class:`TaskInfo` and split sizes from file presence and metadata (headers, file
+    counts). Raises the errors :func:`build_task` raises for missing files / impossible splits
+    (not those of corrupt contents past the headers: ``mergenet validate --deep``)."""
+    entry = TASKS.get(name)
+    opts = TASKS.options(name, options)
+    return entry.meta["probe"](opts)
+
+
+__all__ = ["TASKS", "Split", "TaskInfo", "TaskData", "TaskShape", "build_task", "probe_task", "prepare_images",
            "BatchStream", "iter_eval"]

@@ -51,6 +51,17 @@ class TaskInfo:
 
 
 @dataclass
+class TaskShape:
+    """What fast validation learns about a task without loading it: the model-facing
+    :class:`TaskInfo` (``mean``/``std`` left empty) and the sizes of the three splits."""
+
+    info: TaskInfo
+    train: int
+    val: int
+    test: int
+
+
+@dataclass
 class TaskData:
     info: TaskInfo
     train: Split

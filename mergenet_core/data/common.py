@@ -111,6 +111,29 @@ def make_splits(
             split_of(test.x, test.y, te_idx))
 
 
+def split_sizes(n_train: int, n_test: int, opts: SplitOptions) -> tuple[int, int, int]:
+    """(train, val, test) sizes that :func:`make_splits` gives for an official train set of
+    ``n_train`` and a test set of ``n_test`` examples, computed without the data (fast
+    validation); raises the same :class:`ConfigError` for an impossible ``val_size``."""
+    pool = n_train if opts.train_subset is None else min(opts.train_subset, n_train)
+    test = n_test if opts.test_subset is None else min(opts.test_subset, n_test)
+    if opts.val_size is not None:
+        if opts.val_size > n_train - pool:
+            from ..errors import ConfigError
+
+            raise ConfigError("val_size", f"{opts.val_size} validation examples requested but only "
+                                          f"{n_train - pool} training examples lie outside train_subset")
+        return pool, opts.val_size, test
+    n_val = int(round(opts.val_fraction * pool))
+    return pool - n_val, n_val, test
+
+
+def carve_sizes(n: int, fraction: float = TEST_FRACTION) -> tuple[int, int]:
+    """(train, test) sizes of :func:`carve_test` on ``n`` examples."""
+    n_test = int(round(fraction * n))
+    return n - n_test, n_test
+
+
 def carve_test(y: torch.Tensor, fraction: float = TEST_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
     """(train_idx, test_idx) for corpora without an official test set; fixed seed, stratified."""
     order = stratified_order(y, generator(TEST_SEED, SALT_TEST_CARVE))

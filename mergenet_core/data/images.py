@@ -14,8 +14,8 @@ import torch
 from pydantic import Field
 
 from ..errors import DataMissingError
-from .base import TASKS, Split, TaskData, TaskInfo
-from .common import SplitOptions, make_splits
+from .base import TASKS, Split, TaskData, TaskInfo, TaskShape
+from .common import SplitOptions, make_splits, split_sizes
 
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -48,15 +48,47 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return data.reshape(dims)
 
 
+FMNIST_FILES = [f"{s}-{k}-ubyte.gz" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
+
+
+def _fmnist_files(root: str) -> list[Path]:
+    base = Path(root)
+    if not all((base / n).is_file() for n in FMNIST_FILES):
+        raise DataMissingError(
+            f"Fashion-MNIST not found at {base}: apt-get install dataset-fashion-mnist, or set task.options.root")
+    return [base / n for n in FMNIST_FILES]
+
+
+def idx_count(path: Path, magic: int) -> int:
+    """The item count in an IDX file's header (only the header is decompressed)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            head = f.read(8)
+    except (OSError, EOFError) as e:
+        raise DataMissingError(f"{path}: not readable ({type(e).__name__}: {str(e)[:80]})") from None
+    found = int.from_bytes(head[:4], "big")
+    if len(head) < 8 or found != magic:
+        raise DataMissingError(f"{path} is not an IDX file of the expected kind (magic {found:#x}, want {magic:#x})")
+    return int.from_bytes(head[4:8], "big")
+
+
+def probe_fashion_mnist(opts: "FashionMNISTOptions") -> TaskShape:
+    """Fast validation: the four files are there and their IDX headers agree (no pixel is read)."""
+    xtr, ytr, xte, yte = _fmnist_files(opts.root or FMNIST_ROOT)
+    base = xtr.parent
+    n_tr, n_te = idx_count(xtr, 0x803), idx_count(xte, 0x803)
+    if n_tr != idx_count(ytr, 0x801) or n_te != idx_count(yte, 0x801):
+        raise DataMissingError(f"Fashion-MNIST at {base}: image and label counts differ")
+    info = TaskInfo(name="fashion_mnist", modality="image", num_classes=10, in_channels=opts.channels,
+                    image_size=opts.image_size)
+    return TaskShape(info, *split_sizes(n_tr, n_te, opts))
+
+
 @lru_cache(maxsize=4)
 def _fmnist_raw(root: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train [N,28,28], y_train, x_test, y_test) as uint8/int64 tensors; cached per process."""
     base = Path(root)
-    names = [f"{s}-{k}-ubyte.gz" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
-    if not all((base / n).is_file() for n in names):
-        raise DataMissingError(
-            f"Fashion-MNIST not found at {base}: apt-get install dataset-fashion-mnist, or set task.options.root")
-    xtr, ytr, xte, yte = (read_idx(base / n, 0x803 if "images" in n else 0x801) for n in names)
+    xtr, ytr, xte, yte = (read_idx(f, 0x803 if "images" in f.name else 0x801) for f in _fmnist_files(root))
     if len(xtr) != len(ytr) or len(xte) != len(yte):
         raise DataMissingError(f"Fashion-MNIST at {base}: image and label counts differ")
     return (torch.from_numpy(xtr.copy()), torch.from_numpy(ytr.astype(np.int64)),
@@ -81,7 +113,7 @@ def _fmnist_view(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     return x.repeat(1, channels, 1, 1) if channels > 1 else x.contiguous()
 
 
-@TASKS.register("fashion_mnist", options=FashionMNISTOptions, modality="image")
+@TASKS.register("fashion_mnist", options=FashionMNISTOptions, modality="image", probe=probe_fashion_mnist)
 def load_fashion_mnist(opts: FashionMNISTOptions, seed: int) -> TaskData:
     """Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (60k train, 10k test)."""
     xtr, ytr, xte, yte = _fmnist_raw(opts.root or FMNIST_ROOT)
@@ -129,14 +161,40 @@ def _rows_to_images(data) -> torch.Tensor:
     return torch.from_numpy(arr.reshape(-1, 3, 32, 32).copy())
 
 
+def _cifar_layout(fine: bool):
+    if fine:
+        return ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names"
+    return [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", "batches.meta", b"label_names"
+
+
+#: the official split sizes (fast validation does not count the examples)
+CIFAR_SIZES = (50_000, 10_000)
+
+
+def _probe_cifar(name: str, opts: CifarOptions, fine: bool) -> TaskShape:
+    """Fast validation: the folder and every batch file are there, and no file references a
+    global a data pickle may not hold (an opcode scan: nothing is unpickled). The split sizes
+    are the official ones; ``mergenet validate --deep`` counts the real examples."""
+    from ..safe_pickle import scan_data_pickle
+
+    folder, what, k = (("cifar-100-python", "CIFAR-100", 100) if fine else ("cifar-10-batches-py", "CIFAR-10", 10))
+    base = _cifar_folder(opts.root, folder, what)
+    files_tr, files_te, _, meta, _ = _cifar_layout(fine)
+    for files in (files_tr, files_te):
+        missing = [f for f in files if not (base / f).is_file()]
+        if missing:
+            raise DataMissingError(f"CIFAR folder {base} lacks {', '.join(missing)}: re-download it")
+        for f in files:
+            scan_data_pickle(base / f)
+    scan_data_pickle(base / meta)
+    info = TaskInfo(name=name, modality="image", num_classes=k, in_channels=3, image_size=32)
+    return TaskShape(info, *split_sizes(*CIFAR_SIZES, opts))
+
+
 @lru_cache(maxsize=4)
 def _cifar_raw(folder: str, fine: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     base = Path(folder)
-    if fine:
-        files_tr, files_te, key, meta, names_key = ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names"
-    else:
-        files_tr = [f"data_batch_{i}" for i in range(1, 6)]
-        files_te, key, meta, names_key = ["test_batch"], b"labels", "batches.meta", b"label_names"
+    files_tr, files_te, key, meta, names_key = _cifar_layout(fine)
 
     def load(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [f for f in files if not (base / f).is_file()]
@@ -169,13 +227,15 @@ def _load_cifar(name: str, opts: CifarOptions, seed: int, fine: bool) -> TaskDat
     return TaskData(info, train, val, test, names)
 
 
-@TASKS.register("cifar10", options=CifarOptions, modality="image")
+@TASKS.register("cifar10", options=CifarOptions, modality="image",
+                probe=lambda opts: _probe_cifar("cifar10", opts, fine=False))
 def load_cifar10(opts: CifarOptions, seed: int) -> TaskData:
     """CIFAR-10 from a local ``cifar-10-batches-py`` folder (50k train, 10k test)."""
     return _load_cifar("cifar10", opts, seed, fine=False)
 
 
-@TASKS.register("cifar100", options=CifarOptions, modality="image")
+@TASKS.register("cifar100", options=CifarOptions, modality="image",
+                probe=lambda opts: _probe_cifar("cifar100", opts, fine=True))
 def load_cifar100(opts: CifarOptions, seed: int) -> TaskData:
     """CIFAR-100 (fine labels) from a local ``cifar-100-python`` folder (50k train, 10k test)."""
     return _load_cifar("cifar100", opts, seed, fine=True)

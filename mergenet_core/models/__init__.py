@@ -9,6 +9,6 @@ Image models: ``forward(x: Tensor[N, C, H, W]) -> logits [N, K]``.
 Text models: ``forward({"input_ids", "attention_mask"}) -> logits [N, K]``.
 """
 from . import cnn, mobilenetv2, resnet, text  # noqa: F401  (register entries)
-from .base import MODELS, build_model
+from .base import MODELS, build_model, build_model_shapes, weightless
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["MODELS", "build_model", "build_model_shapes", "weightless"]

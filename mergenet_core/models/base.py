@@ -1,6 +1,9 @@
-"""The model registry and the one function that builds a registered model."""
+"""The model registry and the functions that build a registered model (with or without weights)."""
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
@@ -13,6 +16,45 @@ MODELS = Registry("model")
 
 def build_model(name: str, options: dict | BaseModel | None, info: TaskInfo) -> nn.Module:
     """Validate ``options`` for model ``name``, check modality against ``info``, build it."""
+    entry, opts = _checked(name, options, info)
+    return entry.fn(opts, info)
+
+
+def build_model_shapes(name: str, options: dict | BaseModel | None, info: TaskInfo) -> nn.Module:
+    """The same model as :func:`build_model` (same names, shapes, module types and order, same
+    option errors) but without weights: every tensor lives on the ``meta`` device, no
+    initialiser runs and no pretrained weights are read (an entry may register a cheaper
+    ``shapes`` builder, e.g. MiniLM without importing transformers). For fast validation."""
+    entry, opts = _checked(name, options, info)
+    with weightless():
+        return entry.meta.get("shapes", entry.fn)(opts, info)
+
+
+_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+          "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def weightless():
+    """Build modules on the ``meta`` device with ``torch.nn.init`` skipped (the values of meta
+    tensors do not exist anyway, and several initialisers would load torch's Python meta
+    kernels, about a second of imports)."""
+    saved = {n: getattr(nn.init, n) for n in _INITS if hasattr(nn.init, n)}
+    try:
+        for n in saved:
+            setattr(nn.init, n, _skip_init)
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def _skip_init(tensor, *args, **kwargs):
+    return tensor
+
+
+def _checked(name: str, options: dict | BaseModel | None, info: TaskInfo):
     entry = MODELS.get(name, "model.name")
     try:
         opts = MODELS.options(name, options)
@@ -26,4 +68,4 @@ def build_model(name: str, options: dict | BaseModel | None, info: TaskInfo) -> 
             "model.name",
             f"model '{name}' takes {modality} input but task '{info.name}' is {info.modality}",
         )
-    return entry.fn(opts, info)
+    return entry, opts

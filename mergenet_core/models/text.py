@@ -193,7 +193,97 @@ def load_minilm_l6_bert():
     return bert.eval()
 
 
-@MODELS.register("minilm_l6", MiniLMOptions, modality="text")
+# --------------------------------------------------------------------------- weightless skeleton
+# ``mergenet validate`` builds models on the meta device (:func:`..models.build_model_shapes`);
+# importing transformers alone takes seconds, so the fast path builds this plain-torch mirror of
+# ``transformers.BertModel(add_pooling_layer=False)``: the same parameter and buffer names, shapes,
+# module types and registration order (tests/test_validate_fast.py compares the two). It is
+# never trained or run.
+
+
+class _Block(nn.Module):
+    def __init__(self, /, **children: nn.Module):
+        super().__init__()
+        for k, v in children.items():
+            setattr(self, k, v)
+
+
+def _dense_norm(d_in: int, d_out: int, eps: float) -> _Block:
+    return _Block(dense=nn.Linear(d_in, d_out), LayerNorm=nn.LayerNorm(d_out, eps=eps), dropout=nn.Dropout())
+
+
+class _BertSkeleton(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        h, eps = cfg["hidden_size"], cfg.get("layer_norm_eps", 1e-12)
+        self.config = _SkeletonConfig(cfg)
+        self.embeddings = _Block(
+            word_embeddings=nn.Embedding(cfg["vocab_size"], h, padding_idx=cfg.get("pad_token_id", 0)),
+            position_embeddings=nn.Embedding(cfg["max_position_embeddings"], h),
+            token_type_embeddings=nn.Embedding(cfg.get("type_vocab_size", 2), h),
+            LayerNorm=nn.LayerNorm(h, eps=eps), dropout=nn.Dropout())
+        p = cfg["max_position_embeddings"]
+        self.embeddings.register_buffer("position_ids", torch.empty(1, p, dtype=torch.long), persistent=False)
+        self.embeddings.register_buffer("token_type_ids", torch.empty(1, p, dtype=torch.long), persistent=False)
+        layers = []
+        for _ in range(cfg["num_hidden_layers"]):
+            attention = _Block(self=_Block(query=nn.Linear(h, h), key=nn.Linear(h, h), value=nn.Linear(h, h),
+                                           dropout=nn.Dropout()),
+                               output=_dense_norm(h, h, eps))
+            layers.append(_Block(attention=attention,
+                                 intermediate=_Block(dense=nn.Linear(h, cfg["intermediate_size"]),
+                                                     intermediate_act_fn=nn.GELU()),
+                                 output=_dense_norm(cfg["intermediate_size"], h, eps)))
+        self.encoder = _Block(layer=nn.ModuleList(layers))
+
+
+class _SkeletonConfig:
+    def __init__(self, cfg: dict):
+        self.__dict__.update(cfg)
+
+
+def _l6_config() -> dict:
+    """The packaged MiniLM-L6 ``config.json`` (what ``BertConfig.from_pretrained`` reads); the
+    weights file must be there too (read by the full build only)."""
+    import json
+
+    path = minilm_l6_path()
+    for f in ("config.json", "model.safetensors"):
+        if not (path / f).is_file():
+            raise DataMissingError(f"MiniLM-L6 weights incomplete: {path / f} is missing; reinstall {L6_PIP}")
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataMissingError(f"{path / 'config.json'}: not readable ({type(e).__name__})") from None
+
+
+def _scratch_skeleton(base: dict, opts: MiniLMOptions, info: TaskInfo) -> _BertSkeleton:
+    cfg = dict(base, vocab_size=info.vocab_size or base["vocab_size"])
+    if opts.num_layers:
+        cfg["num_hidden_layers"] = opts.num_layers
+    return _BertSkeleton(cfg)
+
+
+def minilm_l6_shapes(opts: MiniLMOptions, info: TaskInfo) -> MiniLMClassifier:
+    if not opts.pretrained:
+        return _finish(_scratch_skeleton(dict(L3_CONFIG, num_hidden_layers=6), opts, info), opts, info)
+    return _finish(_BertSkeleton(_l6_config()), opts, info)
+
+
+def minilm_l3_shapes(opts: MiniLMOptions, info: TaskInfo) -> MiniLMClassifier:
+    if not opts.pretrained:
+        return _finish(_scratch_skeleton(L3_CONFIG, opts, info), opts, info)
+    minilm_l3_onnx_path()  # installed?
+    version = metadata.version(L3_DIST)
+    if not (cache_dir() / f"paraphrase-MiniLM-L3-v2-{version}.pt").exists():
+        import importlib.util
+
+        if importlib.util.find_spec("onnx") is None:
+            raise DataMissingError("converting the MiniLM-L3 ONNX weights needs onnx: pip install onnx")
+    return _finish(_BertSkeleton(L3_CONFIG), opts, info)
+
+
+@MODELS.register("minilm_l6", MiniLMOptions, modality="text", shapes=minilm_l6_shapes)
 def minilm_l6(opts: MiniLMOptions, info: TaskInfo) -> MiniLMClassifier:
     if not opts.pretrained:
         return _finish(_scratch_bert(dict(L3_CONFIG, num_hidden_layers=6), opts, info), opts, info)
@@ -209,7 +299,7 @@ def load_minilm_l3_bert():
     return bert.eval()
 
 
-@MODELS.register("minilm_l3", MiniLMOptions, modality="text")
+@MODELS.register("minilm_l3", MiniLMOptions, modality="text", shapes=minilm_l3_shapes)
 def minilm_l3(opts: MiniLMOptions, info: TaskInfo) -> MiniLMClassifier:
     if not opts.pretrained:
         return _finish(_scratch_bert(L3_CONFIG, opts, info), opts, info)
