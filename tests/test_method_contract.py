@@ -225,3 +225,23 @@ def test_no_file_outside_a_method_names_it():
     hits = [f"{f.name}: {m.group(0)}" for f in files for m in pattern.finditer(f.read_text())
             if not (f.name == "cli.py" and m.group(0) in ('"mergenet"', "'mergenet'"))]  # the program's name
     assert not hits, hits
+
+
+def test_checkpoint_policy_is_the_same_on_every_host(ray_local, tmp_path):
+    """``checkpoint_every`` and the best-validation bundles: the engine and the Ray role workers
+    write bundles at the same epochs (the loop decides, not the host)."""
+    from mergenet_core.engine import load_bundle
+    from orchestrator.config import parse_config as parse_pair
+    from orchestrator.pair import run_pair_on_ray
+
+    data = tiny_pair("alone", source_model=None, checkpoint_every=2, recipe={"epochs": 5, "steps_per_epoch": 2},
+                     ray={"cpus_per_worker": 0.5})
+    cfg = parse_pair(data)
+    written: list[int] = []
+    Engine(cfg, tmp_path / "engine", progress=False, keep_bundles="all",
+           on_checkpoint=lambda path, record: written.append(int(record["epoch"]))).run()
+    run_pair_on_ray(cfg, tmp_path / "ray", keep_bundles="all")
+    kept = sorted(load_bundle(b)["epoch"] for b in (tmp_path / "ray" / "ray" / "pair").glob("checkpoint_*/pair.pt"))
+    assert {2, 4, 5} <= set(written)  # every 2nd epoch and the last, plus new best-validation epochs
+    assert kept == sorted(written)
+    assert_same_metrics(read_metrics(tmp_path / "engine"), read_metrics(tmp_path / "ray"), tol=1e-5)
