@@ -16,7 +16,6 @@ Modes (one :class:`Encoding` per model, weight and mode):
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,6 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 
-Mode = Literal["learned", "svd", "full"]
 MODES: tuple[str, ...] = ("learned", "svd", "full")
 
 __all__ = [
