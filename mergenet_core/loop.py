@@ -53,6 +53,11 @@ def write_metrics(path: Path, history: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
+def numeric(record: dict) -> dict[str, float]:
+    """The numbers of an epoch record (what Tune and MLflow take as metrics)."""
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def build_method(cfg: ExperimentConfig) -> Method:
     return METHODS.get(cfg.method.name, "method.name").fn(method_options(cfg), cfg)
 

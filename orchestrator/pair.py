@@ -44,7 +44,7 @@ from ray.train.torch import TorchTrainer
 from orchestrator.config import PairConfig, worker_layout
 from mergenet_core.errors import ConfigError, MergenetError
 from mergenet_core.loop import (FINAL, KEEP_BUNDLES, METRICS, PairLoop, PairState, build_method, load_bundle,
-                                save_bundle, summarise, write_metrics)
+                                numeric, save_bundle, summarise, write_metrics)
 from orchestrator.storage import Location
 
 BUNDLE = "pair.pt"
@@ -386,7 +386,7 @@ class RoleWorkerHost:
 
         pair = self.pair
         record = record or {"epoch": pair.epoch, "step": pair.step}
-        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        metrics = numeric(record)
         checkpoint, self._checkpoint = self._checkpoint, None
         if checkpoint is not None:
             metrics[BEST_FLAG] = int(best)

@@ -31,6 +31,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from mergenet_core.errors import MergenetError
+from mergenet_core.loop import CHECKPOINT, load_bundle, numeric
 from mergenet_core.config import deep_merge
 from orchestrator import tracking
 from orchestrator.grid import GridConfig
@@ -92,7 +93,7 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
             final = _pbt_inline(grid, cfg, trial_dir, work, out, uri, run_id)
         elif topology == "inline":
             def on_epoch(record: dict) -> None:  # this process is the whole pair: report directly
-                numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+                numbers = numeric(record)
                 tracking.log_metrics(c, run_id, numbers, step=int(record["epoch"]))
                 tune.report(numbers)
 
@@ -123,38 +124,49 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
             shutil.rmtree(work, ignore_errors=True)  # the private scratch folder (tempfile.mkdtemp)
 
 
-def _pbt_segments(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: Path, logger) -> dict:
-    """PBT: train ``perturbation_interval`` epochs per TorchTrainer run and report each segment's
-    full pair bundle (models, optimisers, adapter, RNG, history) as the Tune checkpoint, so an
-    exploit copies the *whole* pair — adapter included — and continues with mutated settings.
-
-    ``work`` is the trial folder itself when it is local, else a local scratch folder; the
-    bundle a segment starts from must be readable by every Train worker, so with a bucket it is
-    a checkpoint in the bucket (Tune's own, or the previous segment's bundle uploaded there)."""
+def _pbt_start(trial_dir: Location, work: Path, bundle: str, in_place: bool):
+    """Where a PBT trial starts: ``(start, epoch)``. A restored trial or a PBT exploit starts
+    from the Tune checkpoint (a donor's pair bundle): copied to ``work``, or -- ``in_place``,
+    with bucket storage -- used where Tune persisted it; otherwise from scratch ``(None, 0)``."""
     import uuid
 
     from ray.train import Checkpoint
 
-    from mergenet_core.engine import load_bundle
+    ck = tune.get_checkpoint()
+    if ck is None:
+        return None, 0
+    if in_place and trial_dir.local is None:  # already in the bucket (Tune persisted it there)
+        with ck.as_directory() as d:
+            return Checkpoint(path=ck.path, filesystem=ck.filesystem), load_bundle(Path(d) / bundle)["epoch"]
+    start = work / f"start-{uuid.uuid4().hex[:6]}"
+    with ck.as_directory() as d:
+        shutil.copytree(d, start)
+    return start, load_bundle(start / bundle)["epoch"]
+
+
+def _report_segment(folder: Path, bundle: str) -> None:
+    """Report a PBT segment's last record with its whole pair bundle (models, optimisers, method
+    state, RNG, history) as the Tune checkpoint: an exploit copies the whole pair."""
+    last = load_bundle(folder / bundle)["history"][-1]
+    tune.report(numeric(last), checkpoint=tune.Checkpoint.from_directory(str(folder)))
+
+
+def _pbt_segments(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: Path, logger) -> dict:
+    """PBT, split topology: train ``perturbation_interval`` epochs per TorchTrainer run and
+    report each segment's pair bundle as the Tune checkpoint.
+
+    ``work`` is the trial folder itself when it is local, else a local scratch folder; the
+    bundle a segment starts from must be readable by every Train worker, so with a bucket it is
+    a checkpoint in the bucket (Tune's own, or the previous segment's bundle uploaded there)."""
+    from ray.train import Checkpoint
+
     from orchestrator.pair import BUNDLE
 
-    start, epoch = None, 0
-    ck = tune.get_checkpoint()
-    if ck is not None:  # restored trial or PBT exploit (a donor's bundle)
-        if trial_dir.local is not None:
-            start = work / f"start-{uuid.uuid4().hex[:6]}"
-            with ck.as_directory() as d:
-                shutil.copytree(d, start)
-            epoch = load_bundle(start / BUNDLE)["epoch"]
-        else:  # already in the bucket (Tune persisted it there)
-            start = Checkpoint(path=ck.path, filesystem=ck.filesystem)
-            with ck.as_directory() as d:
-                epoch = load_bundle(Path(d) / BUNDLE)["epoch"]
-    epochs = cfg.target.recipe.epochs
+    start, epoch = _pbt_start(trial_dir, work, BUNDLE, in_place=True)
     storage_path, storage_fs = (trial_dir / "segments").ray_storage()
     final: dict = {}
-    while epoch < epochs:
-        until = min(epochs, epoch + grid.scheduler.perturbation_interval)
+    while epoch < cfg.target.recipe.epochs:
+        until = min(cfg.target.recipe.epochs, epoch + grid.scheduler.perturbation_interval)
         final = run_pair_on_ray(cfg, out, storage_path=storage_path, storage_filesystem=storage_fs,
                                 name=f"seg-{until:04d}", callbacks=[logger], start_from=start, until_epoch=until,
                                 keep_bundles=grid.keep_bundles)
@@ -167,9 +179,7 @@ def _pbt_segments(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: P
             remote = trial_dir / local.name
             remote.upload(local)
             start = Checkpoint(path=remote.path, filesystem=remote.fs)
-        last = load_bundle(local / BUNDLE)["history"][-1]
-        tune.report({k: v for k, v in last.items() if isinstance(v, (int, float))},
-                    checkpoint=tune.Checkpoint.from_directory(str(local)))
+        _report_segment(local, BUNDLE)
         epoch = until
     return final
 
@@ -200,37 +210,22 @@ def run_name(arm: str, seed: int, pair: str, short: dict[str, str]) -> str:
 
 
 def _pbt_inline(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: Path, uri: str, run_id: str) -> dict:
-    """PBT for an inline pair: ``perturbation_interval`` epochs per segment in this process, the
-    whole pair bundle (``checkpoint.pt``: models, optimisers, adapter, RNG, history) reported as
-    each segment's Tune checkpoint; an exploit starts from the donor's bundle."""
-    import uuid
-
-    from mergenet_core.engine import CHECKPOINT, load_bundle
-
+    """PBT, inline topology: ``perturbation_interval`` epochs per segment in this process, each
+    segment's pair bundle (``checkpoint.pt``) reported as the Tune checkpoint; an exploit starts
+    from the donor's bundle, a restarted trial from its own."""
     c = tracking.client(uri)
-    start, epoch = None, 0
-    ck = tune.get_checkpoint()
-    if ck is not None:  # restored trial or PBT exploit (a donor's bundle)
-        start = work / f"start-{uuid.uuid4().hex[:6]}"
-        with ck.as_directory() as d:
-            shutil.copytree(d, start)
-        epoch = load_bundle(start / CHECKPOINT)["epoch"]
-    elif (out / CHECKPOINT).exists():
+    start, epoch = _pbt_start(trial_dir, work, CHECKPOINT, in_place=False)
+    if start is None and (out / CHECKPOINT).exists():
         epoch = load_bundle(out / CHECKPOINT)["epoch"]
-    epochs = cfg.target.recipe.epochs
     final: dict = {}
-    while epoch < epochs:
-        until = min(epochs, epoch + grid.scheduler.perturbation_interval)
+    while epoch < cfg.target.recipe.epochs:
+        until = min(cfg.target.recipe.epochs, epoch + grid.scheduler.perturbation_interval)
         final = run_pair_inline(cfg, out, keep_bundles="last", start_from=start, until_epoch=until,
-                                on_epoch=lambda r: tracking.log_metrics(
-                                    c, run_id, {k: v for k, v in r.items() if isinstance(v, (int, float))},
-                                    step=int(r["epoch"])))
+                                on_epoch=lambda r: tracking.log_metrics(c, run_id, numeric(r), step=int(r["epoch"])))
         seg = work / f"bundle-{until:04d}"
         seg.mkdir(exist_ok=True)
         shutil.copy2(out / CHECKPOINT, seg / CHECKPOINT)
-        last = load_bundle(seg / CHECKPOINT)["history"][-1]
-        tune.report({k: v for k, v in last.items() if isinstance(v, (int, float))},
-                    checkpoint=tune.Checkpoint.from_directory(str(seg)))
+        _report_segment(seg, CHECKPOINT)
         start, epoch = None, until
     return final
 

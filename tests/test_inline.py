@@ -77,9 +77,11 @@ def test_inline_grid_trials_equal_the_engine_and_are_tracked(tmp_path):
     assert sorted(m.step for m in hist) == [1, 2]
 
 
-def test_inline_pbt_grid_finishes_with_whole_pair_bundles(tmp_path):
-    """PBT on inline pairs: segments of `perturbation_interval` epochs in the trial process, each
-    reporting the pair bundle as its Tune checkpoint; every trial ends FINISHED with all epochs."""
+@pytest.mark.parametrize("topology", ["inline", "split"])
+def test_pbt_grid_finishes_with_whole_pair_bundles(tmp_path, topology):
+    """PBT: segments of `perturbation_interval` epochs (in the trial process, or one TorchTrainer
+    run each for the split topology), each reporting the pair bundle as its Tune checkpoint;
+    every trial ends FINISHED with all epochs."""
     from mlflow.tracking import MlflowClient
 
     grid = helpers.tiny_grid(
@@ -87,7 +89,8 @@ def test_inline_pbt_grid_finishes_with_whole_pair_bundles(tmp_path):
         target_model={"name": "cnn", "options": {"channels": [8], "hidden": 16}},
         methods={"mergenet": {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}}, seeds=[0, 1],
         scheduler={"name": "pbt", "perturbation_interval": 1,
-                   "hyperparam_mutations": {"recipe.optimizer.lr": {"loguniform": [0.01, 0.1]}}})
+                   "hyperparam_mutations": {"recipe.optimizer.lr": {"loguniform": [0.01, 0.1]}}},
+        ray={"topology": topology})
     path = write_yaml(tmp_path / "grid.yaml", grid)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, **helpers.SUBPROCESS_ENV_OVERRIDES,
@@ -99,6 +102,6 @@ def test_inline_pbt_grid_finishes_with_whole_pair_bundles(tmp_path):
     runs = [r for r in c.search_runs([c.get_experiment_by_name("g-pbt").experiment_id])
             if r.data.tags.get("mergenet.trial") == "1"]
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    assert all(r.data.tags["mergenet.topology"] == "inline" for r in runs)
+    assert all(r.data.tags["mergenet.topology"] == topology for r in runs)
     for folder in (tmp_path / "runs" / "grids" / "g-pbt" / "trials").iterdir():
         assert [r["epoch"] for r in read_metrics(folder / "pair")] == [1, 2, 3]
