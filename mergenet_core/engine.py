@@ -56,9 +56,12 @@ class Engine:
         if self.on_checkpoint:
             self.on_checkpoint(self.out / CHECKPOINT, record)
 
-    def end_epoch(self, record: dict | None, saved: bool, best: bool) -> None:
+    def on_record(self, record: dict) -> None:
         if self.on_epoch:
             self.on_epoch(record)
+
+    def end_epoch(self, record: dict | None, saved: bool, best: bool) -> None:
+        pass
 
     # ---------------------------------------------------------------- run
     def run(self, resume: bool = False, stop_after_epochs: int | None = None,

@@ -86,11 +86,7 @@ class PairState:
         for r in roles.values():
             r.init_training(spe)
             r.trainable = r.name in method.trained_roles()
-        try:
-            method.ready(roles, spe)  # builds the adapters (mergenet): sizes from the paired weights
-        except ValueError as e:  # e.g. more heads than the adapter's width allows
-            field = "method.options.adapter.heads" if "heads" in str(e) else "method.options"
-            raise ConfigError(field, short(str(e), 160)) from None
+        method.ready(roles, spe)  # builds method-owned modules (mergenet: the adapters); ConfigError on bad sizes
         return cls(cfg, method, roles)
 
     @staticmethod
@@ -190,6 +186,10 @@ class Host(Protocol):
     def role_states(self) -> dict:
         """Every role's state (lead only; after :meth:`gather`)."""
 
+    def on_record(self, record: dict) -> None:
+        """The lead's epoch record, before any bundle of that epoch is written (log it here: a
+        crash in between repeats the epoch on resume instead of losing its record)."""
+
     def save(self, bundle: dict, record: dict, best: bool) -> None:
         """Store a bundle (lead only)."""
 
@@ -245,6 +245,7 @@ class PairLoop:
                 pair.history.append(record)
                 if self.metrics_path is not None:
                     write_metrics(self.metrics_path, pair.history)
+                host.on_record(record)
                 val = record.get("target/val_acc")
                 new_best = val is not None and (best is None or val > best)
                 best = val if new_best else best

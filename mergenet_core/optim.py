@@ -69,7 +69,8 @@ class RngStream:
         outer_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
         torch.set_rng_state(self.cpu)
         if cuda and self.cuda is None and self._cuda_seed is not None:
-            torch.cuda.manual_seed(self._cuda_seed)
+            with torch.cuda.device(self.device):  # this stream's device, not the current one
+                torch.cuda.manual_seed(self._cuda_seed)
         elif cuda and self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
         try:

@@ -51,8 +51,12 @@ def worker_layout(cfg: PairConfig, placement) -> list[str]:
     workers (the target's first, so world rank 0 is the target's leader); otherwise one worker
     hosts the whole pair."""
     rs = cfg.ray
+    workers = {"target": rs.target_workers, "source": rs.source_workers}
     if placement.apart:
-        workers = {"target": rs.target_workers, "source": rs.source_workers}
+        for role, n in workers.items():
+            if n > 1 and role not in placement.roles:
+                raise ConfigError(f"ray.{role}_workers", f"method '{cfg.method.name}' has no {role} role here; "
+                                                         f"set {role}_workers to 1")
         return [r for r in ("target", "source") if r in placement.roles for _ in range(workers[r])]
     if rs.source_workers > 1 or rs.target_workers > 1:
         raise ConfigError("ray.target_workers", f"method '{cfg.method.name}' runs both models in one "

@@ -151,7 +151,7 @@ def check_resources(cfg: PairConfig, plan: PairPlan) -> None:
     total = ray.cluster_resources()
     rs = cfg.ray
     problems: list[ConfigError] = []
-    need_cpu = plan.num_workers * rs.cpus_per_worker + (rs.adapter.num_cpus if plan.exchange_spec else 0)
+    need_cpu = plan.num_workers * rs.cpus_per_worker + (rs.adapter.num_cpus if plan.exchange_spec is not None else 0)
     if need_cpu > total.get("CPU", 0) + 1e-9:
         problems.append(ConfigError("ray.cpus_per_worker", f"the pair needs {need_cpu:g} CPUs ({plan.num_workers} "
                                     f"workers x {rs.cpus_per_worker:g}) but the cluster has {total.get('CPU', 0):g}"))
@@ -161,7 +161,7 @@ def check_resources(cfg: PairConfig, plan: PairPlan) -> None:
             problems.append(ConfigError(f"ray.worker_resources.{res}", f"the pair needs {need:g} '{res}' but the "
                                                                       f"cluster has {total.get(res, 0):g}"))
     if rs.use_gpu:
-        need_gpu = plan.num_workers + (rs.adapter.num_gpus if plan.exchange_spec else 0)
+        need_gpu = plan.num_workers + (rs.adapter.num_gpus if plan.exchange_spec is not None else 0)
         if need_gpu > total.get("GPU", 0) + 1e-9:
             problems.append(ConfigError("ray.use_gpu", f"the pair needs {need_gpu:g} GPUs (one per worker) but the "
                                                        f"cluster has {total.get('GPU', 0):g}"))
@@ -217,15 +217,13 @@ class AdapterActor:
         return build_method(self.cfg).build_exchange(self.spec, self.steps_per_epoch, self.device,
                                                      staleness=rs.staleness if rs.mode == "async" else 0)
 
-    def begin(self, attempt: str, state: dict | None = None) -> None:
-        """Start attempt ``attempt`` from the initial adapter state, or from ``state`` (the
-        exchange state of the checkpoint the workers restored)."""
+    def begin(self, attempt: str) -> None:
+        """Start attempt ``attempt`` from the initial exchange state (world rank 0 then loads the
+        restored checkpoint's method state through :meth:`load_state_dict`)."""
         ex = self._fresh_exchange()
-        if state:
-            ex.load_state_dict(state)
         with self._lock:
             old, self.exchange, self.attempt = self.exchange, ex, attempt
-        if old is not None:  # wake every call still waiting there (a killed attempt's get)
+        if old is not None and hasattr(old, "abandon"):  # wake every call still waiting there
             old.abandon(StaleAttempt("superseded by a new attempt"))
 
     def _ex(self, attempt: str):
@@ -371,6 +369,9 @@ class RoleWorkerHost:
 
     def role_states(self) -> dict:
         return self._states
+
+    def on_record(self, record: dict) -> None:
+        pass  # reported with the epoch's bundle (end_epoch): Ray Train keeps them together
 
     def save(self, bundle: dict, record: dict, best: bool) -> None:
         bundle["method"] = _to_cpu(bundle["method"])

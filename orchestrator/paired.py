@@ -90,8 +90,8 @@ def paired_table(df: pd.DataFrame, baseline: str = "alone", arms: list[str] | No
             base = g[g["arm"] == baseline]
             if base.empty:
                 continue
-            for arm in [a for a in dict.fromkeys(g["arm"]) if a != baseline]:  # the grid's order
-                if arms is not None and arm not in arms:
+            for arm in (arms if arms is not None else sorted(set(g["arm"]))):
+                if arm == baseline or arm not in set(g["arm"]):
                     continue
                 a = g[g["arm"] == arm]
                 groups = a.groupby(cols, dropna=False, sort=True) if cols else [((), a)]

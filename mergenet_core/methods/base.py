@@ -18,7 +18,7 @@ Hosts call only these methods, so no host names a method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel
@@ -51,6 +51,8 @@ class ExchangeAPI(Protocol):
     def take_epoch_metrics(self) -> dict: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    def abandon(self, error: BaseException) -> None:
+        """Superseded (a host restarted the roles): fail every waiting and later call with ``error``."""
 
 
 class Method:
@@ -114,10 +116,6 @@ class Method:
     def attach(self, exchange: ExchangeAPI) -> None:
         """Use ``exchange`` (e.g. a proxy to a Ray actor holding the real one)."""
         raise NotImplementedError(f"{type(self).__name__} has no exchange")
-
-    def describe(self) -> dict[str, Any]:
-        """Facts about the built method worth logging once (e.g. adapter sizes)."""
-        return {}
 
     def trained_roles(self) -> tuple[str, ...]:
         return self.roles_needed()

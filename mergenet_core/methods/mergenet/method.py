@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ...errors import ConfigError
+from ...errors import ConfigError, short
 from ...lowrank import make_encoding, rms
 from ...roles import derive_seed
 from ..base import Method, Placement
@@ -24,6 +24,12 @@ from .options import MergeNetOptions
 ADAPTER_METRICS = ("adapter/transfers", "adapter/skipped", "adapter/grad_norm", "adapter/lr",
                    "adapter/generate_ms", "adapter/update_ms")
 TRANSFER_METRICS = tuple(f"target/transfer_{k}" for k in ("steps", "writes", "age_steps", "wait_ms"))
+
+
+def _adapter_error(e: ValueError) -> ConfigError:
+    """An adapter the options cannot build (e.g. more heads than its width), as a config error."""
+    field = "method.options.adapter.heads" if "heads" in str(e) else "method.options"
+    return ConfigError(field, short(str(e), 160))
 
 
 class MergeNet(Method):
@@ -109,7 +115,6 @@ class MergeNet(Method):
         :meth:`setup` makes through ``make_encoding``, in its order) and each link's adapter
         (the per-head width :meth:`ready` would refuse), without factorising anything."""
         from .adapter import head_width
-        from ...errors import short
         from ...lowrank import check_encoding
 
         method = cls(options, cfg)
@@ -134,9 +139,8 @@ class MergeNet(Method):
             try:  # the four cross attentions of a KTL, in construction order (adapter.py)
                 for d_q, d_kv in ((q, Q), (q, P), (p, Q), (p, P)):
                     head_width(d_q, d_kv, a.heads, a.width)
-            except ValueError as e:  # the field the full build names (engine.PairState.build)
-                field = "method.options.adapter.heads" if "heads" in str(e) else "method.options"
-                return [str(ConfigError(field, short(str(e), 160)))]
+            except ValueError as e:  # the error the full build raises (ready)
+                return [str(_adapter_error(e))]
         return []
 
     def config_warnings(self, roles: dict) -> list[str]:
@@ -178,7 +182,10 @@ class MergeNet(Method):
     def ready(self, roles: dict, steps_per_epoch: int) -> None:
         self.steps_per_epoch = steps_per_epoch
         if self.exchange is None and all(r in roles for r in self.roles_needed()):
-            self.exchange = Exchange(self.make_hub(steps_per_epoch, roles["target"].device))
+            try:
+                self.exchange = Exchange(self.make_hub(steps_per_epoch, roles["target"].device))
+            except ValueError as e:  # e.g. more heads than the adapter's width allows
+                raise _adapter_error(e) from None
 
     def exchange_spec(self) -> dict:
         """The link shapes: all a process without the models needs to build the adapters."""
@@ -192,12 +199,6 @@ class MergeNet(Method):
     def attach(self, exchange) -> None:
         """Use an external exchange (the Ray adapter actor's proxy)."""
         self.exchange = exchange
-
-    def describe(self) -> dict:
-        """Trainable parameters of each link's adapter (needs the exchange built here)."""
-        if isinstance(self.exchange, Exchange):
-            return {f"adapter/{lid}/params": n for lid, n in self.exchange.hub.param_counts().items()}
-        return {}
 
     # ------------------------------------------------------------------ phases
     def is_transfer(self, step: int) -> bool:
