@@ -90,8 +90,9 @@ def paired_table(df: pd.DataFrame, baseline: str = "alone", arms: list[str] | No
             base = g[g["arm"] == baseline]
             if base.empty:
                 continue
-            for arm in (arms if arms is not None else sorted(set(g["arm"]))):
-                if arm == baseline or arm not in set(g["arm"]):
+            present = list(dict.fromkeys(g["arm"]))  # in the frame's order (the report's: by arm name)
+            for arm in (arms if arms is not None else present):
+                if arm == baseline or arm not in present:
                     continue
                 a = g[g["arm"] == arm]
                 groups = a.groupby(cols, dropna=False, sort=True) if cols else [((), a)]
