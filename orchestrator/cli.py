@@ -164,6 +164,11 @@ def cmd_run(args) -> int:
                           verdict=spec.verdict_pairs())
         print(rep["text"])
         print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}")
+    from orchestrator import tracking
+
+    uri = tracking.tracking_uri()
+    ui = "" if uri.startswith(("http://", "https://")) else f"`mlflow ui --backend-store-uri {uri}`, then "
+    print(f"MLflow: {ui}{tracking.ui_url(uri, summary['experiment_id'])}")
     return 1 if summary["failed"] else 0
 
 
