@@ -94,13 +94,24 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
         if topology == "inline" and grid.scheduler.name == "pbt":
             final = _pbt_inline(grid, cfg, trial_dir, work, out, uri, run_id)
         elif topology == "inline":
+            pending: list[dict] = []
+
             def on_epoch(record: dict) -> None:  # this process is the whole pair: report directly
                 numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-                tracking.log_metrics(c, run_id, numbers, step=int(record["epoch"]))
+                pending.append(numbers)
                 tune.report(numbers)
 
-            final = run_pair_inline(cfg, out, on_epoch=on_epoch, keep_bundles=keep,
+            def on_saved(record: dict) -> None:
+                # to MLflow once the epoch's bundle is saved: a trial killed between an epoch's end
+                # and its bundle resumes from the bundle before and runs that epoch again, which would
+                # otherwise log its metrics twice
+                for numbers in pending:
+                    tracking.log_metrics(c, run_id, numbers, step=int(numbers["epoch"]))
+                pending.clear()
+
+            final = run_pair_inline(cfg, out, on_epoch=on_epoch, on_saved=on_saved, keep_bundles=keep,
                                     remote=None if trial_dir.local is not None else trial_dir / "inline")
+            on_saved({})  # epochs after the last bundle (none: the last epoch always saves one)
         elif grid.scheduler.name == "pbt":
             final = _pbt_segments(grid, cfg, trial_dir, work, out, tracking.MlflowEpochLogger(uri, run_id))
         else:
