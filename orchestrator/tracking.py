@@ -127,8 +127,10 @@ def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, Any], step: int
 
 def git_sha() -> str:
     try:
+        # the checkout this code runs from, not the working directory (a grid runs anywhere; a
+        # Tune trial's working directory is its trial folder)
         return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
+                              timeout=5, check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
