@@ -150,7 +150,7 @@ def cmd_run(args) -> int:
     from orchestrator.tune_grid import run_grid
 
     summary = run_grid(grid, address=args.address, resume_dir=args.resume, verbose=args.verbose)
-    print(json.dumps(summary))
+    print(json.dumps(summary, indent=2))
     if not args.no_report:
         from orchestrator.grid import GridConfig
         from orchestrator.report import make_report

@@ -312,7 +312,7 @@ def test_run_console_is_quiet_and_keeps_no_bundles(tmp_path):
     assert [l for l in out.splitlines() if NOISE.search(l)] == [], out[-4000:]
     assert not r.stderr.strip(), r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    summary = next(i for i, l in enumerate(lines) if l.startswith('{"experiment_id"'))
+    summary = lines.index("{")  # the run's JSON summary (indented: test_bucket_storage parses it)
     assert lines[0].startswith("grid g-quiet: 3 trials")
     state = re.compile(r"^\[\d\d:\d\d:\d\d\] (RUNNING|FINISHED|progress) ")
     assert all(state.match(l) for l in lines[1:summary]), lines[:summary]
