@@ -319,7 +319,7 @@ def test_run_console_is_quiet_and_keeps_no_bundles(tmp_path):
     assert sum(" FINISHED " in l for l in lines) == 3
     assert "## Verdict" in r.stdout and "Paired differences to `mergenet_untrained`" in r.stdout
     assert lines[-1].startswith("MLflow: ") and "workflowType=machine_learning" in lines[-1]
-    assert len(lines) < 80
+    assert len(lines) <= 100  # 3 trials: ~10 state and progress lines, the summary, ~70 lines of report
     trials = tmp_path / "runs" / "grids" / "g-quiet" / "trials"
     assert len(list(trials.iterdir())) == 3
     assert not [p for p in trials.rglob("*.pt")], list(trials.rglob("*.pt"))
