@@ -464,7 +464,7 @@ def build_tuner(grid: GridConfig, storage: Location, parent_run_id: str, experim
     )
 
 
-def quiet_console(verbose: bool = False) -> None:
+def quiet_console(verbose: bool = False, local_ray: bool = True) -> None:
     """The console of ``mergenet run``: our own lines (one per trial state change, the progress
     line, the report) and Ray's warnings and errors, nothing else. Each setting is a default
     (``setdefault``: an explicit environment wins); Ray workers inherit the environment.
@@ -474,6 +474,7 @@ def quiet_console(verbose: bool = False) -> None:
       results here" and the TensorBoard hint whatever the verbosity.
     - ``MLFLOW_LOGGING_LEVEL=WARNING`` (also set by the CLI before MLflow is imported): no INFO
       lines when the sqlite store creates or migrates its tables.
+    - ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` for a local Ray (no spot instances to watch).
     - ``ray.init(logging_level=WARNING)`` (in :func:`run_grid`): no "Started a local Ray
       instance" or "Wrote the latest version of all result files" INFO lines.
 
@@ -483,6 +484,11 @@ def quiet_console(verbose: bool = False) -> None:
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if local_ray:
+        # Ray Train's preemption watcher (an actor per split pair's Train run) watches for cloud
+        # spot-instance preemption, which a local Ray never sees; starting it logs a core-worker
+        # error line per run ("PreemptionWatcher ... has constructor arguments in the object store")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: str | None = None,
@@ -518,7 +524,9 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
     tracking.log_params(c, parent, tracking.flatten(grid.model_dump(mode="json")))
     print(f"grid {grid.grid}: {grid.trial_count()} trials; MLflow {uri} experiment {experiment_id} "
           f"run {parent}; storage {exp_dir}", flush=True)
-    quiet_console(verbose=verbose)
+    local_ray = not (address or os.environ.get("RAY_ADDRESS"))
+    quiet_console(verbose=verbose, local_ray=local_ray)
+    # the driver's Ray loggers at WARNING: no "Started a local Ray instance" / Tune INFO lines
     ensure_ray(address, **({} if verbose else {"logging_level": logging.WARNING}))
     try:
         tuner = build_tuner(grid, storage, parent, experiment_id, uri, restore=bool(resume_dir), verbose=verbose)
