@@ -13,7 +13,7 @@ Two measurements with the single-process engine, sequentially:
    ``untrained_source`` control, one run per seed; target test accuracy at the final epoch and
    at the best-validation epoch (never selected on test), and per-seed differences.
 
-The layer pair is the quickstart's (``experiments/quickstart.yaml``, pair ``img-r18-mbv2``):
+The layer pair is the earlier quickstart's (pair ``img-r18-mbv2``, kept in ``benchmarks/transfer_check.yaml``):
 source ``fc.weight`` -> target ``features.16.project.conv.weight``, a 1x1 projection followed
 by BatchNorm. Data: Fashion-MNIST (32x32, grey repeated to 3 channels), not CIFAR.
 """
@@ -60,7 +60,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    grid = read_yaml(ROOT / "experiments" / "quickstart.yaml")
+    grid = read_yaml(Path(__file__).with_suffix(".yaml"))  # the earlier quickstart's image pair
     out: dict = {"load_avg_start": os.getloadavg()[0], "epochs": args.epochs, "steps": args.steps,
                  "seeds": args.seeds, "stability": {}, "arms": {}}
     work = Path(tempfile.mkdtemp(prefix="mergenet-check-"))

@@ -158,11 +158,23 @@ def cmd_run(args) -> int:
     summary = run_grid(grid, address=args.address, resume_dir=args.resume, verbose=args.verbose)
     print(json.dumps(summary, indent=2))
     if not args.no_report:
+        from orchestrator.grid import GridConfig
         from orchestrator.report import make_report
+        from orchestrator.storage import Location
+        from orchestrator.tune_grid import GRID_FILE
 
-        rep = make_report(summary["storage"])
+        # the grid's `report:` section (baseline, negative controls, verdicts); a resumed grid's from its folder
+        grid = grid or GridConfig.model_validate_json((Location.parse(summary["storage"]) / GRID_FILE).read_text())
+        spec = grid.report
+        rep = make_report(summary["storage"], baseline=spec.baseline, controls=spec.controls,
+                          verdict=spec.verdict_pairs())
         print(rep["text"])
         print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}")
+    from orchestrator import tracking
+
+    uri = tracking.tracking_uri()
+    ui = "" if uri.startswith(("http://", "https://")) else f"`mlflow ui --backend-store-uri {uri}`, then "
+    print(f"MLflow: {ui}{tracking.ui_url(uri, summary['experiment_id'])}")
     return 1 if summary["failed"] else 0
 
 
@@ -314,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported: no INFO lines
+    if args.cmd == "run" and not (args.address or os.environ.get("RAY_ADDRESS")):
+        # a local Ray started by this process: token authentication, the mode a new local Ray picks
+        # anyway, set explicitly (Ray then does not warn that it picked it). Ray reads it on import.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         return args.fn(args)
     except MergenetError as e:

@@ -84,6 +84,28 @@ class ResourcesSpec(_Strict):
     trial_driver_cpus: float = Field(0.01, gt=0, description="the Tune function that starts the pair's trainer")
 
 
+class ReportSpec(_Strict):
+    """The report ``mergenet run`` writes at the end (``mergenet report``'s options)."""
+
+    baseline: str = Field("alone", description="arm every other arm is paired with")
+    controls: list[str] = Field(default_factory=list, description="also pair every other arm with these arms "
+                                                                  "(negative controls, e.g. mergenet_untrained)")
+    verdicts: list[str] = Field(default_factory=list, description="ARM:CONTROL: a one-line transfer verdict per "
+                                                                  "pair for ARM against its negative-control arm")
+
+    @field_validator("verdicts")
+    @classmethod
+    def _arm_control(cls, v: list[str]) -> list[str]:
+        for x in v:
+            arm, sep, ctl = x.partition(":")
+            if not (sep and arm and ctl):
+                raise ValueError(f"'{x[:60]}' is not ARM:CONTROL")
+        return v
+
+    def verdict_pairs(self) -> list[tuple[str, str]]:
+        return [tuple(x.split(":", 1)) for x in self.verdicts]
+
+
 class GridConfig(_Strict):
     grid: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="grid name = MLflow experiment name")
     base: dict[str, Any] = Field(default_factory=dict, description="pair-config fields shared by every trial")
@@ -99,9 +121,11 @@ class GridConfig(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_concurrent_trials: PositiveInt = 2
     max_failures: int = Field(1, ge=0, description="Tune retries of a failed trial")
-    keep_bundles: Literal["last_and_best", "last", "all"] = Field(
+    keep_bundles: Literal["last_and_best", "last", "all", "none"] = Field(
         "last_and_best", description="pair bundles (checkpoints) each trial keeps: the last and the best-validation "
-                                     "one, only the last, or all written")
+                                     "one, only the last, all written, or none once the trial has finished (the "
+                                     "last is still written while it runs, so an interrupted trial resumes)")
+    report: ReportSpec = Field(default_factory=ReportSpec, description="what `mergenet run` reports at the end")
     storage_path: str | None = Field(None, description="Tune/Train storage (default ./runs/grids): a local path, or "
                                                        "a bucket URI (s3://bucket/prefix, gs://...) on clusters")
 
@@ -121,6 +145,13 @@ class GridConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"pairs: duplicate pair name(s) {sorted(dup)}")
+        arms = set(self.methods)
+        named = [self.report.baseline, *self.report.controls,
+                 *(a for v in self.report.verdict_pairs() for a in v)]
+        unknown = sorted({a for a in named if a not in arms} - ({"alone"} if self.report.baseline == "alone" and
+                                                                not self.report.verdicts else set()))
+        if unknown:
+            raise ValueError(f"report: no arm(s) {unknown} in methods ({', '.join(self.methods)})")
         if self.scheduler.name == "pbt" and (len(self.pairs) > 1 or len(self.methods) > 1):
             raise ValueError("scheduler: pbt copies a donor trial's whole config on exploit (pair and arm "
                              "included), which would mix arms; use one pair and one arm per PBT grid")

@@ -47,10 +47,13 @@ def placement_record(device: str = "cpu") -> list[dict]:
 
 def run_pair_inline(cfg: PairConfig, out: Path, *, on_epoch: Callable[[dict], None] | None = None,
                     remote: Location | None = None, keep_bundles: str = "last_and_best",
-                    start_from: Path | None = None, until_epoch: int | None = None) -> dict:
+                    start_from: Path | None = None, until_epoch: int | None = None,
+                    on_saved: Callable[[dict], None] | None = None) -> dict:
     """Train (or resume) the pair in this process; returns the engine's summary.
 
-    ``on_epoch(record)``: each epoch's record (Tune report, MLflow). ``remote``: a bucket
+    ``on_epoch(record)``: each epoch's record (Tune report, MLflow). ``on_saved(record)``: called
+    once that epoch's bundle is on disk (and mirrored): what is logged there is never logged twice
+    when an interrupted trial resumes from its last bundle. ``remote``: a bucket
     folder mirroring the bundles (``checkpoint.pt``, ``best.pt``). ``start_from``: a folder
     holding a ``checkpoint.pt`` to start from (a PBT donor). ``until_epoch``: stop there.
     """
@@ -71,6 +74,8 @@ def run_pair_inline(cfg: PairConfig, out: Path, *, on_epoch: Callable[[dict], No
             names.append(kept)
         if remote is not None:
             remote.upload(out, names)
+        if on_saved is not None:
+            on_saved(record)
 
     engine = Engine(cfg, out, progress=False, on_epoch=on_epoch, on_checkpoint=mirror,
                     keep_bundles=keep_bundles)

@@ -38,7 +38,7 @@ from pathlib import Path
 import ray
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import PairConfig, worker_layout
@@ -556,7 +556,9 @@ def run_pair_on_ray(cfg: PairConfig, out_dir: str | Path, address: str | None = 
                                      resources_per_worker=per_worker, placement_strategy=rs.placement),
         run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=rs.max_failures), callbacks=callbacks or None,
-                             checkpoint_config=_checkpoint_config(keep_bundles)),
+                             checkpoint_config=_checkpoint_config(keep_bundles),
+                             # no INFO line per report/checkpoint on the console (warnings and errors stay)
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     try:
         result = trainer.fit()

@@ -20,6 +20,7 @@ them when the pair ends.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -87,29 +88,44 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
         params.update(short)
         tracking.log_params(c, run_id, params)
         out = work / "pair"
+        # `none`: the last bundle is written while the trial runs (resume), and dropped when it ends
+        keep = "last" if grid.keep_bundles == "none" else grid.keep_bundles
         topology = choose_topology(cfg)
         c.set_tag(run_id, "mergenet.topology", topology)
         if topology == "inline" and grid.scheduler.name == "pbt":
             final = _pbt_inline(grid, cfg, trial_dir, work, out, uri, run_id)
         elif topology == "inline":
+            pending: list[dict] = []
+
             def on_epoch(record: dict) -> None:  # this process is the whole pair: report directly
                 numbers = numeric(record)
-                tracking.log_metrics(c, run_id, numbers, step=int(record["epoch"]))
+                pending.append(numbers)
                 tune.report(numbers)
 
-            final = run_pair_inline(cfg, out, on_epoch=on_epoch, keep_bundles=grid.keep_bundles,
+            def on_saved(record: dict) -> None:
+                # to MLflow once the epoch's bundle is saved: a trial killed between an epoch's end
+                # and its bundle resumes from the bundle before and runs that epoch again, which would
+                # otherwise log its metrics twice
+                for numbers in pending:
+                    tracking.log_metrics(c, run_id, numbers, step=int(numbers["epoch"]))
+                pending.clear()
+
+            final = run_pair_inline(cfg, out, on_epoch=on_epoch, on_saved=on_saved, keep_bundles=keep,
                                     remote=None if trial_dir.local is not None else trial_dir / "inline")
+            on_saved({})  # epochs after the last bundle (none: the last epoch always saves one)
         elif grid.scheduler.name == "pbt":
             final = _pbt_segments(grid, cfg, trial_dir, work, out, tracking.MlflowEpochLogger(uri, run_id))
         else:
             storage_path, storage_fs = trial_dir.ray_storage()
             final = run_pair_on_ray(cfg, out, resume=True, storage_path=storage_path, storage_filesystem=storage_fs,
-                                    name="train", keep_bundles=grid.keep_bundles,
+                                    name="train", keep_bundles=keep,
                                     callbacks=[TuneReportCallback(), tracking.MlflowEpochLogger(uri, run_id)])
         tracking.log_metrics(c, run_id, final, step=int(final.get("epochs", 0)))
         placement = json.loads((out / PLACEMENT).read_text()) if (out / PLACEMENT).exists() else []
         for w in placement:
             c.set_tag(run_id, f"mergenet.node.{w['role']}{w['role_rank']}", w["node_id"])
+        if grid.keep_bundles == "none":
+            drop_bundles(out, trial_dir, topology)
         history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
         tracking.learning_curve_png(history, out / "learning_curve.png", title=cfg.name)
         (trial_dir / "pair").upload(out, list(PAIR_OUTPUTS))  # nothing to do when the folder is local
@@ -122,6 +138,24 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
     finally:
         if trial_dir.local is None:
             shutil.rmtree(work, ignore_errors=True)  # the private scratch folder (tempfile.mkdtemp)
+
+
+def drop_bundles(out: Path, trial_dir: Location, topology: str) -> None:
+    """``keep_bundles: none``: delete a finished trial's pair bundles (inline: ``checkpoint.pt`` /
+    ``best.pt`` and their bucket mirror; split: the Ray Train run's checkpoints) and record that
+    none is kept in ``bundles.json``."""
+    from mergenet_core.engine import BEST, CHECKPOINT
+
+    for name in (CHECKPOINT, BEST):
+        (out / name).unlink(missing_ok=True)
+    if trial_dir.local is None:
+        (trial_dir / "inline").delete()
+    if topology != "inline":
+        train = trial_dir / "train"
+        for name in train.listdir():
+            if name.startswith("checkpoint_"):
+                (train / name).delete()
+    (out / BUNDLES).write_text(json.dumps({}, indent=2))
 
 
 def _pbt_start(trial_dir: Location, work: Path, bundle: str, in_place: bool):
@@ -169,7 +203,7 @@ def _pbt_segments(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: P
         until = min(cfg.target.recipe.epochs, epoch + grid.scheduler.perturbation_interval)
         final = run_pair_on_ray(cfg, out, storage_path=storage_path, storage_filesystem=storage_fs,
                                 name=f"seg-{until:04d}", callbacks=[logger], start_from=start, until_epoch=until,
-                                keep_bundles=grid.keep_bundles)
+                                keep_bundles="last" if grid.keep_bundles == "none" else grid.keep_bundles)
         local = work / f"bundle-{until:04d}"
         local.mkdir(exist_ok=True)
         shutil.move(str(out / BUNDLE), local / BUNDLE)
@@ -374,6 +408,14 @@ def _scheduler(grid: GridConfig, epochs: int):
     return None
 
 
+def _uniform_resources(grid: GridConfig) -> bool:
+    """Every trial asks for the same resources (Tune reuses a trial process only then)."""
+    need = trial_resources(grid)
+    seen = {repr(need({"pair": p.name, "method": arm, "seed": grid.seeds[0], "hp": {}}).bundles)
+            for p in grid.pairs for arm in grid.methods}
+    return len(seen) == 1
+
+
 def _trial_name(trial) -> str:
     c = trial.config
     return f"{c.get('pair')}-{c.get('method')}-s{c.get('seed')}-{trial.trial_id.split('_')[-1]}"[:80]
@@ -406,12 +448,42 @@ def build_tuner(grid: GridConfig, storage: Location, parent_run_id: str, experim
         param_space=space,
         tune_config=tune.TuneConfig(num_samples=grid.num_samples, scheduler=_scheduler(grid, epochs),
                                     max_concurrent_trials=grid.max_concurrent_trials,
+                                    # one trial process serves trial after trial (no Python + torch
+                                    # start per trial); every trial asks for the same resources
+                                    reuse_actors=grid.scheduler.name != "pbt" and _uniform_resources(grid),
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=grid.grid, storage_path=storage_path, storage_filesystem=storage_fs,
                                   failure_config=tune.FailureConfig(max_failures=grid.max_failures),
                                   callbacks=[GridProgress(uri, grid.trial_count(), str(grid_dir))],
                                   verbose=1 if verbose else 0),
     )
+
+
+def quiet_console(verbose: bool = False, local_ray: bool = True) -> None:
+    """The console of ``mergenet run``: our own lines (one per trial state change, the progress
+    line, the report) and Ray's warnings and errors, nothing else. Each setting is a default
+    (``setdefault``: an explicit environment wins); Ray workers inherit the environment.
+
+    - ``RAY_AIR_NEW_OUTPUT=0`` (unless ``--verbose``): Tune's legacy output engine, which at
+      ``verbose=0`` is silent; the new engine prints its experiment banner, "View detailed
+      results here" and the TensorBoard hint whatever the verbosity.
+    - ``MLFLOW_LOGGING_LEVEL=WARNING`` (also set by the CLI before MLflow is imported): no INFO
+      lines when the sqlite store creates or migrates its tables.
+    - ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` for a local Ray (no spot instances to watch).
+    - ``ray.init(logging_level=WARNING)`` (in :func:`run_grid`): no "Started a local Ray
+      instance" or "Wrote the latest version of all result files" INFO lines.
+
+    ``RAY_AUTH_MODE=token`` (the mode a new local Ray picks by default, chosen explicitly so Ray
+    does not warn that it picked it) must be set before Ray is imported: the CLI does that
+    (:func:`orchestrator.cli.main`)."""
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if local_ray:
+        # Ray Train's preemption watcher (an actor per split pair's Train run) watches for cloud
+        # spot-instance preemption, which a local Ray never sees; starting it logs a core-worker
+        # error line per run ("PreemptionWatcher ... has constructor arguments in the object store")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: str | None = None,
@@ -447,7 +519,10 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
     tracking.log_params(c, parent, tracking.flatten(grid.model_dump(mode="json")))
     print(f"grid {grid.grid}: {grid.trial_count()} trials; MLflow {uri} experiment {experiment_id} "
           f"run {parent}; storage {exp_dir}", flush=True)
-    ensure_ray(address)
+    local_ray = not (address or os.environ.get("RAY_ADDRESS"))
+    quiet_console(verbose=verbose, local_ray=local_ray)
+    # the driver's Ray loggers at WARNING: no "Started a local Ray instance" / Tune INFO lines
+    ensure_ray(address, **({} if verbose else {"logging_level": logging.WARNING}))
     try:
         tuner = build_tuner(grid, storage, parent, experiment_id, uri, restore=bool(resume_dir), verbose=verbose)
         results = tuner.fit()

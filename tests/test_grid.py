@@ -4,6 +4,7 @@ grids are rejected with exit 2 before Ray starts."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -241,3 +242,86 @@ def test_every_grid_in_experiments_validates():
              if "pairs" in read_yaml(p)]
     assert any(p.name == "quickstart.yaml" for p in grids)
     assert main(["validate", *map(str, grids)]) == 0
+
+
+def test_quickstart_design_validates_without_warnings(capsys):
+    """The README's main command: two pairs (Fashion-MNIST, a text pair), the arms alone /
+    mergenet / mergenet's untrained-source control, >= 3 seeds, every trial inline, no bundles
+    kept, the verdict report; `mergenet validate` prints no warning (every target layer written
+    is followed by a normalisation layer)."""
+    from orchestrator.cli import main
+    from orchestrator.grid import load_grid
+    from orchestrator.inline import choose_topology
+
+    path = Path(__file__).parents[1] / "experiments" / "quickstart.yaml"
+    warnings: list[str] = []
+    grid = load_grid(path, warnings=warnings)
+    assert warnings == []
+    assert len(grid.seeds) >= 3
+    arms = {a: (grid.method_of(a), grid.methods[a].get("control", "none")) for a in grid.methods}
+    assert arms["alone"] == ("alone", "none") and arms["mergenet"] == ("mergenet", "none")
+    controls = [a for a, v in arms.items() if v == ("mergenet", "untrained_source")]
+    assert controls and set(arms) == {"alone", "mergenet", *controls}
+    assert grid.report.controls == controls and grid.report.verdicts == [f"mergenet:{controls[0]}"]
+    assert grid.keep_bundles == "none" and grid.max_concurrent_trials == 2
+    tasks = set()
+    for p in grid.pairs:
+        for arm in grid.methods:
+            cfg = grid.trial_config(p.name, arm, grid.seeds[0])
+            assert choose_topology(cfg) == "inline"
+            tasks.add(cfg.target.task.name)
+    assert {"fashion_mnist", "rotten_tomatoes"} <= tasks
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err.lower(), err
+
+
+def test_grid_report_section_names_existing_arms(tmp_path):
+    grid = tiny_grid("g-rep", report={"controls": ["nosuch"]})
+    r = cli(["validate", str(write_yaml(tmp_path / "g.yaml", grid))], tmp_path, f"sqlite:///{tmp_path / 'm.db'}",
+            timeout=120)
+    assert r.returncode == 2 and "nosuch" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+#: a console line a healthy `mergenet run` never prints (error level, traceback, Ray/Python warnings, INFO logs)
+NOISE = re.compile(r"Traceback|\bERROR\b|\bWARNING\b|Warning:|\bINFO\b|\] [EW] |View detailed results|"
+                   r"Configuration for experiment|tensorboard", re.IGNORECASE)
+
+
+def test_run_console_is_quiet_and_keeps_no_bundles(tmp_path):
+    """A healthy run prints the header, one line per trial state change, progress lines, the
+    summary, the report and the MLflow link — no log noise; `keep_bundles: none` leaves no
+    checkpoint behind. Run with a user's environment (the test-only Tune/Ray settings of
+    conftest removed)."""
+    mn = {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}
+    grid = tiny_grid("g-quiet", seeds=(0,), keep_bundles="none",
+                     methods={"alone": {}, "mergenet": mn,
+                              "mergenet_untrained": {"method": "mergenet", **mn, "control": "untrained_source"}},
+                     report={"controls": ["mergenet_untrained"], "verdicts": ["mergenet:mergenet_untrained"]})
+    grid["pairs"][0]["layer_pairs"] = [{"source": "features.1.conv.weight", "target": "features.0.conv.weight",
+                                        "mode": "svd", "rank": 2}]
+    path = write_yaml(tmp_path / "grid.yaml", grid)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_DEDUP_LOGS", "MERGENET_RAY_DASHBOARD",
+                        "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert [l for l in out.splitlines() if NOISE.search(l)] == [], out[-4000:]
+    assert not r.stderr.strip(), r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    summary = lines.index("{")  # the run's JSON summary (indented: test_bucket_storage parses it)
+    assert lines[0].startswith("grid g-quiet: 3 trials")
+    state = re.compile(r"^\[\d\d:\d\d:\d\d\] (RUNNING|FINISHED|progress) ")
+    assert all(state.match(l) for l in lines[1:summary]), lines[:summary]
+    assert sum(" FINISHED " in l for l in lines) == 3
+    assert "## Verdict" in r.stdout and "Paired differences to `mergenet_untrained`" in r.stdout
+    assert lines[-1].startswith("MLflow: ") and "workflowType=machine_learning" in lines[-1]
+    assert len(lines) <= 100  # 3 trials: ~10 state and progress lines, the summary, ~70 lines of report
+    trials = tmp_path / "runs" / "grids" / "g-quiet" / "trials"
+    assert len(list(trials.iterdir())) == 3
+    assert not [p for p in trials.rglob("*.pt")], list(trials.rglob("*.pt"))
+    for b in trials.glob("*/pair/bundles.json"):
+        assert json.loads(b.read_text()) == {}
