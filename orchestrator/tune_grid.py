@@ -19,6 +19,7 @@ them when the pair ends.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -178,6 +179,26 @@ def _pbt_start(trial_dir: Location, work: Path, bundle: str, in_place: bool):
     return start, load_bundle(start / bundle)["epoch"]
 
 
+def _outputs_of_finished_start(cfg, start, bundle: str, out: Path) -> dict:
+    """A PBT exploit may hand a trial a donor bundle that is already at the last epoch: nothing
+    is left to train, and the trial's outputs are the donor's (its history and summary)."""
+    from mergenet_core.loop import FINAL, METRICS, summarise, write_metrics
+
+    with (start.as_directory() if hasattr(start, "as_directory") else _folder(start)) as d:
+        history = load_bundle(Path(d) / bundle)["history"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    write_metrics(out / METRICS, history)
+    final = summarise([r for r in history if "target/val_acc" in r])
+    (out / FINAL).write_text(json.dumps(final, indent=2))
+    return final
+
+
+@contextlib.contextmanager
+def _folder(path):
+    yield path
+
+
 def _report_segment(folder: Path, bundle: str) -> None:
     """Report a PBT segment's last record with its whole pair bundle (models, optimisers, method
     state, RNG, history) as the Tune checkpoint: an exploit copies the whole pair."""
@@ -215,6 +236,8 @@ def _pbt_segments(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: P
             start = Checkpoint(path=remote.path, filesystem=remote.fs)
         _report_segment(local, BUNDLE)
         epoch = until
+    if not final and start is not None:  # started from a donor already at the last epoch
+        final = _outputs_of_finished_start(cfg, start, BUNDLE, out)
     return final
 
 
@@ -261,6 +284,8 @@ def _pbt_inline(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: Pat
         shutil.copy2(out / CHECKPOINT, seg / CHECKPOINT)
         _report_segment(seg, CHECKPOINT)
         start, epoch = None, until
+    if not final and start is not None:  # started from a donor already at the last epoch
+        final = _outputs_of_finished_start(cfg, start, CHECKPOINT, out)
     return final
 
 
