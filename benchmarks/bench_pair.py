@@ -26,7 +26,7 @@ section between ``<!-- bench_pair:start -->`` and ``<!-- bench_pair:end -->`` of
    the transfer's share of the pair step (engine, the topology a quickstart trial runs:
    transfer and plain steps of both widths interleaved in one process, medians), the
    adapter's parameter count against the target model's, and the target's test accuracy
-   after the quickstart budget over ``--seeds`` seeds (with ``alone`` for reference; paired
+   after a short training budget (default: the earlier quickstart's) over ``--seeds`` seeds (with ``alone`` for reference; paired
    by seed). ``--widths-only`` runs just this part (no Ray).
 
     python benchmarks/bench_pair.py --widths-only [--quick]
@@ -331,7 +331,7 @@ def _tc(tc: int) -> str:
 
 # --------------------------------------------------------------------------- adapter width (issue #12 item 5)
 
-#: the quickstart grid's image pair (experiments/quickstart.yaml, pair img-r18-mbv2), copied here so
+#: the earlier quickstart grid's image pair (img-r18-mbv2, before the quickstart redesign), copied here so
 #: that edits of the quickstart file do not change this benchmark; t_cycle 1 instead of 2
 QUICKSTART_IMAGE_TASK = {"name": "fashion_mnist", "options": {"image_size": 32, "channels": 3, "train_subset": 2000,
                                                               "test_subset": 1000}}
@@ -455,7 +455,7 @@ def render_widths(rec: dict) -> str:
     L += bu.machine_lines(rec["machine"], rec["load"][0], rec["load"][1], rec["waited"], args.wait_load)[:-1]
     first = ov[str(widths[0])]
     L += [f"- whole run: {rec['wall_s'] / 60:.1f} min", "",
-          "Pair: the quickstart grid's image pair — ResNet-18 (width 8, one block per stage) → MobileNetV2 (×0.25) "
+          "Pair: the earlier quickstart grid's image pair (img-r18-mbv2, before the redesign) — ResNet-18 (width 8, one block per stage) → MobileNetV2 (×0.25) "
           "on Fashion-MNIST (the offline CIFAR stand-in: 32×32, grey repeated to 3 channels), "
           "2,000 training images (10 % of them validation), 1,000 test images, batch 32, SGD; MergeNet svd rank 4, "
           f"`fc.weight` → `features.16.project.conv.weight` (A_t {first['link'][0][0]}×{first['link'][0][1]} ← "
@@ -486,7 +486,7 @@ def render_widths(rec: dict) -> str:
           + "; ".join(f"{name[w]}: {100 * ov[str(w)]['overhead']:.1f} % — "
                       f"{'met' if ov[str(w)]['overhead'] <= 0.10 else 'NOT met'}" for w in widths)
           + " (this machine, this run)."]
-    L += ["", "### Target test accuracy after the quickstart budget", "",
+    L += ["", "### Target test accuracy after a short training budget", "",
           f"{rec['args']['acc_epochs']} epochs × {rec['args']['acc_steps']} steps of batch 32, evaluated at the "
           f"end (final-epoch test accuracy, not best-on-test), seeds {', '.join(map(str, rec['seeds']))}; the "
           "same seed gives every arm the same data order and target initialisation.", ""]

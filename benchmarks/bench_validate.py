@@ -8,7 +8,7 @@ each further file):
 
 1. the floor: ``python -c "import torch"``;
 2. one file, for each of a pair config (image), a pair config (text, MiniLM-L6) and the
-   quickstart grid (3 pairs × 2 methods: image, text and cross-modal trials);
+   quickstart grid (2 pairs × 3 arms × 3 seeds: image and text trials);
 3. all of them in one command (N files): the cost of each further file is
    ``(t_N - t_first) / (N - 1)`` with ``t_first`` the one-file time of the first file;
 4. ``--deep`` (the full pair build) for the same one-file cases, once each (``--skip-deep``
@@ -42,7 +42,7 @@ RESULTS = bu.ROOT / "benchmarks" / "results" / "bench_validate.json"
 ONE_FILE = [
     ("pair, image (ResNet-18 → MobileNetV2, Fashion-MNIST)", ["experiments/fmnist_pair.yaml"]),
     ("pair, text (MiniLM-L6, Rotten Tomatoes)", ["experiments/study/rt_source.yaml"]),
-    ("grid: quickstart (3 pairs × 2 methods)", ["experiments/quickstart.yaml"]),
+    ("grid: quickstart (2 pairs × 3 arms × 3 seeds)", ["experiments/quickstart.yaml"]),
 ]
 ALL_FILES = ["experiments/fmnist_pair.yaml", "experiments/study/rt_source.yaml", "experiments/quickstart.yaml",
              "experiments/results_fmnist.yaml", "experiments/study/fmnist_source.yaml"]
