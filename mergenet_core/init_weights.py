@@ -73,6 +73,16 @@ def load_init_state(spec: InitFrom, role: str, field: str) -> tuple[str, dict[st
                                  "that could run code when loaded)") from None
     except Exception as e:  # noqa: BLE001 - truncated / corrupt / not a torch file
         raise ConfigError(field, f"{where}: not a readable checkpoint ({type(e).__name__})") from None
+    obj = _model_state(obj, spec, role, field, where)
+    if obj is None:
+        raise ConfigError(field, f"{where}: neither a mergenet bundle nor a state_dict of tensors")
+    return where, obj
+
+
+def _model_state(obj, spec: InitFrom, role: str, field: str, where: str) -> dict | None:
+    """The model ``state_dict`` in a loaded file: a pair bundle's role (``spec.role``, else the
+    only one, else ``role``), a role state's ``model``, or a plain ``state_dict``; ``None`` when
+    the file holds none of these."""
     if isinstance(obj, dict) and isinstance(obj.get("roles"), dict):  # a pair bundle
         roles = obj["roles"]
         name = spec.role or (next(iter(roles)) if len(roles) == 1 else role)
@@ -82,8 +92,8 @@ def load_init_state(spec: InitFrom, role: str, field: str) -> tuple[str, dict[st
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # one role's state
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(field, f"{where}: neither a mergenet bundle nor a state_dict of tensors")
-    return where, obj
+        return None
+    return obj
 
 
 def apply_init(model: nn.Module, spec: InitFrom, role: str, field: str) -> None:
@@ -141,14 +151,4 @@ def _load_mapped(spec: InitFrom, role: str, field: str) -> tuple[str, dict | Non
             obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - the full loader names the problem
         return str(p), None
-    if isinstance(obj, dict) and isinstance(obj.get("roles"), dict):  # a pair bundle
-        roles = obj["roles"]
-        name = spec.role or (next(iter(roles)) if len(roles) == 1 else role)
-        if name not in roles:
-            raise ConfigError(field, f"{p}: the bundle has no role '{name}' (it has: {', '.join(roles)})")
-        obj = roles[name]
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # one role's state
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return str(p), None
-    return str(p), obj
+    return str(p), _model_state(obj, spec, role, field, str(p))

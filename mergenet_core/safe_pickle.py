@@ -52,13 +52,8 @@ def load_data_pickle(path: str | Path, encoding: str = "bytes"):
     try:
         with open(path, "rb") as f:
             return DataUnpickler(f, encoding=encoding).load()
-    except RefusedGlobal as e:
-        raise DataMissingError(f"{path}: refused to load: the pickle references {e.module[:60]}.{e.name[:60]}, "
-                               "but a data file may hold only plain containers and numpy arrays") from None
-    except OSError as e:
-        raise DataMissingError(f"{path}: cannot read: {e.strerror or e}") from None
-    except Exception as e:  # noqa: BLE001 - any malformed pickle: one line, no traceback
-        raise DataMissingError(f"{path}: not a readable data pickle ({type(e).__name__}: {str(e)[:80]})") from None
+    except Exception as e:  # noqa: BLE001 - one line naming the file, no traceback
+        raise _data_error(path, e) from None
 
 
 _STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
@@ -99,10 +94,15 @@ def scan_data_pickle(path: str | Path) -> None:
                     memo[arg if name in _PUT_OPS else len(memo)] = recent[-1] if recent else None
                 elif name not in ("FRAME", "PROTO"):
                     recent = []
-    except RefusedGlobal as e:
-        raise DataMissingError(f"{path}: refused to load: the pickle references {e.module[:60]}.{e.name[:60]}, "
-                               "but a data file may hold only plain containers and numpy arrays") from None
-    except OSError as e:
-        raise DataMissingError(f"{path}: cannot read: {e.strerror or e}") from None
-    except Exception as e:  # noqa: BLE001 - any malformed pickle: one line, no traceback
-        raise DataMissingError(f"{path}: not a readable data pickle ({type(e).__name__}: {str(e)[:80]})") from None
+    except Exception as e:  # noqa: BLE001 - one line naming the file, no traceback
+        raise _data_error(path, e) from None
+
+
+def _data_error(path: Path, e: Exception) -> DataMissingError:
+    """The one-line error for a data pickle that was refused or could not be read."""
+    if isinstance(e, RefusedGlobal):
+        return DataMissingError(f"{path}: refused to load: the pickle references {e.module[:60]}.{e.name[:60]}, "
+                                "but a data file may hold only plain containers and numpy arrays")
+    if isinstance(e, OSError):
+        return DataMissingError(f"{path}: cannot read: {e.strerror or e}")
+    return DataMissingError(f"{path}: not a readable data pickle ({type(e).__name__}: {str(e)[:80]})")
