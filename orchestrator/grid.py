@@ -129,6 +129,12 @@ class GridConfig(_Strict):
     storage_path: str | None = Field(None, description="Tune/Train storage (default ./runs/grids): a local path, or "
                                                        "a bucket URI (s3://bucket/prefix, gs://...) on clusters")
 
+    @property
+    def bundles_while_running(self) -> str:
+        """The ``keep_bundles`` a trial's pair runs with: ``none`` writes the last bundle while the
+        trial runs (so it resumes) and the trial drops it when it ends."""
+        return "last" if self.keep_bundles == "none" else self.keep_bundles
+
     @field_validator("storage_path")
     @classmethod
     def _storage_uri(cls, v: str | None) -> str | None:

@@ -33,7 +33,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from mergenet_core.errors import MergenetError
-from mergenet_core.loop import CHECKPOINT, load_bundle, numeric
+from mergenet_core.loop import BEST, CHECKPOINT, load_bundle, numeric
 from mergenet_core.config import deep_merge
 from orchestrator import tracking
 from orchestrator.grid import GridConfig
@@ -89,8 +89,7 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
         params.update(short)
         tracking.log_params(c, run_id, params)
         out = work / "pair"
-        # `none`: the last bundle is written while the trial runs (resume), and dropped when it ends
-        keep = "last" if grid.keep_bundles == "none" else grid.keep_bundles
+        keep = grid.bundles_while_running
         topology = choose_topology(cfg)
         c.set_tag(run_id, "mergenet.topology", topology)
         if topology == "inline" and grid.scheduler.name == "pbt":
@@ -145,8 +144,6 @@ def drop_bundles(out: Path, trial_dir: Location, topology: str) -> None:
     """``keep_bundles: none``: delete a finished trial's pair bundles (inline: ``checkpoint.pt`` /
     ``best.pt`` and their bucket mirror; split: the Ray Train run's checkpoints) and record that
     none is kept in ``bundles.json``."""
-    from mergenet_core.engine import BEST, CHECKPOINT
-
     for name in (CHECKPOINT, BEST):
         (out / name).unlink(missing_ok=True)
     if trial_dir.local is None:
@@ -184,7 +181,7 @@ def _outputs_of_finished_start(cfg, start, bundle: str, out: Path) -> dict:
     is left to train, and the trial's outputs are the donor's (its history and summary)."""
     from mergenet_core.loop import FINAL, METRICS, summarise, write_metrics
 
-    with (start.as_directory() if hasattr(start, "as_directory") else _folder(start)) as d:
+    with (start.as_directory() if hasattr(start, "as_directory") else contextlib.nullcontext(start)) as d:
         history = load_bundle(Path(d) / bundle)["history"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
@@ -192,11 +189,6 @@ def _outputs_of_finished_start(cfg, start, bundle: str, out: Path) -> dict:
     final = summarise([r for r in history if "target/val_acc" in r])
     (out / FINAL).write_text(json.dumps(final, indent=2))
     return final
-
-
-@contextlib.contextmanager
-def _folder(path):
-    yield path
 
 
 def _report_segment(folder: Path, bundle: str) -> None:
@@ -224,7 +216,7 @@ def _pbt_segments(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: P
         until = min(cfg.target.recipe.epochs, epoch + grid.scheduler.perturbation_interval)
         final = run_pair_on_ray(cfg, out, storage_path=storage_path, storage_filesystem=storage_fs,
                                 name=f"seg-{until:04d}", callbacks=[logger], start_from=start, until_epoch=until,
-                                keep_bundles="last" if grid.keep_bundles == "none" else grid.keep_bundles)
+                                keep_bundles=grid.bundles_while_running)
         local = work / f"bundle-{until:04d}"
         local.mkdir(exist_ok=True)
         shutil.move(str(out / BUNDLE), local / BUNDLE)
