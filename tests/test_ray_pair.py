@@ -279,6 +279,9 @@ def test_ray_pair_with_trained_frozen_source_and_svd_alignment_equals_engine(ray
         torch.set_num_threads(threads)
     run_pair_on_ray(cfg, tmp_path / "ray")
     a, b = read_metrics(tmp_path / "engine"), read_metrics(tmp_path / "ray")
-    assert b[-1]["transfer/0/provider_factor_cos"] == 1.0 and "transfer/0/write_change" in b[-1]
+    # a frozen source's factors do not move: cosine 1 up to float32 rounding (another process and
+    # thread count may round the SVD differently; observed 0.99999976)
+    assert b[-1]["transfer/0/provider_factor_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert "transfer/0/write_change" in b[-1]
     assert "source/val_acc" not in b[-1]  # frozen: not trained, not evaluated
     assert_same_metrics(a, b, tol=1e-5)
