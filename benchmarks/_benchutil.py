@@ -191,7 +191,7 @@ def pair_config(*, t_cycle: int, epochs: int, steps_per_epoch: int, seed: int = 
         "recipe": {"optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
                    "schedule": {"name": "cosine"}, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
                    "batch_size": batch_size, "eval_batch_size": 500, "eval_every": eval_every},
-        "method": {"name": "mergenet", "options": {"t_cycle": t_cycle, "layer_pairs": [dict(PAIR_LAYER)]}},
+        "method": {"name": "mergenet", "options": {"t_cycle": t_cycle, "update_rule": "delta", "layer_pairs": [dict(PAIR_LAYER)]}},
         "ray": {"source_workers": 1, "target_workers": 1, "cpus_per_worker": 1.0, **(ray or {})},
     }
 

@@ -350,7 +350,7 @@ def width_config(width: int | None, *, seed: int, epochs: int, steps: int, metho
                    "schedule": {"name": "cosine"}, "epochs": epochs, "steps_per_epoch": steps, "batch_size": 32,
                    "eval_batch_size": 256, "eval_every": eval_every},
         "method": {"name": method, "options": {} if method == "alone" else {
-            "t_cycle": 1, "adapter": adapter,
+            "t_cycle": 1, "adapter": adapter, "update_rule": "delta",
             "layer_pairs": [{"source": "fc.weight", "target": "features.16.project.conv.weight", "mode": "svd",
                              "rank": 4}]}},
     }

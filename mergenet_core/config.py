@@ -224,7 +224,8 @@ def _resolve_init_paths(data: Any, base: Path) -> None:
 
 
 def _resolve_path(p: str, base: Path) -> str:
-    if "://" in p or Path(p).is_absolute() or not p:
+    # URIs, absolute paths, and a grid's `sources:NAME` (resolved by the grid to its folder)
+    if "://" in p or Path(p).is_absolute() or not p or p.startswith("sources:"):
         return p
     return str((base / p).resolve())
 

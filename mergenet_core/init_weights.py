@@ -22,6 +22,12 @@ from .errors import ConfigError
 
 BUNDLE_NAMES = ("checkpoint.pt", "pair.pt")
 
+#: ``init_from`` folders that will hold trained weights before any training starts but do not
+#: yet (a grid's ``sources:``, trained by ``mergenet run`` after validation): folder ->
+#: ``(name, build)``, ``build()`` returning the weightless model the weights will be saved from.
+#: Fast validation checks such an ``init_from`` against that model's names and shapes.
+PLANNED: dict[str, tuple[str, object]] = {}
+
 
 def _read_bytes(path: str, field: str) -> tuple[str, bytes]:
     """``(file actually read, its bytes)``; a folder means its bundle file."""
@@ -97,7 +103,15 @@ def _model_state(obj, spec: InitFrom, role: str, field: str, where: str) -> dict
 
 
 def apply_init(model: nn.Module, spec: InitFrom, role: str, field: str) -> None:
-    """Load the weights named by ``spec`` into ``model`` (strict: same names and shapes)."""
+    """Load the weights named by ``spec`` into ``model`` (strict: same names and shapes).
+
+    A :data:`PLANNED` folder that holds no weights yet (validation of a grid before its
+    ``sources:`` are trained) is checked against the planned model's shapes and loads nothing."""
+    planned = PLANNED.get(spec.path)
+    if planned is not None and not Path(spec.path).exists():
+        name, build = planned
+        check_init_state(model, build().state_dict(), f"source '{name}' (trained before the grid)", field)
+        return
     where, state = load_init_state(spec, role, field)
     check_init_state(model, state, where, field)
     model.load_state_dict(state)
@@ -131,6 +145,11 @@ def check_init(model: nn.Module, spec: InitFrom, role: str, field: str) -> None:
     tensors are not read, only the weights-only unpickler's record of them); anything else
     (a bucket URI, an old-format or unreadable file) goes through :func:`load_init_state`,
     so its error lines are the full build's."""
+    planned = PLANNED.get(spec.path)
+    if planned is not None and not Path(spec.path).exists():
+        name, build = planned
+        check_init_state(model, build().state_dict(), f"source '{name}' (trained before the grid)", field)
+        return
     where, state = _load_mapped(spec, role, field)
     if state is None:
         where, state = load_init_state(spec, role, field)

@@ -300,6 +300,12 @@ class Encoding:
         """``Delta`` for the ``delta`` rule, shaped like ``new``; call after the target step."""
         raise NotImplementedError
 
+    def scale_metric(self) -> Tensor | None:
+        """``G = B^T B`` (r x r) of the factor that multiplies the travelling matrix in the layer,
+        so that ``||B X||_F^2 = sum((G X) * X)``: what the adapter's ``output_scale: rms`` needs to
+        give a write the norm of the part it replaces. ``None``: the matrix is the layer (full)."""
+        return None
+
     def parameters_touched(self) -> list[nn.Parameter]:
         """Parameter objects that :meth:`write` modifies."""
         raise NotImplementedError
@@ -343,6 +349,10 @@ class LearnedEncoding(Encoding):
     def delta(self, new: Tensor) -> Tensor:
         # A was set to new, then A_now = new - lr * dL/dA  =>  new - A_now = lr * dL/dnew
         return new.detach() - self.layer.A.detach()
+
+    def scale_metric(self) -> Tensor:
+        b = conv_to_matrix(self.layer.B.detach())  # the layer's weight is (B A) alpha / r
+        return b.t() @ b
 
     def parameters_touched(self) -> list[nn.Parameter]:
         return [self.layer.A]
@@ -456,6 +466,10 @@ class SVDEncoding(Encoding):
         b, _ = self.factors
         written = self._generated(new.detach())
         return b.t() @ (written - conv_to_matrix(self.param.detach()))
+
+    def scale_metric(self) -> Tensor:
+        b, _ = self.factors
+        return b.t() @ b
 
     def parameters_touched(self) -> list[nn.Parameter]:
         return [self.param]

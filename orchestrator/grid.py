@@ -10,6 +10,7 @@ grid exits with code 2 before any cluster work.
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,10 @@ class PairEntry(_Strict):
     layer_pairs: list[dict[str, Any]] = Field(default_factory=list,
                                               description="injected into mergenet / param_share options")
     overrides: dict[str, Any] = Field(default_factory=dict, description="any pair-config fields for this pair")
+    arms: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="ARM -> {dotted pair-config field: value}: fields that this pair's "
+                                          "trials of that arm replace (e.g. a transplant arm's donor: "
+                                          "`source: {model: ..., init_from: sources:NAME}`)")
 
 
 class Axis(_Strict):
@@ -126,6 +131,10 @@ class GridConfig(_Strict):
                                      "one, only the last, all written, or none once the trial has finished (the "
                                      "last is still written while it runs, so an interrupted trial resumes)")
     report: ReportSpec = Field(default_factory=ReportSpec, description="what `mergenet run` reports at the end")
+    sources: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="NAME -> a train config (as `mergenet train` takes; method alone by "
+                                          "default): models trained (or reused from cache) before the trials; "
+                                          "any init_from may name one as `sources:NAME` (orchestrator/sources.py)")
     storage_path: str | None = Field(None, description="Tune/Train storage (default ./runs/grids): a local path, or "
                                                        "a bucket URI (s3://bucket/prefix, gs://...) on clusters")
 
@@ -158,6 +167,13 @@ class GridConfig(_Strict):
                                                                 not self.report.verdicts else set()))
         if unknown:
             raise ValueError(f"report: no arm(s) {unknown} in methods ({', '.join(self.methods)})")
+        for p in self.pairs:
+            extra = sorted(set(p.arms) - arms)
+            if extra:
+                raise ValueError(f"pairs[{p.name}].arms: no arm(s) {extra} in methods ({', '.join(self.methods)})")
+        bad = [n for n in self.sources if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,59}", n)]
+        if bad:
+            raise ValueError(f"sources: name '{short(bad[0], 40)}' must be letters, digits, _ . - (at most 60)")
         if self.scheduler.name == "pbt" and (len(self.pairs) > 1 or len(self.methods) > 1):
             raise ValueError("scheduler: pbt copies a donor trial's whole config on exploit (pair and arm "
                              "included), which would mix arms; use one pair and one arm per PBT grid")
@@ -191,7 +207,15 @@ class GridConfig(_Strict):
         elif p.source is not None:
             d["source"] = deep_merge(self.base.get("source", {}), p.source)
         d = deep_merge(d, p.overrides)
+        d = apply_overrides(d, [f"{k}={_yaml(v)}" for k, v in p.arms.get(arm, {}).items()])
         return apply_overrides(d, [f"{k}={_yaml(v)}" for k, v in (hp or {}).items()])
+
+    def source_plan(self) -> tuple[dict[str, PairConfig], dict[str, Path]]:
+        """The declared sources' validated configs and their cache folders."""
+        from orchestrator import sources
+
+        configs = sources.source_configs(self.sources)
+        return configs, sources.source_dirs(configs, self.storage_path)
 
     def trial_config(self, pair: str, arm: str, seed: int, hp: dict[str, Any] | None = None) -> PairConfig:
         return parse_config(self.trial_dict(pair, arm, seed, hp))
@@ -257,6 +281,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
         grid = GridConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigErrors(format_validation_error(e)) from None
+    grid = _resolve_sources(grid, data)
     if deep:
         lines: list[str] = []
         checked_layers: set[tuple[str, str]] = set()
@@ -283,6 +308,22 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
         if lines:
             raise ConfigErrors(sorted(set(lines), key=lines.index))
     return grid
+
+
+def _resolve_sources(grid: GridConfig, data: dict) -> GridConfig:
+    """``init_from: sources:NAME`` everywhere in the grid -> the source's cache folder; the
+    untrained ones are registered for fast validation (``orchestrator/sources.py``)."""
+    from orchestrator import sources
+
+    configs, dirs = grid.source_plan() if grid.sources else ({}, {})
+    rest = {k: v for k, v in data.items() if k != "sources"}
+    lines = sources.resolve_refs(rest, dirs)
+    lines += [f"sources.{name}.{line}" for name, src in grid.sources.items()
+              for line in sources.resolve_refs(src, {})]  # a source may not start from another
+    if lines:
+        raise ConfigErrors(lines)
+    sources.plan(configs, dirs)
+    return GridConfig.model_validate({**rest, "sources": grid.sources}) if dirs else grid
 
 
 EPOCH_METRICS = ("epoch", "step", "time/train_s", "time/epoch_s")

@@ -144,18 +144,23 @@ def trials_frame(c, experiment_id: str, parent: str | None) -> pd.DataFrame:
 
 
 DIAGNOSTICS = (("write_change", "write change"), ("receiver_factor_cos", "receiver factor cos"),
-               ("provider_factor_cos", "provider factor cos"))
+               ("provider_factor_cos", "provider factor cos"),
+               ("feedback_cos", "feedback cos (vs task gradient)"))
+#: per-epoch numbers of the method as a whole (columns after the per-link ones)
+METHOD_DIAGNOSTICS = (("adapter/grad_norm", "adapter grad norm", ".3g"),
+                      ("adapter/update_ratio", "adapter update / weight", ".2e"))
 
 
 def diagnostics_markdown(df: pd.DataFrame) -> str | None:
     """Per pair × arm with transfer diagnostics: the last epoch's per-link means (``transfer/L/*``:
-    relative size of each write, row cosine of consecutive factors) and the adapter's gradient
-    norm, averaged over seeds; ``None`` when no arm has them."""
+    relative size of each write, row cosine of consecutive factors, cosine of the adapter's
+    feedback with the task gradient dL/dA') and the adapter's gradient norm and update-to-weight
+    ratio, averaged over seeds; ``None`` when no arm has them."""
     done = df[df["status"] == "FINISHED"]
     links = sorted({c.split("/")[1] for c in df.columns if c.startswith("transfer/") and c.count("/") == 2})
     if not links:
         return None
-    head = ["pair", "arm", "link"] + [t for _, t in DIAGNOSTICS] + ["adapter grad norm"]
+    head = ["pair", "arm", "link"] + [t for _, t in DIAGNOSTICS] + [t for _, t, _ in METHOD_DIAGNOSTICS]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for (pair, arm), g in done.groupby(["pair", "arm"], sort=True):
         for link in links:
@@ -163,8 +168,9 @@ def diagnostics_markdown(df: pd.DataFrame) -> str | None:
             if not any(c in g and g[c].notna().any() for c in cols):
                 continue
             cells = [f"{g[c].mean():.3f}" if c in g and g[c].notna().any() else "–" for c in cols]
-            gn = f"{g['adapter/grad_norm'].mean():.3g}" if "adapter/grad_norm" in g else "–"
-            lines.append(f"| {pair} | {arm} | {link} | " + " | ".join(cells) + f" | {gn} |")
+            cells += [format(g[c].mean(), f) if c in g and g[c].notna().any() else "–"
+                      for c, _, f in METHOD_DIAGNOSTICS]
+            lines.append(f"| {pair} | {arm} | {link} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else None
 
 

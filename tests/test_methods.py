@@ -104,7 +104,7 @@ def test_method_defaults():
     ps = METHODS.options("param_share", {"layer_pairs": [{"source": "a", "target": "b"}]})
     assert (ps.mix, ps.rescale, ps.t_cycle) == (1.0, True, 1)
     mn = METHODS.options("mergenet", {"layer_pairs": [{"source": "a", "target": "b"}]})
-    assert (mn.update_rule, mn.t_cycle, mn.direction, mn.adapter.layers, mn.adapter.heads) == ("delta", 1, "forward", 2, 8)
+    assert (mn.update_rule, mn.t_cycle, mn.direction, mn.adapter.layers, mn.adapter.heads) == ("exact", 1, "forward", 2, 8)
     lp = mn.layer_pairs[0]
     assert (lp.mode, lp.rank, lp.output_scale) == ("learned", 4, "rms")
     a = mn.adapter

@@ -194,6 +194,138 @@ def test_delta_equals_lr_times_exact_and_exact_is_the_functional_call_gradient(m
     torch.testing.assert_close(delta, LR * exact, rtol=1e-3, atol=1e-6 * float(exact.abs().max()))
 
 
+#: the two optimisers whose state drowned the ``delta`` feedback (issue 19): SGD with momentum and
+#: weight decay (the image study's recipe) and AdamW (the text study's)
+CONTAMINATING = {
+    "sgd-momentum-wd": {"optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}},
+    "adamw": {"optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01}},
+}
+
+
+def _task_gradient(pair: PairState, step_outputs: dict, target: str = CONV) -> torch.Tensor:
+    """dL/dA' of the target's loss on the batch it draws next, through the generated weight
+    (``functional_call``), computed independently of the method's own bookkeeping: BatchNorm
+    buffers are passed as copies and the stream is rewound, so the run itself is unchanged."""
+    tgt = pair.roles["target"]
+    enc = pair.method.enc[("target", target)]
+    leaf = step_outputs["0"].clone().requires_grad_(True)
+    x, y = peek_batch(tgt)
+    buffers = {n: b.clone() for n, b in tgt.model.named_buffers()}
+    tgt.model.train()
+    with tgt.rng_scope():
+        loss, _ = tgt.loss(x, y, params={**buffers, **enc.override(leaf)})
+    (g,) = torch.autograd.grad(loss, leaf)
+    return g
+
+
+def _feedback_vs_task_gradient(rule: str, recipe: dict, steps: int = 20, mode: str = "svd") -> list[float]:
+    """Cosine of the feedback with dL/dA' at every transfer of a ``steps``-step run."""
+    pair = build(pair_opts(mode=mode, update_rule=rule), recipe={**recipe, "epochs": 4})
+    ex = recording(pair)
+    cosines = []
+    for step in range(steps):
+        transfer(pair, step)
+        g = _task_gradient(pair, ex.outputs[step])
+        train(pair, step)
+        fb = ex.feedbacks[step]["0"]
+        cosines.append(float(torch.nn.functional.cosine_similarity(fb.flatten(), g.flatten(), dim=0)))
+    return cosines
+
+
+@pytest.mark.parametrize("optimiser", sorted(CONTAMINATING))
+def test_default_feedback_is_the_task_gradient_at_every_transfer(optimiser):
+    """The default rule (exact) feeds the adapter dL/dA' itself, whatever the target's optimiser
+    does with its gradient; the authors' delta is that optimiser's step, and drifts away from it."""
+    assert MergeNetOptions(**pair_opts()).update_rule == "exact"
+    exact = _feedback_vs_task_gradient("exact", CONTAMINATING[optimiser])
+    assert len(exact) == 20 and min(exact) >= 0.999, exact
+    delta = _feedback_vs_task_gradient("delta", CONTAMINATING[optimiser])
+    assert min(delta[5:]) < 0.9, delta  # momentum / weight decay / Adam's normalisation
+
+
+def test_first_feedback_does_not_depend_on_the_target_learning_rate():
+    """Same weights, batch and RNG at the first transfer: the exact feedback is identical for two
+    target learning rates (delta scales with it: Delta ~ lr * g)."""
+    fb = {}
+    for rule in ("exact", "delta"):
+        for lr in (0.05, 0.0005):
+            pair = build(pair_opts(mode="svd", update_rule=rule),
+                         recipe={"optimizer": {"lr": lr, "momentum": 0.9, "weight_decay": 5e-4}})
+            ex = recording(pair)
+            pair.method.pair_step(0, pair.roles)
+            fb[(rule, lr)] = ex.feedbacks[0]["0"]
+    assert torch.equal(fb[("exact", 0.05)], fb[("exact", 0.0005)])
+    ratio = float(fb[("delta", 0.05)].norm() / fb[("delta", 0.0005)].norm())
+    assert 50 < ratio < 200, ratio
+
+
+def test_authors_preset_selects_delta_and_an_explicit_rule_wins():
+    assert MergeNetOptions(**pair_opts(adapter={"preset": "authors"})).update_rule == "delta"
+    assert MergeNetOptions(**pair_opts(adapter={"preset": "authors"}, update_rule="exact")).update_rule == "exact"
+    assert MergeNetOptions(**pair_opts(adapter={"layers": 1})).update_rule == "exact"
+
+
+@pytest.mark.parametrize("rule", ["exact", "delta"])
+def test_feedback_cosine_and_adapter_update_ratio_are_epoch_metrics(rule):
+    pair = build(pair_opts(mode="svd", update_rule=rule), recipe=CONTAMINATING["sgd-momentum-wd"])
+    for step in range(5):
+        pair.method.pair_step(step, pair.roles)
+    diag = pair.method.role_metrics()
+    adapter = pair.method.epoch_metrics()
+    assert "adapter/update_ratio" in pair.method.epoch_metric_names
+    assert 0 < adapter["adapter/update_ratio"] < 1
+    cos = diag["transfer/0/feedback_cos"]
+    assert cos == pytest.approx(1.0, abs=1e-6) if rule == "exact" else -1 <= cos < 0.999
+
+
+# ---------------------------------------------------------------------------- scale rule
+
+
+def _top_share(w: torch.Tensor, r: int) -> float:
+    s = torch.linalg.svdvals(w)
+    return float((s[:r] ** 2).sum() / (s ** 2).sum())
+
+
+def _untrained_writes(mode: str, output_scale: str, writes: int = 50, gate: bool = False):
+    """``writes`` transfers of an untrained adapter (no updates) into the target's conv layer:
+    (layer norm / initial, top-4 energy share / initial) after each write."""
+    pair = build(pair_opts(mode=mode, layer_pairs=[{"source": CONV, "target": CONV, "mode": mode, "rank": 4,
+                                                   "output_scale": output_scale}], adapter={"gate": gate}))
+    enc = pair.method.enc[("target", CONV)]
+    w0 = enc.dense_matrix().clone()
+    out = []
+    for step in range(writes):
+        transfer(pair, step)
+        pair.method.written.clear()
+        pair.method.exchange.hub.pending.clear()
+        w = enc.dense_matrix()
+        out.append((float(w.norm() / w0.norm()), _top_share(w, 4) / _top_share(w0, 4)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["svd", "learned", "full"])
+def test_default_writes_keep_the_layers_norm_over_50_writes(mode):
+    """output_scale rms (the default): each write has the norm of the part it replaces, so 50
+    writes of an untrained adapter leave the layer's norm where it was (within 2x, in fact 1e-4)."""
+    assert MergeNetOptions(**pair_opts()).layer_pairs[0].output_scale == "rms"
+    trace = _untrained_writes(mode, "rms")
+    assert all(abs(n - 1) < 1e-4 for n, _ in trace), trace[-1]
+    if mode == "learned":  # the layer is B A itself: its rank-4 share stays 1
+        assert all(abs(s - 1) < 1e-4 for _, s in trace)
+
+
+def test_unscaled_svd_writes_inflate_the_layer():
+    """output_scale none: the LayerNorm output's row norm ~ sqrt(columns) lands in the layer."""
+    trace = _untrained_writes("svd", "none", writes=3)
+    assert trace[0][0] > 2 and trace[-1][1] > 2
+
+
+def test_gated_svd_writes_keep_the_spectrum():
+    """An untrained gated adapter writes back its input: norm and top-r share unchanged."""
+    trace = _untrained_writes("svd", "rms", gate=True)
+    assert all(abs(n - 1) < 1e-4 and abs(s - 1) < 1e-3 for n, s in trace), trace[-1]
+
+
 # ---------------------------------------------------------------------------- adapter learns
 
 

@@ -123,9 +123,13 @@ class ParameterAdapter(nn.Module):
     """``L`` stacked KTLs mapping a target matrix ``X [p, q]`` (and source ``Y [P, Q]``) to a
     new target matrix ``X' [p, q]``.
 
-    ``output_scale``: ``none`` returns the last LayerNorm's output (rows zero-mean, unit
-    variance; right when the target layer is followed by a normalisation layer); ``rms``
-    rescales the output to the RMS of ``reference`` (the matrix being replaced);
+    ``output_scale``: ``rms`` (the default, as for a layer pair) keeps the layer's scale: the
+    output gets the RMS of ``reference`` (the matrix being replaced; ``x`` when not given) --
+    measured through ``metric`` ``G = B^T B`` when given (svd and learned factors), so that the
+    written part ``B X'`` has exactly the Frobenius norm of the part ``B X`` it replaces
+    (``||B X||^2 = sum((G X) * X)``); without it, the RMS of the matrix itself (full mode); ``none`` returns the last LayerNorm's output (rows zero-mean, unit variance:
+    a row norm of about sqrt(q) whatever the layer's scale -- on svd factors this inflates the
+    layer's top-r part at every write, docs/METHOD.md "Scale rule");
     ``learned`` multiplies by a learnable scalar, initialised on the first call that has a
     ``reference`` so that the output RMS equals the reference RMS (1 until then).
 
@@ -136,7 +140,7 @@ class ParameterAdapter(nn.Module):
 
     def __init__(self, target_shape: tuple[int, int], source_shape: tuple[int, int],
                  layers: int = 2, heads: int = 8, attn_dropout: float = 0.1,
-                 ffn_dropout: float = 0.2, output_scale: OutputScale = "none",
+                 ffn_dropout: float = 0.2, output_scale: OutputScale = "rms",
                  combine: Combine = "learned", gelu: Gelu = "erf", ln_eps: float = 1e-5,
                  width: int | None = None, gate: bool = False):
         super().__init__()
@@ -158,7 +162,8 @@ class ParameterAdapter(nn.Module):
         if gate:  # zero-initialised residual gate: an untrained adapter writes back its input
             self.gate = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: Tensor, y: Tensor, reference: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, reference: Tensor | None = None,
+                metric: Tensor | None = None) -> Tensor:
         if tuple(x.shape) != self.target_shape or tuple(y.shape) != self.source_shape:
             raise ValueError(f"adapter expects target {self.target_shape} and source "
                              f"{self.source_shape}, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -166,9 +171,13 @@ class ParameterAdapter(nn.Module):
         for layer in self.layers:
             out = layer(out, y)
         if self.output_scale == "rms":
-            if reference is None:
-                raise ValueError("output_scale='rms' needs the reference matrix")
-            out = out * (rms(reference.detach()) / (rms(out) + 1e-12))
+            ref = (x if reference is None else reference).detach()
+            if metric is None:
+                out = out * (rms(ref) / (rms(out) + 1e-12))
+            else:  # ||B out|| = ||B ref||
+                g = metric.detach()
+                size = ((g @ ref) * ref).sum().clamp_min(0)
+                out = out * torch.sqrt(size / (((g @ out) * out).sum().clamp_min(0) + 1e-24))
         elif self.output_scale == "learned":
             if reference is not None and not bool(self.scale_initialised):
                 with torch.no_grad():

@@ -75,7 +75,8 @@ class Exchange:
             if not self._expected <= box.keys():
                 return
             del self._inbox[step]
-            inputs = {l.id: (box[(l.id, "x")], box[(l.id, "y")]) for l in self.links}
+            # (A_t, A_s, and the receiver's scale metric B^T B where its layer has a B factor)
+            inputs = {l.id: (box[(l.id, "x")], box[(l.id, "y")], box.get((l.id, "g"))) for l in self.links}
             if self.background:
                 self._jobs.append(("generate", step, inputs))
                 self._cv.notify_all()

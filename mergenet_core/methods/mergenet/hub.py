@@ -1,6 +1,7 @@
 """The adapter hub: every link's adapter with its own AdamW optimiser and schedule."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -48,12 +49,13 @@ class AdapterHub:
 
     @staticmethod
     def _fresh_epoch() -> dict:
-        return {"transfers": 0, "skipped": 0, "grad_norm": 0.0, "updates": 0, "generate_s": 0.0, "update_s": 0.0}
+        return {"transfers": 0, "skipped": 0, "grad_norm": 0.0, "update_ratio": 0.0, "updates": 0,
+                "generate_s": 0.0, "update_s": 0.0}
 
     def param_counts(self) -> dict[str, int]:
         return {lid: adapter_param_count(ad) for lid, ad in self.adapters.items()}
 
-    def generate(self, step: int, inputs: dict[str, tuple[Tensor, Tensor]],
+    def generate(self, step: int, inputs: dict[str, tuple[Tensor, ...]],
                  snapshot: bool = False) -> dict[str, Tensor | None]:
         """Adapter outputs for every link (``None`` where the output was not finite).
 
@@ -65,20 +67,22 @@ class AdapterHub:
         t0 = time.perf_counter()
         out: dict[str, Tensor | None] = {}
         with self.rng.scope():
-            for lid, (x, y) in inputs.items():
+            for lid, (x, y, *metric) in inputs.items():
                 ad = self.adapters[lid]
                 ad.train()
                 x, y = x.to(self.device, torch.float32), y.to(self.device, torch.float32)
+                g = metric[0] if metric and metric[0] is not None else None
+                kw = {"reference": x, "metric": None if g is None else g.to(self.device, torch.float32)}
                 if snapshot:
                     snap = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in ad.named_parameters()}
                     fresh_scale = hasattr(ad, "scale_initialised") and not bool(ad.scale_initialised)
-                    new = torch.func.functional_call(ad, snap, (x, y), {"reference": x})
+                    new = torch.func.functional_call(ad, snap, (x, y), kw)
                     if fresh_scale and bool(ad.scale_initialised):  # the first call set the learned scale
                         with torch.no_grad():
                             ad.scale.copy_(snap["scale"])
                 else:
                     snap = None
-                    new = ad(x, y, reference=x)
+                    new = ad(x, y, **kw)
                 if not torch.isfinite(new).all():
                     self.bad_streak[lid] += 1
                     self._epoch["skipped"] += 1
@@ -116,8 +120,14 @@ class AdapterHub:
             if snap is not None:  # gradient of the generating copy -> the live parameters
                 for n, p in self.adapters[lid].named_parameters():
                     p.grad = snap[n].grad
-            norm = nn.utils.clip_grad_norm_(self.adapters[lid].parameters(), self.opts.adapter.grad_clip)
+            params = [p for p in self.adapters[lid].parameters() if p.requires_grad]
+            norm = nn.utils.clip_grad_norm_(params, self.opts.adapter.grad_clip)
+            before = [p.detach().clone() for p in params]
             opt.step()
+            with torch.no_grad():  # ||theta_after - theta_before|| / ||theta_before||
+                moved = math.sqrt(sum(float((p - b).pow(2).sum()) for p, b in zip(params, before)))
+                size = math.sqrt(sum(float(b.pow(2).sum()) for b in before))
+            self._epoch["update_ratio"] += moved / max(size, 1e-12)
             if epoch >= self.opts.adapter.hold_epochs:
                 self.schedulers[lid].step()
             self._epoch["grad_norm"] += float(norm)
@@ -131,6 +141,8 @@ class AdapterHub:
             "adapter/transfers": e["transfers"],
             "adapter/skipped": e["skipped"],
             "adapter/grad_norm": e["grad_norm"] / max(1, e["updates"]),
+            # the adapter's parameter update per step relative to its parameters' norm
+            "adapter/update_ratio": e["update_ratio"] / max(1, e["updates"]),
             "adapter/lr": next(iter(self.optimizers.values())).param_groups[0]["lr"],
             "adapter/generate_ms": 1000 * e["generate_s"] / n,
             "adapter/update_ms": 1000 * e["update_s"] / n,

@@ -21,9 +21,17 @@ from .links import exact_grad, make_links
 from .options import MergeNetOptions
 
 #: adapter numbers every epoch (the hub's), and the receiving target's transfer numbers
-ADAPTER_METRICS = ("adapter/transfers", "adapter/skipped", "adapter/grad_norm", "adapter/lr",
-                   "adapter/generate_ms", "adapter/update_ms")
+ADAPTER_METRICS = ("adapter/transfers", "adapter/skipped", "adapter/grad_norm", "adapter/update_ratio",
+                   "adapter/lr", "adapter/generate_ms", "adapter/update_ms")
 TRANSFER_METRICS = tuple(f"target/transfer_{k}" for k in ("steps", "writes", "age_steps", "wait_ms"))
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Cosine of two feedback matrices; ``None`` when either is zero (nothing to compare)."""
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0.0 or nb == 0.0:
+        return None
+    return float((a.flatten().double() @ b.flatten().double()) / (na * nb))
 
 
 def _adapter_error(e: ValueError) -> ConfigError:
@@ -144,11 +152,17 @@ class MergeNet(Method):
         return []
 
     def config_warnings(self, roles: dict) -> list[str]:
-        """A layer pair whose receiving layer has no normalisation after it: every write changes
-        that layer's output scale directly (docs/METHOD.md, "Safe layer pairs")."""
+        """An unscaled write (``output_scale: none``) in svd or learned mode (docs/METHOD.md,
+        "Scale rule"); a layer pair whose receiving layer has no normalisation after it: every
+        write changes that layer's output scale directly (docs/METHOD.md, "Safe layer pairs")."""
         from ...models.inspect import normalised_layers
 
         out, normed = [], {}
+        for i, lp in enumerate(self.options.layer_pairs):
+            if lp.output_scale == "none" and lp.mode in ("svd", "learned"):
+                out.append(f"method.options.layer_pairs.{i}.output_scale: 'none' with mode {lp.mode} writes the "
+                           "adapter's LayerNorm output (row norm ~ sqrt(columns)) whatever the layer's scale, "
+                           "inflating its rank-r part at every write; use rms (the default)")
         for link in self.links:
             if link.receiver not in roles:
                 continue
@@ -215,6 +229,9 @@ class MergeNet(Method):
             if l.receiver == role.name:
                 enc = self.enc[(role.name, l.receiver_param)]
                 mats[(l.id, "x")] = enc.read()
+                g = enc.scale_metric()  # after read: svd factors are taken there
+                if g is not None:
+                    mats[(l.id, "g")] = g
                 self._note(f"transfer/{l.id}/receiver_factor_cos", enc.last_row_cos)
         if mats:
             self.exchange.put(step, mats)
@@ -273,11 +290,16 @@ class MergeNet(Method):
                 loss, logits = role.loss(x, y)
                 role.record(loss, logits, y)
                 role.backward(loss)
-                if self.options.update_rule == "exact":
-                    grads = {lid: exact_grad(enc) for lid, (enc, _, _) in mine.items()}
+                # dL/dA' of this step's task loss (the exact rule's feedback, and the yardstick the
+                # feedback is measured against whichever rule is used)
+                task = {lid: exact_grad(enc) for lid, (enc, _, _) in mine.items()}
                 role.apply_step()
-                if self.options.update_rule == "delta":
+                if self.options.update_rule == "exact":
+                    grads = task
+                else:
                     grads = {lid: enc.delta(new) for lid, (enc, new, _) in mine.items()}
+                for lid, g in grads.items():
+                    self._note(f"transfer/{lid}/feedback_cos", _cosine(g, task[lid]))
         for lid in mine:
             del self.written[lid]
         by_gen: dict[int, dict] = {}

@@ -88,7 +88,13 @@ class AdapterOptions(_Opts):
 class MergeNetOptions(_Opts):
     layer_pairs: list[LayerPair] = Field(min_length=1)
     t_cycle: PositiveInt = 1
-    update_rule: Literal["delta", "exact"] = "delta"
+    update_rule: Literal["exact", "delta"] = Field(
+        "exact", description="the adapter's learning signal. exact (default): the gradient of the target's task "
+                             "loss with respect to the adapter's output, on the transfer step's batch -- "
+                             "independent of the target's optimiser, momentum, weight decay and learning rate. "
+                             "delta: the authors' W' - W_after_step (the target optimiser's whole step: "
+                             "momentum, weight decay, Adam's normalisation, scaled by the target's LR); "
+                             "adapter.preset: authors selects it unless update_rule is set")
     adapter: AdapterOptions = Field(default_factory=AdapterOptions)
     direction: Literal["forward", "both"] = "forward"
     freeze_source: bool = False
@@ -98,6 +104,18 @@ class MergeNetOptions(_Opts):
                             "shuffled_source (source factor rows and columns permuted at every transfer), "
                             "noise_source (source factor replaced by Gaussian noise of the same RMS)")
     max_bad_transfers: PositiveInt = Field(3, description="consecutive non-finite outputs before the run fails")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _authors_rule(cls, data):
+        """``adapter.preset: authors`` also selects the authors' ``delta`` rule; an explicit
+        ``update_rule`` wins."""
+        if isinstance(data, dict) and "update_rule" not in data:
+            adapter = data.get("adapter")
+            preset = adapter.get("preset") if isinstance(adapter, dict) else getattr(adapter, "preset", None)
+            if preset == "authors":
+                return {**data, "update_rule": "delta"}
+        return data
 
     @model_validator(mode="after")
     def _combos(self) -> "MergeNetOptions":

@@ -1,0 +1,163 @@
+"""Models a grid trains before its trials (``sources:``), cached and referred to by name.
+
+A grid may declare ``sources: {NAME: <train config>}``: each value is a pair config as
+``mergenet train`` takes it (usually the ``alone`` method: one model on one task). Any
+``init_from`` in the grid (its ``base``, a pair, an arm, or a per-pair arm override) may name one
+as ``sources:NAME``. ``mergenet run`` then
+
+1. validates everything before any work (a reference to a source not trained yet is checked
+   against the shapes its model will have: :data:`mergenet_core.init_weights.PLANNED`);
+2. trains each missing source in this process (the single-process engine), or reuses it;
+3. runs the grid, whose trials start from ``<sources dir>/NAME-KEY``.
+
+``KEY`` is a hash of the source's resolved config (model, task and data options, recipe, seed)
+and of the training code (every ``mergenet_core`` source file), so a changed config, data
+option or code version trains a new source and an unchanged one is reused. The sources folder
+is ``sources/`` beside the grid's storage folder (``runs/sources`` by default; on a cluster the
+shared ``storage_path``'s parent, so every node reads the same files).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mergenet_core.errors import ConfigError
+
+PREFIX = "sources:"
+_CODE: str | None = None
+
+
+def code_version() -> str:
+    """Hash of every ``mergenet_core`` Python file (the code that trains a source)."""
+    global _CODE
+    if _CODE is None:
+        import mergenet_core
+
+        root = Path(mergenet_core.__file__).parent
+        h = hashlib.sha256()
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+        _CODE = h.hexdigest()
+    return _CODE
+
+
+def source_key(cfg) -> str:
+    """12 hex digits over the resolved config (its run name aside) and the code version."""
+    data = cfg.model_dump(mode="json")
+    data.pop("name", None)
+    blob = json.dumps({"config": data, "code": code_version()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def sources_root(storage_path: str | None) -> Path:
+    """``sources/`` beside the grids folder (local storage only; see :func:`check_storage`)."""
+    return Path(storage_path or "runs/grids").expanduser().resolve().parent / "sources"
+
+
+def source_configs(sources: dict[str, dict], base_dir: Path | None = None) -> dict[str, Any]:
+    """NAME -> validated pair config; ``ConfigErrors`` lines name ``sources.NAME.<field>``."""
+    from mergenet_core.config import ConfigErrors
+    from orchestrator.config import parse_config
+
+    out, lines = {}, []
+    for name, data in sources.items():
+        try:
+            out[name] = parse_config({"name": f"source-{name}", **data})
+        except ConfigErrors as e:
+            lines.extend(f"sources.{name}.{line}" for line in e.lines)
+        except ConfigError as e:
+            lines.append(f"sources.{name}.{e}")
+    if lines:
+        raise ConfigErrors(lines)
+    return out
+
+
+def source_dirs(configs: dict[str, Any], storage_path: str | None) -> dict[str, Path]:
+    root = sources_root(storage_path)
+    return {name: root / f"{name}-{source_key(cfg)}" for name, cfg in configs.items()}
+
+
+def is_trained(folder: Path) -> bool:
+    return (folder / "final.json").is_file() and (folder / "checkpoint.pt").is_file()
+
+
+def resolve_refs(data: Any, dirs: dict[str, Path], where: str = "") -> list[str]:
+    """Replace every ``init_from: sources:NAME`` (string or ``{path: ...}``) in ``data`` in place
+    by the source's folder; returns ``field: problem`` lines for unknown names."""
+    lines: list[str] = []
+
+    def fix(value: str, field: str) -> str:
+        name = value[len(PREFIX):]
+        if name not in dirs:
+            known = ", ".join(sorted(dirs)) or "none declared"
+            lines.append(f"{field}: unknown source '{name[:40]}' (grid sources: {known})")
+            return value
+        return str(dirs[name])
+
+    def walk(d: Any, path: str) -> None:
+        if isinstance(d, list):
+            for i, v in enumerate(d):
+                walk(v, f"{path}.{i}")
+        elif isinstance(d, dict):
+            for k, v in d.items():
+                field = f"{path}.{k}" if path else str(k)
+                if k == "init_from" and isinstance(v, str) and v.startswith(PREFIX):
+                    d[k] = fix(v, field)
+                elif k == "init_from" and isinstance(v, dict) and str(v.get("path", "")).startswith(PREFIX):
+                    v["path"] = fix(v["path"], f"{field}.path")
+                else:
+                    walk(v, field)
+
+    walk(data, where)
+    return lines
+
+
+def plan(configs: dict[str, Any], dirs: dict[str, Path]) -> None:
+    """Register each untrained source's future checkpoint shapes for fast validation."""
+    from mergenet_core.init_weights import PLANNED
+
+    for name, cfg in configs.items():
+        if not is_trained(dirs[name]):
+            PLANNED[str(dirs[name])] = (name, _shapes_builder(cfg))
+
+
+def _shapes_builder(cfg):
+    def build():
+        from mergenet_core.data import probe_task
+        from mergenet_core.models import build_model_shapes
+
+        t = cfg.target
+        return build_model_shapes(t.model.name, t.model.options, probe_task(t.task.name, t.task.options).info)
+    return build
+
+
+def train_missing(configs: dict[str, Any], dirs: dict[str, Path], log=print) -> dict[str, dict]:
+    """Train every source whose folder holds no finished run (resuming an interrupted one);
+    one console line per source. Returns NAME -> its ``final.json``."""
+    from mergenet_core.engine import Engine
+    from mergenet_core.init_weights import PLANNED
+
+    out = {}
+    for name, cfg in configs.items():
+        folder = dirs[name]
+        if is_trained(folder):
+            final = json.loads((folder / "final.json").read_text())
+            log(f"source {name}: reused {folder} (test acc {_acc(final)})")
+        else:
+            t0 = time.perf_counter()
+            resume = (folder / "checkpoint.pt").is_file()
+            folder.mkdir(parents=True, exist_ok=True)
+            final = Engine(cfg, folder, progress=False).run(resume=resume)
+            log(f"source {name}: trained in {time.perf_counter() - t0:.0f} s -> {folder} (test acc {_acc(final)})")
+        PLANNED.pop(str(folder), None)
+        out[name] = final
+    return out
+
+
+def _acc(final: dict) -> str:
+    v = final.get("target/final_test_acc")
+    return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else "?"
