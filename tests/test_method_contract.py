@@ -36,6 +36,7 @@ CASES: dict[str, dict] = {
     "param_share": tiny_pair("param_share", {"layer_pairs": [{"source": "classifier.weight",
                                                               "target": "classifier.weight"}], "t_cycle": 2},
                              recipe={"epochs": 2}),
+    "transplant": tiny_pair("transplant", {"layers": "all"}, source_model="cnn", recipe={"epochs": 2}),
 }
 
 METHOD_NAMES = METHODS.names()
