@@ -14,7 +14,8 @@ as ``sources:NAME``. ``mergenet run`` then
 and of the training code (every ``mergenet_core`` source file), so a changed config, data
 option or code version trains a new source and an unchanged one is reused. The sources folder
 is ``sources/`` beside the grid's storage folder (``runs/sources`` by default; on a cluster the
-shared ``storage_path``'s parent, so every node reads the same files).
+shared ``storage_path``'s parent -- a shared folder or a bucket, where a source is trained in a
+local scratch folder and uploaded -- so every node reads the same files).
 """
 from __future__ import annotations
 
@@ -53,9 +54,11 @@ def source_key(cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def sources_root(storage_path: str | None) -> Path:
-    """``sources/`` beside the grids folder (local storage only; see :func:`check_storage`)."""
-    return Path(storage_path or "runs/grids").expanduser().resolve().parent / "sources"
+def sources_root(storage_path: str | None):
+    """``sources/`` beside the grids folder: a local folder, or a bucket location."""
+    from orchestrator.storage import Location
+
+    return Location.parse(storage_path or "runs/grids").parent / "sources"
 
 
 def source_configs(sources: dict[str, dict], base_dir: Path | None = None) -> dict[str, Any]:
@@ -76,13 +79,21 @@ def source_configs(sources: dict[str, dict], base_dir: Path | None = None) -> di
     return out
 
 
-def source_dirs(configs: dict[str, Any], storage_path: str | None) -> dict[str, Path]:
+def source_dirs(configs: dict[str, Any], storage_path: str | None) -> dict[str, Path | str]:
+    """NAME -> the source's folder: a local path, or a bucket URI (``init_from`` reads both)."""
     root = sources_root(storage_path)
-    return {name: root / f"{name}-{source_key(cfg)}" for name, cfg in configs.items()}
+    out = {}
+    for name, cfg in configs.items():
+        loc = root / f"{name}-{source_key(cfg)}"
+        out[name] = loc.local if loc.local is not None else loc.uri
+    return out
 
 
-def is_trained(folder: Path) -> bool:
-    return (folder / "final.json").is_file() and (folder / "checkpoint.pt").is_file()
+def is_trained(folder: Path | str) -> bool:
+    from orchestrator.storage import Location
+
+    loc = Location.parse(folder)
+    return (loc / "final.json").exists() and (loc / "checkpoint.pt").exists()
 
 
 def resolve_refs(data: Any, dirs: dict[str, Path], where: str = "") -> list[str]:
@@ -141,19 +152,30 @@ def train_missing(configs: dict[str, Any], dirs: dict[str, Path], log=print) -> 
     from mergenet_core.engine import Engine
     from mergenet_core.init_weights import PLANNED
 
+    import shutil
+
+    from orchestrator.storage import Location, scratch_dir
+
     out = {}
     for name, cfg in configs.items():
-        folder = dirs[name]
-        if is_trained(folder):
-            final = json.loads((folder / "final.json").read_text())
-            log(f"source {name}: reused {folder} (test acc {_acc(final)})")
+        loc = Location.parse(dirs[name])
+        if is_trained(dirs[name]):
+            final = json.loads((loc / "final.json").read_text())
+            log(f"source {name}: reused {dirs[name]} (test acc {_acc(final)})")
         else:
             t0 = time.perf_counter()
-            resume = (folder / "checkpoint.pt").is_file()
-            folder.mkdir(parents=True, exist_ok=True)
-            final = Engine(cfg, folder, progress=False).run(resume=resume)
-            log(f"source {name}: trained in {time.perf_counter() - t0:.0f} s -> {folder} (test acc {_acc(final)})")
-        PLANNED.pop(str(folder), None)
+            work = loc.local or scratch_dir("source", name)  # a bucket: train locally, then upload
+            if loc.local is None and (loc / "checkpoint.pt").exists():
+                (work / "checkpoint.pt").write_bytes((loc / "checkpoint.pt").read_bytes())
+            resume = (work / "checkpoint.pt").is_file()
+            work.mkdir(parents=True, exist_ok=True)
+            final = Engine(cfg, work, progress=False).run(resume=resume)
+            if loc.local is None:
+                loc.upload(work, [p.name for p in work.iterdir() if p.is_file()])
+                shutil.rmtree(work, ignore_errors=True)
+            log(f"source {name}: trained in {time.perf_counter() - t0:.0f} s -> {dirs[name]} "
+                f"(test acc {_acc(final)})")
+        PLANNED.pop(str(dirs[name]), None)
         out[name] = final
     return out
 
