@@ -97,6 +97,8 @@ class ReportSpec(_Strict):
                                                                   "(negative controls, e.g. mergenet_untrained)")
     verdicts: list[str] = Field(default_factory=list, description="ARM:CONTROL: a one-line transfer verdict per "
                                                                   "pair for ARM against its negative-control arm")
+    effect_points: float = Field(1.0, gt=0, allow_inf_nan=False,
+                                 description="true gain (points) the paired tables' 'seeds needed' column is for")
 
     @field_validator("verdicts")
     @classmethod

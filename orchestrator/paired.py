@@ -6,6 +6,12 @@ order, so the comparison that removes seed-to-seed noise is the per-seed differe
 gets a two-sided 95 % confidence interval from Student's t with ``n − 1`` degrees of freedom;
 an interval that excludes 0 is the only "gain" (or "loss") the report calls shown.
 
+What such an interval can show at all is the power of the same test: from the observed paired sd
+and ``n``, the *minimum detectable effect* (:func:`mde_paired`: the smallest true mean difference
+the two-sided paired t-test at α = 1 − level finds with probability ``power``, 0.8 by default)
+and the *seeds needed* (:func:`n_needed`) to detect a given effect (1 point by default) at that
+sd. Both come from the noncentral t distribution, not from the normal approximation.
+
 Trials are rows of the report's trial table (``pair``, ``arm``, ``seed``, ``status``, the
 metric columns, and ``hp.*`` columns when a grid has search axes). A trial of a grid with search
 axes is paired with the baseline trial at the same seed *and* the same ``hp.*`` values; when the
@@ -21,7 +27,14 @@ import pandas as pd
 METRICS = {"final": "target/final_test_acc", "best_val": "target/test_acc_at_best_val"}
 
 COLUMNS = ["pair", "arm", "hp", "baseline", "epoch", "metric", "n", "seeds", "diffs", "arm_mean", "baseline_mean",
-           "mean_diff", "sd_diff", "ci_low", "ci_high", "excludes_zero"]
+           "mean_diff", "sd_diff", "ci_low", "ci_high", "excludes_zero", "level", "power", "mde", "effect",
+           "n_needed"]
+
+#: the power every report asks for, and the default effect (accuracy fraction: 1 point) for "seeds needed"
+POWER = 0.8
+EFFECT = 0.01
+#: n_needed gives up here and returns inf
+N_MAX = 1_000_000
 
 
 def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float, float]:
@@ -38,6 +51,92 @@ def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, f
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
     return mean, sd, mean - half, mean + half
+
+
+def _check_alpha_power(alpha: float, power: float | None = None) -> None:
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), not {alpha}")
+    if power is not None and not alpha < power < 1:
+        raise ValueError(f"power must lie in (alpha, 1) = ({alpha}, 1), not {power}")
+
+
+def power_paired(delta: float, sd: float, n: int, alpha: float = 0.05) -> float:
+    """Power of the two-sided one-sample (= paired) t-test at level ``alpha`` on ``n``
+    differences with true mean ``delta`` and true sd ``sd``: ``P(|T| > t_{1−α/2, n−1})`` where
+    ``T`` is noncentral t with ``n − 1`` degrees of freedom and noncentrality
+    ``delta·√n / sd`` (both tails, as R's ``pwr.t.test(type="one.sample")``).
+
+    NaN when ``n < 2`` or ``sd`` is NaN; with ``sd = 0`` the test always rejects (1.0) unless
+    ``delta = 0`` (then ``alpha``). ``n`` may be fractional (for solving in ``n``)."""
+    from scipy import stats
+
+    _check_alpha_power(alpha)
+    if n is None or math.isnan(n) or n < 2 or sd is None or math.isnan(sd) or math.isnan(delta):
+        return math.nan
+    if sd < 0:
+        raise ValueError(f"sd must be >= 0, not {sd}")
+    if sd == 0:
+        return alpha if delta == 0 else 1.0
+    df = n - 1
+    nc = abs(delta) * math.sqrt(n) / sd
+    crit = float(stats.t.ppf(1 - alpha / 2, df))
+    # lower tail P(T < −crit) as P(T' > crit) with T' of noncentrality −nc: scipy's nct.cdf gives
+    # NaN in the far lower tail (e.g. df = 1, nc > 7), its sf does not
+    return min(1.0, float(stats.nct.sf(crit, df, nc)) + float(stats.nct.sf(crit, df, -nc)))
+
+
+def mde_paired(sd: float, n: int, alpha: float = 0.05, power: float = POWER) -> float:
+    """Minimum detectable effect of the two-sided paired t-test: the smallest true mean
+    difference ``δ ≥ 0`` with ``power_paired(δ, sd, n, alpha) = power``, found with
+    :func:`scipy.optimize.brentq` on ``δ / sd`` (so in the units of ``sd``).
+
+    NaN when ``n < 2`` or ``sd`` is NaN (no sd, no power); 0 when ``sd = 0`` (every nonzero
+    difference is found)."""
+    from scipy.optimize import brentq
+
+    _check_alpha_power(alpha, power)
+    if n is None or math.isnan(n) or n < 2 or sd is None or math.isnan(sd):
+        return math.nan
+    if sd == 0:
+        return 0.0
+    f = lambda d: power_paired(d, 1.0, n, alpha) - power  # noqa: E731  (standardised: δ / sd)
+    hi = 1.0
+    while f(hi) < 0:  # power rises to 1 with d; at n = 2, power 0.8 needs d ≈ 16
+        hi *= 2
+        if hi > 1e6:
+            return math.inf
+    d = brentq(f, 0.0, hi, xtol=1e-12, rtol=1e-12)
+    return d * sd
+
+
+def n_needed(effect: float, sd: float, alpha: float = 0.05, power: float = POWER, n_max: int = N_MAX) -> float:
+    """Seeds needed: the smallest integer ``n ≥ 2`` with ``power_paired(effect, sd, n, alpha) ≥
+    power`` (within 1e-9, so that ``n_needed(mde_paired(sd, n), sd) == n`` despite the root
+    finder's rounding). Returned as a float: NaN when ``sd`` is NaN, 2 when ``sd = 0``,
+    ``inf`` beyond ``n_max``. ``effect`` is a true mean difference in the units of ``sd``
+    (its sign does not matter; 0 is refused)."""
+    _check_alpha_power(alpha, power)
+    if effect is None or math.isnan(effect) or effect == 0:
+        raise ValueError(f"effect must be a nonzero difference, not {effect}")
+    if sd is None or math.isnan(sd):
+        return math.nan
+    if sd == 0:
+        return 2.0
+    ok = lambda n: power_paired(effect, sd, n, alpha) >= power - 1e-9  # noqa: E731  (rises with n)
+    if ok(2):
+        return 2.0
+    lo, hi = 2, 4  # ok(lo) false
+    while not ok(hi):
+        lo, hi = hi, hi * 2
+        if hi > n_max:
+            if ok(n_max):
+                hi = n_max
+                break
+            return math.inf
+    while hi - lo > 1:  # bisection on integers: ok(hi), not ok(lo)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return float(hi)
 
 
 def excludes_zero(low: float, high: float) -> bool | None:
@@ -77,11 +176,17 @@ def _baseline_by_seed(base: pd.DataFrame, row_hp: dict, cols: list[str], metric:
     return dict(zip(base["seed"], base[metric]))
 
 
-def paired_table(df: pd.DataFrame, baseline: str = "alone", arms: list[str] | None = None) -> pd.DataFrame:
+def paired_table(df: pd.DataFrame, baseline: str = "alone", arms: list[str] | None = None,
+                 effect: float = EFFECT, level: float = 0.95, power: float = POWER) -> pd.DataFrame:
     """One row per pair × arm (× hyperparameter setting) × epoch kind (``final``, ``best_val``):
-    the per-seed differences to ``baseline`` at the same seed, their mean, sample sd, 95 %
-    t-interval, ``n`` and whether the interval excludes 0. Differences are in accuracy units
-    (fractions), like the metrics. Arms without a matched baseline seed get n = 0."""
+    the per-seed differences to ``baseline`` at the same seed, their mean, sample sd,
+    ``level`` t-interval, ``n`` and whether the interval excludes 0; and the power of that test
+    at α = 1 − ``level``: ``mde`` (:func:`mde_paired` at ``power`` from the observed sd and n)
+    and ``n_needed`` (:func:`n_needed`: seeds to detect ``effect`` at ``power``), with the
+    ``level``, ``power`` and ``effect`` used. Differences, ``mde`` and ``effect`` are in accuracy
+    units (fractions), like the metrics. ``mde`` and ``n_needed`` are NaN where there is no sd
+    (n < 2); with sd 0 they are 0 and 2. Arms without a matched baseline seed get n = 0."""
+    alpha = 1 - level
     cols = hp_columns(df)
     rows = []
     for kind, metric in METRICS.items():
@@ -104,14 +209,16 @@ def paired_table(df: pd.DataFrame, baseline: str = "alone", arms: list[str] | No
                     ga = ga[ga["seed"].isin(list(by_seed))].sort_values("seed")
                     seeds = [int(s) for s in ga["seed"]]
                     diffs = [float(v) - float(by_seed[s]) for s, v in zip(seeds, ga[metric])]
-                    mean, sd, low, high = t_interval(diffs)
+                    mean, sd, low, high = t_interval(diffs, level)
                     rows.append({
                         "pair": pair, "arm": arm, "hp": hp_label(hp, cols), "baseline": baseline, "epoch": kind,
                         "metric": metric, "n": len(diffs), "seeds": seeds, "diffs": diffs,
                         "arm_mean": float(ga[metric].mean()) if len(ga) else math.nan,
                         "baseline_mean": float(sum(by_seed[s] for s in seeds) / len(seeds)) if seeds else math.nan,
                         "mean_diff": mean, "sd_diff": sd, "ci_low": low, "ci_high": high,
-                        "excludes_zero": excludes_zero(low, high)})
+                        "excludes_zero": excludes_zero(low, high), "level": level, "power": power,
+                        "mde": mde_paired(sd, len(diffs), alpha, power), "effect": effect,
+                        "n_needed": n_needed(effect, sd, alpha, power)})
     # object: True / False, or None where there is no interval (n < 2)
     return pd.DataFrame(rows, columns=COLUMNS).astype({"excludes_zero": object})
 
@@ -155,16 +262,37 @@ def verdict(excl: bool | None, mean: float) -> str:
     return "yes, above 0" if mean > 0 else "yes, below 0"
 
 
-def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, str]]) -> list[dict]:
+def fmt_mde(x: float) -> str:
+    """A minimum detectable effect as unsigned points (``2.31``), ``–`` when missing."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def fmt_n(x: float) -> str:
+    """Seeds needed: ``12``, ``> 1000000`` beyond :data:`N_MAX`, ``–`` when missing."""
+    if x is None or math.isnan(x):
+        return "–"
+    return f"> {N_MAX}" if math.isinf(x) else str(int(x))
+
+
+def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, str]],
+                      effect: float = EFFECT) -> list[dict]:
     """For each ``(arm, control)`` and pair, on the test accuracy at the best-validation epoch (the
     primary number; never selected on test): ``transfer shown`` when the arm's 95 % interval
     against ``baseline`` and against ``control`` both lie above 0; ``harmful`` when its interval
-    against ``baseline`` lies below 0; ``not shown`` otherwise (or without intervals)."""
+    against ``baseline`` lies below 0; ``not shown`` otherwise (or without intervals:
+    ``not shown (too few paired seeds)``).
+
+    ``word`` is that word; ``verdict`` is the word followed by what the comparison against
+    ``baseline`` could detect: ``not shown (detectable: ≥ 2.31 points; rules out gains above
+    +1.20)`` — the minimum detectable effect (power 0.8, :func:`mde_paired`) and the upper end of
+    the 95 % interval against ``baseline`` — and ``transfer shown (detectable: ≥ 2.31 points)``,
+    ``harmful (detectable: ≥ …)``. ``mde`` and ``rules_out_above`` hold those two numbers
+    (fractions; NaN without an interval). ``effect`` (fraction) sets the rows' ``n_needed``."""
     out = []
     for arm, control in checks:
-        vs_base = paired_table(df, baseline, arms=[arm])
-        vs_ctl = paired_table(df, control, arms=[arm])
-        ctl_base = paired_table(df, baseline, arms=[control])
+        vs_base = paired_table(df, baseline, arms=[arm], effect=effect)
+        vs_ctl = paired_table(df, control, arms=[arm], effect=effect)
+        ctl_base = paired_table(df, baseline, arms=[control], effect=effect)
         keys = sorted({(p, h) for t in (vs_base, vs_ctl) for p, h in zip(t["pair"], t["hp"])})
         for pair, hp in keys:
             def row(t, hp=hp):  # the same pair and the same search-axis values
@@ -173,28 +301,36 @@ def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, s
                 r = same if len(same) else r[r["hp"] == ""] if (r["hp"] == "").any() else same
                 return r.iloc[0] if len(r) else None
             b, c, cb = row(vs_base), row(vs_ctl), row(ctl_base)
+            mde = upper = math.nan
             if b is None or c is None or b["excludes_zero"] is None or c["excludes_zero"] is None:
-                word = "not shown (too few paired seeds)"
-            elif b["ci_high"] < 0:
-                word = "harmful"
-            elif b["ci_low"] > 0 and c["ci_low"] > 0:
-                word = "transfer shown"
+                word = text = "not shown (too few paired seeds)"
             else:
-                word = "not shown"
+                mde, upper = float(b["mde"]), float(b["ci_high"])
+                if b["ci_high"] < 0:
+                    word = "harmful"
+                elif b["ci_low"] > 0 and c["ci_low"] > 0:
+                    word = "transfer shown"
+                else:
+                    word = "not shown"
+                text = f"{word} (detectable: ≥ {fmt_mde(mde)} points"
+                text += f"; rules out gains above {fmt_points(upper)})" if word == "not shown" else ")"
             out.append({"pair": pair if not hp else f"{pair} ({hp})", "arm": arm, "control": control,
-                        "baseline": baseline, "verdict": word,
+                        "baseline": baseline, "verdict": text, "word": word, "mde": mde, "rules_out_above": upper,
                         "vs_baseline": b, "vs_control": c, "control_vs_baseline": cb})
     return out
 
 
 def verdict_lines(verdicts: list[dict]) -> list[str]:
-    """One Markdown bullet per (pair, arm): the verdict and the intervals behind it."""
+    """One Markdown bullet per (pair, arm): the verdict (with what it could detect) and the
+    intervals behind it, each with its n and minimum detectable effect (points)."""
     lines = []
     for v in verdicts:
         def part(r, what):
             if r is None:
                 return f"{what}: –"
-            return f"{what} {fmt_points(r['mean_diff'])} {fmt_ci(r['ci_low'], r['ci_high'])} (n = {r['n']})"
+            mde = r.get("mde", math.nan)
+            det = "" if mde is None or math.isnan(mde) else f", detectable ≥ {fmt_mde(mde)}"
+            return f"{what} {fmt_points(r['mean_diff'])} {fmt_ci(r['ci_low'], r['ci_high'])} (n = {r['n']}{det})"
         lines.append(f"- **{v['pair']} · {v['arm']}: {v['verdict']}** — "
                      + "; ".join([part(v["vs_baseline"], f"vs `{v['baseline']}`"),
                                   part(v["vs_control"], f"vs `{v['control']}`"),

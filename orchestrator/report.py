@@ -7,8 +7,9 @@ Reads the trials (MLflow child runs) of a grid's latest submission and writes
   to the baseline arm (``diff_vs_<arm>/<metric>``);
 - ``paired.parquet``: the paired statistics (:mod:`orchestrator.paired`) — per pair × arm,
   the mean difference to the baseline arm at the same seed with a 95 % Student-t interval,
-  ``n`` and whether the interval excludes 0; final epoch and best-validation epoch; against
-  ``alone`` by default and against every ``--control`` arm;
+  ``n`` and whether the interval excludes 0, the minimum detectable effect (``mde``, power 0.8)
+  and the seeds needed to detect ``--effect`` points (``n_needed``); final epoch and
+  best-validation epoch; against ``alone`` by default and against every ``--control`` arm;
 - ``report.md``: the pair × arm table (mean ± std) and the paired tables;
 - ``gain_heatmap.png``: pairs (by name) × arms, the mean paired gain with its interval, grey
   where there is nothing to compare;
@@ -215,12 +216,19 @@ def markdown_table(df: pd.DataFrame, metric: str, baseline: str = "alone") -> st
 
 def paired_markdown(table: pd.DataFrame, labels: dict[str, str]) -> str:
     """One row per pair × arm: n, mean Δ with 95 % CI and whether it excludes 0, for the final
-    and the best-validation epoch, and the per-seed Δ at the final epoch (points)."""
+    and the best-validation epoch; the minimum detectable effect (power 0.8) and the seeds
+    needed for the table's ``effect``, final / best-val; and the per-seed Δ at the final epoch
+    (points)."""
     if table.empty:
         return "_no arm shares a seed with the baseline (nothing to pair)_"
+    effect = float(table["effect"].iloc[0]) if "effect" in table else paired.EFFECT
+    power = float(table["power"].iloc[0]) if "power" in table else paired.POWER
+    pts = f"{100 * effect:g} point" + ("" if round(100 * effect, 9) == 1 else "s")
     lines = ["| pair (source → target) | arm | n | Δ final [95 % CI] | CI excludes 0 (final) | "
-             "Δ best-val [95 % CI] | CI excludes 0 (best-val) | per-seed Δ final (seed: Δ) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Δ best-val [95 % CI] | CI excludes 0 (best-val) | "
+             f"MDE at power {power:g}, final / best-val | seeds for {pts}, final / best-val | "
+             "per-seed Δ final (seed: Δ) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     keys = ["pair", "arm", "hp"]
     for (pair, arm, hp), g in table.groupby(keys, sort=False):
         by = {r["epoch"]: r for _, r in g.iterrows()}
@@ -232,12 +240,19 @@ def paired_markdown(table: pd.DataFrame, labels: dict[str, str]) -> str:
             return (f"{paired.fmt_points(r['mean_diff'])} {paired.fmt_ci(r['ci_low'], r['ci_high'])}",
                     paired.verdict(r["excludes_zero"], r["mean_diff"]))
 
+        def power_cells(r):
+            if r is None:
+                return "–", "–"
+            return paired.fmt_mde(r.get("mde", float("nan"))), paired.fmt_n(r.get("n_needed", float("nan")))
+
         fc, fv = cell(f)
         bc, bv = cell(b)
+        (fm, fn), (bm, bn) = power_cells(f), power_cells(b)
         n = (f if f is not None else b)["n"]
         seeds = ", ".join(f"{s}: {paired.fmt_points(d)}" for s, d in zip(f["seeds"], f["diffs"])) if f is not None else "–"
         name = f"{arm} ({hp})" if hp else arm
-        lines.append(f"| {labels.get(pair, pair)} | {name} | {n} | {fc} | {fv} | {bc} | {bv} | {seeds} |")
+        lines.append(f"| {labels.get(pair, pair)} | {name} | {n} | {fc} | {fv} | {bc} | {bv} | {fm} / {bm} | "
+                     f"{fn} / {bn} | {seeds} |")
     return "\n".join(lines)
 
 
@@ -296,15 +311,16 @@ def _metric_key(*parts: str) -> str:
 
 def log_paired(c, parent: str, table: pd.DataFrame) -> None:
     """The paired numbers as parent-run metrics:
-    ``paired/<arm>_vs_<baseline>/<pair>[/<hp>]/<final|best_val>/<mean_diff|ci_low|ci_high|n|excludes_zero>``
-    (accuracy fractions like the trial metrics; ``excludes_zero`` 1/0, absent when n < 2)."""
+    ``paired/<arm>_vs_<baseline>/<pair>[/<hp>]/<final|best_val>/<mean_diff|ci_low|ci_high|n|excludes_zero|mde|n_needed>``
+    (accuracy fractions like the trial metrics; ``excludes_zero`` 1/0, absent when n < 2, like
+    ``mde`` and ``n_needed``; ``n_needed`` also when beyond :data:`paired.N_MAX`)."""
     metrics = {}
     for _, r in table.iterrows():
         base = _metric_key("paired", f"{r['arm']}_vs_{r['baseline']}", r["pair"], r["hp"].replace(", ", "_"),
                            r["epoch"])
         metrics[f"{base}/n"] = r["n"]
-        for k in ("mean_diff", "ci_low", "ci_high"):
-            if not pd.isna(r[k]):
+        for k in ("mean_diff", "ci_low", "ci_high", "mde", "n_needed"):
+            if k in r and not pd.isna(r[k]) and abs(r[k]) != float("inf"):
                 metrics[f"{base}/{k}"] = r[k]
         if r["excludes_zero"] is not None:
             metrics[f"{base}/excludes_zero"] = int(bool(r["excludes_zero"]))
@@ -361,7 +377,10 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
                   "On the target test accuracy at each run's best-validation epoch (points, mean paired "
                   "difference with its 95 % interval). *Transfer shown*: the interval lies above 0 both "
                   f"against `{baseline}` and against the arm's negative control; *harmful*: the interval "
-                  f"against `{baseline}` lies below 0; otherwise *not shown*.\n",
+                  f"against `{baseline}` lies below 0; otherwise *not shown*. *Detectable*: the smallest "
+                  f"true gain over `{baseline}` the paired t-test finds with probability 0.8 at these "
+                  "seeds and this seed-to-seed sd (minimum detectable effect); *rules out gains above*: "
+                  "the upper end of the interval.\n",
                   *paired.verdict_lines(verdicts), ""]
     if paired.hp_columns(df) and "target/best_val_acc" in df:
         parts += [f"\n{h} Best validation accuracy (choose hyperparameters here, never on test)\n",
@@ -385,7 +404,10 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
         parts += [f"\n{h} Paired differences to `{base}` (same seed)\n",
                   f"Δ = arm − `{base}` at the same pair and seed (same data subset, initialisation and batch "
                   "order), target test accuracy in points; mean over seeds with a 95 % Student-t interval "
-                  "(n − 1 degrees of freedom). \"best-val\": test accuracy at each run's best-validation epoch.\n",
+                  "(n − 1 degrees of freedom). \"best-val\": test accuracy at each run's best-validation epoch. "
+                  "MDE: the minimum detectable effect, the smallest true Δ the two-sided paired t-test (α = 0.05) "
+                  "finds with probability 0.8 at this n and sd (noncentral t); seeds for E points: the n "
+                  "that finds a true Δ of E points with probability 0.8 at this sd (– where n < 2).\n",
                   paired_markdown(table, labels), ""]
     return parts
 
@@ -393,8 +415,12 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
 def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "alone",
                 controls: list[str] | tuple[str, ...] = (), results_md: str | Path | None = None,
                 section: str | None = None, verdict: list[tuple[str, str]] | tuple = (),
-                grid_file: str | Path | None = None) -> dict:
-    """``verdict``: ``(arm, control)`` pairs that get a one-line transfer verdict per pair."""
+                grid_file: str | Path | None = None, effect: float = 1.0) -> dict:
+    """``verdict``: ``(arm, control)`` pairs that get a one-line transfer verdict per pair;
+    ``effect``: the true gain, in points, the paired tables' "seeds needed" are for (> 0)."""
+    if not (isinstance(effect, (int, float)) and effect > 0 and effect != float("inf")):
+        raise MergenetError(f"report: --effect must be a positive number of points, not {effect}")
+    eff = effect / 100
     c = tracking.existing_client()  # reading: never creates an empty mlflow.db
     experiment_id, name, parent = resolve_experiment(c, what)
     df = trials_frame(c, experiment_id, parent)
@@ -406,9 +432,10 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     out = Path(out_dir or Path("runs") / "reports" / name)
     out.mkdir(parents=True, exist_ok=True)
 
-    tables = {baseline: paired.paired_table(df, baseline)} if baseline in arms else {}
+    tables = {baseline: paired.paired_table(df, baseline, effect=eff)} if baseline in arms else {}
     for ctl in controls:
-        tables[ctl] = paired.paired_table(df, ctl, arms=[a for a in sorted(arms) if a not in (baseline, ctl)])
+        tables[ctl] = paired.paired_table(df, ctl, arms=[a for a in sorted(arms) if a not in (baseline, ctl)],
+                                          effect=eff)
     for base in tables:
         df = paired.per_trial_diffs(df, base)
     table = pd.concat(tables.values(), ignore_index=True) if tables else paired.paired_table(df.iloc[0:0])
@@ -424,7 +451,7 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     md = out / "report.md"
     if verdict and baseline not in arms:
         raise MergenetError(f"report: --verdict needs the baseline arm '{baseline}' in grid {name}")
-    verdicts = paired.transfer_verdicts(df, baseline, list(verdict)) if verdict else []
+    verdicts = paired.transfer_verdicts(df, baseline, list(verdict), effect=eff) if verdict else []
     md.write_text("\n".join([f"# {name}: pair × arm\n", intro, *report_sections(df, tables, verdicts=verdicts)]) + "\n")
     heat = gain_heatmap(tables[baseline], out / HEATMAP, pair_labels(df)) if baseline in tables else None
     if results_md:
@@ -437,4 +464,6 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
         log_paired(c, parent, table)
     log_trial_gains(c, df, baseline)
     return {"markdown": md, "parquet": parquet, "paired": paired_parquet, "heatmap": heat, "text": md.read_text(),
-            "tables": tables, "verdicts": [{k: v[k] for k in ("pair", "arm", "control", "verdict")} for v in verdicts]}
+            "tables": tables,
+            "verdicts": [{k: v[k] for k in ("pair", "arm", "control", "verdict", "word", "mde", "rules_out_above")}
+                         for v in verdicts]}

@@ -220,6 +220,7 @@ def test_interrupted_grid_resumes_without_duplicate_runs(mlflow_server, tmp_path
      "method.options.layer_pairs.0.source"),
     ({"scheduler": {"name": "asha", "metric": "target/val_accuracy"}}, "scheduler.metric"),
     ({"scheduler": {"name": "asha", "metric": "source/val_acc"}}, "scheduler.metric"),  # alone trains no source
+    ({"report": {"effect_points": 0}}, "report.effect_points"),  # "seeds needed" for a gain of 0 points
 ])
 def test_malformed_grid_rejected_before_ray(tmp_path, change, needle):
     grid = tiny_grid("g-bad")

@@ -1,5 +1,6 @@
 """Paired statistics of ``mergenet report`` on hand-made numbers (no Ray): the t-interval
-against values computed by hand, seed matching, hyperparameter matching, and the whole report
+against values computed by hand, the power of the paired t-test (minimum detectable effect,
+seeds needed) against R's ``pwr``, seed matching, hyperparameter matching, and the whole report
 on trial runs written to a real MLflow (sqlite) — Parquet, report.md, parent-run metrics,
 child-run gains and the docs/RESULTS.md section."""
 from __future__ import annotations
@@ -33,6 +34,50 @@ def test_t_interval_matches_hand_computation():
     assert math.isnan(paired.t_interval([])[0])
 
 
+def test_power_of_the_paired_t_test_matches_r_pwr():
+    # R: pwr.t.test(n = 10, d = 1, sig.level = 0.05, type = "one.sample") -> power = 0.8030962
+    assert paired.power_paired(1.0, 1.0, 10) == pytest.approx(0.8030962, abs=1e-5)
+    assert paired.power_paired(0.03, 0.03, 10) == pytest.approx(0.8030962, abs=1e-5)  # only δ / sd matters
+    assert paired.power_paired(-1.0, 1.0, 10) == paired.power_paired(1.0, 1.0, 10)  # two-sided
+    assert paired.power_paired(0.0, 1.0, 7) == pytest.approx(0.05)  # no effect: rejects at rate α
+    # R: pwr.t.test(d = 0.5, power = 0.8, type = "one.sample") -> n = 33.36713; power_paired takes a real n
+    from scipy.optimize import brentq
+
+    assert brentq(lambda n: paired.power_paired(0.5, 1.0, n) - 0.8, 2, 200) == pytest.approx(33.36713, abs=1e-3)
+    assert paired.power_paired(0.5, 1.0, 33) < 0.8 < paired.power_paired(0.5, 1.0, 34)
+    assert paired.n_needed(0.5, 1.0) == 34 and paired.n_needed(0.005, 0.01) == 34 and paired.n_needed(-0.5, 1.0) == 34
+    # R: pwr.t.test(n = 5, power = 0.8, type = "one.sample") -> d = 1.681997
+    d5 = paired.mde_paired(1.0, 5)
+    assert d5 == pytest.approx(1.682, abs=1e-3) and paired.power_paired(d5, 1.0, 5) == pytest.approx(0.8, abs=1e-6)
+    assert paired.mde_paired(0.02, 5) == pytest.approx(0.02 * d5, rel=1e-9)  # in the units of sd
+    # n = 2 (df = 1: scipy's nct.cdf is NaN in that lower tail; the power must not be)
+    d2 = paired.mde_paired(1.0, 2)
+    assert 10 < d2 < 20 and paired.power_paired(d2, 1.0, 2) == pytest.approx(0.8, abs=1e-6)
+    mdes = [paired.mde_paired(0.02, n) for n in range(2, 41)]
+    assert all(a > b for a, b in zip(mdes, mdes[1:]))  # more seeds, smaller detectable effect
+    assert [paired.n_needed(m, 0.02) for m in mdes] == list(range(2, 41))  # n_needed inverts mde_paired
+    assert paired.n_needed(paired.mde_paired(0.02, 5) * 1.001, 0.02) == 5
+    assert paired.n_needed(paired.mde_paired(0.02, 5) * 0.999, 0.02) == 6
+    # a stricter level or more power needs more seeds
+    assert paired.mde_paired(1.0, 10, alpha=0.01) > paired.mde_paired(1.0, 10) > paired.mde_paired(1.0, 10, power=0.5)
+    assert paired.n_needed(0.5, 1.0, power=0.9) > 34
+
+
+def test_power_edge_cases():
+    assert math.isnan(paired.mde_paired(0.01, 1)) and math.isnan(paired.mde_paired(math.nan, 5))
+    assert math.isnan(paired.power_paired(0.01, 0.01, 1)) and math.isnan(paired.n_needed(0.01, math.nan))
+    assert paired.mde_paired(0.0, 3) == 0.0 and paired.n_needed(0.01, 0.0) == 2  # no seed noise at all
+    assert paired.power_paired(0.01, 0.0, 3) == 1.0 and paired.power_paired(0.0, 0.0, 3) == 0.05
+    assert paired.n_needed(0.01, 0.0005) == 2 and paired.n_needed(0.01, 0.001) == 3  # d = 20 / 10 (n = 2 needs 11.5)
+    assert paired.n_needed(1e-4, 0.1) == math.inf  # d = 0.001 needs ~7.8 million seeds: beyond N_MAX
+    with pytest.raises(ValueError, match="effect"):
+        paired.n_needed(0.0, 0.01)
+    with pytest.raises(ValueError, match="power"):
+        paired.mde_paired(0.01, 5, power=0.01)
+    with pytest.raises(ValueError, match="alpha"):
+        paired.power_paired(0.01, 0.01, 5, alpha=1.5)
+
+
 def _trials(rows):
     """rows: (pair, arm, seed, final, best_val[, status]) -> the report's trial frame."""
     out = []
@@ -63,6 +108,16 @@ def test_paired_table_pairs_by_seed_not_by_mean():
     half = 12.706205 * math.sqrt(((0.015) ** 2 * 2) / 1) / math.sqrt(2)  # t(0.975, 1) = 12.706205
     assert (k["ci_low"], k["ci_high"]) == (pytest.approx(0.005 - half), pytest.approx(0.005 + half))
     assert list(t["arm"].unique()) == ["mergenet", "kd"]  # mergenet first, baseline not compared to itself
+    # power: sd ≈ 0 (identical differences) -> MDE ≈ 0, 2 seeds suffice for 1 point; kd from its sd at n = 2
+    assert m["mde"] == pytest.approx(0, abs=1e-9) and m["n_needed"] == 2
+    assert (m["level"], m["power"], m["effect"]) == (0.95, 0.8, 0.01)
+    sd_k = 0.015 * math.sqrt(2)
+    assert k["mde"] == pytest.approx(paired.mde_paired(sd_k, 2)) and k["n_needed"] == paired.n_needed(0.01, sd_k)
+    assert paired.power_paired(k["mde"], sd_k, 2) == pytest.approx(0.8, abs=1e-6)
+    t2 = paired.paired_table(df, "alone", effect=0.05)
+    assert (t2["effect"] == 0.05).all() and (t2["n_needed"] <= t["n_needed"]).all()
+    single = paired.paired_table(_trials([("p", "alone", 0, 0.5, 0.5), ("p", "kd", 0, 0.6, 0.6)]), "alone")
+    assert single["mde"].isna().all() and single["n_needed"].isna().all()  # n = 1: no sd, no power
 
 
 def test_control_arm_vs_arm_and_missing_baseline():
@@ -153,6 +208,10 @@ def test_report_on_mlflow_runs(tmp_path, monkeypatch):
     # mergenet − untrained control: +1, +2, 0 -> +1.00 [-1.48, +3.48]
     assert "| mergenet | 3 | +1.00 [-1.48, +3.48] | no (CI includes 0)" in text
     assert "0: +2.00, 1: +2.00, 2: +1.00" in text
+    # sd 0.577 points at n = 3: MDE 1.88 points; 1 point needs 5 seeds; the untrained control: sd 1 point -> 3.26, 10
+    assert "| MDE at power 0.8, final / best-val | seeds for 1 point, final / best-val |" in text
+    assert "| yes, above 0 | +1.67 [+0.23, +3.10] | yes, above 0 | 1.88 / 1.88 | 5 / 5 |" in text
+    assert "| no (CI includes 0) | 3.26 / 3.26 | 10 / 10 |" in text
 
     trials = pd.read_parquet(rep["parquet"])
     assert trials["param.recipe.optimizer.lr"].tolist() == [0.05] * 9  # hyperparameters as (numeric) columns
@@ -168,6 +227,7 @@ def test_report_on_mlflow_runs(tmp_path, monkeypatch):
     key = "paired/mergenet_vs_alone/r18-mbv2/final"
     assert pm[f"{key}/mean_diff"] == pytest.approx(1 / 60) and pm[f"{key}/n"] == 3
     assert pm[f"{key}/excludes_zero"] == 1
+    assert pm[f"{key}/mde"] == pytest.approx(paired.mde_paired(math.sqrt(1 / 3) / 100, 3)) and pm[f"{key}/n_needed"] == 5
     assert pm["paired/mergenet_vs_mergenet_untrained/r18-mbv2/final/excludes_zero"] == 0
     arts = {f.path for f in c.list_artifacts(parent, "report")}
     assert {"report/report.md", "report/trials.parquet", "report/paired.parquet", "report/gain_heatmap.png"} <= arts
@@ -184,6 +244,10 @@ def test_report_on_mlflow_runs(tmp_path, monkeypatch):
     assert len(c.get_metric_history(runs[("mergenet", 0)], "gain_vs_alone/final_test_acc")) == 1  # not re-logged
     with pytest.raises(Exception, match="no arm 'nosuch'"):
         make_report("g-stats", tmp_path / "out", controls=["nosuch"])
+    with pytest.raises(Exception, match="--effect"):
+        make_report("g-stats", tmp_path / "out", effect=0)
+    rep2 = make_report("g-stats", tmp_path / "out2", effect=2.0)
+    assert "seeds for 2 points" in rep2["text"] and (pd.read_parquet(rep2["paired"])["effect"] == 0.02).all()
 
 
 def test_report_without_alone_arm_still_writes_the_means(tmp_path, monkeypatch):
@@ -222,11 +286,50 @@ def test_transfer_verdicts_need_the_baseline_and_the_control():
     # harmful: below alone at every seed
     rows += [("p", "bad", s, b, b - 0.03 - 0.001 * s) for s, b in enumerate(base)]
     df = _trials(rows)
-    v = {x["arm"]: x["verdict"] for x in paired.transfer_verdicts(
-        df, "alone", [("mergenet", "mergenet_untrained"), ("lucky", "lucky_untrained"), ("bad", "mergenet_untrained")])}
-    assert v == {"mergenet": "transfer shown", "lucky": "not shown", "bad": "harmful"}
+    got = paired.transfer_verdicts(
+        df, "alone", [("mergenet", "mergenet_untrained"), ("lucky", "lucky_untrained"), ("bad", "mergenet_untrained")])
+    assert {x["arm"]: x["word"] for x in got} == {"mergenet": "transfer shown", "lucky": "not shown", "bad": "harmful"}
+    v = {x["arm"]: x["verdict"] for x in got}
+    assert v["mergenet"].startswith("transfer shown (detectable: ≥ ") and "rules out" not in v["mergenet"]
+    assert v["lucky"].startswith("not shown (detectable: ≥ ") and "; rules out gains above +" in v["lucky"]
+    assert v["bad"].startswith("harmful (detectable: ≥ ") and v["bad"].endswith(" points)")
     lines = paired.verdict_lines(paired.transfer_verdicts(df, "alone", [("mergenet", "mergenet_untrained")]))
     assert len(lines) == 1 and "transfer shown" in lines[0] and "vs `mergenet_untrained`" in lines[0]
+    one = paired.transfer_verdicts(_trials([("p", "alone", 0, 0.6, 0.6), ("p", "mergenet", 0, 0.7, 0.7),
+                                            ("p", "mergenet_untrained", 0, 0.6, 0.6)]),
+                                   "alone", [("mergenet", "mergenet_untrained")])
+    assert one[0]["verdict"] == "not shown (too few paired seeds)" and math.isnan(one[0]["mde"])
+
+
+def test_verdict_line_says_what_could_be_detected_and_what_is_ruled_out():
+    base = [0.60, 0.70, 0.65, 0.62]
+    d = [0.01, -0.01, 0.02, 0.0]  # mergenet − alone at the best-val epoch: mean +0.50, sd 1.29 points
+    rows = [("p", "alone", s, b, b) for s, b in enumerate(base)]
+    rows += [("p", "mergenet", s, b, b + x) for s, (b, x) in enumerate(zip(base, d))]
+    rows += [("p", "mergenet_untrained", s, b, b) for s, b in enumerate(base)]
+    v = paired.transfer_verdicts(_trials(rows), "alone", [("mergenet", "mergenet_untrained")])[0]
+    sd = math.sqrt(5e-4 / 3)
+    upper = 0.005 + 3.182446 * sd / 2  # t(0.975, 3) = 3.182446 from a printed table: +2.55 points
+    assert v["rules_out_above"] == pytest.approx(upper, abs=1e-6)
+    assert v["mde"] == pytest.approx(paired.mde_paired(sd, 4)) and 100 * v["mde"] == pytest.approx(2.747, abs=1e-3)
+    assert v["verdict"] == "not shown (detectable: ≥ 2.75 points; rules out gains above +2.55)"
+    line = paired.verdict_lines([v])[0]
+    assert line.startswith("- **p · mergenet: not shown (detectable: ≥ 2.75 points; rules out gains above +2.55)** — ")
+    assert "vs `alone` +0.50 [-1.55, +2.55] (n = 4, detectable ≥ 2.75)" in line
+
+
+def test_paired_markdown_has_power_columns():
+    from orchestrator.report import paired_markdown
+
+    base = [0.60, 0.70, 0.65, 0.62]
+    rows = [("p", "alone", s, b, b) for s, b in enumerate(base)]
+    rows += [("p", "mergenet", s, b + x, b + x) for s, (b, x) in enumerate(zip(base, [0.01, -0.01, 0.02, 0.0]))]
+    text = paired_markdown(paired.paired_table(_trials(rows), "alone", effect=0.02), {})
+    assert "| MDE at power 0.8, final / best-val | seeds for 2 points, final / best-val |" in text
+    # sd 1.29 points: MDE 2.75 at n = 4; 2 points (d = 1.55) need 6 seeds at that sd (power 0.74 at 5, 0.85 at 6)
+    assert paired.n_needed(0.02, math.sqrt(5e-4 / 3)) == 6
+    assert "| no (CI includes 0) | 2.75 / 2.75 | 6 / 6 | 0: +1.00" in text
+    assert "seeds for 1 point," in paired_markdown(paired.paired_table(_trials(rows), "alone"), {})
 
 
 def test_diagnostics_table_lists_arms_with_transfer_metrics():
@@ -239,3 +342,13 @@ def test_diagnostics_table_lists_arms_with_transfer_metrics():
     df["adapter/grad_norm"] = [None, 2.0, 4.0]
     table = diagnostics_markdown(df)
     assert "| p | mergenet | 0 | 0.600 | 0.850 | – | 3 |" in table and "alone" not in table
+
+
+def test_report_effect_flag_must_be_positive(capsys, tmp_path, monkeypatch):
+    from orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for bad in ("0", "-1", "nan"):
+        assert main(["report", "nosuch", "--effect", bad]) == 2
+        assert "--effect" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow is touched
