@@ -183,7 +183,8 @@ def cmd_run(args) -> int:
         grid = grid or GridConfig.model_validate_json((Location.parse(summary["storage"]) / GRID_FILE).read_text())
         spec = grid.report
         rep = make_report(summary["storage"], baseline=spec.baseline, controls=spec.controls,
-                          verdict=spec.verdict_pairs(), effect=spec.effect_points)
+                          verdict=spec.verdict_pairs(), effect=spec.effect_points,
+                          positive=spec.positive_controls)
         print(rep["text"])
         print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}")
     from orchestrator import tracking
@@ -207,7 +208,8 @@ def cmd_report(args) -> int:
         return _fail([f"--effect: {args.effect} is not a positive number of points"])
     try:
         rep = make_report(args.what, args.out, baseline=args.baseline, controls=args.control,
-                          results_md=args.results_md, section=args.section, verdict=checks, effect=args.effect)
+                          results_md=args.results_md, section=args.section, verdict=checks, effect=args.effect,
+                          positive=args.positive)
     except OSError as e:  # an unwritable --out / --results-md
         return _fail([f"report: {e.filename or ''}: {e.strerror or e}"])
     print(rep["text"])
@@ -303,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--verdict", action="append", default=[], metavar="ARM:CONTROL",
                     help="a one-line transfer verdict per pair for ARM against its negative control arm "
                          "(e.g. mergenet:mergenet_untrained); repeatable")
+    rp.add_argument("--positive", action="append", default=[], metavar="ARM",
+                    help="a positive-control arm (its gain over the baseline must be shown, else the pair's "
+                         "verdicts read 'cannot measure'); repeatable")
     rp.add_argument("--effect", type=float, default=1.0, metavar="POINTS",
                     help="true gain the paired tables' 'seeds needed' column is for, in points (default 1.0)")
     rp.add_argument("--results-md", metavar="PATH", help="also write the tables as a section of this Markdown file")

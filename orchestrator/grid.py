@@ -97,6 +97,9 @@ class ReportSpec(_Strict):
                                                                   "(negative controls, e.g. mergenet_untrained)")
     verdicts: list[str] = Field(default_factory=list, description="ARM:CONTROL: a one-line transfer verdict per "
                                                                   "pair for ARM against its negative-control arm")
+    positive_controls: list[str] = Field(
+        default_factory=list, description="arms whose gain over the baseline must be shown (e.g. transplant from a "
+                                          "trained donor); where none is, a pair's verdicts read 'cannot measure'")
     effect_points: float = Field(1.0, gt=0, allow_inf_nan=False,
                                  description="true gain (points) the paired tables' 'seeds needed' column is for")
 
@@ -163,7 +166,7 @@ class GridConfig(_Strict):
         if dup:
             raise ValueError(f"pairs: duplicate pair name(s) {sorted(dup)}")
         arms = set(self.methods)
-        named = [self.report.baseline, *self.report.controls,
+        named = [self.report.baseline, *self.report.controls, *self.report.positive_controls,
                  *(a for v in self.report.verdict_pairs() for a in v)]
         unknown = sorted({a for a in named if a not in arms} - ({"alone"} if self.report.baseline == "alone" and
                                                                 not self.report.verdicts else set()))

@@ -274,8 +274,34 @@ def fmt_n(x: float) -> str:
     return f"> {N_MAX}" if math.isinf(x) else str(int(x))
 
 
+def positive_controls(df: pd.DataFrame, baseline: str, arms: list[str], effect: float = EFFECT) -> list[dict]:
+    """Per pair and positive-control arm (an arm whose gain over ``baseline`` must exist, e.g. a
+    whole-model ``transplant`` from a trained donor): its paired row at the best-validation epoch
+    and ``shown`` -- True when the 95 % interval lies above 0, None without an interval. A
+    setting's transfer verdicts count only where one of its positive controls is shown."""
+    out = []
+    table = paired_table(df, baseline, arms=list(arms), effect=effect)
+    for _, r in table[table["epoch"] == "best_val"].iterrows():
+        shown = None if r["excludes_zero"] is None else bool(r["ci_low"] > 0)
+        out.append({"pair": r["pair"] if not r["hp"] else f"{r['pair']} ({r['hp']})", "arm": r["arm"],
+                    "baseline": baseline, "shown": shown, "row": r})
+    return out
+
+
+def positive_control_lines(controls: list[dict]) -> list[str]:
+    """One Markdown bullet per (pair, positive control): shown / not shown, the interval, n, MDE."""
+    lines = []
+    for v in controls:
+        r = v["row"]
+        word = {True: "shown", False: "not shown", None: "not shown (too few paired seeds)"}[v["shown"]]
+        lines.append(f"- **{v['pair']} · {v['arm']} vs `{v['baseline']}`: {word}** — "
+                     f"{fmt_points(r['mean_diff'])} {fmt_ci(r['ci_low'], r['ci_high'])} (n = {r['n']}, "
+                     f"detectable ≥ {fmt_mde(r['mde'])})")
+    return lines
+
+
 def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, str]],
-                      effect: float = EFFECT) -> list[dict]:
+                      effect: float = EFFECT, positive: list[dict] | None = None) -> list[dict]:
     """For each ``(arm, control)`` and pair, on the test accuracy at the best-validation epoch (the
     primary number; never selected on test): ``transfer shown`` when the arm's 95 % interval
     against ``baseline`` and against ``control`` both lie above 0; ``harmful`` when its interval
@@ -287,7 +313,14 @@ def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, s
     +1.20)`` — the minimum detectable effect (power 0.8, :func:`mde_paired`) and the upper end of
     the 95 % interval against ``baseline`` — and ``transfer shown (detectable: ≥ 2.31 points)``,
     ``harmful (detectable: ≥ …)``. ``mde`` and ``rules_out_above`` hold those two numbers
-    (fractions; NaN without an interval). ``effect`` (fraction) sets the rows' ``n_needed``."""
+    (fractions; NaN without an interval). ``effect`` (fraction) sets the rows' ``n_needed``.
+
+    ``positive`` (:func:`positive_controls`): where a pair has positive controls and none is
+    shown, the instrument has not shown it can see a known effect there, so the verdict is
+    ``cannot measure (no positive control shown; ...)`` whatever the arm's own intervals say."""
+    seen: dict[str, bool] = {}
+    for v in positive or []:
+        seen[v["pair"]] = seen.get(v["pair"], False) or bool(v["shown"])
     out = []
     for arm, control in checks:
         vs_base = paired_table(df, baseline, arms=[arm], effect=effect)
@@ -314,6 +347,9 @@ def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, s
                     word = "not shown"
                 text = f"{word} (detectable: ≥ {fmt_mde(mde)} points"
                 text += f"; rules out gains above {fmt_points(upper)})" if word == "not shown" else ")"
+            label = pair if not hp else f"{pair} ({hp})"
+            if label in seen and not seen[label]:
+                word, text = "cannot measure", f"cannot measure (no positive control shown; the arm alone: {text})"
             out.append({"pair": pair if not hp else f"{pair} ({hp})", "arm": arm, "control": control,
                         "baseline": baseline, "verdict": text, "word": word, "mde": mde, "rules_out_above": upper,
                         "vs_baseline": b, "vs_control": c, "control_vs_baseline": cb})

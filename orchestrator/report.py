@@ -366,12 +366,19 @@ def write_section(path: str | Path, title: str, body: str) -> str:
 
 
 def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: int = 2,
-                    verdicts: list[dict] | None = None) -> list[str]:
-    """The Markdown body: verdicts (when asked for), arm means, then one paired table per comparison."""
+                    verdicts: list[dict] | None = None, positive: list[dict] | None = None) -> list[str]:
+    """The Markdown body: positive controls and verdicts (when asked for), arm means, then one
+    paired table per comparison."""
     h = "#" * level
     labels = pair_labels(df)
     baseline = next(iter(tables), "alone")
     parts = []
+    if positive:
+        parts += [f"\n{h} Can this setting see a known effect? (positive controls)\n",
+                  f"Each positive control's gain over `{baseline}` at the best-validation epoch (points, mean "
+                  "paired difference, 95 % interval). Where none is *shown*, the setting cannot show transfer "
+                  "and its verdicts read *cannot measure*.\n",
+                  *paired.positive_control_lines(positive), ""]
     if verdicts:
         parts += [f"\n{h} Verdict\n",
                   "On the target test accuracy at each run's best-validation epoch (points, mean paired "
@@ -415,8 +422,11 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
 def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "alone",
                 controls: list[str] | tuple[str, ...] = (), results_md: str | Path | None = None,
                 section: str | None = None, verdict: list[tuple[str, str]] | tuple = (),
-                grid_file: str | Path | None = None, effect: float = 1.0) -> dict:
+                grid_file: str | Path | None = None, effect: float = 1.0,
+                positive: list[str] | tuple[str, ...] = ()) -> dict:
     """``verdict``: ``(arm, control)`` pairs that get a one-line transfer verdict per pair;
+    ``positive``: positive-control arms (their gain over ``baseline`` must be shown for a pair's
+    verdicts to count);
     ``effect``: the true gain, in points, the paired tables' "seeds needed" are for (> 0)."""
     if not (isinstance(effect, (int, float)) and effect > 0 and effect != float("inf")):
         raise MergenetError(f"report: --effect must be a positive number of points, not {effect}")
@@ -426,7 +436,8 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     df = trials_frame(c, experiment_id, parent)
     arms = set(df["arm"])
     # a grid without `alone` still gets its means table; an arm asked for by name must exist
-    for a in ((baseline,) if baseline != "alone" else ()) + tuple(controls) + tuple(x for v in verdict for x in v):
+    for a in (((baseline,) if baseline != "alone" else ()) + tuple(controls) + tuple(positive)
+              + tuple(x for v in verdict for x in v)):
         if a not in arms:
             raise MergenetError(f"report: no arm '{a}' in grid {name} (arms: {', '.join(sorted(arms))})")
     out = Path(out_dir or Path("runs") / "reports" / name)
@@ -451,11 +462,13 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     md = out / "report.md"
     if verdict and baseline not in arms:
         raise MergenetError(f"report: --verdict needs the baseline arm '{baseline}' in grid {name}")
-    verdicts = paired.transfer_verdicts(df, baseline, list(verdict), effect=eff) if verdict else []
-    md.write_text("\n".join([f"# {name}: pair × arm\n", intro, *report_sections(df, tables, verdicts=verdicts)]) + "\n")
+    pos = paired.positive_controls(df, baseline, list(positive), effect=eff) if positive and baseline in arms else []
+    verdicts = paired.transfer_verdicts(df, baseline, list(verdict), effect=eff, positive=pos) if verdict else []
+    md.write_text("\n".join([f"# {name}: pair × arm\n", intro,
+                             *report_sections(df, tables, verdicts=verdicts, positive=pos)]) + "\n")
     heat = gain_heatmap(tables[baseline], out / HEATMAP, pair_labels(df)) if baseline in tables else None
     if results_md:
-        body = "\n".join([intro, *report_sections(df, tables, level=3, verdicts=verdicts)])
+        body = "\n".join([intro, *report_sections(df, tables, level=3, verdicts=verdicts, positive=pos)])
         write_section(results_md, section or name, body)
     if parent:
         for f in (parquet, paired_parquet, md, heat):
@@ -466,4 +479,5 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     return {"markdown": md, "parquet": parquet, "paired": paired_parquet, "heatmap": heat, "text": md.read_text(),
             "tables": tables,
             "verdicts": [{k: v[k] for k in ("pair", "arm", "control", "verdict", "word", "mde", "rules_out_above")}
-                         for v in verdicts]}
+                         for v in verdicts],
+            "positive_controls": [{k: v[k] for k in ("pair", "arm", "baseline", "shown")} for v in pos]}
