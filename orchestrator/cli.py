@@ -185,7 +185,7 @@ def cmd_run(args) -> int:
         rep = make_report(summary["storage"], baseline=spec.baseline, controls=spec.controls,
                           verdict=spec.verdict_pairs(), effect=spec.effect_points,
                           positive=spec.positive_controls)
-        print(rep["text"])
+        print(rep["console"])
         print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}")
     from orchestrator import tracking
 

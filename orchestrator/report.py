@@ -366,9 +366,11 @@ def write_section(path: str | Path, title: str, body: str) -> str:
 
 
 def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: int = 2,
-                    verdicts: list[dict] | None = None, positive: list[dict] | None = None) -> list[str]:
+                    verdicts: list[dict] | None = None, positive: list[dict] | None = None,
+                    console: bool = False) -> list[str]:
     """The Markdown body: positive controls and verdicts (when asked for), arm means, then one
-    paired table per comparison."""
+    paired table per comparison. ``console``: what ``mergenet run`` prints -- without the
+    final-epoch accuracies and the transfer diagnostics, which only the file has."""
     h = "#" * level
     labels = pair_labels(df)
     baseline = next(iter(tables), "alone")
@@ -396,12 +398,12 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
                   markdown_table(df, "target/best_val_acc", baseline), ""]
     for metric, title in ((METRICS[0], "Target test accuracy at the final epoch"),
                           (METRICS[1], "Target test accuracy at the best-validation epoch")):
-        if metric in df:
+        if metric in df and not (console and metric == METRICS[0]):
             parts += [f"\n{h} {title}\n", "Accuracy in %, mean ± sample std over seeds (n = seeds).\n",
                       markdown_table(df, metric, baseline), ""]
     if not tables:
         parts += [f"\n_No `{baseline}` arm: no paired differences._\n"]
-    diag = diagnostics_markdown(df)
+    diag = None if console else diagnostics_markdown(df)
     if diag:
         parts += [f"\n{h} Transfer diagnostics (last epoch, mean over seeds)\n",
                   "Per link: *write change* = ‖W_after − W_before‖ / ‖W_before‖ of each write into the target "
@@ -476,7 +478,11 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
                 c.log_artifact(parent, str(f), artifact_path="report")
         log_paired(c, parent, table)
     log_trial_gains(c, df, baseline)
+    console = "\n".join([f"# {name}: pair × arm\n", intro,
+                         *report_sections(df, tables, verdicts=verdicts, positive=pos, console=True),
+                         f"(final-epoch accuracies and transfer diagnostics: {md})"])
     return {"markdown": md, "parquet": parquet, "paired": paired_parquet, "heatmap": heat, "text": md.read_text(),
+            "console": console,
             "tables": tables,
             "verdicts": [{k: v[k] for k in ("pair", "arm", "control", "verdict", "word", "mde", "rules_out_above")}
                          for v in verdicts],

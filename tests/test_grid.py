@@ -247,9 +247,11 @@ def test_every_grid_in_experiments_validates():
 
 def test_quickstart_design_validates_without_warnings(capsys):
     """The README's main command: two pairs (Fashion-MNIST, a text pair), the arms alone /
-    mergenet / mergenet's untrained-source control, >= 3 seeds, every trial inline, no bundles
-    kept, the verdict report; `mergenet validate` prints no warning (every target layer written
-    is followed by a normalisation layer)."""
+    transplant (the positive control, from a trained donor of the target's architecture that the
+    grid's `sources:` train) / mergenet with the clean signal / its untrained-source control,
+    >= 3 seeds, every trial inline, no bundles kept, the verdict report gated on the positive
+    control; `mergenet validate` prints no warning (every target layer written is followed by a
+    normalisation layer, writes keep the layer's scale)."""
     from orchestrator.cli import main
     from orchestrator.grid import load_grid
     from orchestrator.inline import choose_topology
@@ -261,16 +263,24 @@ def test_quickstart_design_validates_without_warnings(capsys):
     assert len(grid.seeds) >= 3
     arms = {a: (grid.method_of(a), grid.methods[a].get("control", "none")) for a in grid.methods}
     assert arms["alone"] == ("alone", "none") and arms["mergenet"] == ("mergenet", "none")
+    assert arms["transplant"] == ("transplant", "none") and grid.report.positive_controls == ["transplant"]
     controls = [a for a, v in arms.items() if v == ("mergenet", "untrained_source")]
-    assert controls and set(arms) == {"alone", "mergenet", *controls}
+    assert controls and set(arms) == {"alone", "transplant", "mergenet", *controls}
     assert grid.report.controls == controls and grid.report.verdicts == [f"mergenet:{controls[0]}"]
     assert grid.keep_bundles == "none" and grid.max_concurrent_trials == 2
+    dirs = grid.source_plan()[1]
     tasks = set()
     for p in grid.pairs:
         for arm in grid.methods:
             cfg = grid.trial_config(p.name, arm, grid.seeds[0])
             assert choose_topology(cfg) == "inline"
             tasks.add(cfg.target.task.name)
+            opts = cfg.method.options
+            if cfg.method.name == "mergenet":  # the clean signal, writes at the layer's scale, a trained source
+                assert opts.get("update_rule", "exact") == "exact" and opts.get("freeze_source") is True
+                assert all(lp.get("output_scale", "rms") == "rms" for lp in opts["layer_pairs"])
+            if cfg.method.name in ("mergenet", "transplant"):  # a donor trained first by `sources:`
+                assert cfg.source.init_from.path in {str(d) for d in dirs.values()}, cfg.source
     assert {"fashion_mnist", "rotten_tomatoes"} <= tasks
     capsys.readouterr()
     assert main(["validate", str(path)]) == 0
