@@ -137,7 +137,7 @@ def run(args) -> dict:
         "lines": len(lines), "bad_lines": [l for l in lines if BAD.search(l)][:20],
         "bytes": sizes, "bytes_total": sum(sizes.values()),
         "alone_final_test_acc": alone_accuracy(work) if rc == 0 else {},
-        "headline": headline, "output": lines,
+        "headline": headline, "output": lines, "sources": [l for l in lines if l.startswith("source ")],
         "machine": m, "load_start": load_start, "load_end": load_end, "waited": waited,
         "targets": TARGETS, "wait_load": args.wait_load, "work": str(work) if args.keep else None,
     }
@@ -181,14 +181,16 @@ def render(r: dict) -> str:
                 f"({r['trial_wall_s']:.1f} − {r['trial_train_s']:.1f}) / {r['trial_wall_s']:.1f} s = "
                 f"**{100 * share:.1f} %** (trial wall: the MLflow child run's start → end; training time: Σ "
                 "`time/epoch_s` of its `metrics.jsonl`, training and evaluation).", ]
+    for line in r.get("sources", []):  # the models the grid trains first (`sources:`), in the wall time above
+        out.append(f"- {line.split(' -> ')[0]}{' (' + line.rsplit('(', 1)[1] if '(' in line else ''}")
     for pair, a in sorted(r["alone_final_test_acc"].items()):
         out.append(f"- `alone` target test accuracy (final epoch), pair `{pair}`: {100 * a['mean']:.1f} % "
                    f"(seeds: {', '.join(f'{100 * v:.1f}' for v in a['values'])})")
     for pair, n in sorted(r.get("adapter_params", {}).items()):
         out.append(f"- pair `{pair}`: MergeNet adapter {n['adapter']:,} trainable parameters, target model "
                    f"{n['target']:,} ({n['adapter'] / n['target']:.3g}× the target)")
-    out += ["", "Report headline (the verdict lines the run printed; a workflow demo at a tiny budget, not "
-            "evidence — the evidence is `docs/RESULTS.md`):", ""]
+    out += ["", "Report headline (the positive-control and verdict lines the run printed; a workflow demo at a "
+            "tiny budget, not the study):", ""]
     out += r["headline"] or ["(no verdict lines printed)"]
     return "\n".join(out) + "\n"
 

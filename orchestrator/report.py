@@ -407,8 +407,10 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
     if diag:
         parts += [f"\n{h} Transfer diagnostics (last epoch, mean over seeds)\n",
                   "Per link: *write change* = ‖W_after − W_before‖ / ‖W_before‖ of each write into the target "
-                  "layer; *factor cos* = mean row cosine between consecutive transfers' factors; the adapter's "
-                  "pre-clip gradient norm.\n", diag, ""]
+                  "layer; *factor cos* = mean row cosine between consecutive transfers' factors; *feedback cos* = "
+                  "cosine of the feedback the adapter learned from with the target's task gradient dL/dA' (1 for "
+                  "the exact rule; the delta rule's drift from it); the adapter's pre-clip gradient norm and its "
+                  "update-to-weight ratio per update.\n", diag, ""]
     for base, table in tables.items():
         parts += [f"\n{h} Paired differences to `{base}` (same seed)\n",
                   f"Δ = arm − `{base}` at the same pair and seed (same data subset, initialisation and batch "

@@ -113,7 +113,22 @@ GOOD = [
         source={"init_from": str(t / "missing.pt")})),
     ("text-svd", lambda t: tiny_pair("mergenet", _svd(source=ATT, target=ATT), source_model=L3, target_model=L3,
                                      task=TEXT)),
+    ("unscaled-svd-warns", lambda t: tiny_pair("mergenet", mergenet_options(layer_pairs=[
+        {"source": "features.1.conv.weight", "target": "features.1.conv.weight", "mode": "svd", "rank": 2,
+         "output_scale": "none"}]))),
 ]
+
+
+def test_unscaled_writes_in_svd_and_learned_mode_are_warned_about(tmp_path):
+    """output_scale none writes the adapter's LayerNorm output (row norm ~ sqrt(columns)) into the
+    layer: `mergenet validate` warns, naming the field; full mode into a normalised layer does not."""
+    for mode, warned in (("svd", True), ("learned", True), ("full", False)):
+        lp = {"source": "features.1.conv.weight", "target": "features.1.conv.weight", "mode": mode, "rank": 2,
+              "output_scale": "none"}
+        (fast, fast_w), _ = _both(tiny_pair("mergenet", mergenet_options(layer_pairs=[lp])))
+        assert fast == []
+        hit = [w for w in fast_w if w.startswith("method.options.layer_pairs.0.output_scale: 'none'")]
+        assert bool(hit) == warned, (mode, fast_w)
 
 
 def _both(cfg_dict: dict) -> tuple[tuple[list, list], tuple[list, list]]:
