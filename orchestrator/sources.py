@@ -170,6 +170,7 @@ def train_missing(configs: dict[str, Any], dirs: dict[str, Path], log=print) -> 
             resume = (work / "checkpoint.pt").is_file()
             work.mkdir(parents=True, exist_ok=True)
             final = Engine(cfg, work, progress=False).run(resume=resume)
+            _slim(work / "checkpoint.pt")
             if loc.local is None:
                 loc.upload(work, [p.name for p in work.iterdir() if p.is_file()])
                 shutil.rmtree(work, ignore_errors=True)
@@ -178,6 +179,18 @@ def train_missing(configs: dict[str, Any], dirs: dict[str, Path], log=print) -> 
         PLANNED.pop(str(dirs[name]), None)
         out[name] = final
     return out
+
+
+def _slim(bundle: Path) -> None:
+    """Keep only the trained models' weights in a finished source's bundle (no optimiser state,
+    RNG or data-stream positions): what ``init_from`` reads, at a third of the size."""
+    import torch
+
+    state = torch.load(bundle, map_location="cpu", weights_only=True)
+    roles = {name: {"model": r["model"]} for name, r in state.get("roles", {}).items()}
+    tmp = bundle.with_suffix(".tmp")
+    torch.save({"roles": roles}, tmp)
+    tmp.replace(bundle)
 
 
 def _acc(final: dict) -> str:

@@ -59,9 +59,20 @@ def trial_folder(grid_dir: str | Path | Location, trial_id: str) -> Location:
     return grid / "trials" / trial_id
 
 
+def _quiet_sigterm_exit(unraisable) -> None:
+    """Ray's SIGTERM handler raises SystemExit; when Ray stops a reused, idle trial process at
+    the end of a grid that can land inside a garbage-collection callback, and Python then
+    prints an "Exception ignored" traceback for an ordinary shutdown. Everything else is
+    reported as usual."""
+    if isinstance(unraisable.exc_value, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: str, uri: str, sha: str,
              grid_dir: str) -> None:
     """Tune trial driver: one pair, one MLflow child run."""
+    sys.unraisablehook = _quiet_sigterm_exit
     grid = GridConfig.model_validate_json(grid_json)
     ctx = tune.get_context()
     trial_dir = trial_folder(grid_dir, ctx.get_trial_id())
