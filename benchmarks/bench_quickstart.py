@@ -88,13 +88,15 @@ def alone_accuracy(work: Path) -> dict:
 def adapter_sizes() -> dict:
     """Trainable parameters of each pair's MergeNet adapters against its target model (the
     quickstart's `mergenet` arm, seed 0, built on CPU after the timed run: sizes, not timings)."""
+    from mergenet_core.init_weights import validating
     from mergenet_core.loop import PairState
     from orchestrator.grid import load_grid
 
     grid = load_grid(bu.ROOT / "experiments" / "quickstart.yaml")
     out = {}
     for p in grid.pairs:
-        pair = PairState.build(grid.trial_config(p.name, "mergenet", grid.seeds[0]))
+        with validating():  # sizes only: a source not trained here is built at its planned shapes
+            pair = PairState.build(grid.trial_config(p.name, "mergenet", grid.seeds[0]))
         out[p.name] = {"adapter": int(sum(pair.method.exchange.hub.param_counts().values())),
                        "target": int(sum(t.numel() for t in pair.roles["target"].model.parameters()))}
     return out

@@ -27,6 +27,31 @@ BUNDLE_NAMES = ("checkpoint.pt", "pair.pt")
 #: ``(name, build)``, ``build()`` returning the weightless model the weights will be saved from.
 #: Fast validation checks such an ``init_from`` against that model's names and shapes.
 PLANNED: dict[str, tuple[str, object]] = {}
+_VALIDATING: list[bool] = []
+
+
+class validating:
+    """While active, :func:`apply_init` checks a :data:`PLANNED` folder against its planned
+    shapes and loads nothing (a deep validation before the sources exist); outside it, a planned
+    folder is an error, so no training run can start silently from an untrained model."""
+
+    def __enter__(self):
+        _VALIDATING.append(True)
+        return self
+
+    def __exit__(self, *exc):
+        _VALIDATING.pop()
+        return False
+
+
+def _planned_check(model: nn.Module, spec: InitFrom, field: str) -> bool:
+    """True when ``spec`` names a planned, not yet trained folder (checked against its shapes)."""
+    planned = PLANNED.get(spec.path)
+    if planned is None:
+        return False
+    name, build = planned
+    check_init_state(model, build().state_dict(), f"source '{name}' (trained before the grid)", field)
+    return True
 
 
 def _read_bytes(path: str, field: str) -> tuple[str, bytes]:
@@ -107,11 +132,11 @@ def apply_init(model: nn.Module, spec: InitFrom, role: str, field: str) -> None:
 
     A :data:`PLANNED` folder that holds no weights yet (validation of a grid before its
     ``sources:`` are trained) is checked against the planned model's shapes and loads nothing."""
-    planned = PLANNED.get(spec.path)
-    if planned is not None and not Path(spec.path).exists():
-        name, build = planned
-        check_init_state(model, build().state_dict(), f"source '{name}' (trained before the grid)", field)
-        return
+    if spec.path in PLANNED:
+        if _VALIDATING and _planned_check(model, spec, field):
+            return
+        raise ConfigError(field, f"source '{PLANNED[spec.path][0]}' is not trained yet (`mergenet run` trains a "
+                                 "grid's sources before its trials)")
     where, state = load_init_state(spec, role, field)
     check_init_state(model, state, where, field)
     model.load_state_dict(state)
@@ -145,10 +170,7 @@ def check_init(model: nn.Module, spec: InitFrom, role: str, field: str) -> None:
     tensors are not read, only the weights-only unpickler's record of them); anything else
     (a bucket URI, an old-format or unreadable file) goes through :func:`load_init_state`,
     so its error lines are the full build's."""
-    planned = PLANNED.get(spec.path)
-    if planned is not None and not Path(spec.path).exists():
-        name, build = planned
-        check_init_state(model, build().state_dict(), f"source '{name}' (trained before the grid)", field)
+    if _planned_check(model, spec, field):  # fast validation only: nothing is loaded here
         return
     where, state = _load_mapped(spec, role, field)
     if state is None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from mergenet_core.config import ConfigErrors, apply_overrides, deep_merge, format_validation_error, read_yaml
 from orchestrator.config import PairConfig, parse_config
 from mergenet_core.errors import ConfigError, short
+from mergenet_core.init_weights import validating
 
 
 class _Strict(BaseModel):
@@ -303,7 +304,8 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
             if (pair, method) not in checked_layers:
                 checked_layers.add((pair, method))
                 found: list[str] = []
-                lines.extend(f"{where}: {line}" for line in check_layers(cfg, found, build=build))
+                with validating():  # a source not trained yet is checked at its planned shapes
+                    lines.extend(f"{where}: {line}" for line in check_layers(cfg, found, build=build))
                 if warnings is not None:
                     warnings.extend(f"{where}: {w}" for w in found)
                 if grid.scheduler.name != "fifo":

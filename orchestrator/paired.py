@@ -301,7 +301,8 @@ def positive_control_lines(controls: list[dict]) -> list[str]:
 
 
 def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, str]],
-                      effect: float = EFFECT, positive: list[dict] | None = None) -> list[dict]:
+                      effect: float = EFFECT, positive: list[dict] | None = None,
+                      gated: bool = False) -> list[dict]:
     """For each ``(arm, control)`` and pair, on the test accuracy at the best-validation epoch (the
     primary number; never selected on test): ``transfer shown`` when the arm's 95 % interval
     against ``baseline`` and against ``control`` both lie above 0; ``harmful`` when its interval
@@ -317,7 +318,9 @@ def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, s
 
     ``positive`` (:func:`positive_controls`): where a pair has positive controls and none is
     shown, the instrument has not shown it can see a known effect there, so the verdict is
-    ``cannot measure (no positive control shown; ...)`` whatever the arm's own intervals say."""
+    ``cannot measure (no positive control shown; ...)`` whatever the arm's own intervals say.
+    ``gated`` (positive-control arms were declared): a pair with no positive-control row at all
+    (its positive-control trials all failed or are missing) counts as not shown."""
     seen: dict[str, bool] = {}
     for v in positive or []:
         seen[v["pair"]] = seen.get(v["pair"], False) or bool(v["shown"])
@@ -348,7 +351,7 @@ def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, s
                 text = f"{word} (detectable: ≥ {fmt_mde(mde)} points"
                 text += f"; rules out gains above {fmt_points(upper)})" if word == "not shown" else ")"
             label = pair if not hp else f"{pair} ({hp})"
-            if label in seen and not seen[label]:
+            if (gated or label in seen) and not seen.get(label, False):
                 word, text = "cannot measure", f"cannot measure (no positive control shown; the arm alone: {text})"
             out.append({"pair": pair if not hp else f"{pair} ({hp})", "arm": arm, "control": control,
                         "baseline": baseline, "verdict": text, "word": word, "mde": mde, "rules_out_above": upper,

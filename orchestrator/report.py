@@ -467,7 +467,8 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     if verdict and baseline not in arms:
         raise MergenetError(f"report: --verdict needs the baseline arm '{baseline}' in grid {name}")
     pos = paired.positive_controls(df, baseline, list(positive), effect=eff) if positive and baseline in arms else []
-    verdicts = paired.transfer_verdicts(df, baseline, list(verdict), effect=eff, positive=pos) if verdict else []
+    verdicts = (paired.transfer_verdicts(df, baseline, list(verdict), effect=eff, positive=pos, gated=bool(positive))
+                if verdict else [])
     md.write_text("\n".join([f"# {name}: pair × arm\n", intro,
                              *report_sections(df, tables, verdicts=verdicts, positive=pos)]) + "\n")
     heat = gain_heatmap(tables[baseline], out / HEATMAP, pair_labels(df)) if baseline in tables else None

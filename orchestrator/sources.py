@@ -50,8 +50,29 @@ def source_key(cfg) -> str:
     """12 hex digits over the resolved config (its run name aside) and the code version."""
     data = cfg.model_dump(mode="json")
     data.pop("name", None)
+    for role in ("source", "target"):  # a source's own starting weights: by content, not by path
+        init = (data.get(role) or {}).get("init_from")
+        if init:
+            init["path"] = _content_hash(init["path"])
     blob = json.dumps({"config": data, "code": code_version()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _content_hash(path: str) -> str:
+    """sha256 of a local weights file (a folder: its bundle); the path itself for a URI or a
+    missing file (validation reports that)."""
+    from mergenet_core.init_weights import BUNDLE_NAMES
+
+    p = Path(path)
+    if p.is_dir():
+        p = next((p / n for n in BUNDLE_NAMES if (p / n).is_file()), p)
+    if "://" in path or not p.is_file():
+        return path
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 def sources_root(storage_path: str | None):
@@ -116,9 +137,11 @@ def resolve_refs(data: Any, dirs: dict[str, Path], where: str = "") -> list[str]
         elif isinstance(d, dict):
             for k, v in d.items():
                 field = f"{path}.{k}" if path else str(k)
-                if k == "init_from" and isinstance(v, str) and v.startswith(PREFIX):
+                key = str(k)  # also dotted keys (a pair's `arms:` overrides): source.init_from[.path]
+                is_init = key == "init_from" or key.endswith(".init_from")
+                if (is_init or key.endswith(".init_from.path")) and isinstance(v, str) and v.startswith(PREFIX):
                     d[k] = fix(v, field)
-                elif k == "init_from" and isinstance(v, dict) and str(v.get("path", "")).startswith(PREFIX):
+                elif is_init and isinstance(v, dict) and str(v.get("path", "")).startswith(PREFIX):
                     v["path"] = fix(v["path"], f"{field}.path")
                 else:
                     walk(v, field)
@@ -147,8 +170,10 @@ def _shapes_builder(cfg):
 
 
 def train_missing(configs: dict[str, Any], dirs: dict[str, Path], log=print) -> dict[str, dict]:
-    """Train every source whose folder holds no finished run (resuming an interrupted one);
-    one console line per source. Returns NAME -> its ``final.json``."""
+    """Train every source whose folder holds no finished run (a local folder resumes an
+    interrupted one from its last checkpoint; with bucket storage the checkpoint is uploaded only
+    at the end, so an interrupted source trains again); one console line per source. Returns
+    NAME -> its ``final.json``. Two runs training the same source at once are not coordinated."""
     from mergenet_core.engine import Engine
     from mergenet_core.init_weights import PLANNED
 

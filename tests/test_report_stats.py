@@ -357,3 +357,29 @@ def test_report_effect_flag_must_be_positive(capsys, tmp_path, monkeypatch):
         assert main(["report", "nosuch", "--effect", bad]) == 2
         assert "--effect" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow is touched
+
+
+def test_verdicts_count_only_where_a_positive_control_is_shown():
+    """A pair whose positive control (transplant) is shown gets MergeNet's verdict; one whose
+    positive control is not shown -- or whose positive-control trials all failed -- reads
+    'cannot measure', whatever MergeNet's own intervals say."""
+    from orchestrator import paired
+
+    base = [0.60, 0.62, 0.61]
+    rows = []
+    for pair, pc_gain, pc_status in (("seen", 0.05, "FINISHED"), ("blind", 0.0, "FINISHED"),
+                                     ("failed", 0.05, "FAILED")):
+        for s, b in enumerate(base):
+            rows += [(pair, "alone", s, b, b), (pair, "mergenet", s, b + 0.03 + 0.001 * s, b + 0.03 + 0.001 * s),
+                     (pair, "mergenet_untrained", s, b, b),
+                     (pair, "transplant", s, b + pc_gain + (0.001 * s if pc_gain else (-1) ** s * 0.01),
+                      b + pc_gain + (0.001 * s if pc_gain else (-1) ** s * 0.01), pc_status)]
+    df = _trials(rows)
+    pos = paired.positive_controls(df, "alone", ["transplant"])
+    assert {(v["pair"], v["shown"]) for v in pos} == {("seen", True), ("blind", False)}
+    assert paired.positive_control_lines(pos)[0].startswith("- **blind · transplant vs `alone`: not shown** — ")
+    out = {v["pair"]: v for v in paired.transfer_verdicts(df, "alone", [("mergenet", "mergenet_untrained")],
+                                                          positive=pos, gated=True)}
+    assert out["seen"]["word"] == "transfer shown"
+    assert out["blind"]["word"] == out["failed"]["word"] == "cannot measure"
+    assert out["blind"]["verdict"].startswith("cannot measure (no positive control shown; the arm alone: transfer shown")

@@ -112,3 +112,23 @@ def test_a_per_pair_arm_override_replaces_fields_for_that_arm_only(tmp_path):
     assert t.source.model.options == {"channels": [4, 8]} and t.source.init_from is None
     assert t.method.options["freeze"] is True
     assert grid.trial_config("cnn-cnn", "alone", 0).source is None
+
+
+def test_a_planned_source_is_never_loaded_as_nothing_outside_validation(tmp_path):
+    """Deep validation checks a not-yet-trained source at its planned shapes; a real build of the
+    same trial (outside validation) refuses it instead of starting from an untrained model."""
+    from mergenet_core.errors import ConfigError
+    from mergenet_core.loop import PairState
+
+    path = write_yaml(tmp_path / "g.yaml", _grid(tmp_path))
+    grid = load_grid(path)  # deep: the trial is built inside validation
+    with pytest.raises(ConfigError, match="source 'donor' is not trained yet"):
+        PairState.build(grid.trial_config("cnn-cnn", "transplant", 0))
+
+
+def test_sources_in_dotted_arm_overrides_are_resolved(tmp_path):
+    g = _grid(tmp_path)
+    g["pairs"][0]["arms"] = {"transplant": {"source.init_from": "sources:donor"}}
+    grid = load_grid(write_yaml(tmp_path / "g.yaml", g), deep=False)
+    folder = grid.source_plan()[1]["donor"]
+    assert grid.trial_config("cnn-cnn", "transplant", 0).source.init_from.path == str(folder)

@@ -1,7 +1,6 @@
 """The adapter hub: every link's adapter with its own AdamW optimiser and schedule."""
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -124,10 +123,12 @@ class AdapterHub:
             norm = nn.utils.clip_grad_norm_(params, self.opts.adapter.grad_clip)
             before = [p.detach().clone() for p in params]
             opt.step()
-            with torch.no_grad():  # ||theta_after - theta_before|| / ||theta_before||
-                moved = math.sqrt(sum(float((p - b).pow(2).sum()) for p, b in zip(params, before)))
-                size = math.sqrt(sum(float(b.pow(2).sum()) for b in before))
-            self._epoch["update_ratio"] += moved / max(size, 1e-12)
+            with torch.no_grad():  # ||theta_after - theta_before|| / ||theta_before||, one device sync
+                moved = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+                    torch._foreach_sub([p.detach() for p in params], before))))
+                size = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(before)))
+                ratio = (moved / size.clamp_min(1e-12)).item()
+            self._epoch["update_ratio"] += ratio
             if epoch >= self.opts.adapter.hold_epochs:
                 self.schedulers[lid].step()
             self._epoch["grad_norm"] += float(norm)
