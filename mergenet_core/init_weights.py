@@ -133,7 +133,8 @@ def apply_init(model: nn.Module, spec: InitFrom, role: str, field: str) -> None:
     A :data:`PLANNED` folder that holds no weights yet (validation of a grid before its
     ``sources:`` are trained) is checked against the planned model's shapes and loads nothing."""
     if spec.path in PLANNED:
-        if _VALIDATING and _planned_check(model, spec, field):
+        if _VALIDATING:
+            _planned_check(model, spec, field)
             return
         raise ConfigError(field, f"source '{PLANNED[spec.path][0]}' is not trained yet (`mergenet run` trains a "
                                  "grid's sources before its trials)")

@@ -144,17 +144,6 @@ def cmd_pairs(args) -> int:
     return 0
 
 
-def _has_sources(path: str, overrides: list[str] | None) -> bool:
-    """Whether the grid declares ``sources:`` (then its trials are checked fast first, built once
-    the sources exist)."""
-    from mergenet_core.config import apply_overrides, read_yaml
-
-    try:
-        return bool(apply_overrides(read_yaml(path), overrides or []).get("sources"))
-    except Exception:  # noqa: BLE001 - load_grid reports the problem
-        return False
-
-
 def cmd_run(args) -> int:
     if args.resume:
         grid = None
@@ -163,12 +152,12 @@ def cmd_run(args) -> int:
     else:
         from orchestrator.grid import load_grid
 
-        grid = load_grid(args.grid, args.set, build=not _has_sources(args.grid, args.set))
-        if grid.sources:  # every config is valid (fast check, sources at their planned shapes): train them
+        # every trial built once before any work; a source not trained yet at its planned shapes
+        grid = load_grid(args.grid, args.set)
+        if grid.sources:
             from orchestrator.sources import train_missing
 
             train_missing(*grid.source_plan())
-            grid = load_grid(args.grid, args.set)  # now every trial built once, as without sources
     from orchestrator.tune_grid import run_grid
 
     summary = run_grid(grid, address=args.address, resume_dir=args.resume, verbose=args.verbose)

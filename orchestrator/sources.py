@@ -5,8 +5,9 @@ A grid may declare ``sources: {NAME: <train config>}``: each value is a pair con
 ``init_from`` in the grid (its ``base``, a pair, an arm, or a per-pair arm override) may name one
 as ``sources:NAME``. ``mergenet run`` then
 
-1. validates everything before any work (a reference to a source not trained yet is checked
-   against the shapes its model will have: :data:`mergenet_core.init_weights.PLANNED`);
+1. validates everything before any work, every trial built once as without sources (a
+   reference to a source not trained yet is checked against the shapes its model will have:
+   :data:`mergenet_core.init_weights.PLANNED`);
 2. trains each missing source in this process (the single-process engine), or reuses it;
 3. runs the grid, whose trials start from ``<sources dir>/NAME-KEY``.
 
@@ -82,7 +83,7 @@ def sources_root(storage_path: str | None):
     return Location.parse(storage_path or "runs/grids").parent / "sources"
 
 
-def source_configs(sources: dict[str, dict], base_dir: Path | None = None) -> dict[str, Any]:
+def source_configs(sources: dict[str, dict]) -> dict[str, Any]:
     """NAME -> validated pair config; ``ConfigErrors`` lines name ``sources.NAME.<field>``."""
     from mergenet_core.config import ConfigErrors
     from orchestrator.config import parse_config
@@ -174,11 +175,10 @@ def train_missing(configs: dict[str, Any], dirs: dict[str, Path], log=print) -> 
     interrupted one from its last checkpoint; with bucket storage the checkpoint is uploaded only
     at the end, so an interrupted source trains again); one console line per source. Returns
     NAME -> its ``final.json``. Two runs training the same source at once are not coordinated."""
-    from mergenet_core.engine import Engine
-    from mergenet_core.init_weights import PLANNED
-
     import shutil
 
+    from mergenet_core.engine import Engine
+    from mergenet_core.init_weights import PLANNED
     from orchestrator.storage import Location, scratch_dir
 
     out = {}

@@ -127,9 +127,10 @@ class ParameterAdapter(nn.Module):
     output gets the RMS of ``reference`` (the matrix being replaced; ``x`` when not given) --
     measured through ``metric`` ``G = B^T B`` when given (svd and learned factors), so that the
     written part ``B X'`` has exactly the Frobenius norm of the part ``B X`` it replaces
-    (``||B X||^2 = sum((G X) * X)``); without it, the RMS of the matrix itself (full mode); ``none`` returns the last LayerNorm's output (rows zero-mean, unit variance:
-    a row norm of about sqrt(q) whatever the layer's scale -- on svd factors this inflates the
-    layer's top-r part at every write, docs/METHOD.md "Scale rule");
+    (``||B X||^2 = sum((G X) * X)``); without it, the RMS of the matrix itself (full mode);
+    ``none`` returns the last LayerNorm's output (rows zero-mean, unit variance: a row norm of
+    about sqrt(q) whatever the layer's scale -- on svd factors this inflates the layer's top-r
+    part at every write, docs/METHOD.md "Scale rule");
     ``learned`` multiplies by a learnable scalar, initialised on the first call that has a
     ``reference`` so that the output RMS equals the reference RMS (1 until then).
 

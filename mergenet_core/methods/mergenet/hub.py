@@ -70,7 +70,7 @@ class AdapterHub:
                 ad = self.adapters[lid]
                 ad.train()
                 x, y = x.to(self.device, torch.float32), y.to(self.device, torch.float32)
-                g = metric[0] if metric and metric[0] is not None else None
+                g = metric[0] if metric else None
                 kw = {"reference": x, "metric": None if g is None else g.to(self.device, torch.float32)}
                 if snapshot:
                     snap = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in ad.named_parameters()}
