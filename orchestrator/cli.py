@@ -145,6 +145,12 @@ def cmd_pairs(args) -> int:
 
 
 def cmd_run(args) -> int:
+    import os
+    import time
+
+    t0, load0 = time.time(), os.getloadavg()[0]
+    times: dict[str, float] = {}
+    selection = None
     if args.resume:
         grid = None
     elif not args.grid:
@@ -158,9 +164,17 @@ def cmd_run(args) -> int:
             from orchestrator.sources import train_missing
 
             train_missing(*grid.source_plan())
+            times["sources"] = time.time() - t0
+        if grid.select is not None:  # the search on the validation split, then the grid with its winner
+            from orchestrator.select import run_selection
+
+            grid, selection = run_selection(grid, address=args.address, verbose=args.verbose, again=args.reselect)
+            times["search"] = selection["wall_s"]
     from orchestrator.tune_grid import run_grid
 
+    t_grid = time.time()
     summary = run_grid(grid, address=args.address, resume_dir=args.resume, verbose=args.verbose)
+    times["grid"] = time.time() - t_grid
     print(json.dumps(summary, indent=2))
     if not args.no_report:
         from orchestrator.grid import GridConfig
@@ -170,18 +184,41 @@ def cmd_run(args) -> int:
 
         # the grid's `report:` section (baseline, negative controls, verdicts); a resumed grid's from its folder
         grid = grid or GridConfig.model_validate_json((Location.parse(summary["storage"]) / GRID_FILE).read_text())
+        if grid.select is not None and selection is None:  # resumed: the search's record from its folder
+            from orchestrator.select import SELECTION_FILE, search_grid
+
+            f = Location.parse(summary["storage"]).parent / search_grid(grid).grid / SELECTION_FILE
+            selection = json.loads(f.read_text()) if f.exists() else None
         spec = grid.report
         rep = make_report(summary["storage"], baseline=spec.baseline, controls=spec.controls,
                           verdict=spec.verdict_pairs(), effect=spec.effect_points,
-                          positive=spec.positive_controls)
+                          positive=spec.positive_controls, results_md=spec.results_md, section=spec.section,
+                          preamble=_run_account(times, time.time() - t0, load0, selection, bool(args.resume)))
         print(rep["console"])
-        print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}")
+        print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}"
+              + (f"  section of: {spec.results_md}" if spec.results_md else ""))
     from orchestrator import tracking
 
     uri = tracking.tracking_uri()
     ui = "" if uri.startswith(("http://", "https://")) else f"`mlflow ui --backend-store-uri {uri}`, then "
     print(f"MLflow: {ui}{tracking.ui_url(uri, summary['experiment_id'])}")
     return 1 if summary["failed"] else 0
+
+
+def _run_account(times: dict[str, float], total: float, load0: float, selection: dict | None,
+                 resumed: bool) -> str:
+    """What this `mergenet run` did and how long it took (the report's preamble)."""
+    import os
+
+    from orchestrator.select import markdown
+
+    parts = [f"{k} {v / 60:.1f} min" for k, v in times.items()]
+    what = "`mergenet run --resume`" if resumed else "`mergenet run`"
+    text = (f"Wall time of this {what}: {', '.join(parts)}; total {total / 60:.1f} min (1-min load average "
+            f"{load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end).")
+    if selection is not None:
+        text += "\n\n" + markdown(selection)
+    return text
 
 
 def cmd_report(args) -> int:
@@ -282,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--resume", metavar="DIR_OR_URI",
                    help="resume an interrupted grid from its storage folder (a local path or a bucket URI)")
     r.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    r.add_argument("--reselect", action="store_true",
+                   help="run the grid's search (`select:`) again instead of reusing its earlier winner")
     r.add_argument("--verbose", action="store_true", help="also print Ray Tune's status tables")
     r.set_defaults(fn=cmd_run)
 

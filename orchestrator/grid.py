@@ -10,6 +10,7 @@ grid exits with code 2 before any cluster work.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +41,9 @@ class PairEntry(_Strict):
 
 
 class Axis(_Strict):
-    grid: list[Any] | None = None
+    grid: list[Any] | dict[str, Any] | None = Field(
+        None, description="every value (a list), or LABEL -> value (a mapping): trials and reports then show the "
+                          "label (e.g. a set of layer pairs: `{one: [...], all: [...]}`)")
     choice: list[Any] | None = None
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
@@ -60,8 +63,13 @@ class Axis(_Strict):
         return self
 
     def bounds(self) -> list[Any]:
-        """Values checked at validation time (every grid/choice value, both random bounds)."""
+        """Values checked at validation time (every grid/choice value -- a named grid's labels --,
+        both random bounds)."""
         return list(self.grid or self.choice or self.loguniform or self.uniform)
+
+    def value(self, v: Any) -> Any:
+        """The field's value for a trial's axis value (a named grid's label -> its value)."""
+        return self.grid[v] if isinstance(self.grid, dict) and isinstance(v, str) and v in self.grid else v
 
 
 class SchedulerSpec(_Strict):
@@ -103,6 +111,10 @@ class ReportSpec(_Strict):
                                           "trained donor); where none is, a pair's verdicts read 'cannot measure'")
     effect_points: float = Field(1.0, gt=0, allow_inf_nan=False,
                                  description="true gain (points) the paired tables' 'seeds needed' column is for")
+    results_md: str | None = Field(None, description="also write the report as a section of this Markdown file "
+                                                     "(e.g. docs/RESULTS.md; relative to the working directory)")
+    section: str | None = Field(None, description="that section's title (default: the grid name); re-running "
+                                                  "replaces only this section")
 
     @field_validator("verdicts")
     @classmethod
@@ -115,6 +127,24 @@ class ReportSpec(_Strict):
 
     def verdict_pairs(self) -> list[tuple[str, str]]:
         return [tuple(x.split(":", 1)) for x in self.verdicts]
+
+
+class SelectSpec(_Strict):
+    """A search on the validation split that ``mergenet run`` runs before the grid: each searched
+    arm's trials over ``search`` on ``seeds`` (disjoint from the grid's), the configuration with
+    the best mean ``metric`` per pair chosen, and the grid then run with it for that arm and the
+    arms that inherit it (its controls). orchestrator/select.py."""
+
+    arms: dict[str, list[str]] = Field(min_length=1, description="searched arm -> the arms that run with the "
+                                                                 "configuration it wins (its controls)")
+    search: dict[str, Axis] = Field(min_length=1, description="dotted pair-config field -> axis")
+    seeds: list[int] = Field(min_length=1, description="search seeds; none of them a verdict seed (`seeds`)")
+    metric: str = Field("target/best_val_acc", pattern=r"^[a-z_]+/[a-z_]*val[a-z_]*$",
+                        description="a validation metric (never test): mean over the search seeds decides")
+    mode: Literal["max", "min"] = "max"
+    num_samples: PositiveInt = Field(1, description="samples of the random axes")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="e.g. asha; default: every "
+                                                                                "trial to the end")
 
 
 class GridConfig(_Strict):
@@ -137,6 +167,8 @@ class GridConfig(_Strict):
                                      "one, only the last, all written, or none once the trial has finished (the "
                                      "last is still written while it runs, so an interrupted trial resumes)")
     report: ReportSpec = Field(default_factory=ReportSpec, description="what `mergenet run` reports at the end")
+    select: SelectSpec | None = Field(None, description="a search on the validation split run first; its winner "
+                                                        "configures the named arms (orchestrator/select.py)")
     sources: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="NAME -> a train config (as `mergenet train` takes; method alone by "
                                           "default): models trained (or reused from cache) before the trials; "
@@ -180,6 +212,25 @@ class GridConfig(_Strict):
         bad = [n for n in self.sources if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,59}", n)]
         if bad:
             raise ValueError(f"sources: name '{short(bad[0], 40)}' must be letters, digits, _ . - (at most 60)")
+        if self.select is not None:
+            sel = self.select
+            named = [*sel.arms, *(b for v in sel.arms.values() for b in v)]
+            unknown = sorted({a for a in named if a not in arms})
+            if unknown:
+                raise ValueError(f"select.arms: no arm(s) {unknown} in methods ({', '.join(self.methods)})")
+            twice = sorted({a for a in named if named.count(a) > 1})
+            if twice:
+                raise ValueError(f"select.arms: arm(s) {twice} named twice (each arm takes one winner)")
+            shared = sorted(set(sel.seeds) & set(self.seeds))
+            if shared:
+                raise ValueError(f"select.seeds: seed(s) {shared} are also verdict seeds (`seeds`); search on "
+                                 "other seeds, so that the verdict is not measured where it was tuned")
+            random = sorted(k for k, a in sel.search.items() if a.grid is None)
+            if random:
+                raise ValueError(f"select.search: {random[0]}: give a grid (every seed must see the same values "
+                                 "for their mean to decide)")
+            if sel.scheduler.name == "pbt":
+                raise ValueError("select.scheduler: pbt changes a trial's configuration as it runs; use fifo or asha")
         if self.scheduler.name == "pbt" and (len(self.pairs) > 1 or len(self.methods) > 1):
             raise ValueError("scheduler: pbt copies a donor trial's whole config on exploit (pair and arm "
                              "included), which would mix arms; use one pair and one arm per PBT grid")
@@ -214,7 +265,9 @@ class GridConfig(_Strict):
             d["source"] = deep_merge(self.base.get("source", {}), p.source)
         d = deep_merge(d, p.overrides)
         d = apply_overrides(d, [f"{k}={_yaml(v)}" for k, v in p.arms.get(arm, {}).items()])
-        return apply_overrides(d, [f"{k}={_yaml(v)}" for k, v in (hp or {}).items()])
+        axes = {**(self.select.search if self.select else {}), **self.search, **self.scheduler.hyperparam_mutations}
+        return apply_overrides(d, [f"{k}={_yaml(axes[k].value(v) if k in axes else v)}"
+                                   for k, v in (hp or {}).items()])
 
     def source_plan(self) -> tuple[dict[str, PairConfig], dict[str, Path]]:
         """The declared sources' validated configs and their cache folders."""
@@ -229,11 +282,15 @@ class GridConfig(_Strict):
     def enumerate_checks(self):
         """Every (pair, method, seed-free) combination with every axis value to validate."""
         axes = {**self.search, **self.scheduler.hyperparam_mutations}
-        keys = list(axes)
+        selected = {}
+        for arm, inherit in (self.select.arms.items() if self.select else ()):
+            selected.update({a: self.select.search for a in (arm, *inherit)})
         for p in self.pairs:
             for m in self.methods:
-                for values in itertools.product(*[axes[k].bounds() for k in keys]) if keys else [()]:
-                    yield p.name, m, dict(zip(keys, values))
+                ax = {**selected.get(m, {}), **axes}  # a selected arm: each search value too
+                ks = list(ax)
+                for values in itertools.product(*[ax[k].bounds() for k in ks]) if ks else [()]:
+                    yield p.name, m, dict(zip(ks, values))
 
     def trial_count(self) -> int:
         n = len(self.pairs) * len(self.methods) * len(self.seeds) * self.num_samples
@@ -290,7 +347,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
     grid = _resolve_sources(grid, data)
     if deep:
         lines: list[str] = []
-        checked_layers: set[tuple[str, str]] = set()
+        checked_layers: set[tuple[str, str, str]] = set()
         for pair, method, hp in grid.enumerate_checks():
             where = f"pairs[{pair}] method[{method}]" + (f" {short(hp, 80)}" if hp else "")
             try:
@@ -301,17 +358,23 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
             except ConfigError as e:
                 lines.append(f"{where}: {e}")
                 continue
-            if (pair, method) not in checked_layers:
-                checked_layers.add((pair, method))
+            # the layers once per pair, arm and layer pairs + adapter (a search may vary them)
+            opts = cfg.model_dump(mode="json")["method"]["options"]
+            key = (pair, method, json.dumps([opts.get("layer_pairs"), opts.get("adapter")], sort_keys=True))
+            if key not in checked_layers:
+                checked_layers.add(key)
                 found: list[str] = []
                 with validating():  # a source not trained yet is checked at its planned shapes
                     lines.extend(f"{where}: {line}" for line in check_layers(cfg, found, build=build))
                 if warnings is not None:
                     warnings.extend(f"{where}: {w}" for w in found)
-                if grid.scheduler.name != "fifo":
-                    problem = check_scheduler_metric(cfg, grid.scheduler.metric)
+                checks = [("scheduler.metric", grid.scheduler.metric)] if grid.scheduler.name != "fifo" else []
+                if grid.select is not None and method in grid.select.arms and grid.select.scheduler.name != "fifo":
+                    checks.append(("select.scheduler.metric", grid.select.scheduler.metric))
+                for field, metric in checks:
+                    problem = check_scheduler_metric(cfg, metric)
                     if problem:
-                        lines.append(f"{where}: scheduler.metric: {problem}")
+                        lines.append(f"{where}: {field}: {problem}")
         if lines:
             raise ConfigErrors(sorted(set(lines), key=lines.index))
     return grid

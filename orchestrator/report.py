@@ -97,6 +97,9 @@ def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None
                               f" (`init_from`)" if init else ""))
             r = t.get("recipe", {})
             out.append(f"- recipe: {json.dumps(r)}")
+            if p.arms:
+                out.append(f"- pair `{p.name}`, per-arm settings: "
+                           + "; ".join(f"`{a}` {json.dumps(v)}" for a, v in p.arms.items()))
         out.append(f"- seeds: {g.seeds}; arms: "
                    + "; ".join(f"`{a}` = {g.method_of(a)} {json.dumps({k: v for k, v in o.items() if k != 'method'})}"
                                for a, o in g.methods.items()))
@@ -427,11 +430,12 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
                 controls: list[str] | tuple[str, ...] = (), results_md: str | Path | None = None,
                 section: str | None = None, verdict: list[tuple[str, str]] | tuple = (),
                 grid_file: str | Path | None = None, effect: float = 1.0,
-                positive: list[str] | tuple[str, ...] = ()) -> dict:
+                positive: list[str] | tuple[str, ...] = (), preamble: str | None = None) -> dict:
     """``verdict``: ``(arm, control)`` pairs that get a one-line transfer verdict per pair;
     ``positive``: positive-control arms (their gain over ``baseline`` must be shown for a pair's
     verdicts to count);
-    ``effect``: the true gain, in points, the paired tables' "seeds needed" are for (> 0)."""
+    ``effect``: the true gain, in points, the paired tables' "seeds needed" are for (> 0);
+    ``preamble``: Markdown put after the intro (``mergenet run``'s wall times and search)."""
     if not (isinstance(effect, (int, float)) and effect > 0 and effect != float("inf")):
         raise MergenetError(f"report: --effect must be a positive number of points, not {effect}")
     eff = effect / 100
@@ -463,6 +467,8 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     setting = setting_lines(c, name, parent, grid_file)
     if setting:
         intro += "\n" + "\n".join(setting) + "\n"
+    if preamble:
+        intro += "\n" + preamble.strip() + "\n"
     md = out / "report.md"
     if verdict and baseline not in arms:
         raise MergenetError(f"report: --verdict needs the baseline arm '{baseline}' in grid {name}")

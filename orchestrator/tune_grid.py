@@ -409,8 +409,8 @@ def trial_resources(grid: GridConfig):
 
 
 def _axis(a, pbt: bool = False):
-    if a.grid is not None:
-        return list(a.grid) if pbt else tune.grid_search(a.grid)
+    if a.grid is not None:  # a named grid: its labels (the trial config resolves them)
+        return list(a.grid) if pbt else tune.grid_search(list(a.grid))
     if a.choice is not None:
         return tune.choice(a.choice)
     if a.loguniform is not None:
@@ -469,7 +469,7 @@ def build_tuner(grid: GridConfig, storage: Location, parent_run_id: str, experim
              "method": tune.grid_search(list(grid.methods)),
              "seed": tune.grid_search(grid.seeds),
              "hp": {**{k: _axis(a) for k, a in grid.search.items()},
-                    **{k: _axis(a, pbt=True) if a.grid is None else tune.choice(a.grid)
+                    **{k: _axis(a, pbt=True) if a.grid is None else tune.choice(list(a.grid))
                        for k, a in grid.scheduler.hyperparam_mutations.items() if k not in grid.search}}}
     return tune.Tuner(
         trainable,
