@@ -189,11 +189,15 @@ def cmd_run(args) -> int:
 
             f = Location.parse(summary["storage"]).parent / search_grid(grid).grid / SELECTION_FILE
             selection = json.loads(f.read_text()) if f.exists() else None
+        from orchestrator.report import RUN_ACCOUNT
+
         spec = grid.report
+        account = _run_account(times, time.time() - t0, load0, selection, bool(args.resume))
+        (Location.parse(summary["storage"]) / RUN_ACCOUNT).write_text(account)  # `mergenet report` shows it too
         rep = make_report(summary["storage"], baseline=spec.baseline, controls=spec.controls,
                           verdict=spec.verdict_pairs(), effect=spec.effect_points,
                           positive=spec.positive_controls, results_md=spec.results_md, section=spec.section,
-                          preamble=_run_account(times, time.time() - t0, load0, selection, bool(args.resume)))
+                          preamble=account)
         print(rep["console"])
         print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}"
               + (f"  section of: {spec.results_md}" if spec.results_md else ""))
@@ -224,6 +228,19 @@ def _run_account(times: dict[str, float], total: float, load0: float, selection:
 def cmd_report(args) -> int:
     from orchestrator.report import make_report
 
+    if Path(args.what).is_file() and not (args.verdict or args.control or args.positive or args.results_md):
+        # a grid file and no report options: its own `report:` section, as `mergenet run` uses it
+        from mergenet_core.config import ConfigErrors
+        from orchestrator.grid import load_grid
+
+        try:
+            spec = load_grid(args.what, deep=False).report
+        except ConfigErrors as e:
+            return _fail(e.lines)
+        args.baseline, args.control, args.positive = spec.baseline, spec.controls, spec.positive_controls
+        args.verdict, args.effect, args.results_md = spec.verdicts, spec.effect_points, spec.results_md
+        args.section = args.section or spec.section
+
     checks = []
     for v in args.verdict:
         arm, sep, ctl = v.partition(":")
@@ -240,6 +257,21 @@ def cmd_report(args) -> int:
         return _fail([f"report: {e.filename or ''}: {e.strerror or e}"])
     print(rep["text"])
     print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from orchestrator.report import write_section
+    from orchestrator.summary import summary_markdown
+
+    try:
+        text = summary_markdown(args.grids)
+    except MergenetError as e:
+        return _fail([str(e)])
+    print(text)
+    if args.results_md:
+        write_section(args.results_md, args.section, text)
+        print(f"section '{args.section}' of {args.results_md}")
     return 0
 
 
@@ -342,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--section", metavar="TITLE", help="that section's title (default: the grid name); "
                                                         "re-running replaces only this section")
     rp.set_defaults(fn=cmd_report)
+
+    sm = sub.add_parser("summary", help="one table over several grids' verdicts (the study's summary)")
+    sm.add_argument("grids", nargs="+", metavar="GRID.yaml")
+    sm.add_argument("--results-md", metavar="PATH", help="also write it as a section of this Markdown file")
+    sm.add_argument("--section", default="Does knowledge move? The study ladder (summary)", metavar="TITLE")
+    sm.set_defaults(fn=cmd_summary)
 
     addr_help = "Ray job server (default: RAY_API_SERVER_ADDRESS, or http://127.0.0.1:8265 = an SSH tunnel)"
     sb = sub.add_parser("submit", help="run a grid on a Ray cluster as a Ray job (ships this directory)")

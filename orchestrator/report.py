@@ -149,7 +149,8 @@ def trials_frame(c, experiment_id: str, parent: str | None) -> pd.DataFrame:
 
 DIAGNOSTICS = (("write_change", "write change"), ("receiver_factor_cos", "receiver factor cos"),
                ("provider_factor_cos", "provider factor cos"),
-               ("feedback_cos", "feedback cos (vs task gradient)"))
+               ("feedback_cos", "feedback cos (vs task gradient)"), ("source_cos", "cos(written, source)"),
+               ("gate", "gate"))
 #: per-epoch numbers of the method as a whole (columns after the per-link ones)
 METHOD_DIAGNOSTICS = (("adapter/grad_norm", "adapter grad norm", ".3g"),
                       ("adapter/update_ratio", "adapter update / weight", ".2e"))
@@ -412,8 +413,10 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
                   "Per link: *write change* = ‖W_after − W_before‖ / ‖W_before‖ of each write into the target "
                   "layer; *factor cos* = mean row cosine between consecutive transfers' factors; *feedback cos* = "
                   "cosine of the feedback the adapter learned from with the target's task gradient dL/dA' (1 for "
-                  "the exact rule; the delta rule's drift from it); the adapter's pre-clip gradient norm and its "
-                  "update-to-weight ratio per update.\n", diag, ""]
+                  "the exact rule; the delta rule's drift from it); *cos(written, source)* = cosine of the written "
+                  "matrix with the source matrix the adapter saw (same shapes only: does the output move toward "
+                  "the source?); *gate* = the residual gate's value (gated adapters); the adapter's pre-clip "
+                  "gradient norm and its update-to-weight ratio per update.\n", diag, ""]
     for base, table in tables.items():
         parts += [f"\n{h} Paired differences to `{base}` (same seed)\n",
                   f"Δ = arm − `{base}` at the same pair and seed (same data subset, initialisation and batch "
@@ -426,6 +429,20 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
     return parts
 
 
+RUN_ACCOUNT = "run_account.md"
+
+
+def _grid_folder(what: str, name: str, grid_file: str | Path | None = None):
+    """The grid's storage folder: ``what`` itself when it is one, else ``runs/grids/NAME``."""
+    from orchestrator.storage import Location
+
+    if grid_file:
+        return Location.parse(str(grid_file)).parent
+    if "://" in what or Path(what).is_dir():
+        return Location.parse(what)
+    return Location.parse("runs/grids") / name
+
+
 def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "alone",
                 controls: list[str] | tuple[str, ...] = (), results_md: str | Path | None = None,
                 section: str | None = None, verdict: list[tuple[str, str]] | tuple = (),
@@ -435,7 +452,8 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     ``positive``: positive-control arms (their gain over ``baseline`` must be shown for a pair's
     verdicts to count);
     ``effect``: the true gain, in points, the paired tables' "seeds needed" are for (> 0);
-    ``preamble``: Markdown put after the intro (``mergenet run``'s wall times and search)."""
+    ``preamble``: Markdown put after the intro (``mergenet run``'s wall times and search; by
+    default what the last ``mergenet run`` of the grid wrote to ``run_account.md`` in its folder)."""
     if not (isinstance(effect, (int, float)) and effect > 0 and effect != float("inf")):
         raise MergenetError(f"report: --effect must be a positive number of points, not {effect}")
     eff = effect / 100
@@ -467,6 +485,9 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     setting = setting_lines(c, name, parent, grid_file)
     if setting:
         intro += "\n" + "\n".join(setting) + "\n"
+    if preamble is None:  # what `mergenet run` recorded of itself (wall times, the search's winner)
+        acct = _grid_folder(what, name, grid_file) / RUN_ACCOUNT
+        preamble = acct.read_text() if acct.exists() else None
     if preamble:
         intro += "\n" + preamble.strip() + "\n"
     md = out / "report.md"

@@ -124,3 +124,28 @@ def test_cpu_attention_dropout_drops_p_of_the_weights_and_is_unbiased():
     draws = torch.stack([attend(q, k, ident, 0.25) for _ in range(4000)])
     assert abs(float((draws == 0).float().mean()) - 0.25) < 0.01
     torch.testing.assert_close(draws.mean(0), attend(q, k, ident), atol=0.01, rtol=0.05)
+
+
+def test_source_anchor_with_open_gate_writes_the_source_matrix_then_learns_to_depart():
+    """anchor: source, gate_init 1: an untrained adapter proposes (and writes) the source's matrix;
+    its departure scalar gets a gradient, so training can move away from the copy."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 10), 3 * torch.randn(6, 10)
+    ad = ParameterAdapter((6, 10), (6, 10), layers=1, heads=2, output_scale="none", gate=True, gate_init=1.0,
+                          anchor="source")
+    out = ad(x, y)
+    assert torch.allclose(out, y, atol=1e-6)
+    scaled = ParameterAdapter((6, 10), (6, 10), layers=1, heads=2, gate=True, gate_init=1.0, anchor="source")(x, y)
+    assert torch.allclose(scaled / rms(scaled), y / rms(y), atol=1e-5) and torch.isclose(rms(scaled), rms(x))
+    (out * torch.randn_like(out)).sum().backward()
+    assert ad.depart.grad is not None and float(ad.depart.grad.abs()) > 0 and ad.gate.grad is not None
+    with pytest.raises(ValueError, match="anchor"):
+        ParameterAdapter((6, 10), (8, 10), layers=1, heads=2, anchor="source")
+
+
+def test_gate_init_needs_the_gate():
+    from mergenet_core.methods.mergenet.options import AdapterOptions
+
+    with pytest.raises(ValueError, match="gate_init"):
+        AdapterOptions(gate_init=1.0)
+    assert AdapterOptions(gate=True, gate_init=1.0, anchor="source").anchor == "source"

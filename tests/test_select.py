@@ -88,7 +88,30 @@ def test_search_then_verdict_grid_with_the_winner(tmp_path):
     md = (tmp_path / "docs/RESULTS.md").read_text()
     assert "## Select test" in md and "Search on the validation split" in md and "Wall time of this" in md
     assert "## Verdict" in md or "### Verdict" in md
+    # the summary over the grid: one row per arm, the primary verdict marked, the search's budget
+    r3 = cli(["summary", str(path), "--results-md", "docs/RESULTS.md"], tmp_path, uri, timeout=300)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    md = (tmp_path / "docs/RESULTS.md").read_text()
+    rows = [l for l in md.splitlines() if l.startswith("| `g.yaml` |")]
+    assert len(rows) == 2 and "(primary)" in next(l for l in rows if "`mergenet`" in l), rows
+    assert "negative control" in next(l for l in rows if "`mergenet_untrained`" in l), rows
+    assert "search 4 trials" in md and "Wall time of this `mergenet run`" in md
+    # `mergenet report GRID.yaml` alone: the grid's own report section, with the run's account
+    r4 = cli(["report", str(path)], tmp_path, uri, timeout=300)
+    assert r4.returncode == 0 and "## Verdict" in r4.stdout and "Search on the validation split" in r4.stdout, \
+        (r4.stdout + r4.stderr)[-3000:]
     # a second run reuses the search (and says so)
     r2 = cli(["run", str(path), "--no-report"], tmp_path, uri)
     assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
     assert "select: reusing the search" in r2.stdout and "grid g-sel-select" not in r2.stdout
+
+
+def test_source_anchor_on_unequal_layers_rejected_before_any_work(tmp_path):
+    g = grid("g-anchor")
+    g["methods"]["mergenet"] = {**MN, "adapter": {**MN["adapter"], "anchor": "source"}}
+    g["pairs"][0]["layer_pairs"] = [{"source": "features.1.conv.weight", "target": "features.0.conv.weight",
+                                     "mode": "full"}]
+    del g["select"]
+    r = cli(["validate", str(write_yaml(tmp_path / "g.yaml", g))], tmp_path, f"sqlite:///{tmp_path / 'm.db'}",
+            timeout=180)
+    assert r.returncode == 2 and "method.options.adapter.anchor" in r.stderr and "Traceback" not in r.stderr, r.stderr

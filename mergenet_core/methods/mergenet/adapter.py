@@ -134,17 +134,29 @@ class ParameterAdapter(nn.Module):
     ``learned`` multiplies by a learnable scalar, initialised on the first call that has a
     ``reference`` so that the output RMS equals the reference RMS (1 until then).
 
-    ``gate``: the output is ``X + g (X' - X)`` with a learnable scalar ``g`` initialised to 0,
-    so an untrained adapter rewrites nothing and the adapter only moves the target as far as its
-    feedback (the target's own loss) says the proposal helps.
+    ``gate``: the output is ``X + g (X' - X)`` with a learnable scalar ``g`` initialised to
+    ``gate_init`` (0: an untrained adapter rewrites nothing and the adapter only moves the target
+    as far as its feedback -- the target's own loss -- says the proposal helps).
+
+    ``anchor``: what the proposal ``X'`` starts from. ``target`` (the method's): the KTL stack's
+    output. ``source``: ``Y + d (KTL(X, Y) - Y)`` with a learnable scalar ``d`` initialised to 0,
+    so that an untrained adapter proposes the source's matrix itself and learns how far to depart
+    from it (needs equal shapes; with ``gate_init: 1`` the first write copies the source's
+    matrix, at the layer's scale under ``output_scale: rms``: docs/METHOD.md, "Why MergeNet's
+    writes lose where a transplant gains").
     """
 
     def __init__(self, target_shape: tuple[int, int], source_shape: tuple[int, int],
                  layers: int = 2, heads: int = 8, attn_dropout: float = 0.1,
                  ffn_dropout: float = 0.2, output_scale: OutputScale = "rms",
                  combine: Combine = "learned", gelu: Gelu = "erf", ln_eps: float = 1e-5,
-                 width: int | None = None, gate: bool = False):
+                 width: int | None = None, gate: bool = False, anchor: str = "target", gate_init: float = 0.0):
         super().__init__()
+        if anchor not in ("target", "source"):
+            raise ValueError(f"anchor must be target or source, got '{anchor}'")
+        if anchor == "source" and tuple(target_shape) != tuple(source_shape):
+            raise ValueError(f"anchor: 'source' needs the source matrix in the target's shape, got target "
+                             f"{tuple(target_shape)} and source {tuple(source_shape)}")
         if output_scale not in ("none", "rms", "learned"):
             raise ValueError(f"output_scale must be none, rms or learned, got '{output_scale}'")
         if layers < 1 or heads < 1:
@@ -160,8 +172,11 @@ class ParameterAdapter(nn.Module):
             self.scale = nn.Parameter(torch.ones(()))
             self.register_buffer("scale_initialised", torch.zeros((), dtype=torch.bool))
         self.gated = gate
-        if gate:  # zero-initialised residual gate: an untrained adapter writes back its input
-            self.gate = nn.Parameter(torch.zeros(()))
+        if gate:  # residual gate (from 0: an untrained adapter writes back its input)
+            self.gate = nn.Parameter(torch.full((), float(gate_init)))
+        self.anchor = anchor
+        if anchor == "source":  # departure from the source's matrix, from 0
+            self.depart = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: Tensor, y: Tensor, reference: Tensor | None = None,
                 metric: Tensor | None = None) -> Tensor:
@@ -171,6 +186,8 @@ class ParameterAdapter(nn.Module):
         out = x
         for layer in self.layers:
             out = layer(out, y)
+        if self.anchor == "source":
+            out = y + self.depart * (out - y)
         if self.output_scale == "rms":
             ref = (x if reference is None else reference).detach()
             if metric is None:

@@ -29,7 +29,8 @@ class AdapterHub:
             self.adapters = nn.ModuleDict({
                 lid: ParameterAdapter(shapes[lid][0], shapes[lid][1], a.layers, a.heads, *a.dropouts,
                                       self.links[lid].pair.output_scale, combine=a.combine, gelu=a.gelu,
-                                      ln_eps=a.ln_eps, width=a.width, gate=a.gate)
+                                      ln_eps=a.ln_eps, width=a.width, gate=a.gate,
+                                      anchor=a.anchor, gate_init=a.gate_init)
                 for lid in self.links}).to(self.device)
         self.optimizers, self.schedulers = {}, {}
         for lid, ad in self.adapters.items():
@@ -49,7 +50,22 @@ class AdapterHub:
     @staticmethod
     def _fresh_epoch() -> dict:
         return {"transfers": 0, "skipped": 0, "grad_norm": 0.0, "update_ratio": 0.0, "updates": 0,
-                "generate_s": 0.0, "update_s": 0.0}
+                "generate_s": 0.0, "update_s": 0.0, "links": {}}
+
+    def _link_stats(self, lid: str, new: Tensor, y: Tensor, ad: ParameterAdapter) -> None:
+        """Per link and epoch: the cosine of the written matrix with the source matrix the adapter
+        saw (``source_cos``, where their shapes match: does the output move toward the source?)
+        and the residual gate's value (``gate``, gated adapters)."""
+        acc = self._epoch["links"].setdefault(lid, {})
+        if new.shape == y.shape:
+            cos = torch.nn.functional.cosine_similarity(new.flatten().double(), y.flatten().double(), dim=0)
+            s = acc.setdefault("source_cos", [0.0, 0])
+            s[0] += float(cos)
+            s[1] += 1
+        if ad.gated:
+            s = acc.setdefault("gate", [0.0, 0])
+            s[0] += float(ad.gate.detach())
+            s[1] += 1
 
     def param_counts(self) -> dict[str, int]:
         return {lid: adapter_param_count(ad) for lid, ad in self.adapters.items()}
@@ -98,6 +114,7 @@ class AdapterHub:
                     out[lid] = None
                     continue
                 self.bad_streak[lid] = 0
+                self._link_stats(lid, new.detach(), y, ad)
                 self.pending[(step, lid)] = (new, snap)
                 out[lid] = new.detach().clone()
                 self._epoch["transfers"] += 1
@@ -147,6 +164,8 @@ class AdapterHub:
             "adapter/lr": next(iter(self.optimizers.values())).param_groups[0]["lr"],
             "adapter/generate_ms": 1000 * e["generate_s"] / n,
             "adapter/update_ms": 1000 * e["update_s"] / n,
+            **{f"transfer/{lid}/{k}": total / max(1, cnt) for lid, acc in e["links"].items()
+               for k, (total, cnt) in acc.items()},
         }
 
     def state_dict(self) -> dict:

@@ -36,7 +36,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
 
 def _adapter_error(e: ValueError) -> ConfigError:
     """An adapter the options cannot build (e.g. more heads than its width), as a config error."""
-    field = "method.options.adapter.heads" if "heads" in str(e) else "method.options"
+    field = ("method.options.adapter.heads" if "heads" in str(e) else
+             "method.options.adapter.anchor" if "anchor" in str(e) else "method.options")
     return ConfigError(field, short(str(e), 160))
 
 
@@ -149,6 +150,10 @@ class MergeNet(Method):
                     head_width(d_q, d_kv, a.heads, a.width)
             except ValueError as e:  # the error the full build raises (ready)
                 return [str(_adapter_error(e))]
+            if a.anchor == "source" and (p, q) != (P, Q):
+                return [str(ConfigError("method.options.adapter.anchor",
+                                        f"'source' needs equal matrices; layer pair {link.index} has target "
+                                        f"{(p, q)} and source {(P, Q)}"))]
         return []
 
     def config_warnings(self, roles: dict) -> list[str]:

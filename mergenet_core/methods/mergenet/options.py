@@ -43,6 +43,13 @@ class AdapterOptions(_Opts):
     ln_eps: float = Field(1e-5, gt=0, lt=1, description="LayerNorm epsilon inside the adapter")
     gate: bool = Field(False, description="zero-initialised residual gate: write X + g (X' - X), g learned "
                                           "from 0, so an untrained adapter changes nothing")
+    gate_init: float = Field(0.0, allow_inf_nan=False, description="the gate's initial value (gate: true); "
+                                                                   "1 with anchor: source = the first write "
+                                                                   "copies the source's matrix")
+    anchor: Literal["target", "source"] = Field(
+        "target", description="target (the method's): the proposal is the adapter's output; source: the source's "
+                              "matrix plus a learned departure (from 0) toward the adapter's output, so an untrained "
+                              "adapter proposes the source's matrix itself (equal shapes only; docs/METHOD.md)")
     width: PositiveInt | None = Field(None, description="fixed model width: every attention block projects its "
                                                         "tokens to this width (width/heads per head) and the FFN's "
                                                         "hidden layer has this width; default: the authors' "
@@ -71,6 +78,8 @@ class AdapterOptions(_Opts):
 
     @model_validator(mode="after")
     def _width(self) -> "AdapterOptions":
+        if self.gate_init != 0 and not self.gate:
+            raise ValueError("gate_init: needs gate: true")
         if self.width is not None and self.width < self.heads:
             raise ValueError(f"width: {self.width} leaves less than one unit per head ({self.heads} heads)")
         return self

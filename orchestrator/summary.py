@@ -1,0 +1,119 @@
+"""``mergenet summary GRID.yaml ...``: one table over several grids' latest submissions -- the
+study ladder's summary on top of docs/RESULTS.md.
+
+Per grid (a *setting*), read from MLflow like ``mergenet report``: its positive controls, its
+verdicts (``report.verdicts``; the first is the setting's primary comparison) and every arm's
+paired difference to the baseline at the best-validation epoch. One row per setting × arm: Δ vs
+the baseline and vs the arm's control (where a verdict names one) with their 95 % intervals, the
+detectable effect (MDE against the baseline), and the verdict; under the table, per setting: the
+data, seeds, trials, the search's budget and winner, and the measured wall times.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mergenet_core.errors import MergenetError
+from orchestrator import paired, tracking
+from orchestrator.storage import Location
+
+
+def _cell(r) -> str:
+    if r is None or r.get("excludes_zero") is None:
+        return "–"
+    return f"{paired.fmt_points(r['mean_diff'])} {paired.fmt_ci(r['ci_low'], r['ci_high'])}"
+
+
+def _mde(r) -> str:
+    return "–" if r is None or r.get("excludes_zero") is None else f"{paired.fmt_mde(r['mde'])}"
+
+
+def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
+    """(table rows, notes) of one grid; a grid never run gives one row saying so."""
+    from orchestrator.grid import load_grid
+    from orchestrator.report import DATA_NAMES, RUN_ACCOUNT, resolve_experiment, trials_frame
+
+    grid = load_grid(path, deep=False)
+    label = f"`{Path(path).name}`"
+    c = tracking.existing_client()
+    if c.get_experiment_by_name(grid.grid) is None:
+        return [[label, "–", "–", "–", "–", f"not run yet (`mergenet run {path}`)"]], []
+    experiment_id, name, parent = resolve_experiment(c, grid.grid)
+    try:
+        df = trials_frame(c, experiment_id, parent)
+    except MergenetError:
+        return [[label, "–", "–", "–", "–", "no finished trial yet"]], []
+    spec = grid.report
+    base = spec.baseline
+    pos = paired.positive_controls(df, base, spec.positive_controls) if spec.positive_controls else []
+    verdicts = paired.transfer_verdicts(df, base, spec.verdict_pairs(), positive=pos,
+                                        gated=bool(spec.positive_controls))
+    table = paired.paired_table(df, base)
+    best = table[table["epoch"] == "best_val"]
+    by_arm = {v["arm"]: v for v in verdicts}
+    controls = {v["control"] for v in verdicts}
+    shown = {v["arm"]: v["shown"] for v in pos}
+    primary = spec.verdict_pairs()[0][0] if spec.verdicts else None
+    rows = []
+    for arm in grid.methods:
+        if arm == base:
+            continue
+        r = best[best["arm"] == arm]
+        r = r.iloc[0] if len(r) else None
+        v = by_arm.get(arm)
+        if arm in shown:
+            word = "positive control: **shown**" if shown[arm] else "positive control: **not shown**"
+        elif v is not None:
+            word = f"**{v['word']}**" + (" (primary)" if arm == primary else " (secondary)")
+        elif arm in controls:
+            word = "negative control"
+        else:
+            word = "secondary (no control)"
+        ctl = f"{_cell(v['vs_control'])} (`{v['control']}`)" if v is not None else "–"
+        rows.append([label, f"`{arm}`", _cell(r), ctl, _mde(r), word])
+    # the setting's budget and cost
+    t = grid.trial_dict(grid.pairs[0].name, base if base in grid.methods else next(iter(grid.methods)),
+                        grid.seeds[0])
+    task = t["target"]["task"]
+    opts = task.get("options", {})
+    rec = t.get("recipe", {})
+    note = (f"{label} (`{name}`): target `{t['target']['model']['name']}` on **{DATA_NAMES.get(task['name'], task['name'])}**, "
+            f"{opts.get('train_subset', 'all')} training examples, {rec.get('epochs', '?')} epochs; "
+            f"{len(grid.seeds)} verdict seeds {grid.seeds}; {(df['status'] == 'FINISHED').sum()} of {len(df)} "
+            f"trials finished")
+    info = c.get_run(parent).info if parent else None
+    if info is not None and info.end_time and info.start_time:
+        note += f"; verdict grid {(info.end_time - info.start_time) / 60000:.1f} min"
+    folder = Location.parse(grid.storage_path or "runs/grids")
+    if grid.select is not None:
+        f = folder / f"{grid.grid}-select" / "selection.json"
+        if f.exists():
+            sel = json.loads(f.read_text())
+            wins = "; ".join(f"`{x['arm']}`: " + ", ".join(f"{k.split('.')[-1]}={val}" for k, val in x["best"]["hp"].items())
+                             + f" ({100 * x['best']['mean']:.2f} % validation)" for x in sel["chosen"])
+            note += f"; search {sel['trials']} trials in {sel['wall_s'] / 60:.1f} min, winners {wins}"
+    acct = folder / grid.grid / RUN_ACCOUNT
+    if acct.exists():
+        first = acct.read_text().split("\n\n", 1)[0].strip()
+        note += f". {first}"
+    return rows, [note]
+
+
+def summary_markdown(paths: list[str | Path]) -> str:
+    head = ["setting", "arm", "Δ vs `alone` (points, 95 % CI)", "Δ vs its control", "detectable (MDE vs `alone`)",
+            "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    notes = []
+    for p in paths:
+        rows, n = setting_rows(p)
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        notes += n
+    intro = ("*Written by `mergenet summary " + " ".join(str(p) for p in paths) + "`* from each setting's latest "
+             "submission in MLflow. Test accuracy at each run's best-validation epoch; Δ = the arm minus `alone` "
+             "at the same seed (same data subset, initialisation and batch order), mean over seeds with a 95 % "
+             "Student-t interval. *Transfer shown*: both intervals (vs `alone`, vs the arm's control) above 0; "
+             "*cannot measure*: no positive control of the setting is shown, so the setting cannot see a known "
+             "effect; *detectable*: the smallest true gain the paired test finds with probability 0.8. The first "
+             "verdict of each setting is its primary comparison, declared in its file before it ran; the rest "
+             "are secondary and not corrected for multiplicity.")
+    return "\n".join([intro, "", *lines, "", *(f"- {n}" for n in notes)])
