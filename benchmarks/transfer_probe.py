@@ -71,6 +71,7 @@ def study_configs(seed: int) -> tuple[dict, Path]:
     grid = load_grid(STUDY, deep=False)
     train_missing(*grid.source_plan())
     d = grid.trial_dict("cnn-cnn", "mergenet", seed)
+    d.pop("ray", None)  # the core loop runs here, in this process
     d["name"] = "transfer-probe"
     d["device"] = "cpu"
     return d, Path(d["source"]["init_from"] if isinstance(d["source"]["init_from"], str)
@@ -99,9 +100,8 @@ def passthrough_check(cfg: dict) -> list[dict]:
         cos = torch.nn.functional.cosine_similarity
         rows.append({"layer": c, "shape": list(w_s.shape),
                      "svd_cos_donor": float(cos(w_svd.flatten(), w_s.flatten(), dim=0)),
-                     "svd_cos_donor_top4": float(cos((w_svd - (conv_to_matrix(dict(tgt.named_parameters())[c]
-                                                                              .detach()) - e_t.factors[0] @ a_t))
-                                                    .flatten(), top_s.flatten(), dim=0)),
+                     # the part the write replaced: B_t A_s, against the donor's own B_s A_s
+                     "svd_cos_donor_top4": float(cos((e_t.factors[0] @ a_s).flatten(), top_s.flatten(), dim=0)),
                      "donor_top4_energy": float(top_s.norm() ** 2 / w_s.norm() ** 2),
                      "full_cos_donor": 1.0})
     return rows
@@ -152,7 +152,7 @@ def train_arm(cfg: dict, options: dict, seed: int) -> dict:
 
     def generate(step, inputs, snapshot=False):
         for lid, t in inputs.items():
-            seen[lid] = tuple(v.detach().clone() for v in t)
+            seen[lid] = tuple(v.detach().clone() for v in t if v is not None)
         out = orig(step, inputs, snapshot)
         for lid, new in out.items():
             x, y = seen[lid][:2]
