@@ -139,7 +139,12 @@ def run_selection(grid: GridConfig, address: str | None = None, verbose: bool = 
                        verbose=verbose)
     c = tracking.existing_client()
     parent = summary["parent_run_id"]
-    chosen = choose(trials_frame(c, summary["experiment_id"], parent), grid)
+    df = trials_frame(c, summary["experiment_id"], parent)
+    ended = int(df["status"].isin(["FINISHED", "FAILED"]).sum())
+    if ended < sgrid.trial_count():  # stopped early (Ctrl-C): no winner from a partial search
+        raise MergenetError(f"select: the search stopped after {ended} of {sgrid.trial_count()} trials; "
+                            f"`mergenet run` of the same grid resumes it ({folder})")
+    chosen = choose(df, grid)
     s = grid.select
     sel = {"grid": sgrid.grid, "trials": sgrid.trial_count(), "configs": sgrid.trial_count() // max(
                1, len(s.seeds) * len(s.arms) * len(grid.pairs)), "seeds": s.seeds, "metric": s.metric,

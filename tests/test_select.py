@@ -93,8 +93,9 @@ def test_search_then_verdict_grid_with_the_winner(tmp_path):
     assert r3.returncode == 0, r3.stderr[-3000:]
     md = (tmp_path / "docs/RESULTS.md").read_text()
     rows = [l for l in md.splitlines() if l.startswith("| `g.yaml` |")]
-    assert len(rows) == 2 and "(primary)" in next(l for l in rows if "`mergenet`" in l), rows
-    assert "negative control" in next(l for l in rows if "`mergenet_untrained`" in l), rows
+    arm = {l.split("|")[2].strip(): l for l in rows}
+    assert len(rows) == 2 and "(primary)" in arm["`mergenet`"], rows
+    assert "negative control" in arm["`mergenet_untrained`"], rows
     assert "search 4 trials" in md and "Wall time of this `mergenet run`" in md
     # `mergenet report GRID.yaml` alone: the grid's own report section, with the run's account
     r4 = cli(["report", str(path)], tmp_path, uri, timeout=300)
