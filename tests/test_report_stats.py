@@ -341,12 +341,16 @@ def test_diagnostics_table_lists_arms_with_transfer_metrics():
     df["transfer/0/receiver_factor_cos"] = [None, 0.9, 0.8]
     df["adapter/grad_norm"] = [None, 2.0, 4.0]
     table = diagnostics_markdown(df)
-    assert "| p | mergenet | 0 | 0.600 | 0.850 | – | – | 3 | – |" in table and "alone" not in table
+    assert "| p | mergenet | 0 | 0.600 | 0.850 | – | – | – | – | 3 | – |" in table and "alone" not in table
     df["transfer/0/feedback_cos"] = [None, 1.0, 0.5]  # the learning signal against the task gradient
     df["adapter/update_ratio"] = [None, 1e-3, 3e-3]
     table = diagnostics_markdown(df)
     assert "feedback cos (vs task gradient)" in table and "adapter update / weight" in table
-    assert "| p | mergenet | 0 | 0.600 | 0.850 | – | 0.750 | 3 | 2.00e-03 |" in table
+    assert "| p | mergenet | 0 | 0.600 | 0.850 | – | 0.750 | – | – | 3 | 2.00e-03 |" in table
+    df["transfer/0/source_cos"] = [None, 0.9, 0.7]  # does the output move toward the source? and the gate
+    df["transfer/0/gate"] = [None, 0.5, 1.0]
+    table = diagnostics_markdown(df)
+    assert "cos(written, source)" in table and "| 0.750 | 0.800 | 0.750 | 3 |" in table
 
 
 def test_report_effect_flag_must_be_positive(capsys, tmp_path, monkeypatch):
