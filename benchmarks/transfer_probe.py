@@ -110,6 +110,7 @@ def passthrough_check(cfg: dict) -> list[dict]:
 def _forward(ad, x, y, metric, feeds: dict) -> torch.Tensor:
     """``ParameterAdapter.forward`` (eval mode) with the source matrix chosen per place:
     ``feeds`` maps rr / rc / cr / cc / anchor to the matrix that place sees (default ``y``)."""
+    from mergenet_core.lowrank import rms
     from mergenet_core.methods.mergenet.adapter import ParameterAdapter
 
     assert isinstance(ad, ParameterAdapter)
@@ -127,7 +128,7 @@ def _forward(ad, x, y, metric, feeds: dict) -> torch.Tensor:
     if ad.output_scale == "rms":
         ref = x
         if metric is None:
-            out = out * (ref.pow(2).mean().sqrt() / (out.pow(2).mean().sqrt() + 1e-12))
+            out = out * (rms(ref) / (rms(out) + 1e-12))
         else:
             size = ((metric @ ref) * ref).sum().clamp_min(0)
             out = out * torch.sqrt(size / (((metric @ out) * out).sum().clamp_min(0) + 1e-24))

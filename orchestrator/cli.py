@@ -145,7 +145,6 @@ def cmd_pairs(args) -> int:
 
 
 def cmd_run(args) -> int:
-    import os
     import time
 
     t0, load0 = time.time(), os.getloadavg()[0]
@@ -185,10 +184,9 @@ def cmd_run(args) -> int:
         # the grid's `report:` section (baseline, negative controls, verdicts); a resumed grid's from its folder
         grid = grid or GridConfig.model_validate_json((Location.parse(summary["storage"]) / GRID_FILE).read_text())
         if grid.select is not None and selection is None:  # resumed: the search's record from its folder
-            from orchestrator.select import SELECTION_FILE, search_grid
+            from orchestrator.select import load_selection
 
-            f = Location.parse(summary["storage"]).parent / search_grid(grid).grid / SELECTION_FILE
-            selection = json.loads(f.read_text()) if f.exists() else None
+            selection = load_selection(grid, Location.parse(summary["storage"]).parent)
         from orchestrator.report import RUN_ACCOUNT
 
         spec = grid.report
@@ -212,8 +210,6 @@ def cmd_run(args) -> int:
 def _run_account(times: dict[str, float], total: float, load0: float, selection: dict | None,
                  resumed: bool) -> str:
     """What this `mergenet run` did and how long it took (the report's preamble)."""
-    import os
-
     from orchestrator.select import markdown
 
     parts = [f"{k} {v / 60:.1f} min" for k, v in times.items()]

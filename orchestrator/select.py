@@ -27,6 +27,18 @@ from orchestrator.storage import Location
 SELECTION_FILE = "selection.json"
 
 
+def search_folder(grid: GridConfig, storage: Location | None = None) -> Location:
+    """The search grid's folder, ``STORAGE/GRID-select`` (``storage``: the grids' folder, by
+    default the grid's ``storage_path``)."""
+    return (storage or Location.parse(grid.storage_path or "runs/grids")) / f"{grid.grid}-select"
+
+
+def load_selection(grid: GridConfig, storage: Location | None = None) -> dict | None:
+    """The search's record (``selection.json``), or None before the search has chosen."""
+    f = search_folder(grid, storage) / SELECTION_FILE
+    return json.loads(f.read_text()) if f.exists() else None
+
+
 def search_grid(grid: GridConfig) -> GridConfig:
     """The grid the search runs: the searched arms, the search axes and seeds, no report."""
     s = grid.select
@@ -122,12 +134,11 @@ def run_selection(grid: GridConfig, address: str | None = None, verbose: bool = 
     from orchestrator.tune_grid import GRID_FILE, run_grid
 
     sgrid = search_grid(grid)
-    storage = Location.parse(sgrid.storage_path or "runs/grids")
-    folder = storage / sgrid.grid
+    folder = search_folder(grid)
     same = (folder / GRID_FILE).exists() and (json.loads((folder / GRID_FILE).read_text())
                                               == json.loads(sgrid.model_dump_json()))
-    if same and not again and (folder / SELECTION_FILE).exists():
-        sel = json.loads((folder / SELECTION_FILE).read_text())
+    sel = load_selection(grid) if same and not again else None
+    if sel is not None:
         print(f"select: reusing the search of {folder} ({sel['trials']} trials; `--reselect` runs it again)",
               flush=True)
         return apply(grid, sel["chosen"]), sel

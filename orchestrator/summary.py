@@ -10,7 +10,6 @@ data, seeds, trials, the search's budget and winner, and the measured wall times
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mergenet_core.errors import MergenetError
@@ -86,9 +85,10 @@ def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
         note += f"; verdict grid {(info.end_time - info.start_time) / 60000:.1f} min"
     folder = Location.parse(grid.storage_path or "runs/grids")
     if grid.select is not None:
-        f = folder / f"{grid.grid}-select" / "selection.json"
-        if f.exists():
-            sel = json.loads(f.read_text())
+        from orchestrator.select import load_selection
+
+        sel = load_selection(grid)
+        if sel is not None:
             wins = "; ".join(f"`{x['arm']}`: " + ", ".join(f"{k.split('.')[-1]}={val}" for k, val in x["best"]["hp"].items())
                              + f" ({100 * x['best']['mean']:.2f} % validation)" for x in sel["chosen"])
             note += f"; search {sel['trials']} trials in {sel['wall_s'] / 60:.1f} min, winners {wins}"
