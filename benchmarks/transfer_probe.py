@@ -107,36 +107,6 @@ def passthrough_check(cfg: dict) -> list[dict]:
     return rows
 
 
-def _forward(ad, x, y, metric, feeds: dict) -> torch.Tensor:
-    """``ParameterAdapter.forward`` (eval mode) with the source matrix chosen per place:
-    ``feeds`` maps rr / rc / cr / cc / anchor to the matrix that place sees (default ``y``)."""
-    from mergenet_core.lowrank import rms
-    from mergenet_core.methods.mergenet.adapter import ParameterAdapter
-
-    assert isinstance(ad, ParameterAdapter)
-    out = x
-    for layer in ad.layers:
-        yy = {k: feeds.get(k, y) for k in ("rr", "rc", "cr", "cc")}
-        w = layer.combination_weights()
-        z = (w[0] * layer.att_rr(out, yy["rr"]) + w[1] * layer.att_rc(out, yy["rc"].t())
-             + w[2] * layer.att_cr(out.t(), yy["cr"]).t() + w[3] * layer.att_cc(out.t(), yy["cc"].t()).t())
-        ffn = layer.ffn_down(torch.nn.functional.gelu(layer.ffn_up(z), approximate=layer.gelu))
-        out = layer.ffn_norm(z + layer.ffn_dropout(ffn))
-    if ad.anchor == "source":
-        ya = feeds.get("anchor", y)
-        out = ya + ad.depart * (out - ya)
-    if ad.output_scale == "rms":
-        ref = x
-        if metric is None:
-            out = out * (rms(ref) / (rms(out) + 1e-12))
-        else:
-            size = ((metric @ ref) * ref).sum().clamp_min(0)
-            out = out * torch.sqrt(size / (((metric @ out) * out).sum().clamp_min(0) + 1e-24))
-    if ad.gated:
-        out = x + ad.gate * (out - x)
-    return out
-
-
 def train_arm(cfg: dict, options: dict, seed: int) -> dict:
     """Measurements 2 and 3 for one arm."""
     from mergenet_core.checks import parse_config
@@ -170,6 +140,7 @@ def train_arm(cfg: dict, options: dict, seed: int) -> dict:
         trace.append({"epoch": epoch + 1, **m.epoch_metrics(), **m.role_metrics()})
     final = pair.evaluate()
     # measurement 3: the last inputs, the shuffled control's source matrix fed in one place at a time
+    from mergenet_core.methods.mergenet.adapter import BLOCKS
     from mergenet_core.roles import derive_seed
 
     ablation = {}
@@ -180,11 +151,11 @@ def train_arm(cfg: dict, options: dict, seed: int) -> dict:
         y_ctl = y[torch.randperm(y.shape[0], generator=gen)][:, torch.randperm(y.shape[1], generator=gen)]
         ad.eval()
         with torch.no_grad():
-            base = _forward(ad, x, y, metric, {})
+            base = ad(x, y, metric=metric)
             size = float((base - x).norm()) or float("nan")
-            places = ["rr", "rc", "cr", "cc"] + (["anchor"] if ad.anchor == "source" else [])
-            row = {p: float((_forward(ad, x, y, metric, {p: y_ctl}) - base).norm()) / size for p in places}
-            row["everywhere"] = float((_forward(ad, x, y, metric, {p: y_ctl for p in places}) - base).norm()) / size
+            places = [*BLOCKS] + (["anchor"] if ad.anchor == "source" else [])
+            row = {p: float((ad(x, y, metric=metric, feeds={p: y_ctl}) - base).norm()) / size for p in places}
+            row["everywhere"] = float((ad(x, y, metric=metric, feeds={p: y_ctl for p in places}) - base).norm()) / size
             row["write_size"] = float((base - x).norm() / x.norm())
             row["mix"] = [round(float(v), 3) for v in ad.layers[0].combination_weights()]
         ablation[lid] = row

@@ -310,11 +310,24 @@ class GridProgress(tune.Callback):
     """One line per trial state change, and MLflow end states the trial could not write."""
 
     def __init__(self, uri: str, total: int, grid_dir: str, every_s: float = 30.0):
-        self.uri, self.total, self.done, self.grid_dir = uri, total, 0, grid_dir  # a path or a URI
-        self.every_s, self.started, self.last_progress = every_s, time.time(), time.time()
+        self.uri, self.total, self.grid_dir, self.every_s = uri, total, grid_dir, every_s  # a path or a URI
+        self.setup()
+
+    def setup(self, *args, **info):
+        """The clock and the counts start with this process: ``Tuner.restore`` unpickles the
+        callback of the interrupted run, whose clock started then and whose count missed the
+        trials that had finished (the counts are taken from the trials on the first event)."""
+        self.started = self.last_progress = time.time()
+        self.done = self.done_before = None
+
+    def _count(self, trials) -> None:
+        if self.done is None:
+            self.done = self.done_before = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
 
     def on_step_end(self, iteration, trials, **info):
-        """Every ``every_s`` seconds one progress line: done / running / pending, elapsed, ETA."""
+        """Every ``every_s`` seconds one progress line: done / running / pending, elapsed, ETA
+        (from the pace of this process: a resumed grid does not count the trials it found done)."""
+        self._count(trials)
         now = time.time()
         if now - self.last_progress < self.every_s:
             return
@@ -323,8 +336,8 @@ class GridProgress(tune.Callback):
         done = sum(s in ("TERMINATED", "ERROR") for s in states)
         running = states.count("RUNNING")
         pending = max(0, self.total - done - running)
-        elapsed = now - self.started
-        eta = f"{_mmss(elapsed / done * (self.total - done))}" if done else "?"
+        elapsed, here = now - self.started, done - self.done_before
+        eta = f"{_mmss(elapsed / here * (self.total - done))}" if here > 0 else "?"
         print(f"[{time.strftime('%H:%M:%S')}] progress   {done}/{self.total} done, {running} running, "
               f"{pending} pending; elapsed {_mmss(elapsed)}, ETA {eta}", flush=True)
 
@@ -333,12 +346,14 @@ class GridProgress(tune.Callback):
               f"{'  ' + extra if extra else ''}", flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._count(trials)
         self._line(trial, "RUNNING")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._line(trial, "RETRYING")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._count(trials)
         self.done += 1
         r = trial.last_result or {}
         acc = r.get("target/val_acc")
@@ -347,6 +362,7 @@ class GridProgress(tune.Callback):
         self._close(trial, ok=True, reason=None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._count(trials)
         self.done += 1
         reason = _error_text(trial)
         self._line(trial, "ERROR", reason.splitlines()[-1][:200] if reason else "")

@@ -149,3 +149,22 @@ def test_gate_init_needs_the_gate():
     with pytest.raises(ValueError, match="gate_init"):
         AdapterOptions(gate_init=1.0)
     assert AdapterOptions(gate=True, gate_init=1.0, anchor="source").anchor == "source"
+
+
+def test_feeds_swap_the_source_matrix_one_place_at_a_time():
+    """``feeds`` (the probe's ablation): no feeds = the plain call; the same matrix fed in every
+    place = the call with that matrix; one block fed changes the output, and ``anchor`` only
+    on a source-anchored adapter."""
+    from mergenet_core.methods.mergenet.adapter import BLOCKS
+
+    torch.manual_seed(0)
+    x, y, y2 = torch.randn(6, 10), torch.randn(6, 10), torch.randn(6, 10)
+    for anchor in ("target", "source"):
+        ad = ParameterAdapter((6, 10), (6, 10), layers=2, heads=2, gate=True, gate_init=0.5, anchor=anchor).eval()
+        with torch.no_grad():
+            base = ad(x, y)
+            torch.testing.assert_close(ad(x, y, feeds={}), base)
+            places = [*BLOCKS] + (["anchor"] if anchor == "source" else [])
+            torch.testing.assert_close(ad(x, y, feeds={p: y2 for p in places}), ad(x, y2))
+            for p in BLOCKS:
+                assert not torch.allclose(ad(x, y, feeds={p: y2}), base)

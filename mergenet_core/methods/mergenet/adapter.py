@@ -6,6 +6,7 @@ target, keys/values from the source. See docs/METHOD.md, "Adapter".
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -18,6 +19,7 @@ from ...lowrank import rms
 OutputScale = Literal["none", "rms", "learned"]
 Combine = Literal["learned", "mean"]
 Gelu = Literal["erf", "tanh"]
+BLOCKS = ("rr", "rc", "cr", "cc")  # the KTL's four cross attentions, as ``feeds`` names them
 
 __all__ = ["head_width", "attend", "CrossAttention", "KnowledgeTransferLayer", "ParameterAdapter",
            "adapter_param_count"]
@@ -110,11 +112,15 @@ class KnowledgeTransferLayer(nn.Module):
             return torch.full((4,), 0.25, device=self.ffn_norm.weight.device)
         return torch.softmax(self.mix, dim=0)
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        xt, yt = x.t(), y.t()
+    def forward(self, x: Tensor, y: Tensor, feeds: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``feeds`` (an ablation): the source matrix one block sees instead of ``y``, by block
+        name ``rr`` / ``rc`` / ``cr`` / ``cc``."""
+        feeds = feeds or {}
+        y_rr, y_rc, y_cr, y_cc = (feeds.get(k, y) for k in BLOCKS)
+        xt = x.t()
         w = self.combination_weights()
-        z = (w[0] * self.att_rr(x, y) + w[1] * self.att_rc(x, yt)
-             + w[2] * self.att_cr(xt, y).t() + w[3] * self.att_cc(xt, yt).t())
+        z = (w[0] * self.att_rr(x, y_rr) + w[1] * self.att_rc(x, y_rc.t())
+             + w[2] * self.att_cr(xt, y_cr).t() + w[3] * self.att_cc(xt, y_cc.t()).t())
         ffn = self.ffn_down(F.gelu(self.ffn_up(z), approximate=self.gelu))
         return self.ffn_norm(z + self.ffn_dropout(ffn))
 
@@ -179,15 +185,20 @@ class ParameterAdapter(nn.Module):
             self.depart = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: Tensor, y: Tensor, reference: Tensor | None = None,
-                metric: Tensor | None = None) -> Tensor:
+                metric: Tensor | None = None, feeds: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``feeds`` (an ablation, ``benchmarks/transfer_probe.py``): the source matrix seen in
+        one place instead of ``y``: a KTL block (``rr`` / ``rc`` / ``cr`` / ``cc``, every layer)
+        or ``anchor``."""
+        feeds = feeds or {}
         if tuple(x.shape) != self.target_shape or tuple(y.shape) != self.source_shape:
             raise ValueError(f"adapter expects target {self.target_shape} and source "
                              f"{self.source_shape}, got {tuple(x.shape)} and {tuple(y.shape)}")
         out = x
         for layer in self.layers:
-            out = layer(out, y)
+            out = layer(out, y, feeds)
         if self.anchor == "source":
-            out = y + self.depart * (out - y)
+            y_anchor = feeds.get("anchor", y)
+            out = y_anchor + self.depart * (out - y_anchor)
         if self.output_scale == "rms":
             ref = (x if reference is None else reference).detach()
             if metric is None:
