@@ -19,6 +19,7 @@ from mergenet_core.config import read_yaml
 limit_threads()
 STUDY = Path(__file__).resolve().parents[1] / "experiments" / "study"
 SETTINGS = {"a": "a_same_arch.yaml", "b": "b_same_family.yaml", "c": "c_cross_structure.yaml", "d": "d_text.yaml"}
+WITHOUT_COTRAINED = {"d"}  # its co-trained 6-layer source would take the study past one session (d_text.yaml)
 CIFAR = sorted(STUDY.glob("*_cifar100.yaml"))
 GRIDS = sorted(p for p in STUDY.glob("*.yaml") if p not in CIFAR and "pairs" in read_yaml(p))
 
@@ -27,16 +28,22 @@ GRIDS = sorted(p for p in STUDY.glob("*.yaml") if p not in CIFAR and "pairs" in 
 def test_each_setting_declares_its_instrument(setting):
     g = read_yaml(STUDY / SETTINGS[setting])
     arms = g["methods"]
-    assert {"alone", "transplant", "kd", "mergenet", "mergenet_untrained", "mergenet_cotrained",
-            "mergenet_shuffled", "param_share"} <= set(arms)
+    assert {"alone", "transplant", "kd", "mergenet", "mergenet_untrained"} <= set(arms)
     assert arms["mergenet_untrained"]["control"] == "untrained_source"
-    assert arms["mergenet_shuffled"]["control"] == "shuffled_source"
-    assert arms["mergenet"]["freeze_source"] is True and arms["mergenet_cotrained"]["freeze_source"] is False
+    assert arms["mergenet"]["freeze_source"] is True
+    searched = {"mergenet": ["mergenet_untrained"]}
+    if setting not in WITHOUT_COTRAINED:
+        assert {"mergenet_cotrained", "mergenet_shuffled", "param_share"} <= set(arms)
+        assert arms["mergenet_shuffled"]["control"] == "shuffled_source"
+        assert arms["mergenet_cotrained"]["freeze_source"] is False
+        searched["mergenet_cotrained"] = ["mergenet_shuffled"]
+    else:
+        assert not {"mergenet_cotrained", "mergenet_shuffled", "param_share"} & set(arms)
     assert arms["kd"]["train_source"] is False  # the trained, frozen teacher
     assert len(g["seeds"]) >= 5 and g["sources"]
     sel = g["select"]
     assert not set(sel["seeds"]) & set(g["seeds"]) and "val" in sel.get("metric", "target/best_val_acc")
-    assert sel["arms"] == {"mergenet": ["mergenet_untrained"], "mergenet_cotrained": ["mergenet_shuffled"]}
+    assert sel["arms"] == searched
     assert len(sel["search"]["method.options.layer_pairs"]["grid"]) >= 3  # one layer, several, every one
     rep = g["report"]
     assert rep["verdicts"][0] == "mergenet:mergenet_untrained"  # the primary comparison comes first
