@@ -82,8 +82,10 @@ def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None
         g = GridConfig.model_validate_json(f.read_text())
         for p in g.pairs:
             t = g.trial_dict(p.name, next(iter(g.methods)), g.seeds[0])
-            src = g.trial_dict(p.name, next((a for a in g.methods if uses_source(g.method_of(a))),
-                                            next(iter(g.methods))), g.seeds[0]).get("source")
+            # the pair's own source: an arm that overrides it (a transplant's donor) says so below
+            users = [a for a in g.methods if uses_source(g.method_of(a))]
+            own = [a for a in users if "source" not in (p.arms or {}).get(a, {})]
+            src = g.trial_dict(p.name, (own or users or list(g.methods))[0], g.seeds[0]).get("source")
             for role, spec in (("source", src), ("target", t["target"])):
                 if not spec:
                     continue

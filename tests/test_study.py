@@ -101,3 +101,17 @@ def test_former_study_source_configs_validate(path, capsys):
     from orchestrator.cli import main
 
     assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+
+
+def test_report_names_each_pairs_own_source_not_a_transplant_donor(tmp_path):
+    """Setting (c)'s source is the trained ResNet-18; its transplant arm's donor (a MobileNetV2,
+    a per-arm override) is listed with the per-arm settings, not as the pair's source."""
+    from orchestrator.grid import load_grid
+    from orchestrator.report import setting_lines
+
+    f = tmp_path / "mergenet_grid.json"
+    f.write_text(load_grid(STUDY / SETTINGS["c"], deep=False).model_dump_json())
+    lines = setting_lines(None, "study-c", None, grid_file=f)
+    source = next(l for l in lines if ", source: " in l)
+    assert "`resnet18`" in source and "r18w16_fmnist_20k" in source, source
+    assert any("per-arm settings" in l and "mobilenetv2" in l for l in lines)
