@@ -199,7 +199,7 @@ def pair_config(*, t_cycle: int, epochs: int, steps_per_epoch: int, seed: int = 
 def start_ray(num_cpus: int, object_store_mib: int = 1024) -> None:
     import ray
 
-    from orchestrator.pair import WORKER_ENV
+    from orchestrator.cluster.connect import WORKER_ENV
 
     if ray.is_initialized():
         return

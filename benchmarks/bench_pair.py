@@ -5,9 +5,9 @@
 Everything is measured in this one process run on this machine, and written as one Markdown
 section between ``<!-- bench_pair:start -->`` and ``<!-- bench_pair:end -->`` of ``--out``:
 
-1. **Exchange round trip.** A real local Ray and an :class:`orchestrator.pair.AdapterActor`
+1. **Exchange round trip.** A real local Ray and an :class:`orchestrator.cluster.actor.AdapterActor`
    for several link shapes; from the caller's side, through the workers' own proxy
-   (:class:`orchestrator.pair.RayExchange`, sync mode): put(A_s) + put(A_t) + get(A'_t) +
+   (:class:`orchestrator.cluster.actor.RayExchange`, sync mode): put(A_s) + put(A_t) + get(A'_t) +
    feedback(∂), median and p90 over N repetitions, with the adapter's own compute
    (``generate``/``update``) reported by the hub, and the same protocol against an *echo*
    actor that does no compute (the transport floor).
@@ -137,7 +137,7 @@ def _q(xs, q):
 
 def bench_exchange(sizes, reps_for, log) -> list[dict]:
     from orchestrator.config import parse_config
-    from orchestrator.pair import AdapterActor, RayExchange
+    from orchestrator.cluster.actor import AdapterActor, RayExchange
 
     rows = []
     for label, shape_t, shape_s in sizes:
@@ -533,7 +533,7 @@ def run_widths(args, log) -> dict:
 def _put_style() -> str:
     import inspect
 
-    from orchestrator.pair import RayExchange
+    from orchestrator.cluster.actor import RayExchange
 
     return "`ray.put`" if "ray.put(" in inspect.getsource(RayExchange.put) else "direct arguments"
 

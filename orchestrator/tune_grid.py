@@ -38,7 +38,9 @@ from mergenet_core.config import deep_merge
 from orchestrator import tracking
 from orchestrator.grid import GridConfig
 from orchestrator.inline import choose_topology, run_pair_inline
-from orchestrator.pair import BUNDLES, PLACEMENT, ensure_ray, run_pair_on_ray
+from orchestrator.cluster.connect import ensure_ray
+from orchestrator.cluster.worker import BUNDLES, PLACEMENT
+from orchestrator.pair import run_pair_on_ray
 from orchestrator.storage import Location, scratch_dir
 
 GRID_FILE = "mergenet_grid.json"
@@ -218,7 +220,7 @@ def _pbt_segments(grid: GridConfig, cfg, trial_dir: Location, work: Path, out: P
     a checkpoint in the bucket (Tune's own, or the previous segment's bundle uploaded there)."""
     from ray.train import Checkpoint
 
-    from orchestrator.pair import BUNDLE
+    from orchestrator.cluster.worker import BUNDLE
 
     start, epoch = _pbt_start(trial_dir, work, BUNDLE, in_place=True)
     storage_path, storage_fs = (trial_dir / "segments").ray_storage()
@@ -536,7 +538,7 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
     uri = tracking.tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri  # reaches every worker through the runtime env
     if address or os.environ.get("RAY_ADDRESS"):  # an unreachable address fails before any run or folder exists
-        from orchestrator.pair import CONNECT_TIMEOUT_S
+        from orchestrator.cluster.connect import CONNECT_TIMEOUT_S
         from orchestrator.secrets import probe_address
 
         probe_address(address or os.environ["RAY_ADDRESS"], CONNECT_TIMEOUT_S)

@@ -435,7 +435,7 @@ def test_resource_shortfall_is_refused_on_a_local_ray(ray_local, monkeypatch):
     """A Ray started in this process (like a plain `mergenet run` without --address) has no
     autoscaler: a pair it cannot hold is refused."""
     from mergenet_core.errors import ConfigError
-    from orchestrator.pair import RESOURCE_CHECK_ENV, check_resources
+    from orchestrator.cluster.connect import RESOURCE_CHECK_ENV, check_resources
 
     monkeypatch.delenv(RESOURCE_CHECK_ENV, raising=False)
     cfg, plan = _gpu_pair_and_plan()
@@ -450,7 +450,7 @@ import ray
 from ray.cluster_utils import Cluster
 from test_cluster import _gpu_pair_and_plan
 from mergenet_core.errors import ConfigError
-from orchestrator.pair import check_resources, ensure_ray
+from orchestrator.cluster.connect import check_resources, ensure_ray
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
                                                           "object_store_memory": 100 * 1024 ** 2})

@@ -101,7 +101,7 @@ SECRETS = {"MLFLOW_TRACKING_PASSWORD": "hunter2", "MLFLOW_TRACKING_TOKEN": "tok-
 
 
 def test_worker_runtime_env_is_an_allow_list_without_secrets():
-    from orchestrator.pair import worker_env
+    from orchestrator.cluster.connect import worker_env
 
     env = worker_env({**SECRETS, "MLFLOW_TRACKING_URI": "http://head:5000", "PATH": "/bin"})
     assert env["MLFLOW_TRACKING_URI"] == "http://head:5000"
@@ -111,7 +111,7 @@ def test_worker_runtime_env_is_an_allow_list_without_secrets():
 
 def test_tracking_uri_with_credentials_is_refused():
     from mergenet_core.errors import MergenetError
-    from orchestrator.pair import worker_env
+    from orchestrator.cluster.connect import worker_env
 
     with pytest.raises(MergenetError, match="holds credentials") as e:
         worker_env({"MLFLOW_TRACKING_URI": "https://me:hunter2@head:5000"})

@@ -1,0 +1,191 @@
+"""The Ray Train worker of a pair: one role (or the whole pair, co-located) running the core
+:class:`~mergenet_core.loop.PairLoop`, data parallel inside its role's process group; world
+rank 0 (the target's leader) reports each epoch's bundle as a Ray Train checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+
+from mergenet_core.loop import METRICS, PairLoop, PairState, load_bundle, numeric, save_bundle
+from orchestrator.cluster.actor import RayExchange, _to_cpu
+from orchestrator.config import PairConfig
+
+BUNDLE = "pair.pt"
+PLACEMENT = "placement.json"  # role, rank, node id, pid and device of every worker
+
+#: which pair bundles (Ray Train checkpoints) a run keeps, and so writes
+#: (:data:`mergenet_core.loop.KEEP_BUNDLES`, written by the loop's checkpoint policy):
+#: ``last_and_best``: the last and the best-validation one (the earliest epoch of the highest
+#: ``target/val_acc``, as in ``final.json``); ``last``: only the last; ``all``: every bundle written
+BEST_FLAG = "checkpoint/best_val"  # 1 on the bundle of a new best-validation epoch (Ray's score)
+BUNDLES = "bundles.json"  # where the kept bundles are: {"last": {...}, "best_val": {...}}
+
+
+def _grad_sync(group, size: int):
+    def sync(model: torch.nn.Module) -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=group)
+                p.grad.div_(size)
+    return sync
+
+
+def _mark(out: Path, what: str, role: str, role_rank: int, epoch: int) -> None:
+    """Append one timestamped event line (``events.jsonl``; fault-recovery timing and tests)."""
+    try:
+        with (out / "events.jsonl").open("a") as f:
+            f.write(json.dumps({"t": time.time(), "event": what, "worker": f"{role}{role_rank}",
+                                "pid": os.getpid(), "epoch": epoch}) + "\n")
+    except OSError:
+        pass
+
+
+class RoleWorkerHost:
+    """The :class:`~mergenet_core.loop.Host` of one Ray Train worker: its role (or the whole
+    pair, co-located), data parallel inside the role's process group; world rank 0 (the
+    target's leader) leads: it assembles records and reports bundles as Ray Train checkpoints."""
+
+    def __init__(self, pair: PairState, me: str, co_located: bool, rank: int, role_leader: bool,
+                 world: int, out: Path, placement: list, role_rank: int):
+        self.pair, self.me, self.co_located = pair, me, co_located
+        self.lead, self.role_leader = rank == 0, role_leader
+        self.distributed = world > 1
+        self.world, self.out, self.placement, self.role_rank = world, out, placement, role_rank
+        self._states: dict = {}
+        self._checkpoint = None
+
+    def step(self, step: int) -> None:
+        if self.co_located:
+            self.pair.method.pair_step(step, self.pair.roles)
+        else:
+            self.pair.method.role_step(step, self.pair.roles[self.me])
+
+    def gather(self, local: dict) -> dict | None:
+        # role states travel with the records: whether a bundle is due is known only on the lead
+        states = {n: _to_cpu(self.pair.role_state(n)) for n in self.pair.roles} if self.role_leader else {}
+        if self.distributed:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, (local, states))
+        else:
+            gathered = [(local, states)]
+        if not self.lead:
+            return None
+        parts, self._states = {}, {}
+        for m, s in gathered:
+            parts.update(m)
+            self._states.update(s)
+        return parts
+
+    def role_states(self) -> dict:
+        return self._states
+
+    def on_record(self, record: dict) -> None:
+        pass  # reported with the epoch's bundle (end_epoch): Ray Train keeps them together
+
+    def save(self, bundle: dict, record: dict, best: bool) -> None:
+        bundle["method"] = _to_cpu(bundle["method"])
+        tmp = Path(tempfile.mkdtemp(prefix="mergenet-ckpt-"))
+        save_bundle(tmp / BUNDLE, bundle)
+        # the placement travels with the checkpoint: the driver may sit on another node than
+        # rank 0 (bucket storage, no shared folder)
+        (tmp / PLACEMENT).write_text(json.dumps(self.placement, indent=2))
+        self._checkpoint = Checkpoint.from_directory(str(tmp))
+
+    def end_epoch(self, record: dict | None, saved: bool, best: bool) -> None:
+        import ray.train
+
+        pair = self.pair
+        record = record or {"epoch": pair.epoch, "step": pair.step}
+        metrics = numeric(record)
+        checkpoint, self._checkpoint = self._checkpoint, None
+        if checkpoint is not None:
+            metrics[BEST_FLAG] = int(best)
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+            _mark(self.out, "reported", self.me, self.role_rank, pair.epoch)
+
+
+def pair_worker(config: dict) -> None:
+    """Ray Train worker: one role (or the whole pair when co-located) running the core loop."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = PairConfig.model_validate(config["experiment"])
+    out = Path(config["out_dir"])
+    layout: list[str] = config["layout"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    distributed = dist.is_available() and dist.is_initialized() and len(layout) > 1
+    me = layout[rank]
+    ranks = {r: [i for i, x in enumerate(layout) if x == r] for r in dict.fromkeys(layout)}
+    groups = {r: dist.new_group(ranks=rr) for r, rr in ranks.items()} if distributed else {}
+    role_rank = ranks[me].index(rank)
+    leader = role_rank == 0
+    device = ray.train.torch.get_device()
+
+    names = None if config["co_located"] else (me,)
+    pair = PairState.build(cfg, role_names=names, devices={"source": device, "target": device})
+    method = pair.method
+    if not config["co_located"]:
+        role = pair.roles[me]
+        if len(ranks[me]) > 1:
+            role.shard = (role_rank, len(ranks[me]))
+            role.grad_sync = _grad_sync(groups[me], len(ranks[me]))
+    actor = proxy = None
+    if config.get("actor"):
+        actor = ray.get_actor(config["actor"], namespace=config["namespace"])
+        group = groups.get(me) if len(ranks[me]) > 1 else None
+        proxy = RayExchange(actor, leader, group, ranks[me][0], sync=cfg.ray.mode == "sync")
+        method.attach(proxy)
+
+    (out / "pids").mkdir(parents=True, exist_ok=True)
+    (out / "pids" / f"{me}{role_rank}.pid").write_text(str(os.getpid()))
+    where = {"role": me, "role_rank": role_rank, "world_rank": rank, "pid": os.getpid(),
+             "node_id": ray.get_runtime_context().get_node_id(), "device": str(device)}
+    placement = [None] * len(layout)
+    if distributed:
+        dist.all_gather_object(placement, where)
+    else:
+        placement = [where]
+    if rank == 0:
+        (out / PLACEMENT).write_text(json.dumps(placement, indent=2))
+
+    ckpt = ray.train.get_checkpoint()  # this run's own latest (after a restart), else the start bundle
+    if ckpt is None and config.get("start_from"):
+        start = config["start_from"]  # a local/shared folder, or a Checkpoint in bucket storage
+        ckpt = start if isinstance(start, Checkpoint) else Checkpoint.from_directory(start)
+    state = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_bundle(Path(d) / BUNDLE)
+        pair.load_state_dict(state, method=proxy is None and rank == 0)
+    if proxy is not None:
+        # a new attempt: the actor drops whatever a killed attempt left (pending inputs, outputs,
+        # updates) and starts from the initial adapter state, then takes the checkpoint's
+        box = [uuid.uuid4().hex if rank == 0 else None]
+        if rank == 0:
+            ray.get(actor.begin.remote(box[0]))
+            if state is not None:
+                proxy.attempt = box[0]
+                method.load_state_dict(state["method"])
+        if distributed:
+            dist.broadcast_object_list(box, src=0)
+        proxy.attempt = box[0]
+    if distributed:
+        dist.barrier()  # the actor holds the restored exchange before anyone transfers
+    _mark(out, "started", me, role_rank, pair.epoch)
+
+    host = RoleWorkerHost(pair, me, config["co_located"], rank, leader, len(layout), out, placement, role_rank)
+    PairLoop(host, keep_bundles=config.get("keep_bundles", "last_and_best"), until_epoch=config.get("until_epoch"),
+             metrics_path=out / METRICS if rank == 0 else None).run()
