@@ -87,7 +87,7 @@ def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
     if grid.select is not None:
         from orchestrator.select import load_selection
 
-        sel = load_selection(grid)
+        sel = load_selection(grid, folder)
         if sel is not None:
             wins = "; ".join(f"`{x['arm']}`: " + ", ".join(f"{k.split('.')[-1]}={val}" for k, val in x["best"]["hp"].items())
                              + f" ({100 * x['best']['mean']:.2f} % validation)" for x in sel["chosen"])
