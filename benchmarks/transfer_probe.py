@@ -65,7 +65,7 @@ ARMS = {
 
 def study_configs(seed: int) -> tuple[dict, Path]:
     """The study's pair config (``alone`` trial dict) and its donor's folder (trained if missing)."""
-    from orchestrator.grid import load_grid
+    from orchestrator.grid.config import load_grid
     from orchestrator.sources import train_missing
 
     grid = load_grid(STUDY, deep=False)

@@ -4,20 +4,19 @@ Per epoch the loop evaluates every trained role on val and test, appends one JSO
 ``metrics.jsonl``, and writes a checkpoint bundle (models, optimisers, schedulers, data
 positions, RNG streams, method state) by the loop's policy. ``resume=True`` continues from the
 last bundle exactly: 2 epochs straight equal 1 + resume + 1. ``mergenet train`` and the Tune
-trials of inline pairs (``orchestrator/inline.py``) run this host; the Ray pair's role workers
-(``orchestrator/pair.py``) run the same loop.
+trials of inline pairs (``orchestrator/topology/inline.py``) run this host; the Ray pair's role workers
+(``orchestrator/cluster/worker.py``) run the same loop.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 from .config import ExperimentConfig
-from .loop import (BEST, CHECKPOINT, FINAL, METRICS, PairLoop, PairState, load_bundle,  # noqa: F401 (re-exported)
-                   save_bundle, write_metrics)
+from .io.outputs import RunOutputs
+from .loop import BEST, CHECKPOINT, FINAL, METRICS, PairLoop, PairState, load_bundle, save_bundle  # noqa: F401
 from .roles import resolve_device
-from .safe_io import restore_into, write_atomic
+from .safe_io import restore_into
 
 
 class Engine:
@@ -69,14 +68,13 @@ class Engine:
         """Train to the configured number of epochs (or ``stop_after_epochs`` more, or up to
         epoch ``until_epoch``)."""
         pair = self.pair
+        outputs = RunOutputs(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = self.out / CHECKPOINT
-        if not resume:
-            (self.out / FINAL).unlink(missing_ok=True)  # never leave a previous run's summary
         if resume and ckpt.exists():
             restore_into(ckpt, pair.load_state_dict, load_bundle(ckpt))
-        write_atomic(self.out / "config.json", self.cfg.model_dump_json(indent=2))
-        write_metrics(self.out / METRICS, pair.history)
+        # a fresh run never leaves a previous run's summary; the history is the bundle's
+        outputs.begin(self.cfg, fresh=not resume, history=pair.history)
         end = self.cfg.target.recipe.epochs
         if stop_after_epochs is not None:
             end = min(end, pair.epoch + stop_after_epochs)
@@ -84,12 +82,11 @@ class Engine:
             end = min(end, until_epoch)
         bar = _progress(total=max(0, end - pair.epoch) * pair.steps_per_epoch, enabled=self.progress,
                         desc=self.cfg.name)
-        loop = PairLoop(self, keep_bundles=self.keep_bundles, until_epoch=end, metrics_path=self.out / METRICS,
+        loop = PairLoop(self, keep_bundles=self.keep_bundles, until_epoch=end, outputs=outputs,
                         on_step=lambda: bar.update(1))
         final = loop.run()
         bar.close()
-        write_atomic(self.out / FINAL, json.dumps(final, indent=2))
-        return final
+        return outputs.finish(final)
 
 
 def _progress(total: int, enabled: bool, desc: str):

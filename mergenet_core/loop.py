@@ -13,7 +13,6 @@ best-validation epoch (highest ``target/val_acc``; ties keep the earliest).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +25,11 @@ from .config import ExperimentConfig
 from .errors import ConfigError, short
 from .methods import METHODS, Method
 from .roles import Role, build_role
-from .safe_io import load_checkpoint, save_checkpoint, write_atomic
+from .io import FINAL, METRICS  # noqa: F401 (re-exported)
+from .io.outputs import RunOutputs, summarise
+from .safe_io import load_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-FINAL = "final.json"
 BEST = "best.pt"  # the bundle of the best-validation epoch
 #: which bundles a run keeps (and so writes): the last and the best-validation one, only the
 #: last, or every bundle written
@@ -45,12 +44,6 @@ def save_bundle(path: Path, state: dict) -> None:
 def load_bundle(path: Path) -> dict:
     """``torch.load(weights_only=True)``; a bad file is one :class:`MergenetError` line."""
     return load_checkpoint(path)
-
-
-def write_metrics(path: Path, history: list[dict]) -> None:
-    """``metrics.jsonl``: one JSON line per epoch record, rewritten atomically from the history
-    (so it always mirrors the checkpointed history; epochs lost in a crash are dropped)."""
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def numeric(record: dict) -> dict[str, float]:
@@ -142,27 +135,6 @@ class PairState:
         self.history = list(state["history"])
 
 
-def summarise(history: list[dict]) -> dict[str, float]:
-    """Final-epoch and best-validation-epoch figures for every role (never best-on-test)."""
-    if not history:
-        return {}
-    last = history[-1]
-    out = {"epochs": last["epoch"], "steps": last["step"]}
-    for role in ("source", "target"):
-        if f"{role}/val_acc" not in last:
-            continue
-        best = max(history, key=lambda r: (r[f"{role}/val_acc"], -r["epoch"]))
-        out.update({
-            f"{role}/final_test_acc": last[f"{role}/test_acc"],
-            f"{role}/final_val_acc": last[f"{role}/val_acc"],
-            f"{role}/best_val_acc": best[f"{role}/val_acc"],
-            f"{role}/best_val_epoch": best["epoch"],
-            f"{role}/test_acc_at_best_val": best[f"{role}/test_acc"],
-        })
-    out["wall_s"] = sum(r.get("time/epoch_s", 0.0) for r in history)
-    return out
-
-
 def best_val(history: list[dict]) -> float | None:
     return max((r["target/val_acc"] for r in history if "target/val_acc" in r), default=None)
 
@@ -200,17 +172,17 @@ class Host(Protocol):
 class PairLoop:
     """Train ``host.pair`` up to ``until_epoch`` (default: the recipe's epochs).
 
-    ``metrics_path``: where the lead keeps ``metrics.jsonl`` (None: not written);
+    ``outputs``: the run folder where the lead keeps ``metrics.jsonl`` (None: not written);
     ``on_step``: called after every step (progress bars)."""
 
     def __init__(self, host: Host, *, keep_bundles: str = "last_and_best", until_epoch: int | None = None,
-                 metrics_path: Path | None = None, on_step: Callable[[], None] | None = None):
+                 outputs: RunOutputs | None = None, on_step: Callable[[], None] | None = None):
         if keep_bundles not in KEEP_BUNDLES:
             raise ConfigError("keep_bundles", f"'{short(keep_bundles)}' is not one of {', '.join(KEEP_BUNDLES)}")
         self.host, self.keep = host, keep_bundles
         self.epochs = host.pair.cfg.target.recipe.epochs
         self.end = min(self.epochs, until_epoch) if until_epoch is not None else self.epochs
-        self.metrics_path, self.on_step = metrics_path, on_step
+        self.outputs, self.on_step = outputs, on_step
 
     def evaluates(self, epoch: int) -> bool:
         return epoch % self.host.pair.cfg.target.recipe.eval_every == 0 or epoch == self.epochs
@@ -243,8 +215,8 @@ class PairLoop:
                 record = {"epoch": pair.epoch, "step": pair.step, **parts, **method.epoch_metrics(),
                           "time/train_s": train_s, "time/epoch_s": time.perf_counter() - t0}
                 pair.history.append(record)
-                if self.metrics_path is not None:
-                    write_metrics(self.metrics_path, pair.history)
+                if self.outputs is not None:
+                    self.outputs.history(pair.history)
                 host.on_record(record)
                 val = record.get("target/val_acc")
                 new_best = val is not None and (best is None or val > best)
@@ -254,4 +226,4 @@ class PairLoop:
                                "method": method.state_dict(), "history": pair.history}, record, new_best)
                     saved = True
             host.end_epoch(record, saved, new_best)
-        return summarise([r for r in pair.history if "target/val_acc" in r])
+        return summarise(pair.history)

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import MergenetError, short
+from .io import BUNDLES, CONFIG, FINAL, METRICS, PLACEMENT
 
 CHECKPOINT = "checkpoint.pt"
 #: what a run folder holds (engine outputs, and the Ray Train run of ``--ray``)
-RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.jsonl", "final.json", "config.json", "placement.json",
-             "bundles.json", "ray", "pids")
+RUN_FILES = ("checkpoint.pt", "best.pt", METRICS, FINAL, CONFIG, PLACEMENT, BUNDLES, "ray", "pids")
 RAY_RUN = ("ray", "pair")  # run_pair_on_ray's default storage: OUT/ray/pair/checkpoint_*/pair.pt
 BUNDLE_KEYS = ("epoch", "step", "roles", "method", "history")
 

@@ -72,12 +72,12 @@ def load_any(path: str, overrides: list[str] | None = None, warnings: list[str] 
     except MergenetError:
         is_grid = False
     if is_grid:
-        from orchestrator.grid import load_grid
+        from orchestrator.grid.config import load_grid
 
         return load_grid(path, overrides, warnings=warnings, build=deep)
     cfg = _load(path, overrides)
     from mergenet_core.config import ConfigErrors
-    from orchestrator.grid import check_layers
+    from orchestrator.grid.config import check_layers
 
     problems = check_layers(cfg, warnings, build=deep)  # layer names, ranks, data present
     if problems:
@@ -155,7 +155,7 @@ def cmd_run(args) -> int:
     elif not args.grid:
         return _fail(["run: give a GRID.yaml, or --resume DIR"])
     else:
-        from orchestrator.grid import load_grid
+        from orchestrator.grid.config import load_grid
 
         # every trial built once before any work; a source not trained yet at its planned shapes
         grid = load_grid(args.grid, args.set)
@@ -169,17 +169,17 @@ def cmd_run(args) -> int:
 
             grid, selection = run_selection(grid, address=args.address, verbose=args.verbose, again=args.reselect)
             times["search"] = selection["wall_s"]
-    from orchestrator.tune_grid import run_grid
+    from orchestrator.grid.tuner import run_grid
 
     t_grid = time.time()
     summary = run_grid(grid, address=args.address, resume_dir=args.resume, verbose=args.verbose)
     times["grid"] = time.time() - t_grid
     print(json.dumps(summary, indent=2))
     if not args.no_report:
-        from orchestrator.grid import GridConfig
+        from orchestrator.grid.config import GridConfig
         from orchestrator.report import make_report
         from orchestrator.storage import Location
-        from orchestrator.tune_grid import GRID_FILE
+        from orchestrator.grid.tuner import GRID_FILE
 
         # the grid's `report:` section (baseline, negative controls, verdicts); a resumed grid's from its folder
         grid = grid or GridConfig.model_validate_json((Location.parse(summary["storage"]) / GRID_FILE).read_text())
@@ -227,7 +227,7 @@ def cmd_report(args) -> int:
     if Path(args.what).is_file() and not (args.verdict or args.control or args.positive or args.results_md):
         # a grid file and no report options: its own `report:` section, as `mergenet run` uses it
         from mergenet_core.config import ConfigErrors
-        from orchestrator.grid import load_grid
+        from orchestrator.grid.config import load_grid
 
         try:
             spec = load_grid(args.what, deep=False).report

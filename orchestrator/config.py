@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from mergenet_core import checks
 from mergenet_core.config import ExperimentConfig, Strict
-from mergenet_core.errors import ConfigError
+from mergenet_core.errors import ConfigError, short
 
 
 class AdapterPlacement(Strict):
@@ -33,10 +33,21 @@ class RayPairSpec(Strict):
     staleness: PositiveInt = Field(1, description="async: adapter output at most this many transfers old")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    topology: Literal["auto", "split", "inline"] = Field(
-        "auto", description="grids: split = Ray Train role workers + adapter actor; inline = the whole pair "
-                            "in the Tune trial process; auto = split when the pair asks for GPUs, several "
-                            "workers per role, spread placement or custom worker resources, else inline")
+    topology: str = Field(
+        "auto", description="grids: a registered topology (orchestrator/topology/): split = Ray Train role "
+                            "workers + adapter actor; inline = the whole pair in the Tune trial process; auto = "
+                            "split when the pair asks for GPUs, several workers per role, spread placement or "
+                            "custom worker resources, else inline")
+
+    @field_validator("topology")
+    @classmethod
+    def _known_topology(cls, v: str) -> str:
+        from orchestrator import topology  # its modules import no Ray
+
+        known = ["auto", *topology.names()]
+        if v not in known:
+            raise ValueError(f"unknown topology '{short(v)}' (known: {', '.join(known)})")
+        return v
 
 
 class PairConfig(ExperimentConfig):

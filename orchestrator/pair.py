@@ -37,10 +37,12 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from mergenet_core.errors import ConfigError, MergenetError
-from mergenet_core.loop import FINAL, KEEP_BUNDLES, METRICS, PairState, load_bundle, summarise, write_metrics
+from mergenet_core.io import PLACEMENT
+from mergenet_core.io.outputs import RunOutputs
+from mergenet_core.loop import KEEP_BUNDLES, PairState, load_bundle
 from orchestrator.cluster.actor import AdapterActor
 from orchestrator.cluster.connect import check_resources, ensure_ray
-from orchestrator.cluster.worker import BEST_FLAG, BUNDLE, BUNDLES, PLACEMENT, pair_worker
+from orchestrator.cluster.worker import BEST_FLAG, BUNDLE, pair_worker
 from orchestrator.config import PairConfig, worker_layout
 from orchestrator.storage import Location
 
@@ -135,10 +137,8 @@ def run_pair_on_ray(cfg: PairConfig, out_dir: str | Path, address: str | None = 
         previous = posixpath.join(storage, name)
         (Location.parse(previous) if storage_filesystem is None
          else Location(storage_filesystem, previous, previous)).delete()
-        for f in (METRICS, FINAL):
-            (out / f).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    outputs = RunOutputs(out)
+    outputs.begin(cfg, fresh=not resume)
     rs = cfg.ray
     actor_name = namespace = None
     actor = None
@@ -178,12 +178,8 @@ def run_pair_on_ray(cfg: PairConfig, out_dir: str | Path, address: str | None = 
             ray.kill(actor)
     with result.checkpoint.as_directory() as d:
         history = load_bundle(Path(d) / BUNDLE)["history"]
-        if (Path(d) / PLACEMENT).exists():
-            shutil.copy2(Path(d) / PLACEMENT, out / PLACEMENT)
+        placement = json.loads((Path(d) / PLACEMENT).read_text()) if (Path(d) / PLACEMENT).exists() else None
         if start_from is not None or until_epoch is not None:  # keep the bundle for the caller (PBT)
             shutil.copy2(Path(d) / BUNDLE, out / BUNDLE)
-    write_metrics(out / METRICS, history)  # what rank 0 wrote, from the checkpoint (rank 0 may be elsewhere)
-    final = summarise([r for r in history if "target/val_acc" in r])
-    (out / FINAL).write_text(json.dumps(final, indent=2))
-    (out / BUNDLES).write_text(json.dumps(kept_bundles(result), indent=2))
-    return final
+    # what rank 0 wrote, from the checkpoint (rank 0 may be on another node)
+    return outputs.finish(history=history, kept=kept_bundles(result), placement=placement)

@@ -48,7 +48,7 @@ def resolve_experiment(c, what: str) -> tuple[str, str, str | None]:
         f = folder / "mlflow_parent_run_id"
         parent = f.read_text().strip() if f.exists() else None
     elif p.is_file():
-        from orchestrator.grid import load_grid
+        from orchestrator.grid.config import load_grid
 
         name = load_grid(p, deep=False).grid
     exp = c.get_experiment_by_name(name)
@@ -73,7 +73,7 @@ def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None
     ``init_from``), the recipe, seeds and arms; and the submission's wall time from MLflow."""
     import json
 
-    from orchestrator.grid import GridConfig, uses_source
+    from orchestrator.grid.config import GridConfig, uses_source
     from orchestrator.storage import Location
 
     out = []

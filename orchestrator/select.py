@@ -21,7 +21,7 @@ import pandas as pd
 
 from mergenet_core.errors import MergenetError
 from orchestrator import tracking
-from orchestrator.grid import GridConfig
+from orchestrator.grid.config import GridConfig
 from orchestrator.storage import Location
 
 SELECTION_FILE = "selection.json"
@@ -131,7 +131,7 @@ def run_selection(grid: GridConfig, address: str | None = None, verbose: bool = 
                   again: bool = False) -> tuple[GridConfig, dict]:
     """Run (or reuse, or resume) the search; returns the verdict grid and the selection record."""
     from orchestrator.report import trials_frame
-    from orchestrator.tune_grid import GRID_FILE, run_grid
+    from orchestrator.grid.tuner import GRID_FILE, run_grid
 
     sgrid = search_grid(grid)
     folder = search_folder(grid)

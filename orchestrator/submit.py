@@ -137,7 +137,7 @@ def build_job(grid_path: str | Path, overrides: list[str] | None = None, working
               env: dict[str, str] | None = None, deep: bool = True) -> dict[str, Any]:
     """Validate the grid here and return the job's ``entrypoint``, ``runtime_env``,
     ``metadata`` and ``submission_id`` (nothing is contacted)."""
-    from orchestrator.grid import load_grid
+    from orchestrator.grid.config import load_grid
 
     grid = load_grid(grid_path, overrides, deep=deep)  # ConfigErrors -> exit 2 before any network use
     wd = Path(working_dir).resolve()

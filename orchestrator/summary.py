@@ -29,7 +29,7 @@ def _mde(r) -> str:
 
 def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
     """(table rows, notes) of one grid; a grid never run gives one row saying so."""
-    from orchestrator.grid import load_grid
+    from orchestrator.grid.config import load_grid
     from orchestrator.report import DATA_NAMES, RUN_ACCOUNT, resolve_experiment, trials_frame
 
     grid = load_grid(path, deep=False)

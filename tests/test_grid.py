@@ -256,8 +256,8 @@ def test_quickstart_design_validates_without_warnings(capsys):
     control; `mergenet validate` prints no warning (every target layer written is followed by a
     normalisation layer, writes keep the layer's scale)."""
     from orchestrator.cli import main
-    from orchestrator.grid import load_grid
-    from orchestrator.inline import choose_topology
+    from orchestrator.grid.config import load_grid
+    from orchestrator.topology import choose
 
     path = Path(__file__).parents[1] / "experiments" / "quickstart.yaml"
     warnings: list[str] = []
@@ -276,7 +276,7 @@ def test_quickstart_design_validates_without_warnings(capsys):
     for p in grid.pairs:
         for arm in grid.methods:
             cfg = grid.trial_config(p.name, arm, grid.seeds[0])
-            assert choose_topology(cfg) == "inline"
+            assert choose(cfg).name == "inline"
             tasks.add(cfg.target.task.name)
             opts = cfg.method.options
             if cfg.method.name == "mergenet":  # the clean signal, writes at the layer's scale, a trained source

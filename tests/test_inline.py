@@ -30,16 +30,16 @@ TASK = {"name": "fashion_mnist", "options": {"train_subset": 320, "test_subset":
     ({"use_gpu": True, "topology": "inline"}, "inline"),
 ])
 def test_auto_topology(ray, expected):
-    from orchestrator.inline import choose_topology
+    from orchestrator.topology import choose
 
     cfg = parse_config(tiny_pair("alone", source_model=None, ray=ray))
-    assert choose_topology(cfg) == expected
+    assert choose(cfg).name == expected
 
 
 def test_inline_grid_trials_equal_the_engine_and_are_tracked(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.grid import load_grid
+    from orchestrator.grid.config import load_grid
 
     grid = helpers.tiny_grid(
         "g-inline", task=TASK, epochs=2, steps_per_epoch=3,

@@ -11,7 +11,7 @@ import torch
 from helpers import TINY_MODELS, limit_threads, tiny_grid, write_yaml
 from mergenet_core.init_weights import PLANNED
 from orchestrator.cli import main
-from orchestrator.grid import load_grid
+from orchestrator.grid.config import load_grid
 from orchestrator.sources import is_trained, source_key, train_missing
 
 limit_threads()

@@ -17,7 +17,7 @@ import torch
 from helpers import (SUBPROCESS_ENV_OVERRIDES, TINY_TASK, limit_threads, mergenet_options, tiny_grid, tiny_pair,
                      write_yaml)
 from orchestrator.config import parse_config
-from orchestrator.grid import check_layers
+from orchestrator.grid.config import check_layers
 
 limit_threads()
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,19 +16,18 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 
-from mergenet_core.loop import METRICS, PairLoop, PairState, load_bundle, numeric, save_bundle
+from mergenet_core.io import PAIR_BUNDLE as BUNDLE
+from mergenet_core.io.outputs import RunOutputs
+from mergenet_core.loop import PairLoop, PairState, load_bundle, numeric, save_bundle
 from orchestrator.cluster.actor import RayExchange, _to_cpu
 from orchestrator.config import PairConfig
 
-BUNDLE = "pair.pt"
-PLACEMENT = "placement.json"  # role, rank, node id, pid and device of every worker
 
 #: which pair bundles (Ray Train checkpoints) a run keeps, and so writes
 #: (:data:`mergenet_core.loop.KEEP_BUNDLES`, written by the loop's checkpoint policy):
 #: ``last_and_best``: the last and the best-validation one (the earliest epoch of the highest
 #: ``target/val_acc``, as in ``final.json``); ``last``: only the last; ``all``: every bundle written
 BEST_FLAG = "checkpoint/best_val"  # 1 on the bundle of a new best-validation epoch (Ray's score)
-BUNDLES = "bundles.json"  # where the kept bundles are: {"last": {...}, "best_val": {...}}
 
 
 def _grad_sync(group, size: int):
@@ -98,7 +97,7 @@ class RoleWorkerHost:
         save_bundle(tmp / BUNDLE, bundle)
         # the placement travels with the checkpoint: the driver may sit on another node than
         # rank 0 (bucket storage, no shared folder)
-        (tmp / PLACEMENT).write_text(json.dumps(self.placement, indent=2))
+        RunOutputs(tmp).placement(self.placement)
         self._checkpoint = Checkpoint.from_directory(str(tmp))
 
     def end_epoch(self, record: dict | None, saved: bool, best: bool) -> None:
@@ -159,7 +158,7 @@ def pair_worker(config: dict) -> None:
     else:
         placement = [where]
     if rank == 0:
-        (out / PLACEMENT).write_text(json.dumps(placement, indent=2))
+        RunOutputs(out).placement(placement)
 
     ckpt = ray.train.get_checkpoint()  # this run's own latest (after a restart), else the start bundle
     if ckpt is None and config.get("start_from"):
@@ -188,4 +187,4 @@ def pair_worker(config: dict) -> None:
 
     host = RoleWorkerHost(pair, me, config["co_located"], rank, leader, len(layout), out, placement, role_rank)
     PairLoop(host, keep_bundles=config.get("keep_bundles", "last_and_best"), until_epoch=config.get("until_epoch"),
-             metrics_path=out / METRICS if rank == 0 else None).run()
+             outputs=RunOutputs(out) if rank == 0 else None).run()

@@ -1,0 +1,143 @@
+"""The Tune trial driver of ``mergenet run``: one pair, one MLflow child run.
+
+Train V2 pattern: every trial is a Tune *function* that runs its pair through the pair's
+topology (:func:`orchestrator.topology.choose`): in this process (``inline``) or as a Ray Train
+worker group it drives (``split``); each epoch's record reaches Tune (for ASHA and the progress
+table) and the trial's MLflow child run. With PBT the pair trains segment by segment
+(:func:`orchestrator.topology.pbt.run_pbt`). The driver knows no topology by name.
+
+Storage: a trial's folder (``trials/<id>``) holds its MLflow run id, the pair's outputs
+(``pair/``: :data:`mergenet_core.io.PAIR_OUTPUTS`) and its Train run. With a bucket the pair's
+outputs go to a local scratch folder first and are uploaded when the pair ends.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from ray import tune
+
+from mergenet_core.config import deep_merge
+from mergenet_core.io import PAIR_OUTPUTS, PLACEMENT
+from mergenet_core.io.outputs import RunOutputs
+from orchestrator import topology, tracking
+from orchestrator.grid.config import GridConfig
+from orchestrator.storage import Location, scratch_dir
+from orchestrator.topology.pbt import run_pbt
+
+
+def trial_folder(grid_dir: str | Path | Location, trial_id: str) -> Location:
+    """A trial's own folder in the grid's storage (shared storage or a bucket on clusters): its
+    MLflow run id, the pair's outputs and the pair's Ray Train run (so a restored trial resumes it)."""
+    grid = grid_dir if isinstance(grid_dir, Location) else Location.parse(grid_dir)
+    return grid / "trials" / trial_id
+
+
+def _quiet_sigterm_exit(unraisable) -> None:
+    """Ray's SIGTERM handler raises SystemExit; when Ray stops a reused, idle trial process at
+    the end of a grid that can land inside a garbage-collection callback, and Python then
+    prints an "Exception ignored" traceback for an ordinary shutdown. Everything else is
+    reported as usual."""
+    if isinstance(unraisable.exc_value, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: str, uri: str, sha: str,
+             grid_dir: str) -> None:
+    """Tune trial driver: one pair, one MLflow child run."""
+    sys.unraisablehook = _quiet_sigterm_exit
+    grid = GridConfig.model_validate_json(grid_json)
+    ctx = tune.get_context()
+    trial_dir = trial_folder(grid_dir, ctx.get_trial_id())
+    # pair outputs: straight into the trial folder when it is local, else a local scratch
+    # folder uploaded to the bucket at the end (the Train run and its checkpoints go to the
+    # bucket directly)
+    work = trial_dir.local or scratch_dir(grid.grid, ctx.get_trial_id())
+    # config["method"]: the arm (a key of the grid's methods), which may run another method
+    pair, arm, seed, hp = config["pair"], config["method"], config["seed"], dict(config.get("hp") or {})
+    cfg = grid.trial_config(pair, arm, seed, hp)
+    c = tracking.client(uri)
+    tags = {"mlflow.parentRunId": parent_run_id, tracking.TRIAL_TAG: "1", "mergenet.grid": grid.grid,
+            "mergenet.pair": pair, "mergenet.arm": arm, "mergenet.method": grid.method_of(arm),
+            "mergenet.seed": str(seed), "mergenet.trial_id": ctx.get_trial_id(), "mergenet.git_sha": sha,
+            **pair_labels(grid, pair)}
+    params = tracking.flatten(cfg.model_dump(mode="json"))
+    short = short_params(grid, pair, arm, hp, params)
+    run_id = tracking.attach_or_create(c, trial_dir, experiment_id, run_name(arm, seed, pair, short), tags)
+    run = c.get_run(run_id)
+    if run.info.status == "FINISHED":  # finished before an interruption Tune's state did not record
+        tune.report(dict(run.data.metrics))
+        return
+    try:
+        params.update({f"hp.{k}": str(v) for k, v in hp.items()})
+        params.update(short)
+        tracking.log_params(c, run_id, params)
+        out = work / "pair"
+        topo = topology.choose(cfg)
+        c.set_tag(run_id, "mergenet.topology", topo.name)
+        reporter = topology.ReporterSpec(uri, run_id)
+        if grid.scheduler.name == "pbt":
+            final = run_pbt(topo, cfg, store=trial_dir, work=work, out=out, reporter=reporter,
+                            interval=grid.scheduler.perturbation_interval, keep_bundles=grid.bundles_while_running)
+        else:
+            final = topo.run(cfg, topology.RunRequest(out, trial_dir, keep_bundles=grid.bundles_while_running,
+                                                      reporter=reporter))
+        tracking.log_metrics(c, run_id, final, step=int(final.get("epochs", 0)))
+        placement = json.loads((out / PLACEMENT).read_text()) if (out / PLACEMENT).exists() else []
+        for w in placement:
+            c.set_tag(run_id, f"mergenet.node.{w['role']}{w['role_rank']}", w["node_id"])
+        if grid.keep_bundles == "none":
+            topo.drop_bundles(out, trial_dir)
+            RunOutputs(out).no_bundles()
+        tracking.learning_curve_png(RunOutputs(out).read_history(), out / "learning_curve.png", title=cfg.name)
+        (trial_dir / "pair").upload(out, list(PAIR_OUTPUTS))  # nothing to do when the folder is local
+        for name in ("config.json", "final.json", "metrics.jsonl", "learning_curve.png"):
+            c.log_artifact(run_id, str(out / name))
+        tracking.end_run(c, run_id, ok=True)
+    except BaseException as e:
+        tracking.end_run(c, run_id, ok=False, reason=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if trial_dir.local is None:
+            shutil.rmtree(work, ignore_errors=True)  # the private scratch folder (tempfile.mkdtemp)
+
+
+def short_params(grid: GridConfig, pair: str, arm: str, hp: dict, config_params: dict[str, str]) -> dict[str, str]:
+    """What varies across the grid, as short top-level params for MLflow's runs table: ``arm``,
+    ``pair``, and each search axis by the shortest suffix of its dotted field that no other axis
+    and no top-level config param shares (``method.options.adapter.lr`` -> ``lr``, or
+    ``adapter.lr`` if another axis ends in ``lr``). ``seed`` is a config param already."""
+    out = {"arm": arm, "pair": pair}
+    keys = list(hp)
+    for k in keys:
+        parts = k.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            name = ".".join(parts[i:])
+            clash = any(o != k and (o == name or o.endswith("." + name)) for o in keys)
+            if not clash and name not in out and (name == k or name not in config_params):
+                break
+        if name != k:  # a top-level field (seed) is logged under its own name already
+            out[name] = str(hp[k])
+    return out
+
+
+def run_name(arm: str, seed: int, pair: str, short: dict[str, str]) -> str:
+    """``mergenet s3 · r18-mbv2 lr=0.001``: arm and seed first (the runs table cuts long names)."""
+    extra = " ".join(f"{k}={v}" for k, v in short.items() if k not in ("arm", "pair"))
+    return f"{arm} s{seed} · {pair}" + (f" {extra}" if extra else "")
+
+
+def pair_labels(grid: GridConfig, pair: str) -> dict[str, str]:
+    """``model@task`` of the pair's source and target (also on ``alone`` trials, for the report)."""
+    p = next(x for x in grid.pairs if x.name == pair)
+
+    def label(d):
+        return f"{d['model']['name']}@{d['task']['name']}" if d else "-"
+
+    src = deep_merge(grid.base.get("source", {}), p.source or {}) if (p.source or grid.base.get("source")) else None
+    return {"mergenet.source": label(src), "mergenet.target": label(deep_merge(grid.base.get("target", {}), p.target))}
+
+

@@ -1,0 +1,172 @@
+"""``mergenet run GRID.yaml``: the Ray Tune tuner of a grid (pairs x arms x seeds x search axes).
+
+:func:`run_grid` owns the MLflow parent run (the submission), builds the tuner around the trial
+driver (:func:`orchestrator.grid.trial.trial_fn`) with each trial's resources from its pair's
+topology, and returns a summary. ``--resume DIR`` restores the Tune experiment: finished
+trials are kept, unfinished ones restart from their last pair checkpoint and re-attach their
+MLflow runs. Storage (``storage_path``, ``--resume``) is a local folder or a bucket URI
+(:mod:`orchestrator.storage`, ``pyarrow.fs``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from ray import tune
+
+from mergenet_core.errors import MergenetError
+from orchestrator import topology, tracking
+from orchestrator.cluster.connect import ensure_ray
+from orchestrator.grid.config import GridConfig
+from orchestrator.grid.progress import GridProgress, quiet_console
+from orchestrator.grid.trial import trial_fn
+from orchestrator.storage import Location
+
+GRID_FILE = "mergenet_grid.json"
+PARENT_FILE = "mlflow_parent_run_id"
+
+
+def trial_resources(grid: GridConfig):
+    """Per trial: the placement-group bundles its pair's topology asks for
+    (:meth:`orchestrator.topology.Topology.resources`)."""
+    from ray.tune import PlacementGroupFactory
+
+    def resources(config: dict) -> PlacementGroupFactory:
+        try:
+            cfg = grid.trial_config(config["pair"], config["method"], config["seed"], dict(config.get("hp") or {}))
+        except Exception:  # noqa: BLE001 - validated before the grid starts; be safe on restore
+            return PlacementGroupFactory([{"CPU": grid.resources.trial_driver_cpus}])
+        return PlacementGroupFactory(topology.choose(cfg).resources(cfg, grid.resources.trial_driver_cpus))
+
+    return resources
+
+
+def _axis(a, pbt: bool = False):
+    if a.grid is not None:  # a named grid: its labels (the trial config resolves them)
+        return list(a.grid) if pbt else tune.grid_search(list(a.grid))
+    if a.choice is not None:
+        return tune.choice(a.choice)
+    if a.loguniform is not None:
+        return tune.loguniform(*a.loguniform)
+    return tune.uniform(*a.uniform)
+
+
+def _scheduler(grid: GridConfig, epochs: int):
+    s = grid.scheduler
+    if s.name == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(metric=s.metric, mode=s.mode, time_attr="training_iteration", max_t=epochs,
+                             grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    if s.name == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        # one Tune report per segment of `perturbation_interval` epochs (see _pbt_segments)
+        return PopulationBasedTraining(time_attr="training_iteration", metric=s.metric, mode=s.mode,
+                                       perturbation_interval=1,
+                                       hyperparam_mutations={"hp": {k: _axis(a, pbt=True)
+                                                                    for k, a in s.hyperparam_mutations.items()}})
+    return None
+
+
+def _uniform_resources(grid: GridConfig) -> bool:
+    """Every trial asks for the same resources (Tune reuses a trial process only then)."""
+    need = trial_resources(grid)
+    seen = {repr(need({"pair": p.name, "method": arm, "seed": grid.seeds[0], "hp": {}}).bundles)
+            for p in grid.pairs for arm in grid.methods}
+    return len(seen) == 1
+
+
+def _trial_name(trial) -> str:
+    c = trial.config
+    return f"{c.get('pair')}-{c.get('method')}-s{c.get('seed')}-{trial.trial_id.split('_')[-1]}"[:80]
+
+
+def build_tuner(grid: GridConfig, storage: Location, parent_run_id: str, experiment_id: str, uri: str,
+                restore: bool = False, verbose: bool = False) -> tune.Tuner:
+    """``storage``: the folder holding the grid's folder (local, or a bucket URI). Ray gets a
+    bucket as ``storage_path`` + ``storage_filesystem`` (the file system resolved from the URI,
+    endpoint options included), so URI query parameters never have to survive Ray's path joins."""
+    grid_dir = storage / grid.grid
+    storage_path, storage_fs = storage.ray_storage()
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_fn, grid_json=grid.model_dump_json(), parent_run_id=parent_run_id,
+                             experiment_id=experiment_id, uri=uri, sha=tracking.git_sha(),
+                             grid_dir=str(grid_dir)),
+        trial_resources(grid))
+    if restore:
+        return tune.Tuner.restore(grid_dir.ray_storage()[0], trainable, resume_errored=True,
+                                  storage_filesystem=storage_fs)
+    epochs = grid.trial_config(grid.pairs[0].name, next(iter(grid.methods)), grid.seeds[0]).target.recipe.epochs
+    space = {"pair": tune.grid_search([p.name for p in grid.pairs]),
+             "method": tune.grid_search(list(grid.methods)),
+             "seed": tune.grid_search(grid.seeds),
+             "hp": {**{k: _axis(a) for k, a in grid.search.items()},
+                    **{k: _axis(a, pbt=True) if a.grid is None else tune.choice(list(a.grid))
+                       for k, a in grid.scheduler.hyperparam_mutations.items() if k not in grid.search}}}
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(num_samples=grid.num_samples, scheduler=_scheduler(grid, epochs),
+                                    max_concurrent_trials=grid.max_concurrent_trials,
+                                    # one trial process serves trial after trial (no Python + torch
+                                    # start per trial); every trial asks for the same resources
+                                    reuse_actors=grid.scheduler.name != "pbt" and _uniform_resources(grid),
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=grid.grid, storage_path=storage_path, storage_filesystem=storage_fs,
+                                  failure_config=tune.FailureConfig(max_failures=grid.max_failures),
+                                  callbacks=[GridProgress(uri, grid.trial_count(), str(grid_dir))],
+                                  verbose=1 if verbose else 0),
+    )
+
+
+def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: str | None = None,
+             verbose: bool = False) -> dict:
+    """Submit (or resume) a grid; returns a summary with the MLflow ids and trial states."""
+    uri = tracking.tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # reaches every worker through the runtime env
+    if address or os.environ.get("RAY_ADDRESS"):  # an unreachable address fails before any run or folder exists
+        from orchestrator.cluster.connect import CONNECT_TIMEOUT_S
+        from orchestrator.secrets import probe_address
+
+        probe_address(address or os.environ["RAY_ADDRESS"], CONNECT_TIMEOUT_S)
+    if resume_dir:
+        exp_dir = Location.parse(resume_dir)
+        if not (exp_dir / GRID_FILE).exists():
+            raise MergenetError(f"--resume: {exp_dir} is not a mergenet grid folder (no {GRID_FILE})")
+        grid = GridConfig.model_validate_json((exp_dir / GRID_FILE).read_text())
+        storage = exp_dir.parent
+    else:
+        storage = Location.parse(grid.storage_path or "runs/grids")
+        exp_dir = storage / grid.grid
+        if (exp_dir / GRID_FILE).exists():
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            exp_dir.move_to(storage / f"{grid.grid}.{stamp}")  # keep the old submission's files
+    c = tracking.client(uri)
+    experiment_id = tracking.ensure_experiment(c, grid.grid)
+    exp_dir.mkdir()
+    (exp_dir / GRID_FILE).write_text(grid.model_dump_json(indent=2))
+    parent = tracking.attach_or_create(
+        c, exp_dir, experiment_id, f"{grid.grid}-{time.strftime('%Y%m%d-%H%M%S')}",
+        {"mergenet.grid": grid.grid, "mergenet.git_sha": tracking.git_sha(), "mergenet.kind": "submission"})
+    (exp_dir / PARENT_FILE).write_text(parent)
+    tracking.log_params(c, parent, tracking.flatten(grid.model_dump(mode="json")))
+    print(f"grid {grid.grid}: {grid.trial_count()} trials; MLflow {uri} experiment {experiment_id} "
+          f"run {parent}; storage {exp_dir}", flush=True)
+    local_ray = not (address or os.environ.get("RAY_ADDRESS"))
+    quiet_console(verbose=verbose, local_ray=local_ray)
+    # the driver's Ray loggers at WARNING: no "Started a local Ray instance" / Tune INFO lines
+    ensure_ray(address, **({} if verbose else {"logging_level": logging.WARNING}))
+    try:
+        tuner = build_tuner(grid, storage, parent, experiment_id, uri, restore=bool(resume_dir), verbose=verbose)
+        results = tuner.fit()
+    except BaseException as e:
+        tracking.end_run(c, parent, ok=False, reason=f"{type(e).__name__}: {e}")
+        raise
+    errors = [r for r in results if r.error is not None]
+    summary = {"experiment_id": experiment_id, "parent_run_id": parent, "storage": str(exp_dir),
+               "trials": len(results), "failed": len(errors)}
+    tracking.end_run(c, parent, ok=not errors,
+                     reason=f"{len(errors)} of {len(results)} trials failed" if errors else None)
+    return summary

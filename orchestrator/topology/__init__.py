@@ -1,0 +1,44 @@
+"""Pair topologies: how one pair's two models are hosted (:class:`.base.Topology`).
+
+Every module in this folder registers one topology (``TOPOLOGIES.register("name")(cls)``) and
+is found by :func:`discover`, so a new topology is one module here and nothing else changes
+(docs/ARCHITECTURE.md). ``ray.topology`` names one, or ``auto`` lets :func:`choose` pick the
+highest-priority topology whose :meth:`~.base.Topology.auto` claims the pair. Importing this
+package (and its modules) imports no Ray: configs validate against the registry.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .base import TOPOLOGIES, ReporterSpec, RunRequest, Topology
+
+__all__ = ["TOPOLOGIES", "ReporterSpec", "RunRequest", "Topology", "choose", "discover", "names"]
+
+
+def discover() -> None:
+    """Import every topology module of this folder not imported yet (also one added while a
+    long-lived process, such as a reused Tune trial process, runs)."""
+    for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if m.name not in ("base", "pbt"):
+            importlib.import_module(f"{__name__}.{m.name}")
+
+
+def names() -> list[str]:
+    discover()
+    return TOPOLOGIES.names()
+
+
+def get(name: str) -> Topology:
+    discover()
+    return TOPOLOGIES.get(name, field="ray.topology").fn()
+
+
+def choose(cfg) -> Topology:
+    """The pair's topology: ``ray.topology``, or with ``auto`` the highest-priority one that
+    claims the pair."""
+    if cfg.ray.topology != "auto":
+        return get(cfg.ray.topology)
+    discover()
+    ranked = sorted((TOPOLOGIES.get(n).fn() for n in TOPOLOGIES.names()), key=lambda t: -t.priority)
+    return next(t for t in ranked if t.auto(cfg))

@@ -1,0 +1,80 @@
+"""Topology ``split``: the pair as a Ray Train worker group (role workers) plus an adapter actor.
+
+The trial process only drives the pair's ``TorchTrainer`` (:func:`orchestrator.pair.run_pair_on_ray`;
+the workers and the actor live in :mod:`orchestrator.cluster`). ``auto`` picks it when a pair asks
+for what one process cannot give: a GPU per role, several workers per role, spread placement or
+custom worker resources. A trial's Train run lives in its folder (``<trial>/train``; PBT segments
+in ``<trial>/segments/seg-NNNN``), so a restored trial resumes it.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mergenet_core.io import PAIR_BUNDLE as BUNDLE
+
+from .base import TOPOLOGIES, RunRequest, Topology
+
+if TYPE_CHECKING:
+    from orchestrator.config import PairConfig
+    from orchestrator.storage import Location
+
+
+@TOPOLOGIES.register("split")
+class Split(Topology):
+    name = "split"
+    bundle = BUNDLE
+    start_in_place = True  # every Train worker reads a bucket checkpoint itself
+
+    def auto(self, cfg: PairConfig) -> bool:
+        rs = cfg.ray
+        return bool(rs.use_gpu or rs.source_workers > 1 or rs.target_workers > 1 or rs.worker_resources
+                    or rs.placement in ("SPREAD", "STRICT_SPREAD"))
+
+    def resources(self, cfg: PairConfig, driver_cpus: float) -> list[dict]:
+        """The trial process only drives the worker group, which Ray Train places itself."""
+        return [{"CPU": driver_cpus}]
+
+    def run(self, cfg: PairConfig, req: RunRequest) -> dict:
+        from orchestrator.pair import run_pair_on_ray
+
+        callbacks = []
+        if req.reporter is not None:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            from orchestrator import tracking
+
+            if req.reporter.tune_each_epoch:
+                callbacks.append(TuneReportCallback())
+            callbacks.append(tracking.MlflowEpochLogger(req.reporter.uri, req.reporter.run_id))
+        if req.store is None:  # a run of its own: the Train run under OUT/ray
+            return run_pair_on_ray(cfg, req.out, resume=True, callbacks=callbacks, keep_bundles=req.keep_bundles,
+                                   start_from=req.start, until_epoch=req.until_epoch)
+        if req.segment:
+            path, fs = (req.store / "segments").ray_storage()
+            return run_pair_on_ray(cfg, req.out, storage_path=path, storage_filesystem=fs,
+                                   name=f"seg-{req.until_epoch:04d}", callbacks=callbacks, start_from=req.start,
+                                   until_epoch=req.until_epoch, keep_bundles=req.keep_bundles)
+        path, fs = req.store.ray_storage()
+        return run_pair_on_ray(cfg, req.out, resume=True, storage_path=path, storage_filesystem=fs, name="train",
+                               keep_bundles=req.keep_bundles, callbacks=callbacks, start_from=req.start,
+                               until_epoch=req.until_epoch)
+
+    def drop_bundles(self, out: Path, store: Location) -> None:
+        train = store / "train"
+        for name in train.listdir():
+            if name.startswith("checkpoint_"):
+                (train / name).delete()
+
+    def take_bundle(self, out: Path, folder: Path, store: Location):
+        """Move the segment's bundle out of the output folder; the next segment starts from it,
+        which every Train worker must be able to read: with a bucket, its uploaded copy."""
+        from ray.train import Checkpoint
+
+        shutil.move(str(out / BUNDLE), folder / BUNDLE)
+        if store.local is not None:
+            return folder
+        remote = store / folder.name
+        remote.upload(folder)
+        return Checkpoint(path=remote.path, filesystem=remote.fs)

@@ -1,0 +1,123 @@
+"""The topology contract (orchestrator/topology/): every registered topology asks Ray for
+well-formed resources, runs a pair to the same numbers as the single-process engine, and drops
+its bundles; a topology added as one module is picked by ``ray.topology`` and run by a grid's
+trial driver with no other change."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import helpers
+from helpers import assert_same_metrics, read_metrics, tiny_pair, write_yaml
+from mergenet_core.engine import Engine
+from orchestrator import topology
+from orchestrator.config import parse_config
+from orchestrator.storage import Location
+
+ROOT = Path(__file__).resolve().parents[1]
+#: a case per registered topology: the ``ray`` section that selects it, and the tolerance of its
+#: metrics against the engine (split: separate processes, gradients through the object store)
+CASES = {"inline": ({"topology": "inline"}, 1e-6), "split": ({"topology": "split"}, 1e-5)}
+
+
+def _cfg(ray: dict):
+    return parse_config(tiny_pair("mergenet", helpers.mergenet_options(), recipe={"epochs": 2, "steps_per_epoch": 3},
+                                  ray=ray))
+
+
+def test_every_registered_topology_has_a_case():
+    assert sorted(topology.names()) == sorted(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_resources_are_placement_group_bundles(name):
+    ray_section, _ = CASES[name]
+    cfg = _cfg(ray_section)
+    topo = topology.choose(cfg)
+    assert topo.name == name
+    bundles = topo.resources(cfg, driver_cpus=0.5)
+    assert isinstance(bundles, list) and bundles
+    assert all(isinstance(b, dict) and b and all(isinstance(v, (int, float)) and v >= 0 for v in b.values())
+               for b in bundles)
+    assert bundles[0]["CPU"] == (1.0 if name == "inline" else 0.5)  # the trial process: the pair, or its driver
+
+
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine")
+    Engine(_cfg({}), out, progress=False).run()
+    return read_metrics(out)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_run_equals_the_engine_and_drops_its_bundles(ray_local, tmp_path, engine_run, name):
+    ray_section, tol = CASES[name]
+    cfg = _cfg(ray_section)
+    topo = topology.choose(cfg)
+    store = Location.parse(tmp_path / "trial")
+    out = tmp_path / "trial" / "pair"
+    final = topo.run(cfg, topology.RunRequest(out, store))
+    assert_same_metrics(engine_run, read_metrics(out), tol=tol)
+    assert final["epochs"] == 2 and json.loads((out / "final.json").read_text()) == final
+    kept = json.loads((out / "bundles.json").read_text())
+    assert kept["last"]["epoch"] == 2 and Path(kept["last"]["path"]).exists()
+    assert [w["role"] for w in json.loads((out / "placement.json").read_text())]
+    topo.drop_bundles(out, store)
+    left = [p for p in (tmp_path / "trial").rglob("*") if p.name in ("checkpoint.pt", "best.pt", "pair.pt")]
+    assert left == []
+
+
+FAKE = '''"""A topology written by tests/test_topology_contract.py (deleted when the test ends)."""
+from pathlib import Path
+
+from .base import TOPOLOGIES
+from .inline import Inline
+
+
+@TOPOLOGIES.register("fake")
+class Fake(Inline):
+    name = "fake"
+    priority = -1000  # never picked by auto
+
+    def run(self, cfg, req):
+        Path(req.out).mkdir(parents=True, exist_ok=True)
+        (Path(req.out) / "ran-by-fake").write_text("1")
+        return super().run(cfg, req)
+'''
+
+
+def test_a_topology_is_one_module(tmp_path):
+    """A new module in orchestrator/topology/ is the whole change: configs accept its name and
+    the grid's trial driver runs the pair through it (a real ``mergenet run``, real Ray and MLflow)."""
+    from mlflow.tracking import MlflowClient
+
+    module = ROOT / "orchestrator" / "topology" / "fake_topology_under_test.py"
+    module.write_text(FAKE)
+    try:
+        grid = helpers.tiny_grid("g-fake", task={"name": "fashion_mnist", "options": {
+                                     "train_subset": 160, "test_subset": 64, "val_fraction": 0.2}},
+                                 epochs=1, steps_per_epoch=2, target_model={"name": "cnn", "options": {
+                                     "channels": [4, 8], "hidden": 8}}, methods={"alone": {}}, seeds=[0],
+                                 ray={"topology": "fake"})
+        path = write_yaml(tmp_path / "grid.yaml", grid)
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        env = dict(os.environ, MLFLOW_TRACKING_URI=uri, **helpers.SUBPROCESS_ENV_OVERRIDES,
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        module.unlink(missing_ok=True)
+    (trial,) = (tmp_path / "runs" / "grids" / "g-fake" / "trials").iterdir()
+    assert (trial / "pair" / "ran-by-fake").exists()
+    c = MlflowClient(uri)
+    runs = [r for r in c.search_runs([c.get_experiment_by_name("g-fake").experiment_id])
+            if r.data.tags.get("mergenet.trial") == "1"]
+    assert [(r.info.status, r.data.tags["mergenet.topology"]) for r in runs] == [("FINISHED", "fake")]
+    with pytest.raises(Exception, match="unknown topology 'fake'"):
+        _cfg({"topology": "fake"})  # gone with its module
