@@ -5,14 +5,20 @@ see :mod:`mergenet_core.data.base` for the batch contract.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from pydantic import BaseModel
 
-from . import images, text  # noqa: F401  (register the tasks)
 from .augment import prepare_images
 from .base import TASKS, Split, TaskData, TaskInfo, TaskShape
 from .stream import BatchStream, iter_eval
+
+# Every module here is imported, so a new data set is one module that registers itself in TASKS.
+for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _m.name != "base":
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 
 def build_task(name: str, options: dict[str, Any] | BaseModel | None, seed: int) -> TaskData:
