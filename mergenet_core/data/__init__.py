@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from .augment import prepare_images
 from .base import TASKS, Split, TaskData, TaskInfo, TaskShape
+from .modality import MODALITIES, Modality, get_modality
 from .stream import BatchStream, iter_eval
 
 # Every module here is imported, so a new data set is one module that registers itself in TASKS.
@@ -42,4 +43,4 @@ def probe_task(name: str, options: dict[str, Any] | BaseModel | None) -> TaskSha
 
 
 __all__ = ["TASKS", "Split", "TaskInfo", "TaskData", "TaskShape", "build_task", "probe_task", "prepare_images",
-           "BatchStream", "iter_eval"]
+           "MODALITIES", "Modality", "get_modality", "BatchStream", "iter_eval"]

@@ -9,15 +9,12 @@ batch's device; for text ``x`` is a dict ``{"input_ids", "attention_mask"}`` of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from ..registry import Registry
 
 TASKS = Registry("task")
-
-Modality = Literal["image", "text"]
 
 
 @dataclass
@@ -39,7 +36,7 @@ class TaskInfo:
     """What a model needs to know about its task to be built."""
 
     name: str
-    modality: Modality
+    modality: str                 # a MODALITIES name (data/modality.py): "image", "text"
     num_classes: int
     in_channels: int = 0          # images
     image_size: int = 0           # images (square)
