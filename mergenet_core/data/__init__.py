@@ -42,5 +42,11 @@ def probe_task(name: str, options: dict[str, Any] | BaseModel | None) -> TaskSha
     return entry.meta["probe"](opts)
 
 
-__all__ = ["TASKS", "Split", "TaskInfo", "TaskData", "TaskShape", "build_task", "probe_task", "prepare_images",
-           "MODALITIES", "Modality", "get_modality", "BatchStream", "iter_eval"]
+def task_title(name: str) -> str:
+    """The data set's plain name (its ``TASKS`` entry's ``title``); ``name`` itself for a task
+    without one or not registered."""
+    return TASKS.get(name).meta.get("title", name) if name in TASKS else name
+
+
+__all__ = ["TASKS", "Split", "TaskInfo", "TaskData", "TaskShape", "build_task", "probe_task", "task_title",
+           "prepare_images", "MODALITIES", "Modality", "get_modality", "BatchStream", "iter_eval"]

@@ -4,7 +4,10 @@ Every task loads fully into memory as tensors (the offline sets are small). A ba
 ``(x, y)``: for images ``x`` is a uint8 tensor ``[N, C, H, W]`` that
 :func:`mergenet_core.data.augment.prepare_images` turns into a normalised float batch on the
 batch's device; for text ``x`` is a dict ``{"input_ids", "attention_mask"}`` of int64
-``[N, L]`` tensors.
+``[N, L]`` tensors (see :mod:`.modality`).
+
+A ``TASKS`` entry's metadata: ``modality`` (a ``MODALITIES`` name), ``probe`` (fast
+validation: options -> :class:`TaskShape`) and ``title`` (the data set's plain name in reports).
 """
 from __future__ import annotations
 
