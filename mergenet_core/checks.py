@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from .config import (ConfigErrors, ExperimentConfig, _drop_inherited_recipe_errors, apply_overrides,
                      format_validation_error, read_yaml)
 from .data import TASKS
+from .data.modality import mismatch
 from .errors import ConfigError
 from .methods import METHODS
 from .models import MODELS
@@ -41,12 +42,12 @@ def check_registries(cfg: ExperimentConfig) -> list[str]:
             continue
         check(MODELS, spec.model.name, spec.model.options, f"{role}.model")
         check(TASKS, spec.task.name, spec.task.options, f"{role}.task")
-        if spec.model.name in MODELS and spec.task.name in TASKS:
+        if spec.model.name in MODELS and spec.task.name in TASKS:  # as build_model checks, from the declarations
             mm = MODELS.get(spec.model.name).meta.get("modality")
             tm = TASKS.get(spec.task.name).meta.get("modality")
-            if mm and tm and mm != tm:
-                lines.append(f"{role}.model.name: model '{spec.model.name}' takes {mm} input but task "
-                             f"'{spec.task.name}' is {tm}")
+            problem = mismatch(spec.model.name, mm, spec.task.name, tm) if mm and tm else None
+            if problem:
+                lines.append(f"{role}.model.name: {problem}")
     options = check(METHODS, cfg.method.name, cfg.method.options, "method")
     if not lines and options is not None:  # the method's checks across fields, on its validated options
         lines.extend(METHODS.get(cfg.method.name).fn.check_config(cfg, options))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ExperimentConfig, Recipe, RoleSpec
-from .data import BatchStream, TaskData, build_task, iter_eval, prepare_images
+from .data import BatchStream, Modality, TaskData, build_task, get_modality, iter_eval
 from .errors import ConfigError
 from .models import build_model
 from .optim import RngStream, param_groups, reapply_hparams, schedule_lambda
@@ -38,12 +38,6 @@ def resolve_device(name: str) -> torch.device:
 
         raise ConfigError("device", "cuda requested but no CUDA device is available")
     return torch.device(name)
-
-
-def to_device(x, device):
-    if isinstance(x, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in x.items()}
-    return x.to(device, non_blocking=True)
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -96,12 +90,16 @@ class Role:
         cap = self.recipe.steps_per_epoch
         return min(spe, cap) if cap else spe
 
+    @property
+    def modality(self) -> Modality:
+        """How this role's batches reach its model (data/modality.py)."""
+        return get_modality(self.task.info.modality)
+
     # ------------------------------------------------------------------ set-up
     def init_training(self, steps_per_epoch: int | None = None) -> None:
         """Build optimiser and schedule. Call after a method has changed the model's layers."""
         self.model.to(self.device)
-        if self.channels_last and self.task.info.modality == "image":
-            self.model.to(memory_format=torch.channels_last)
+        self.modality.prepare_model(self.model, self.channels_last)
         self.optimizer = build_optimizer(self.model, self.recipe)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.recipe, steps_per_epoch or self.steps_per_epoch))
@@ -122,12 +120,9 @@ class Role:
             idx = torch.arange(i, len(y), k)
             x = {n: v[idx] for n, v in x.items()} if isinstance(x, dict) else x[idx]
             y = y[idx]
-        x, y = to_device(x, self.device), y.to(self.device, non_blocking=True)
-        if self.task.info.modality == "image":
-            x = prepare_images(x, self.task.info, train=self.recipe.augment, generator=self.aug)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-        return x, y
+        x = self.modality.prepare(x, self.task.info, self.device, train=self.recipe.augment, generator=self.aug,
+                                  channels_last=self.channels_last)
+        return x, y.to(self.device, non_blocking=True)
 
     def loss(self, x, y, params: dict | None = None):
         """Forward + cross-entropy; ``params`` overrides parameters via ``functional_call``."""
@@ -180,11 +175,8 @@ class Role:
         data = getattr(self.task, split)
         loss_sum, correct, n = 0.0, 0, 0
         for x, y in iter_eval(data, self.recipe.eval_batch_size):
-            x, y = to_device(x, self.device), y.to(self.device)
-            if self.task.info.modality == "image":
-                x = prepare_images(x, self.task.info, train=False, generator=None)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+            x = self.modality.prepare(x, self.task.info, self.device, train=False, channels_last=self.channels_last)
+            y = y.to(self.device)
             loss, logits = self.loss(x, y)
             loss_sum += float(loss) * len(y)
             correct += int((logits.argmax(1) == y).sum())

@@ -111,21 +111,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_pairs(args) -> int:
-    from mergenet_core.data.base import TaskInfo
+    from mergenet_core.data import get_modality
     from mergenet_core.models import MODELS, build_model
     from mergenet_core.models.inspect import describe, rank_targets, suggest_pairs
 
-    def info_for(name: str) -> TaskInfo:
-        modality = MODELS.get(name).meta.get("modality", "image")
-        if modality == "text":
-            return TaskInfo(name="text", modality="text", num_classes=args.num_classes, max_length=64,
-                            vocab_size=30522)
-        return TaskInfo(name="image", modality="image", num_classes=args.num_classes, in_channels=3,
-                        image_size=32)
-
     models = {}
     for role, name in (("source", args.source), ("target", args.target)):
-        models[role] = build_model(name, {}, info_for(name))
+        # built on its modality's stand-in task (no data read)
+        info = get_modality(MODELS.get(name).meta.get("modality", "image")).example_info(args.num_classes)
+        models[role] = build_model(name, {}, info)
         rows = describe(models[role])
         print(f"# {role}: {name} ({sum(r.numel for r in rows):,} parameters)")
         for r in rows:

@@ -61,18 +61,13 @@ def resolve_experiment(c, what: str) -> tuple[str, str, str | None]:
     return exp.experiment_id, name, parent
 
 
-#: data sets by their plain names (Fashion-MNIST is not CIFAR)
-DATA_NAMES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
-              "rotten_tomatoes": "Rotten Tomatoes (movie-review sentiment snippets)",
-              "bbc_news": "BBC News (5 topics)"}
-
-
 def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None = None) -> list[str]:
     """What the grid ran, from its stored config (``runs/grids/NAME/mergenet_grid.json`` or
     ``grid_file``): per pair the source and target (model, data set named plainly, options,
     ``init_from``), the recipe, seeds and arms; and the submission's wall time from MLflow."""
     import json
 
+    from mergenet_core.data import task_title
     from orchestrator.grid.config import GridConfig, uses_source
     from orchestrator.storage import Location
 
@@ -93,7 +88,7 @@ def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None
                 init = spec.get("init_from")
                 init = init if isinstance(init, str) or init is None else init.get("path")
                 out.append(f"- pair `{p.name}`, {role}: `{spec['model']['name']}` "
-                           f"{json.dumps(spec['model'].get('options', {}))} on **{DATA_NAMES.get(task['name'], task['name'])}** "
+                           f"{json.dumps(spec['model'].get('options', {}))} on **{task_title(task['name'])}** "
                            f"{json.dumps(task.get('options', {}))}"
                            + (f"; starts from `{Path(init).name if '://' not in init else init}`"
                               f" (`init_from`)" if init else ""))

@@ -29,8 +29,9 @@ def _mde(r) -> str:
 
 def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
     """(table rows, notes) of one grid; a grid never run gives one row saying so."""
+    from mergenet_core.data import task_title
     from orchestrator.grid.config import load_grid
-    from orchestrator.report import DATA_NAMES, RUN_ACCOUNT, resolve_experiment, trials_frame
+    from orchestrator.report import RUN_ACCOUNT, resolve_experiment, trials_frame
 
     grid = load_grid(path, deep=False)
     label = f"`{Path(path).name}`"
@@ -76,7 +77,7 @@ def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
     task = t["target"]["task"]
     opts = task.get("options", {})
     rec = t.get("recipe", {})
-    note = (f"{label} (`{name}`): target `{t['target']['model']['name']}` on **{DATA_NAMES.get(task['name'], task['name'])}**, "
+    note = (f"{label} (`{name}`): target `{t['target']['model']['name']}` on **{task_title(task['name'])}**, "
             f"{opts.get('train_subset', 'all')} training examples, {rec.get('epochs', '?')} epochs; "
             f"{len(grid.seeds)} verdict seeds {grid.seeds}; {(df['status'] == 'FINISHED').sum()} of {len(df)} "
             f"trials finished")

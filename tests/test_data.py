@@ -11,8 +11,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mergenet_core.data import (TASKS, BatchStream, Split, TaskInfo, build_task, iter_eval,
-                                prepare_images)
+from mergenet_core.data import (MODALITIES, TASKS, BatchStream, Split, TaskInfo, build_task, get_modality,
+                                iter_eval, prepare_images)
 from mergenet_core.data.common import make_splits, SplitOptions, stratified_order
 from mergenet_core.errors import ConfigError, DataMissingError
 
@@ -198,6 +198,15 @@ def test_option_validation():
     assert {TASKS.get(n).meta["modality"] for n in TASKS.names()} == {"image", "text"}
 
 
+def test_every_task_and_model_names_a_registered_modality():
+    """Each TASKS and MODELS entry declares a MODALITIES name; each task has a plain title."""
+    from mergenet_core.models import MODELS
+
+    for reg in (TASKS, MODELS):
+        assert all(reg.get(n).meta["modality"] in MODALITIES for n in reg.names()), reg.kind
+    assert all(TASKS.get(n).meta["title"] for n in TASKS.names())
+
+
 # ------------------------------------------------------------------ augmentation
 
 INFO = TaskInfo("t", "image", 10, in_channels=2, image_size=8, mean=(0.5, 0.25), std=(0.5, 0.2))
@@ -215,6 +224,20 @@ def test_prepare_eval_is_pure_normalisation():
     std = torch.tensor(INFO.std)[None, :, None, None]
     assert out.dtype == torch.float32 and out.shape == x.shape
     assert torch.allclose(out, (x.float() / 255 - mean) / std)
+
+
+def test_modalities_prepare_batches_as_the_model_takes_them():
+    x, cpu = _batch(), torch.device("cpu")
+    out = get_modality("image").prepare(x, INFO, cpu, train=False, channels_last=True)
+    assert torch.equal(out, prepare_images(x, INFO, train=False))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    g = lambda: torch.Generator().manual_seed(3)
+    assert torch.equal(get_modality("image").prepare(x, INFO, cpu, train=True, generator=g()),
+                       prepare_images(x, INFO, True, g()))
+    ids = {"input_ids": torch.arange(6).view(2, 3), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    text = TaskInfo("t", "text", 2, max_length=3, vocab_size=10)
+    got = get_modality("text").prepare(ids, text, cpu, train=True)
+    assert set(got) == set(ids) and all(torch.equal(got[k], ids[k]) for k in ids)
 
 
 def test_prepare_train_deterministic():

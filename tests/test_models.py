@@ -8,9 +8,10 @@ from importlib import metadata
 import pytest
 import torch
 
+from mergenet_core.data import get_modality
 from mergenet_core.data.base import TaskInfo
 from mergenet_core.errors import ConfigError, DataMissingError
-from mergenet_core.models import MODELS, build_model
+from mergenet_core.models import MODELS, build_model, build_model_shapes
 from mergenet_core.models import text as text_models
 from mergenet_core.models.inspect import ROLES, describe, suggest_pairs
 
@@ -105,6 +106,15 @@ def test_parameter_names_and_shapes():
     assert mb["classifier.weight"].shape == (100, 1280)
     r50 = dict(build_model("resnet50", {}, C100).named_parameters())
     assert r50["fc.weight"].shape == (100, 2048)
+
+
+def test_every_model_builds_on_its_modality_stand_in_task():
+    """What `mergenet pairs` does (there with full-size options and weights): each model is
+    built on its modality's stand-in task."""
+    for name in MODELS.names():
+        info = get_modality(MODELS.get(name).meta["modality"]).example_info(7)
+        model = build_model_shapes(name, TINY.get(name, {}), info)
+        assert any(p.shape[0] == 7 for p in model.parameters()), name
 
 
 def test_modality_mismatch_and_bad_options():

@@ -5,14 +5,21 @@ see :mod:`mergenet_core.data.base` for the batch contract.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from pydantic import BaseModel
 
-from . import images, text  # noqa: F401  (register the tasks)
 from .augment import prepare_images
 from .base import TASKS, Split, TaskData, TaskInfo, TaskShape
+from .modality import MODALITIES, Modality, get_modality
 from .stream import BatchStream, iter_eval
+
+# Every module here is imported, so a new data set is one module that registers itself in TASKS.
+for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _m.name != "base":
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 
 def build_task(name: str, options: dict[str, Any] | BaseModel | None, seed: int) -> TaskData:
@@ -35,5 +42,11 @@ def probe_task(name: str, options: dict[str, Any] | BaseModel | None) -> TaskSha
     return entry.meta["probe"](opts)
 
 
-__all__ = ["TASKS", "Split", "TaskInfo", "TaskData", "TaskShape", "build_task", "probe_task", "prepare_images",
-           "BatchStream", "iter_eval"]
+def task_title(name: str) -> str:
+    """The data set's plain name (its ``TASKS`` entry's ``title``); ``name`` itself for a task
+    without one or not registered."""
+    return TASKS.get(name).meta.get("title", name) if name in TASKS else name
+
+
+__all__ = ["TASKS", "Split", "TaskInfo", "TaskData", "TaskShape", "build_task", "probe_task", "task_title",
+           "prepare_images", "MODALITIES", "Modality", "get_modality", "BatchStream", "iter_eval"]

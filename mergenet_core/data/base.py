@@ -4,20 +4,20 @@ Every task loads fully into memory as tensors (the offline sets are small). A ba
 ``(x, y)``: for images ``x`` is a uint8 tensor ``[N, C, H, W]`` that
 :func:`mergenet_core.data.augment.prepare_images` turns into a normalised float batch on the
 batch's device; for text ``x`` is a dict ``{"input_ids", "attention_mask"}`` of int64
-``[N, L]`` tensors.
+``[N, L]`` tensors (see :mod:`.modality`).
+
+A ``TASKS`` entry's metadata: ``modality`` (a ``MODALITIES`` name), ``probe`` (fast
+validation: options -> :class:`TaskShape`) and ``title`` (the data set's plain name in reports).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from ..registry import Registry
 
 TASKS = Registry("task")
-
-Modality = Literal["image", "text"]
 
 
 @dataclass
@@ -39,7 +39,7 @@ class TaskInfo:
     """What a model needs to know about its task to be built."""
 
     name: str
-    modality: Modality
+    modality: str                 # a MODALITIES name (data/modality.py): "image", "text"
     num_classes: int
     in_channels: int = 0          # images
     image_size: int = 0           # images (square)

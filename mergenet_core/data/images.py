@@ -113,7 +113,8 @@ def _fmnist_view(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     return x.repeat(1, channels, 1, 1) if channels > 1 else x.contiguous()
 
 
-@TASKS.register("fashion_mnist", options=FashionMNISTOptions, modality="image", probe=probe_fashion_mnist)
+@TASKS.register("fashion_mnist", options=FashionMNISTOptions, modality="image", probe=probe_fashion_mnist,
+                title="Fashion-MNIST")
 def load_fashion_mnist(opts: FashionMNISTOptions, seed: int) -> TaskData:
     """Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (60k train, 10k test)."""
     xtr, ytr, xte, yte = _fmnist_raw(opts.root or FMNIST_ROOT)
@@ -227,14 +228,14 @@ def _load_cifar(name: str, opts: CifarOptions, seed: int, fine: bool) -> TaskDat
     return TaskData(info, train, val, test, names)
 
 
-@TASKS.register("cifar10", options=CifarOptions, modality="image",
+@TASKS.register("cifar10", options=CifarOptions, modality="image", title="CIFAR-10",
                 probe=lambda opts: _probe_cifar("cifar10", opts, fine=False))
 def load_cifar10(opts: CifarOptions, seed: int) -> TaskData:
     """CIFAR-10 from a local ``cifar-10-batches-py`` folder (50k train, 10k test)."""
     return _load_cifar("cifar10", opts, seed, fine=False)
 
 
-@TASKS.register("cifar100", options=CifarOptions, modality="image",
+@TASKS.register("cifar100", options=CifarOptions, modality="image", title="CIFAR-100",
                 probe=lambda opts: _probe_cifar("cifar100", opts, fine=True))
 def load_cifar100(opts: CifarOptions, seed: int) -> TaskData:
     """CIFAR-100 (fine labels) from a local ``cifar-100-python`` folder (50k train, 10k test)."""

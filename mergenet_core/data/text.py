@@ -153,7 +153,8 @@ def probe_rotten_tomatoes(opts: TextOptions) -> TaskShape:
     return _text_shape("rotten_tomatoes", len(_rotten_tomatoes_raw(_rt_folder(opts))[1]), 2, opts)
 
 
-@TASKS.register("rotten_tomatoes", options=TextOptions, modality="text", probe=probe_rotten_tomatoes)
+@TASKS.register("rotten_tomatoes", options=TextOptions, modality="text", probe=probe_rotten_tomatoes,
+                title="Rotten Tomatoes (movie-review sentiment snippets)")
 def load_rotten_tomatoes(opts: TextOptions, seed: int) -> TaskData:
     """Rotten Tomatoes review snippets, fresh vs rotten (~12.7k); fixed 20% test carve."""
     folder = _rt_folder(opts)
@@ -178,7 +179,8 @@ def probe_bbc_news(opts: TextOptions) -> TaskShape:
     return _text_shape("bbc_news", n, len(classes), opts)
 
 
-@TASKS.register("bbc_news", options=TextOptions, modality="text", probe=probe_bbc_news)
+@TASKS.register("bbc_news", options=TextOptions, modality="text", probe=probe_bbc_news,
+                title="BBC News (5 topics)")
 def load_bbc_news(opts: TextOptions, seed: int) -> TaskData:
     """BBC News articles, 5 topics (2,225); fixed 20% test carve."""
     folder = _bbc_folder(opts)

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from ..data.base import TaskInfo
+from ..data.modality import mismatch
 from ..errors import ConfigError
 from ..registry import Registry
 
@@ -62,10 +63,7 @@ def _checked(name: str, options: dict | BaseModel | None, info: TaskInfo):
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"model.options.{loc}" if loc else "model.options", err["msg"]) from None
-    modality = entry.meta.get("modality")
-    if modality != info.modality:
-        raise ConfigError(
-            "model.name",
-            f"model '{name}' takes {modality} input but task '{info.name}' is {info.modality}",
-        )
+    problem = mismatch(name, entry.meta.get("modality"), info.name, info.modality)
+    if problem:
+        raise ConfigError("model.name", problem)
     return entry, opts

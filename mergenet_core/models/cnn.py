@@ -26,7 +26,6 @@ class CNNOptions(BaseModel):
 
 
 class SmallCNN(nn.Module):
-    modality = "image"
     classifier_name = "classifier"
 
     def __init__(self, num_classes: int, in_channels: int = 3,

@@ -60,7 +60,6 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    modality = "image"
     classifier_name = "classifier"
     # stage 6 and 7 blocks plus the final 1x1 conv
     last_stage_prefixes = tuple(f"features.{i}." for i in range(LAST_STAGE_FIRST_BLOCK, 18)) + ("conv.",)

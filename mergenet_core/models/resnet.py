@@ -75,7 +75,6 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """CIFAR ResNet; input ``[N, C, H, W]`` of any size >= 8 (global average pool)."""
 
-    modality = "image"
     classifier_name = "fc"
     last_stage_prefixes: tuple[str, ...] = ("layer4.",)
 

@@ -124,7 +124,6 @@ def minilm_l3_state_dict() -> dict[str, Tensor]:
 class MiniLMClassifier(nn.Module):
     """BERT encoder -> masked mean pool -> dropout -> ``classifier``."""
 
-    modality = "text"
     classifier_name = "classifier"
 
     def __init__(self, bert: nn.Module, num_classes: int, dropout: float = 0.1):
