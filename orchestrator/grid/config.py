@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from mergenet_core.config import ConfigErrors, apply_overrides, deep_merge, format_validation_error, read_yaml
 from orchestrator.config import PairConfig, parse_config
@@ -176,6 +177,8 @@ class GridConfig(_Strict):
     storage_path: str | None = Field(None, description="Tune/Train storage (default ./runs/grids): a local path, or "
                                                        "a bucket URI (s3://bucket/prefix, gs://...) on clusters")
 
+    _parsed: dict = PrivateAttr(default_factory=dict)  # trial_config's parsed configs
+
     @property
     def bundles_while_running(self) -> str:
         """The ``keep_bundles`` a trial's pair runs with: ``none`` writes the last bundle while the
@@ -277,7 +280,12 @@ class GridConfig(_Strict):
         return configs, sources.source_dirs(configs, self.storage_path)
 
     def trial_config(self, pair: str, arm: str, seed: int, hp: dict[str, Any] | None = None) -> PairConfig:
-        return parse_config(self.trial_dict(pair, arm, seed, hp))
+        """The trial's validated pair config, parsed once per process (validation, the tuner, each
+        trial's resources and the trial driver ask for the same ones). Treat it as read-only."""
+        key = (pair, arm, seed, json.dumps(hp or {}, sort_keys=True, default=str))
+        if key not in self._parsed:
+            self._parsed[key] = parse_config(self.trial_dict(pair, arm, seed, hp))
+        return self._parsed[key]
 
     def enumerate_checks(self):
         """Every (pair, method, seed-free) combination with every axis value to validate."""
