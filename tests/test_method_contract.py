@@ -8,17 +8,22 @@ table-driven tests): a method gets these checks by being registered and having a
 * state round trip: a pair rebuilt from a ``state_dict`` continues exactly like the original;
 * placement: a method whose roles may run apart steps each role on its own (``role_step``);
 * sync Ray equals the engine for every method whose roles may run apart (Ray Train role
-  workers, and an adapter actor when the method has an exchange).
+  workers, and an adapter actor when the method has an exchange);
+* recorded numbers: every step of every :data:`GOLDEN_CASES` run equals
+  tests/golden/step_metrics.json (written by tests/make_golden.py before the step refactor of
+  issue 21), so a change in RNG draw order or forward/backward order shows.
 """
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import (assert_same_metrics, limit_threads, mergenet_options, numeric_items, read_metrics,
-                     tiny_pair)
+                     step_metrics, tiny_pair)
 from mergenet_core.checks import parse_config
 from mergenet_core.engine import Engine
 from mergenet_core.loop import PairState
@@ -40,6 +45,22 @@ CASES: dict[str, dict] = {
 }
 
 METHOD_NAMES = METHODS.names()
+
+#: the recorded runs: every CASES row, the steps test_engine.py's one-epoch runs take
+#: (kd-frozen-teacher, mergenet-exact-both) and more MergeNet paths (a frozen source, the delta
+#: rule with non-transfer steps, a self-transfer)
+GOLDEN_CASES: dict[str, dict] = {
+    **CASES,
+    "kd-frozen-teacher": tiny_pair("kd", {"train_source": False}, source_model="resnet18"),
+    "mergenet-exact-both": tiny_pair("mergenet", mergenet_options(source="fc.weight", update_rule="exact",
+                                                                  direction="both"), source_model="resnet18"),
+    "mergenet-source-frozen": tiny_pair("mergenet", mergenet_options(freeze_source=True), recipe={"epochs": 2}),
+    "mergenet-delta-t2": tiny_pair("mergenet", mergenet_options(update_rule="delta", t_cycle=2),
+                                   recipe={"epochs": 2}),
+    "mergenet-self-transfer": tiny_pair("mergenet", mergenet_options(source="hidden.weight", self_transfer=True),
+                                        source_model=None, recipe={"epochs": 2}),
+}
+GOLDEN = Path(__file__).parent / "golden" / "step_metrics.json"
 
 
 def _apart(name: str) -> bool:
@@ -155,6 +176,19 @@ def test_sync_ray_equals_engine(ray_local, tmp_path, method):
     Engine(cfg, tmp_path / "engine", progress=False).run()
     run_pair_on_ray(cfg, tmp_path / "ray", plan=plan)
     assert_same_metrics(read_metrics(tmp_path / "engine"), read_metrics(tmp_path / "ray"), tol=1e-5)
+
+
+def test_golden_file_has_every_case():
+    assert set(json.loads(GOLDEN.read_text())) == set(GOLDEN_CASES), "run python tests/make_golden.py"
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_metrics_equal_recorded(tmp_path, case):
+    """Every step's train stats and state sums, and every epoch record, as recorded."""
+    want = json.loads(GOLDEN.read_text())[case]
+    got = step_metrics(GOLDEN_CASES[case], tmp_path)
+    assert_same_metrics(want["steps"], got["steps"], tol=1e-6)
+    assert_same_metrics(want["epochs"], got["epochs"], tol=1e-6)
 
 
 def _core_import_graph() -> dict[str, set[str]]:
