@@ -92,7 +92,7 @@ def probe(cfg_dict: dict, transfers: int) -> list[dict]:
     rule = m.options.update_rule
     rows = []
     for step in range(transfers):
-        order = [pair.roles[n] for n in m.roles_needed()]
+        order = [pair.roles[n] for n in m.roles(m.options).needed]
         for r in order:
             m._put(step, r)
         for r in order:

@@ -1,6 +1,6 @@
 """One pair on Ray: a Train V2 ``TorchTrainer`` whose workers take roles, plus an adapter actor.
 
-The method's placement (:meth:`Method.placement`) decides the layout. Roles that may run
+The method's roles (:meth:`Method.roles`) decide the layout. Roles that may run
 apart get their own workers: world ranks ``0 .. target_workers-1`` are the target role, the
 rest the source role (so world rank 0, whose metrics Ray Train keeps, is the target's leader). Each role is
 data-parallel inside its own process group (each worker takes a slice of the global batch,
@@ -65,7 +65,7 @@ def plan_pair(cfg: PairConfig) -> PairPlan:
     ranks, data) surfaces here, before any Ray worker starts."""
     pair = PairState.build(cfg, devices={n: torch.device("cpu") for n in ("source", "target")})
     method = pair.method
-    where = method.placement()
+    where = method.roles(method.options)
     layout = worker_layout(cfg, where)
     spec = method.exchange_spec() if where.apart else None
     return PairPlan(layout, not where.apart, spec, pair.steps_per_epoch, method.config_warnings(pair.roles))

@@ -24,7 +24,7 @@ import torch
 
 from helpers import (assert_same_metrics, limit_threads, mergenet_options, numeric_items, read_metrics,
                      step_metrics, tiny_pair)
-from mergenet_core.checks import parse_config
+from mergenet_core.checks import method_options, method_roles, parse_config
 from mergenet_core.engine import Engine
 from mergenet_core.loop import PairState
 from mergenet_core.methods import METHODS
@@ -63,10 +63,6 @@ GOLDEN_CASES: dict[str, dict] = {
 GOLDEN = Path(__file__).parent / "golden" / "step_metrics.json"
 
 
-def _apart(name: str) -> bool:
-    return PairState.build(parse_config(CASES[name])).method.placement().apart
-
-
 def run(data: dict, out, **kw) -> dict:
     return Engine(parse_config(data), out, progress=False).run(**kw)
 
@@ -79,6 +75,22 @@ def test_registry_reads_options_from_the_class():
     for name in METHOD_NAMES:
         entry = METHODS.get(name)
         assert entry.options is entry.fn.Options, name
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_roles_are_one_consistent_declaration(case):
+    """``roles(options)``: trained and untrained roles are needed ones, all within the answer
+    for any options (``roles()``), which the pair builds and marks trainable."""
+    cfg = parse_config(GOLDEN_CASES[case])
+    cls = METHODS.get(cfg.method.name).fn
+    r, wide = cls.roles(method_options(cfg)), cls.roles()
+    assert set(r.trained) <= set(r.needed) and set(r.untrained) <= set(r.needed)
+    for f in ("needed", "trained", "untrained"):
+        assert set(getattr(r, f)) <= set(getattr(wide, f)), f
+    assert wide.apart or not r.apart
+    pair = PairState.build(cfg)
+    assert tuple(pair.roles) == r.needed
+    assert {n for n, role in pair.roles.items() if role.trainable} == set(r.trained)
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -148,9 +160,9 @@ def test_placement_matches_the_steps(method):
     talk are run apart by the Ray test below: in one thread a sync exchange would wait)."""
     cfg = parse_config(CASES[method])
     a, b = PairState.build(cfg), PairState.build(cfg)
-    where = a.method.placement()
-    assert set(where.roles) == set(a.roles)
-    if not where.apart or len(where.roles) > 1:
+    where = a.method.roles(a.method.options)
+    assert set(where.needed) == set(a.roles)
+    if not where.apart or len(where.needed) > 1:
         return
     for step in range(4):
         a.method.pair_step(step, a.roles)
@@ -170,9 +182,9 @@ def test_sync_ray_equals_engine(ray_local, tmp_path, method):
     data = {**CASES[method], "ray": {"cpus_per_worker": 0.5}}
     cfg = parse_pair(data)
     plan = plan_pair(cfg)
-    where = PairState.build(cfg).method.placement()
+    where = method_roles(cfg)
     assert plan.co_located == (not where.apart)
-    assert plan.layout == (["target"] if not where.apart else [r for r in ("target", "source") if r in where.roles])
+    assert plan.layout == (["target"] if not where.apart else [r for r in ("target", "source") if r in where.needed])
     Engine(cfg, tmp_path / "engine", progress=False).run()
     run_pair_on_ray(cfg, tmp_path / "ray", plan=plan)
     assert_same_metrics(read_metrics(tmp_path / "engine"), read_metrics(tmp_path / "ray"), tol=1e-5)

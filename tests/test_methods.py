@@ -117,7 +117,8 @@ def test_method_defaults():
 def test_alone_builds_no_source_and_takes_plain_steps():
     pair = build("alone")  # the config has a source: alone ignores it
     assert set(pair.roles) == {"target"}
-    assert pair.method.roles_needed() == ("target",) and pair.method.trained_roles() == ("target",)
+    assert pair.method.roles(pair.method.options).needed == ("target",)
+    assert pair.method.roles(pair.method.options).trained == ("target",)
     tgt = pair.roles["target"]
     x, y = peek_batch(tgt)
     ref = copy.deepcopy(tgt.model).train()
@@ -154,7 +155,7 @@ def test_kd_and_dml_need_one_label_space(method):
 def test_kd_online_teacher_and_hinton_loss():
     pair = build("kd", source={"name": "resnet18", "options": {"width": 8, "blocks": [1, 1, 1, 1]}})
     src, tgt = pair.roles["source"], pair.roles["target"]
-    assert pair.method.trained_roles() == ("source", "target")
+    assert pair.method.roles(pair.method.options).trained == ("source", "target")
     x, y = peek_batch(tgt)
     teacher, student = copy.deepcopy(src.model).train(), copy.deepcopy(tgt.model).train()
     t_logits = teacher(x)                      # the teacher before its own step
@@ -170,7 +171,7 @@ def test_kd_online_teacher_and_hinton_loss():
 def test_kd_with_a_fixed_teacher():
     pair = build("kd", {"train_source": False, "temperature": 2.0, "weight": 0.5})
     src, tgt = pair.roles["source"], pair.roles["target"]
-    assert pair.method.trained_roles() == ("target",)
+    assert pair.method.roles(pair.method.options).trained == ("target",)
     before = copy.deepcopy(src.model.state_dict())
     x, y = peek_batch(tgt)
     teacher, student = copy.deepcopy(src.model).eval(), copy.deepcopy(tgt.model).train()

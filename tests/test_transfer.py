@@ -88,7 +88,7 @@ def recording(pair: PairState) -> RecordingExchange:
 def transfer(pair: PairState, step: int) -> None:
     """Phases 1 (put) and 2 (get + in-place write) of a transfer step for every role."""
     m = pair.method
-    order = [pair.roles[n] for n in m.roles_needed()]
+    order = [pair.roles[n] for n in m.roles(m.options).needed]
     for r in order:
         m._put(step, r)
     for r in order:
@@ -97,7 +97,7 @@ def transfer(pair: PairState, step: int) -> None:
 
 def train(pair: PairState, step: int) -> None:
     """Phase 3: every role's own optimiser step, then the adapter feedback."""
-    for n in pair.method.roles_needed():
+    for n in pair.method.roles(pair.method.options).needed:
         pair.method._train(step, pair.roles[n])
 
 
@@ -465,7 +465,7 @@ def test_direction_both_rewrites_both_models():
 
 def test_freeze_source_keeps_source_and_still_transfers():
     pair = build(pair_opts(freeze_source=True))
-    assert pair.method.trained_roles() == ("target",) and not pair.roles["source"].trainable
+    assert pair.method.roles(pair.method.options).trained == ("target",) and not pair.roles["source"].trainable
     src_before = {k: v.clone() for k, v in pair.roles["source"].model.state_dict().items()}
     pt = touched(pair, "target", CONV)
     ex = recording(pair)

@@ -184,7 +184,7 @@ def test_the_target_steps_exactly_like_alone(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert all(torch.equal(v, src_before[k]) for k, v in _state(pair, "source").items())  # the donor never trains
-    assert pair.method.trained_roles() == ("target",) and not pair.roles["source"].trainable
+    assert pair.method.roles(pair.method.options).trained == ("target",) and not pair.roles["source"].trainable
 
 
 def test_untrained_source_control_copies_the_seeds_initialisation(tmp_path):

@@ -7,9 +7,9 @@ advances training by one lockstep step in :meth:`pair_step`. The training loop
 (:class:`~mergenet_core.loop.PairLoop`) owns epochs, evaluation, metrics and checkpoints; the
 method owns only the step and its own state.
 
-Placement: :meth:`placement` says which roles the method needs and whether they may run in
-separate processes. Methods whose roles may run apart implement :meth:`role_step` (one role's
-part of a step). If their roles talk to each other, they do it through an *exchange* (an object
+Roles: :meth:`roles` is the one declaration of which roles the method needs, trains and keeps
+untrained, and whether they may run in separate processes. Methods whose roles may run apart
+implement :meth:`role_step` (one role's part of a step). If their roles talk to each other, they do it through an *exchange* (an object
 with the :class:`ExchangeAPI` methods): :meth:`exchange_spec` describes it with plain data,
 :meth:`build_exchange` builds it from that description in any process (a host puts it behind a
 Ray actor), and :meth:`attach` hands a role-hosting process the exchange (or a proxy) to use.
@@ -33,13 +33,18 @@ METHODS = Registry("method")
 
 
 @dataclass(frozen=True)
-class Placement:
-    """Which roles a method needs (each gets its own process group when ``apart``), and whether
-    they may run in separate processes (``role_step``); otherwise one process hosts all roles
-    and calls ``pair_step``."""
+class Roles:
+    """A method's roles (:meth:`Method.roles`): the one declaration hosts, validation and grids read."""
 
-    roles: tuple[str, ...]
-    apart: bool
+    #: the roles the pair builds, in the order a step takes them
+    needed: tuple[str, ...] = ("source", "target")
+    #: the roles that train (their optimisers step; evaluated and reported)
+    trained: tuple[str, ...] = ("source", "target")
+    #: roles kept at their seed's initialisation: ``init_from`` not loaded (a control arm)
+    untrained: tuple[str, ...] = ()
+    #: the roles may run in separate processes (each its own process group; ``role_step``, and an
+    #: exchange if they talk); else one process hosts them all and calls ``pair_step``
+    apart: bool = False
 
 
 class ExchangeAPI(Protocol):
@@ -57,10 +62,6 @@ class ExchangeAPI(Protocol):
 
 class Method:
     Options: ClassVar[type[BaseModel]] = NoOptions
-    #: build and train a source model
-    uses_source: ClassVar[bool] = True
-    #: roles can run in separate processes (``role_step``, and an exchange if they talk)
-    splittable: ClassVar[bool] = False
     #: metrics (besides the roles' train/val/test numbers) this method reports every epoch
     epoch_metric_names: ClassVar[tuple[str, ...]] = ()
 
@@ -68,12 +69,19 @@ class Method:
         self.options = options
         self.cfg = cfg
 
-    # ---------------------------------------------------------------- config
+    # ---------------------------------------------------------------- roles / config
+    @classmethod
+    def roles(cls, options: BaseModel | None = None) -> Roles:
+        """The roles for ``options``; ``None``: for any options (each tuple the union over all
+        options, ``apart`` if some allow it; ``orchestrator.grid.uses_source`` reads ``needed``).
+        Default: source and target, both trained, in one process."""
+        return Roles()
+
     @classmethod
     def check_config(cls, cfg: "ExperimentConfig", options: BaseModel) -> list[str]:
         """``field: problem`` lines for combinations the method cannot run (fields across
         blocks; the options model itself is already valid)."""
-        if cls.uses_source and cfg.source is None:
+        if "source" in cls.roles(options).needed and cfg.source is None:
             return [str(ConfigError("source", f"method '{cfg.method.name}' needs a source model"))]
         return []
 
@@ -81,7 +89,7 @@ class Method:
     def check_shapes(cls, cfg: "ExperimentConfig", options: BaseModel, models: dict[str, torch.nn.Module]) -> list[str]:
         """Fast validation (``mergenet validate`` without ``--deep``): ``field: problem`` lines
         for what :meth:`setup` and :meth:`ready` would refuse, decided from ``models`` alone --
-        the models of :meth:`roles_needed`, built without weights (meta device, not yet changed
+        the models of the needed :meth:`roles`, built without weights (meta device, not yet changed
         by :meth:`setup`: names, shapes and module types only). The first line must be the
         error the full build raises first. Default: nothing to check."""
         return []
@@ -95,13 +103,7 @@ class Method:
                                                    f"need the same task and task options ({what})"))]
         return []
 
-    # ---------------------------------------------------------------- placement / exchange
-    def roles_needed(self) -> tuple[str, ...]:
-        return ("source", "target") if self.uses_source else ("target",)
-
-    def placement(self) -> Placement:
-        return Placement(self.roles_needed(), self.splittable)
-
+    # ---------------------------------------------------------------- exchange
     def exchange_spec(self) -> dict | None:
         """Plain (picklable) data from which :meth:`build_exchange` builds this method's exchange
         in a process without the models; ``None``: the roles never talk. Needs :meth:`setup`."""
@@ -117,14 +119,6 @@ class Method:
         """Use ``exchange`` (e.g. a proxy to a Ray actor holding the real one)."""
         raise NotImplementedError(f"{type(self).__name__} has no exchange")
 
-    def trained_roles(self) -> tuple[str, ...]:
-        return self.roles_needed()
-
-    def untrained_roles(self) -> tuple[str, ...]:
-        """Roles kept at their seed's initialisation: their ``init_from`` is not loaded
-        (a control arm, e.g. MergeNet's ``untrained_source``)."""
-        return ()
-
     def setup(self, roles: dict) -> None:
         """Change the models before optimisers are built (e.g. factorise layers)."""
 
@@ -138,12 +132,12 @@ class Method:
 
     def pair_step(self, step: int, roles: dict) -> None:
         """Advance both roles by one optimisation step."""
-        for name in self.roles_needed():
+        for name in self.roles(self.options).needed:
             role = roles[name]
             with role.rng_scope():
                 role.train_step()
 
-    def role_step(self, step: int, role) -> None:  # pragma: no cover - splittable methods only
+    def role_step(self, step: int, role) -> None:  # pragma: no cover - methods whose roles run apart
         raise NotImplementedError
 
     def role_metrics(self) -> dict[str, float]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import METHODS, Method, softened_kl
+from .base import METHODS, Method, Roles, softened_kl
 
 
 class KDOptions(BaseModel):
@@ -23,11 +23,13 @@ class KD(Method):
     Options = KDOptions
 
     @classmethod
+    def roles(cls, options: KDOptions | None = None) -> Roles:
+        """Both models on one batch (one process); ``train_source: false``: the teacher does not train."""
+        return Roles(trained=("source", "target") if options is None or options.train_source else ("target",))
+
+    @classmethod
     def check_config(cls, cfg, options) -> list[str]:
         return super().check_config(cfg, options) or cls.require_same_labels(cfg, "kd")
-
-    def trained_roles(self):
-        return ("source", "target") if self.options.train_source else ("target",)
 
     def pair_step(self, step: int, roles: dict) -> None:
         src, tgt = roles["source"], roles["target"]

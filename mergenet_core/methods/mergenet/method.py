@@ -14,7 +14,7 @@ import torch
 from ...errors import ConfigError, short
 from ...lowrank import make_encoding, rms
 from ...roles import derive_seed
-from ..base import Method, Placement
+from ..base import Method, Roles
 from .exchange import Exchange
 from .hub import AdapterHub
 from .links import exact_grad, make_links
@@ -43,7 +43,6 @@ def _adapter_error(e: ValueError) -> ConfigError:
 
 class MergeNet(Method):
     Options = MergeNetOptions
-    splittable = True
     epoch_metric_names = ADAPTER_METRICS + TRANSFER_METRICS
 
     def __init__(self, options: MergeNetOptions, cfg):
@@ -86,25 +85,22 @@ class MergeNet(Method):
                                  "pairs sharing a weight must encode it the same way")
         return lines
 
-    def roles_needed(self):
-        return ("target",) if self.options.self_transfer else ("source", "target")
-
-    def placement(self) -> Placement:
+    @classmethod
+    def roles(cls, options: MergeNetOptions | None = None) -> Roles:
         """Source and target may run apart (they talk only through the exchange); a
-        self-transfer has one role."""
-        return Placement(self.roles_needed(), apart=not self.options.self_transfer)
-
-    def trained_roles(self):
-        return ("target",) if self.options.source_frozen or self.options.self_transfer else ("source", "target")
-
-    def untrained_roles(self):
-        """The untrained-source control keeps the source at its seed's initialisation
-        (``source.init_from`` is not loaded)."""
-        return ("source",) if self.options.control == "untrained_source" else ()
+        self-transfer has one role; a frozen source does not train; the untrained-source
+        control keeps the source at its seed's initialisation (``source.init_from`` not loaded)."""
+        if options is None:
+            return Roles(untrained=("source",), apart=True)
+        one = options.self_transfer
+        return Roles(needed=("target",) if one else ("source", "target"),
+                     trained=("target",) if options.source_frozen or one else ("source", "target"),
+                     untrained=("source",) if options.control == "untrained_source" else (), apart=not one)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, roles: dict) -> None:
-        frozen = set(self.roles_needed()) - set(self.trained_roles())
+        decl = self.roles(self.options)
+        frozen = set(decl.needed) - set(decl.trained)
         for link in self.links:
             lp = link.pair
             for role, param, side in link.ends():
@@ -126,8 +122,8 @@ class MergeNet(Method):
         from .adapter import head_width
         from ...lowrank import check_encoding
 
-        method = cls(options, cfg)
-        frozen = set(method.roles_needed()) - set(method.trained_roles())
+        method, decl = cls(options, cfg), cls.roles(options)
+        frozen = set(decl.needed) - set(decl.trained)
         shapes: dict[tuple[str, str], tuple[int, int]] = {}
         try:
             for link in method.links:
@@ -200,7 +196,7 @@ class MergeNet(Method):
 
     def ready(self, roles: dict, steps_per_epoch: int) -> None:
         self.steps_per_epoch = steps_per_epoch
-        if self.exchange is None and all(r in roles for r in self.roles_needed()):
+        if self.exchange is None and all(r in roles for r in self.roles(self.options).needed):
             try:
                 self.exchange = Exchange(self.make_hub(steps_per_epoch, roles["target"].device))
             except ValueError as e:  # e.g. more heads than the adapter's width allows
@@ -288,7 +284,7 @@ class MergeNet(Method):
         mine = {lid: v for lid, v in self.written.items()
                 if next(l for l in self.links if l.id == lid).receiver == role.name}
         grads = {}
-        if role.name in self.trained_roles():
+        if role.name in self.roles(self.options).trained:
             with role.rng_scope():
                 role.model.train()
                 x, y = role.next_batch()
@@ -315,7 +311,7 @@ class MergeNet(Method):
 
     def pair_step(self, step: int, roles: dict) -> None:
         transfer = self.is_transfer(step)
-        order = [roles[n] for n in self.roles_needed()]
+        order = [roles[n] for n in self.roles(self.options).needed]
         if transfer:
             for r in order:
                 self._put(step, r)
