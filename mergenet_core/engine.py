@@ -18,6 +18,7 @@ from .loop import (BEST, CHECKPOINT, FINAL, METRICS, PairLoop, PairState, load_b
                    save_bundle, write_metrics)
 from .roles import resolve_device
 from .safe_io import restore_into, write_atomic
+from .step import take_step
 
 
 class Engine:
@@ -41,7 +42,7 @@ class Engine:
 
     # ---------------------------------------------------------------- Host
     def step(self, step: int) -> None:
-        self.pair.method.pair_step(step, self.pair.roles)
+        take_step(self.pair, step)
 
     def gather(self, local: dict) -> dict:
         return local

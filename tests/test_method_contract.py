@@ -6,7 +6,8 @@ table-driven tests): a method gets these checks by being registered and having a
 * resume equivalence: 2 epochs straight == 1 epoch + resume + 1 (and resuming a finished run
   changes nothing);
 * state round trip: a pair rebuilt from a ``state_dict`` continues exactly like the original;
-* placement: a method whose roles may run apart steps each role on its own (``role_step``);
+* roles: one consistent declaration; where roles may run apart, hosting each role on its own
+  takes the same steps as hosting the pair;
 * sync Ray equals the engine for every method whose roles may run apart (Ray Train role
   workers, and an adapter actor when the method has an exchange);
 * recorded numbers: every step of every :data:`GOLDEN_CASES` run equals
@@ -28,6 +29,7 @@ from mergenet_core.checks import method_options, method_roles, parse_config
 from mergenet_core.engine import Engine
 from mergenet_core.loop import PairState
 from mergenet_core.methods import METHODS
+from mergenet_core.step import take_step
 
 limit_threads()
 
@@ -137,7 +139,7 @@ def test_state_round_trip(method):
     cfg = parse_config(CASES[method])
     a = PairState.build(cfg)
     for step in range(3):
-        a.method.pair_step(step, a.roles)
+        take_step(a, step)
     a.step = 3
     buf = io.BytesIO()  # through bytes, as a checkpoint goes (no tensor shared with ``a``)
     torch.save(a.state_dict(), buf)
@@ -145,8 +147,8 @@ def test_state_round_trip(method):
     b = PairState.build(cfg)
     b.load_state_dict(torch.load(buf, weights_only=True))
     for step in range(3, 6):  # both continue: the same batches, RNG draws and method state
-        a.method.pair_step(step, a.roles)
-        b.method.pair_step(step, b.roles)
+        take_step(a, step)
+        take_step(b, step)
     pa, pb = _params(a), _params(b)
     assert pa.keys() == pb.keys()
     for k in pa:
@@ -154,20 +156,31 @@ def test_state_round_trip(method):
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_placement_matches_the_steps(method):
-    """The placement names the roles the pair builds; a one-role method whose role may run
-    apart gives the same result through ``role_step`` as through ``pair_step`` (two roles that
-    talk are run apart by the Ray test below: in one thread a sync exchange would wait)."""
+def test_one_role_hosting_equals_pair_hosting(method):
+    """The pair builds the roles ``roles()`` names. Where they may run apart, each role hosted
+    by a pair of its own (sharing one exchange built from the spec, as the Ray adapter actor
+    does) takes the same steps as the whole pair in one host. In one thread the roles step in
+    ``needed`` order, source first (a sync exchange's ``get`` waits for every ``put`` of its
+    step: a link into the source would wait here; the Ray test below runs them concurrently)."""
     cfg = parse_config(CASES[method])
-    a, b = PairState.build(cfg), PairState.build(cfg)
+    a = PairState.build(cfg)
     where = a.method.roles(a.method.options)
-    assert set(where.needed) == set(a.roles)
-    if not where.apart or len(where.needed) > 1:
+    assert tuple(a.roles) == where.needed
+    if not where.apart:
         return
+    apart = {r: PairState.build(cfg, role_names=(r,)) for r in where.needed}
+    spec = a.method.exchange_spec()
+    if spec is not None:
+        exchange = a.method.build_exchange(spec, a.steps_per_epoch)
+        for b in apart.values():
+            b.method.attach(exchange)
     for step in range(4):
-        a.method.pair_step(step, a.roles)
-        b.method.role_step(step, next(iter(b.roles.values())))
-    pa, pb = _params(a), _params(b)
+        take_step(a, step)
+        for b in apart.values():
+            take_step(b, step)
+    pa = _params(a)
+    pb = {k: v for b in apart.values() for k, v in _params(b).items()}
+    assert pa.keys() == pb.keys()
     for k in pa:
         assert torch.equal(pa[k], pb[k]), k
 

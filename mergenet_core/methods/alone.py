@@ -10,7 +10,3 @@ class Alone(Method):
     def roles(cls, options=None) -> Roles:
         """The target alone, which may run in its own process."""
         return Roles(needed=("target",), trained=("target",), apart=True)
-
-    def role_step(self, step: int, role) -> None:
-        with role.rng_scope():
-            role.train_step()

@@ -42,9 +42,11 @@ class Roles:
     trained: tuple[str, ...] = ("source", "target")
     #: roles kept at their seed's initialisation: ``init_from`` not loaded (a control arm)
     untrained: tuple[str, ...] = ()
-    #: the roles may run in separate processes (each its own process group; ``role_step``, and an
-    #: exchange if they talk); else one process hosts them all and calls ``pair_step``
+    #: the roles may run in separate processes (each its own process group; an exchange if they
+    #: talk); else one process hosts them all
     apart: bool = False
+    #: the role whose batch every role's forward takes (both models on one batch; not ``apart``)
+    shared_batch: str | None = None
 
 
 class ExchangeAPI(Protocol):
@@ -129,6 +131,23 @@ class Method:
 
     def ready(self, roles: dict, steps_per_epoch: int) -> None:
         """Called once optimisers exist (build method-owned modules/optimisers here)."""
+
+    # ---------------------------------------------------------------- the step (mergenet_core/step.py)
+    def before_step(self, step: int, roles: dict) -> None:
+        """Before any forward of step ``step``, with the roles the step takes (``needed`` order)."""
+
+    def loss(self, role: str, outs: dict) -> torch.Tensor:
+        """The loss ``role`` backpropagates, from the step's :class:`~mergenet_core.step.Forward`
+        of each role (its own; every role's with ``Roles.shared_batch``). Default: its cross-entropy."""
+        return outs[role].ce
+
+    def after_backward(self, step: int, role) -> None:
+        """Between a trained role's backward pass (gradients averaged across its workers) and its
+        optimiser step."""
+
+    def after_step(self, step: int, role) -> None:
+        """After ``role``'s optimiser step, in its turn in ``needed`` order (also for a role the
+        step takes that does not train)."""
 
     def pair_step(self, step: int, roles: dict) -> None:
         """Advance both roles by one optimisation step."""

@@ -270,11 +270,5 @@ class Transplant(Method):
             if self.options.freeze and e.parameter:
                 dst.requires_grad_(False)
 
-    def pair_step(self, step: int, roles: dict) -> None:
-        """The target's ordinary step (``alone``'s); the source does nothing."""
-        role = roles["target"]
-        with role.rng_scope():
-            role.train_step()
-
     def epoch_metrics(self) -> dict[str, float]:
         return self.plan.metrics() if self.plan is not None else {}
