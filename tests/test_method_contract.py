@@ -81,8 +81,9 @@ def test_registry_reads_options_from_the_class():
 
 @pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
 def test_roles_are_one_consistent_declaration(case):
-    """``roles(options)``: trained and untrained roles are needed ones, all within the answer
-    for any options (``roles()``), which the pair builds and marks trainable."""
+    """``roles(options)``: trained and untrained roles (and the shared batch's owner) are needed
+    ones, all within the answer for any options (``roles()``); the pair builds them and marks
+    the trained ones trainable."""
     cfg = parse_config(GOLDEN_CASES[case])
     cls = METHODS.get(cfg.method.name).fn
     r, wide = cls.roles(method_options(cfg)), cls.roles()
@@ -90,6 +91,7 @@ def test_roles_are_one_consistent_declaration(case):
     for f in ("needed", "trained", "untrained"):
         assert set(getattr(r, f)) <= set(getattr(wide, f)), f
     assert wide.apart or not r.apart
+    assert r.shared_batch is None or (r.shared_batch in r.needed and not r.apart)
     pair = PairState.build(cfg)
     assert tuple(pair.roles) == r.needed
     assert {n for n, role in pair.roles.items() if role.trainable} == set(r.trained)
