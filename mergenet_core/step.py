@@ -48,30 +48,14 @@ def step_roles(pair: "PairState", hosted: tuple[str, ...] | None = None) -> dict
 def take_step(pair: "PairState", step: int, hosted: tuple[str, ...] | None = None) -> None:
     """Optimisation step ``step`` of the pair's roles (``hosted``: only these)."""
     roles = step_roles(pair, hosted)
-    m = pair.method
-    if _legacy(m):
-        return _legacy_step(m, step, roles)
-    m.before_step(step, roles)
-    _train(m, step, roles)
+    pair.method.before_step(step, roles)
+    _train(pair.method, step, roles)
 
 
 def train_roles(pair: "PairState", step: int, hosted: tuple[str, ...] | None = None) -> None:
     """The step without ``before_step``: forwards, losses, backward passes, optimiser steps and
     the hooks after them (tests and benchmarks look between the two)."""
     _train(pair.method, step, step_roles(pair, hosted))
-
-
-def _legacy(m: "Method") -> bool:  # methods not yet ported to the hooks (issue 21, step 2.2)
-    from .methods.base import Method
-
-    return type(m).pair_step is not Method.pair_step
-
-
-def _legacy_step(m: "Method", step: int, roles: dict) -> None:
-    if set(roles) == set(m.roles(m.options).needed):
-        m.pair_step(step, roles)
-    else:
-        m.role_step(step, next(iter(roles.values())))
 
 
 def _forward(role: "Role", x, y) -> Forward:

@@ -8,9 +8,10 @@ gradients are averaged in the role's group). Role leaders send clones of their f
 plain call arguments (inline when ≤ 100 KiB, else through the object store) to the shared
 :class:`AdapterActor`, which holds the exchange the method builds (MergeNet's adapters); the
 target leader broadcasts the generated matrices inside its role. Workers run
-:meth:`Method.role_step` inside the core :class:`~mergenet_core.loop.PairLoop` — the loop and
-step code the single-process engine runs. Methods whose roles may not run apart (both models
-on one batch) run co-located in one worker through :meth:`Method.pair_step`.
+:func:`~mergenet_core.step.take_step` for their own role inside the core
+:class:`~mergenet_core.loop.PairLoop` — the loop and step code the single-process engine runs.
+Methods whose roles may not run apart (e.g. both models on one batch) run co-located in one
+worker, which takes the step for the whole pair.
 
 Every epoch world rank 0 gathers the records and role states and, when the loop's checkpoint
 policy says so, reports one bundle (``pair.pt``, the same format as the engine's checkpoint)

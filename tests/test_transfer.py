@@ -1,8 +1,9 @@
 """The MergeNet transfer cycle (spec section 5) on real tiny models and real Fashion-MNIST.
 
 Every test builds a pair with :func:`mergenet_core.config.parse_config` and
-:meth:`mergenet_core.engine.PairState.build`, then drives the method either with
-``pair_step`` or phase by phase (``_put`` / ``_get`` / ``_train``) to look between phases.
+:meth:`mergenet_core.engine.PairState.build`, then drives it either with ``take_step`` or in
+two parts (``transfer``: the method's ``before_step``; ``train``: ``train_roles``) to look
+between them.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from mergenet_core.engine import PairState
 from mergenet_core.errors import ConfigError, TransferError
 from mergenet_core.lowrank import conv_to_matrix, make_encoding, matrix_to_weight
 from mergenet_core.models import build_model
-from mergenet_core.step import take_step
+from mergenet_core.step import step_roles, take_step, train_roles
 from mergenet_core.methods.mergenet import AdapterHub, Exchange, MergeNetOptions, make_links
 
 LR = 0.1
@@ -87,19 +88,13 @@ def recording(pair: PairState) -> RecordingExchange:
 
 
 def transfer(pair: PairState, step: int) -> None:
-    """Phases 1 (put) and 2 (get + in-place write) of a transfer step for every role."""
-    m = pair.method
-    order = [pair.roles[n] for n in m.roles(m.options).needed]
-    for r in order:
-        m._put(step, r)
-    for r in order:
-        m._get(step, r)
+    """A transfer step's first part (``before_step``): every role's put, then get + in-place write."""
+    pair.method.before_step(step, step_roles(pair))
 
 
 def train(pair: PairState, step: int) -> None:
-    """Phase 3: every role's own optimiser step, then the adapter feedback."""
-    for n in pair.method.roles(pair.method.options).needed:
-        pair.method._train(step, pair.roles[n])
+    """The rest of the step: every role's own optimiser step, then the adapter feedback."""
+    train_roles(pair, step)
 
 
 def peek_batch(role):

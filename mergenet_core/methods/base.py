@@ -3,14 +3,16 @@
 A method is a class registered under a name (``METHODS.register("name")(cls)``); the registry
 reads its options model from ``cls.Options``. It is constructed from its validated options and
 the experiment config, may rewrite the models in :meth:`setup` (before optimisers exist), and
-advances training by one lockstep step in :meth:`pair_step`. The training loop
-(:class:`~mergenet_core.loop.PairLoop`) owns epochs, evaluation, metrics and checkpoints; the
-method owns only the step and its own state.
+computes each role's loss in a step (:meth:`loss`), acting at the step's named hooks
+(:meth:`before_step`, :meth:`after_backward`, :meth:`after_step`). The step itself -- batches,
+forward and backward passes, clipping, optimiser steps -- is :func:`mergenet_core.step.take_step`;
+the training loop (:class:`~mergenet_core.loop.PairLoop`) owns epochs, evaluation, metrics and
+checkpoints; the method owns only its losses, hooks and its own state.
 
 Roles: :meth:`roles` is the one declaration of which roles the method needs, trains and keeps
-untrained, and whether they may run in separate processes. Methods whose roles may run apart
-implement :meth:`role_step` (one role's part of a step). If their roles talk to each other, they do it through an *exchange* (an object
-with the :class:`ExchangeAPI` methods): :meth:`exchange_spec` describes it with plain data,
+untrained, whether they may run in separate processes, and whether they share one batch. If
+roles that run apart talk to each other, they do it through an *exchange* (an object with the
+:class:`ExchangeAPI` methods): :meth:`exchange_spec` describes it with plain data,
 :meth:`build_exchange` builds it from that description in any process (a host puts it behind a
 Ray actor), and :meth:`attach` hands a role-hosting process the exchange (or a proxy) to use.
 Hosts call only these methods, so no host names a method.
@@ -148,16 +150,6 @@ class Method:
     def after_step(self, step: int, role) -> None:
         """After ``role``'s optimiser step, in its turn in ``needed`` order (also for a role the
         step takes that does not train)."""
-
-    def pair_step(self, step: int, roles: dict) -> None:
-        """Advance both roles by one optimisation step."""
-        for name in self.roles(self.options).needed:
-            role = roles[name]
-            with role.rng_scope():
-                role.train_step()
-
-    def role_step(self, step: int, role) -> None:  # pragma: no cover - methods whose roles run apart
-        raise NotImplementedError
 
     def role_metrics(self) -> dict[str, float]:
         """Per-role numbers measured by this process for the roles it hosts since the last

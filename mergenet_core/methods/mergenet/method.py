@@ -1,9 +1,12 @@
 """``mergenet``: learned parameter adapters rewrite target weights every ``t_cycle`` steps.
 
-Each role runs the same three phases per step (``_put``, ``_get``, ``_train``); a host with
-both roles runs them for both in :meth:`pair_step`, a host with one role (a Ray worker) runs
-them for its own role in :meth:`role_step`, talking to the adapters through an object with the
-:class:`~.exchange.Exchange` API (the exchange itself, or a proxy to an actor holding it).
+The method acts at the step's hooks (``mergenet_core/step.py``), the same on every host:
+``before_step`` (a transfer step: every role puts its matrices, then every receiving role gets
+the adapter's output and writes it in place), ``after_backward`` (the task loss's gradient
+with respect to each written output) and ``after_step`` (the feedback the update rule needs).
+A host with both roles runs them for both, a host with one role (a Ray worker) for its own,
+talking to the adapters through an object with the :class:`~.exchange.Exchange` API (the
+exchange itself, or a proxy to an actor holding it).
 """
 from __future__ import annotations
 
@@ -50,7 +53,8 @@ class MergeNet(Method):
         self.links = make_links(options)
         self.enc: dict[tuple[str, str], object] = {}
         self.exchange = None
-        self.written: dict[str, object] = {}
+        self.written: dict[str, object] = {}  # link id -> (encoding, output written, generation step)
+        self._task: dict[str, dict] = {}  # role -> {link id: dL/dA'} of this step (after_backward)
         self.steps_per_epoch = 1
         self._recv: dict[str, list[float]] = {}  # receiving role -> [gets, writes, age steps, wait s]
         self._diag: dict[str, list[float]] = {}  # metric name -> [sum, count]
@@ -215,9 +219,48 @@ class MergeNet(Method):
         """Use an external exchange (the Ray adapter actor's proxy)."""
         self.exchange = exchange
 
-    # ------------------------------------------------------------------ phases
+    # ------------------------------------------------------------------ the step's hooks
     def is_transfer(self, step: int) -> bool:
         return step % self.options.t_cycle == 0
+
+    def before_step(self, step: int, roles: dict) -> None:
+        """A transfer step: every role's ``put``, then every role's ``get`` (and in-place write)."""
+        if self.is_transfer(step):
+            for r in roles.values():
+                self._put(step, r)
+            for r in roles.values():
+                self._get(step, r)
+
+    def after_backward(self, step: int, role) -> None:
+        """dL/dA' of this step's task loss for each output ``role`` wrote (the exact rule's
+        feedback, and the yardstick the feedback is measured against whichever rule is used)."""
+        self._task[role.name] = {lid: exact_grad(enc) for lid, (enc, _, _) in self._written_into(role).items()}
+
+    def after_step(self, step: int, role) -> None:
+        """Feed back what the update rule needs for the outputs ``role`` wrote this step (if it
+        trained; exact: the task gradient, delta: ``A' - A`` after its optimiser step), then
+        forget them."""
+        mine = self._written_into(role)
+        task = self._task.pop(role.name, None)
+        grads = {}
+        if task is not None:
+            if self.options.update_rule == "exact":
+                grads = task
+            else:
+                grads = {lid: enc.delta(new) for lid, (enc, new, _) in mine.items()}
+            for lid, g in grads.items():
+                self._note(f"transfer/{lid}/feedback_cos", _cosine(g, task[lid]))
+        for lid in mine:
+            del self.written[lid]
+        by_gen: dict[int, dict] = {}
+        for lid, g in grads.items():
+            by_gen.setdefault(mine[lid][2], {})[lid] = g
+        for gen_step, g in by_gen.items():
+            self.exchange.feedback(gen_step, g, step // self.steps_per_epoch)
+
+    def _written_into(self, role) -> dict:
+        return {lid: v for lid, v in self.written.items()
+                if next(l for l in self.links if l.id == lid).receiver == role.name}
 
     def _put(self, step: int, role) -> None:
         mats = {}
@@ -279,53 +322,6 @@ class MergeNet(Method):
             enc.write(new)
             self._note(f"transfer/{lid}/write_change", enc.last_write_change)
             self.written[lid] = (enc, new, gen_step)
-
-    def _train(self, step: int, role) -> None:
-        mine = {lid: v for lid, v in self.written.items()
-                if next(l for l in self.links if l.id == lid).receiver == role.name}
-        grads = {}
-        if role.name in self.roles(self.options).trained:
-            with role.rng_scope():
-                role.model.train()
-                x, y = role.next_batch()
-                loss, logits = role.loss(x, y)
-                role.record(loss, logits, y)
-                role.backward(loss)
-                # dL/dA' of this step's task loss (the exact rule's feedback, and the yardstick the
-                # feedback is measured against whichever rule is used)
-                task = {lid: exact_grad(enc) for lid, (enc, _, _) in mine.items()}
-                role.apply_step()
-                if self.options.update_rule == "exact":
-                    grads = task
-                else:
-                    grads = {lid: enc.delta(new) for lid, (enc, new, _) in mine.items()}
-                for lid, g in grads.items():
-                    self._note(f"transfer/{lid}/feedback_cos", _cosine(g, task[lid]))
-        for lid in mine:
-            del self.written[lid]
-        by_gen: dict[int, dict] = {}
-        for lid, g in grads.items():
-            by_gen.setdefault(mine[lid][2], {})[lid] = g
-        for gen_step, g in by_gen.items():
-            self.exchange.feedback(gen_step, g, step // self.steps_per_epoch)
-
-    def pair_step(self, step: int, roles: dict) -> None:
-        transfer = self.is_transfer(step)
-        order = [roles[n] for n in self.roles(self.options).needed]
-        if transfer:
-            for r in order:
-                self._put(step, r)
-            for r in order:
-                self._get(step, r)
-        for r in order:
-            self._train(step, r)
-
-    def role_step(self, step: int, role) -> None:
-        transfer = self.is_transfer(step)
-        if transfer:
-            self._put(step, role)
-            self._get(step, role)
-        self._train(step, role)
 
     # ------------------------------------------------------------------ metrics / state
     def role_metrics(self) -> dict[str, float]:
