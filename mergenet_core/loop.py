@@ -120,11 +120,11 @@ class PairState:
 
     def role_state(self, name: str) -> dict:
         """One role's state plus the method's state kept with that role."""
-        return {**self.roles[name].state_dict(), "method_role": self.method.role_state_dict(name)}
+        return {**self.roles[name].state_dict(), "method_role": self.method.state_dict(name)}
 
     def load_role_state(self, name: str, state: dict) -> None:
         self.roles[name].load_state_dict(state)
-        self.method.load_role_state_dict(name, state.get("method_role", {}))
+        self.method.load_state_dict(state.get("method_role", {}), name)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step,

@@ -73,6 +73,15 @@ def test_every_registered_method_has_a_contract_case():
     assert set(CASES) == set(METHOD_NAMES), "add a CASES row for every registered method"
 
 
+def test_contract_is_small():
+    """``Method``'s public members (and ``__init__``): 26 before issue 21, 20 now; 19 once
+    ``check_shapes`` goes (fast validation through ``setup``/``ready``, step 3.1 of the plan)."""
+    from mergenet_core.methods.base import Method
+
+    members = {n for n in vars(Method) if not n.startswith("_")} | {"__init__"}
+    assert len(members) <= 20, sorted(members)
+
+
 def test_registry_reads_options_from_the_class():
     for name in METHOD_NAMES:
         entry = METHODS.get(name)

@@ -98,15 +98,6 @@ class Method:
         error the full build raises first. Default: nothing to check."""
         return []
 
-    @staticmethod
-    def require_same_labels(cfg: "ExperimentConfig", method: str) -> list[str]:
-        s, t = cfg.source.task, cfg.target.task
-        if s.name != t.name or s.options != t.options:
-            what = f"source: {s.name}, target: {t.name}" if s.name != t.name else "the task options differ"
-            return [str(ConfigError("method.name", f"'{method}' feeds the target's batches to the source, so both "
-                                                   f"need the same task and task options ({what})"))]
-        return []
-
     # ---------------------------------------------------------------- exchange
     def exchange_spec(self) -> dict | None:
         """Plain (picklable) data from which :meth:`build_exchange` builds this method's exchange
@@ -160,18 +151,24 @@ class Method:
         """Method metrics accumulated since the last call (e.g. adapter stats)."""
         return {}
 
-    def state_dict(self) -> dict:
+    def state_dict(self, role: str | None = None) -> dict:
+        """The method's state shared by the pair (a bundle's ``method``); with ``role``: the state
+        kept by the process hosting that role (saved with it, as its ``method_role``)."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def load_state_dict(self, state: dict, role: str | None = None) -> None:
+        """Restore what :meth:`state_dict` (of the same ``role``) returned."""
 
-    def role_state_dict(self, role: str) -> dict:
-        """Method state kept by the process hosting ``role`` (saved with that role)."""
-        return {}
 
-    def load_role_state_dict(self, role: str, state: dict) -> None:
-        pass
+def require_same_labels(cfg: "ExperimentConfig", method: str) -> list[str]:
+    """A ``method.name`` problem when ``method`` feeds the target's batches to the source and the
+    two roles' tasks (or task options) differ."""
+    s, t = cfg.source.task, cfg.target.task
+    if s.name != t.name or s.options != t.options:
+        what = f"source: {s.name}, target: {t.name}" if s.name != t.name else "the task options differ"
+        return [str(ConfigError("method.name", f"'{method}' feeds the target's batches to the source, so both "
+                                               f"need the same task and task options ({what})"))]
+    return []
 
 
 def softened_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

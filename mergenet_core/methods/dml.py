@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import METHODS, Method, Roles, softened_kl
+from .base import METHODS, Method, Roles, require_same_labels, softened_kl
 
 
 class DMLOptions(BaseModel):
@@ -27,7 +27,7 @@ class DML(Method):
 
     @classmethod
     def check_config(cls, cfg, options) -> list[str]:
-        return super().check_config(cfg, options) or cls.require_same_labels(cfg, "dml")
+        return super().check_config(cfg, options) or require_same_labels(cfg, "dml")
 
     def loss(self, role: str, outs: dict):
         """Each model's cross-entropy plus its KL to the other's pre-step predictions."""

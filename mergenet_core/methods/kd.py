@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import METHODS, Method, Roles, softened_kl
+from .base import METHODS, Method, Roles, require_same_labels, softened_kl
 
 
 class KDOptions(BaseModel):
@@ -31,7 +31,7 @@ class KD(Method):
 
     @classmethod
     def check_config(cls, cfg, options) -> list[str]:
-        return super().check_config(cfg, options) or cls.require_same_labels(cfg, "kd")
+        return super().check_config(cfg, options) or require_same_labels(cfg, "kd")
 
     def loss(self, role: str, outs: dict):
         """The teacher's cross-entropy; the student's ``(1 - w) * CE + w * KD``."""

@@ -342,21 +342,21 @@ class MergeNet(Method):
     def epoch_metrics(self) -> dict[str, float]:
         return self.exchange.take_epoch_metrics() if self.exchange is not None else {}
 
-    def state_dict(self) -> dict:
-        return {"hub": self.exchange.state_dict()} if self.exchange is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state and self.exchange is not None:
-            self.exchange.load_state_dict(state["hub"])
-
-    def role_state_dict(self, role: str) -> dict:
-        """This role's side of the transfer: its encodings' alignment state and noise streams."""
+    def state_dict(self, role: str | None = None) -> dict:
+        """The adapters (the exchange's hub); with ``role``: that role's side of the transfer,
+        its encodings' alignment state and noise streams."""
+        if role is None:
+            return {"hub": self.exchange.state_dict()} if self.exchange is not None else {}
         encs = {p: e.state_dict() for (r, p), e in self.enc.items() if r == role}
         noise = {lid: g.get_state() for lid, g in self._noise.items()
                  if next(l for l in self.links if l.id == lid).provider == role}
         return {"encodings": encs, "noise": noise}
 
-    def load_role_state_dict(self, role: str, state: dict) -> None:
+    def load_state_dict(self, state: dict, role: str | None = None) -> None:
+        if role is None:
+            if state and self.exchange is not None:
+                self.exchange.load_state_dict(state["hub"])
+            return
         for p, st in (state or {}).get("encodings", {}).items():
             if (role, p) in self.enc:
                 self.enc[(role, p)].load_state_dict(st)
