@@ -239,13 +239,13 @@ def bench_breakdown(steps: int, log) -> dict:
     one process: the machine's load drifts alike over both kinds of step."""
     from orchestrator.config import parse_config
     from mergenet_core.engine import PairState
+    from mergenet_core.step import train_roles
 
     torch.set_num_threads(1)
     cfg = parse_config(bu.pair_config(t_cycle=2, epochs=1, steps_per_epoch=10**6, eval_every=10**6,
                                       train_subset=max(600, steps * 64 + 200), test_subset=200))
     pair = PairState.build(cfg)
     m, roles = pair.method, pair.roles
-    src, tgt = roles["source"], roles["target"]
     fb = {"t": 0.0}
     feedback = m.exchange.feedback
 
@@ -262,15 +262,11 @@ def bench_breakdown(steps: int, log) -> dict:
         fb["t"] = 0.0
         t0 = time.perf_counter()
         xfer = m.is_transfer(k)
-        if xfer:
-            for r in (src, tgt):
-                m._put(k, r)
-            for r in (src, tgt):
-                m._get(k, r)
+        m.before_step(k, roles)  # a transfer step: every role's put, then get
         t1 = time.perf_counter()
-        m._train(k, src)
+        train_roles(pair, k, ("source",))
         t2 = time.perf_counter()
-        m._train(k, tgt)
+        train_roles(pair, k, ("target",))
         t3 = time.perf_counter()
         if k < warm:
             continue
@@ -365,6 +361,7 @@ def bench_width_overhead(widths: list, steps: int, log) -> dict:
     drifts alike over every kind of step and width."""
     from orchestrator.config import parse_config
     from mergenet_core.engine import PairState
+    from mergenet_core.step import train_roles
 
     torch.set_num_threads(1)
     pairs, timers = {}, {}
@@ -391,14 +388,9 @@ def bench_width_overhead(widths: list, steps: int, log) -> dict:
             fb["t"] = 0.0
             t0 = time.perf_counter()
             xfer = m.is_transfer(k)
-            if xfer:
-                for r in roles.values():
-                    m._put(k, r)
-                for r in roles.values():
-                    m._get(k, r)
+            m.before_step(k, roles)
             t1 = time.perf_counter()
-            for r in roles.values():
-                m._train(k, r)
+            train_roles(pairs[w], k)
             t2 = time.perf_counter()
             if k < warm:
                 continue

@@ -68,6 +68,7 @@ def probe(cfg_dict: dict, transfers: int) -> list[dict]:
     from mergenet_core.checks import parse_config
     from mergenet_core.loop import PairState
     from mergenet_core.methods.mergenet import Exchange
+    from mergenet_core.step import step_roles, train_roles
 
     class Recording(Exchange):
         def __init__(self, hub):
@@ -92,11 +93,7 @@ def probe(cfg_dict: dict, transfers: int) -> list[dict]:
     rule = m.options.update_rule
     rows = []
     for step in range(transfers):
-        order = [pair.roles[n] for n in m.roles_needed()]
-        for r in order:
-            m._put(step, r)
-        for r in order:
-            m._get(step, r)
+        m.before_step(step, step_roles(pair))  # t_cycle 1: a transfer
         leaf = ex.out[step]["0"].clone().requires_grad_(True)
         state = tgt.stream.state_dict()
         x, y = tgt.next_batch()
@@ -107,8 +104,7 @@ def probe(cfg_dict: dict, transfers: int) -> list[dict]:
             loss, _ = tgt.loss(x, y, params={**buffers, **enc.override(leaf)})
         (g,) = torch.autograd.grad(loss, leaf)
         lr = tgt.optimizer.param_groups[0]["lr"]
-        for r in order:
-            m._train(step, r)
+        train_roles(pair, step)
         fb = ex.fb[step]["0"]
         scale = lr if rule == "delta" else 1.0
         rows.append({"transfer": step + 1, "rule": rule, "lr": lr,

@@ -111,6 +111,7 @@ def train_arm(cfg: dict, options: dict, seed: int) -> dict:
     """Measurements 2 and 3 for one arm."""
     from mergenet_core.checks import parse_config
     from mergenet_core.loop import PairState
+    from mergenet_core.step import take_step
 
     d = copy.deepcopy(cfg)
     d["method"] = {"name": "mergenet", "options": {"freeze_source": True, **copy.deepcopy(options)}}
@@ -136,7 +137,7 @@ def train_arm(cfg: dict, options: dict, seed: int) -> dict:
     trace = []
     for epoch in range(epochs):
         for k in range(spe):
-            m.pair_step(epoch * spe + k, pair.roles)
+            take_step(pair, epoch * spe + k)
         trace.append({"epoch": epoch + 1, **m.epoch_metrics(), **m.role_metrics()})
     final = pair.evaluate()
     # measurement 3: the last inputs, the shuffled control's source matrix fed in one place at a time
@@ -173,6 +174,7 @@ def reference_arms(cfg: dict) -> dict:
     """alone and transplant on the same seed: the accuracies the traces are read against."""
     from mergenet_core.checks import parse_config
     from mergenet_core.loop import PairState
+    from mergenet_core.step import take_step
 
     out = {}
     for name, method in (("alone", {"name": "alone", "options": {}}),
@@ -184,7 +186,7 @@ def reference_arms(cfg: dict) -> dict:
         pair = PairState.build(parse_config(d))
         spe = pair.steps_per_epoch
         for step in range(pair.cfg.target.recipe.epochs * spe):
-            pair.method.pair_step(step, pair.roles)
+            take_step(pair, step)
         out[name] = pair.evaluate().get("target/test_acc")
     return out
 

@@ -77,3 +77,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
 
 def method_options(cfg: ExperimentConfig) -> BaseModel:
     return METHODS.options(cfg.method.name, cfg.method.options)
+
+
+def method_roles(cfg: ExperimentConfig):
+    """The method's :class:`~mergenet_core.methods.base.Roles` for this config (no method built)."""
+    return METHODS.get(cfg.method.name).fn.roles(method_options(cfg))

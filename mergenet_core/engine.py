@@ -17,6 +17,7 @@ from .io.outputs import RunOutputs
 from .loop import BEST, CHECKPOINT, FINAL, METRICS, PairLoop, PairState, load_bundle, save_bundle  # noqa: F401
 from .roles import resolve_device
 from .safe_io import restore_into
+from .step import take_step
 
 
 class Engine:
@@ -40,7 +41,7 @@ class Engine:
 
     # ---------------------------------------------------------------- Host
     def step(self, step: int) -> None:
-        self.pair.method.pair_step(step, self.pair.roles)
+        take_step(self.pair, step)
 
     def gather(self, local: dict) -> dict:
         return local

@@ -70,15 +70,15 @@ class PairState:
     def build(cls, cfg: ExperimentConfig, role_names: tuple[str, ...] | None = None,
               devices: dict[str, torch.device] | None = None) -> "PairState":
         method = build_method(cfg)
-        names = role_names or method.roles_needed()
+        decl = method.roles(method.options)
+        names = role_names or decl.needed
         devices = devices or {}
-        untrained = method.untrained_roles()
-        roles = {n: build_role(n, cfg, devices.get(n), load_init=n not in untrained) for n in names}
+        roles = {n: build_role(n, cfg, devices.get(n), load_init=n not in decl.untrained) for n in names}
         method.setup(roles)
         spe = cls.steps_per_epoch_for(cfg, roles)
         for r in roles.values():
             r.init_training(spe)
-            r.trainable = r.name in method.trained_roles()
+            r.trainable = r.name in decl.trained
         method.ready(roles, spe)  # builds method-owned modules (mergenet: the adapters); ConfigError on bad sizes
         return cls(cfg, method, roles)
 
@@ -113,11 +113,11 @@ class PairState:
 
     def role_state(self, name: str) -> dict:
         """One role's state plus the method's state kept with that role."""
-        return {**self.roles[name].state_dict(), "method_role": self.method.role_state_dict(name)}
+        return {**self.roles[name].state_dict(), "method_role": self.method.state_dict(name)}
 
     def load_role_state(self, name: str, state: dict) -> None:
         self.roles[name].load_state_dict(state)
-        self.method.load_role_state_dict(name, state.get("method_role", {}))
+        self.method.load_state_dict(state.get("method_role", {}), name)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step,

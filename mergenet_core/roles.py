@@ -1,8 +1,9 @@
 """A *role* is one model training on its own task: model, data stream, optimiser, schedule, RNG.
 
 The single-process engine holds two roles (source, target) and steps them in lockstep; a Ray
-Train worker holds one. Both drive them through the same :class:`Role` methods and the same
-:class:`~mergenet_core.methods.base.Method` code, so there is one training loop.
+Train worker holds one. Both step them with the same :func:`~mergenet_core.step.take_step`,
+:class:`Role` methods and :class:`~mergenet_core.methods.base.Method` code, so there is one
+training loop.
 
 Each role owns its RNG streams (global torch RNG for dropout, a generator for augmentation),
 swapped in with :meth:`Role.rng_scope`, so results do not depend on whether the two roles
@@ -151,17 +152,6 @@ class Role:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-
-    def train_step(self, extra_loss=None) -> torch.Tensor:
-        """One ordinary supervised step on the role's own batch; returns the loss."""
-        self.model.train()
-        x, y = self.next_batch()
-        loss, logits = self.loss(x, y)
-        total = loss + extra_loss(x, logits) if extra_loss else loss
-        self.record(loss, logits, y)
-        self.backward(total)
-        self.apply_step()
-        return loss
 
     def take_epoch_stats(self) -> dict[str, float]:
         s, n = self.stats, max(1, self.stats["n"])

@@ -71,9 +71,8 @@ def check_pair_shapes(cfg: ExperimentConfig, warnings: list[str] | None = None) 
     try:
         entry = METHODS.get(cfg.method.name, "method.name")
         options = METHODS.options(cfg.method.name, cfg.method.options)
-        method = entry.fn(options, cfg)
-        untrained = method.untrained_roles()
-        models = {n: role_model(n, cfg, load_init=n not in untrained) for n in method.roles_needed()}
+        method, decl = entry.fn(options, cfg), entry.fn.roles(options)
+        models = {n: role_model(n, cfg, load_init=n not in decl.untrained) for n in decl.needed}
         lines = type(method).check_shapes(cfg, options, models)
         if lines:
             return lines

@@ -56,19 +56,19 @@ class PairConfig(ExperimentConfig):
     ray: RayPairSpec = Field(default_factory=RayPairSpec)
 
 
-def worker_layout(cfg: PairConfig, placement) -> list[str]:
+def worker_layout(cfg: PairConfig, roles) -> list[str]:
     """The role of each Ray Train worker (world rank order) for a method's
-    :class:`~mergenet_core.methods.base.Placement`: roles that may run apart get their own
+    :class:`~mergenet_core.methods.base.Roles`: roles that may run apart get their own
     workers (the target's first, so world rank 0 is the target's leader); otherwise one worker
     hosts the whole pair."""
     rs = cfg.ray
     workers = {"target": rs.target_workers, "source": rs.source_workers}
-    if placement.apart:
+    if roles.apart:
         for role, n in workers.items():
-            if n > 1 and role not in placement.roles:
+            if n > 1 and role not in roles.needed:
                 raise ConfigError(f"ray.{role}_workers", f"method '{cfg.method.name}' has no {role} role here; "
                                                          f"set {role}_workers to 1")
-        return [r for r in ("target", "source") if r in placement.roles for _ in range(workers[r])]
+        return [r for r in ("target", "source") if r in roles.needed for _ in range(workers[r])]
     if rs.source_workers > 1 or rs.target_workers > 1:
         raise ConfigError("ray.target_workers", f"method '{cfg.method.name}' runs both models in one "
                                                 "worker; set source_workers and target_workers to 1")

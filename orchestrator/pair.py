@@ -1,6 +1,6 @@
 """One pair on Ray: a Train V2 ``TorchTrainer`` whose workers take roles, plus an adapter actor.
 
-The method's placement (:meth:`Method.placement`) decides the layout. Roles that may run
+The method's roles (:meth:`Method.roles`) decide the layout. Roles that may run
 apart get their own workers: world ranks ``0 .. target_workers-1`` are the target role, the
 rest the source role (so world rank 0, whose metrics Ray Train keeps, is the target's leader). Each role is
 data-parallel inside its own process group (each worker takes a slice of the global batch,
@@ -8,9 +8,10 @@ gradients are averaged in the role's group). Role leaders send clones of their f
 plain call arguments (inline when ≤ 100 KiB, else through the object store) to the shared
 :class:`AdapterActor`, which holds the exchange the method builds (MergeNet's adapters); the
 target leader broadcasts the generated matrices inside its role. Workers run
-:meth:`Method.role_step` inside the core :class:`~mergenet_core.loop.PairLoop` — the loop and
-step code the single-process engine runs. Methods whose roles may not run apart (both models
-on one batch) run co-located in one worker through :meth:`Method.pair_step`.
+:func:`~mergenet_core.step.take_step` for their own role inside the core
+:class:`~mergenet_core.loop.PairLoop` — the loop and step code the single-process engine runs.
+Methods whose roles may not run apart (e.g. both models on one batch) run co-located in one
+worker, which takes the step for the whole pair.
 
 Every epoch world rank 0 gathers the records and role states and, when the loop's checkpoint
 policy says so, reports one bundle (``pair.pt``, the same format as the engine's checkpoint)
@@ -67,7 +68,7 @@ def plan_pair(cfg: PairConfig) -> PairPlan:
     ranks, data) surfaces here, before any Ray worker starts."""
     pair = PairState.build(cfg, devices={n: torch.device("cpu") for n in ("source", "target")})
     method = pair.method
-    where = method.placement()
+    where = method.roles(method.options)
     layout = worker_layout(cfg, where)
     spec = method.exchange_spec() if where.apart else None
     return PairPlan(layout, not where.apart, spec, pair.steps_per_epoch, method.config_warnings(pair.roles))

@@ -147,3 +147,29 @@ def tiny_grid(name: str, *, task: dict, epochs: int, steps_per_epoch: int, targe
         g["base"]["ray"] = ray
     g.update(extra)
     return g
+
+
+def step_metrics(data: dict, out: str | Path) -> dict[str, list[dict]]:
+    """An engine run of ``data`` in ``out``: after every step, each role's running train stats
+    (loss sum and correct count since the last evaluation) and the sum of its state dict (every
+    weight and buffer); and the ``metrics.jsonl`` records (:func:`numeric_items`: no timings).
+    What tests/golden/step_metrics.json holds per case (``python tests/make_golden.py``)."""
+    from mergenet_core.checks import parse_config
+    from mergenet_core.engine import Engine
+
+    engine = Engine(parse_config(data), out, progress=False)
+    pair, take = engine.pair, engine.step
+    steps: list[dict] = []
+
+    def step(k: int) -> None:
+        take(k)
+        rec: dict[str, float] = {"epoch": pair.epoch, "step": k}
+        for name, role in pair.roles.items():
+            rec[f"{name}/loss_sum"] = role.stats["loss"]
+            rec[f"{name}/correct"] = role.stats["correct"]
+            rec[f"{name}/state_sum"] = sum(float(v.double().sum()) for v in role.model.state_dict().values())
+        steps.append(rec)
+
+    engine.step = step  # the loop calls host.step
+    engine.run()
+    return {"steps": steps, "epochs": [numeric_items(r) for r in read_metrics(out)]}

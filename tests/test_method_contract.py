@@ -6,23 +6,30 @@ table-driven tests): a method gets these checks by being registered and having a
 * resume equivalence: 2 epochs straight == 1 epoch + resume + 1 (and resuming a finished run
   changes nothing);
 * state round trip: a pair rebuilt from a ``state_dict`` continues exactly like the original;
-* placement: a method whose roles may run apart steps each role on its own (``role_step``);
+* roles: one consistent declaration; where roles may run apart, hosting each role on its own
+  takes the same steps as hosting the pair;
 * sync Ray equals the engine for every method whose roles may run apart (Ray Train role
-  workers, and an adapter actor when the method has an exchange).
+  workers, and an adapter actor when the method has an exchange);
+* recorded numbers: every step of every :data:`GOLDEN_CASES` run equals
+  tests/golden/step_metrics.json (written by tests/make_golden.py before the step refactor of
+  issue 21), so a change in RNG draw order or forward/backward order shows.
 """
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import (assert_same_metrics, limit_threads, mergenet_options, numeric_items, read_metrics,
-                     tiny_pair)
-from mergenet_core.checks import parse_config
+                     step_metrics, tiny_pair)
+from mergenet_core.checks import method_options, method_roles, parse_config
 from mergenet_core.engine import Engine
 from mergenet_core.loop import PairState
 from mergenet_core.methods import METHODS
+from mergenet_core.step import take_step
 
 limit_threads()
 
@@ -41,9 +48,21 @@ CASES: dict[str, dict] = {
 
 METHOD_NAMES = METHODS.names()
 
-
-def _apart(name: str) -> bool:
-    return PairState.build(parse_config(CASES[name])).method.placement().apart
+#: the recorded runs: every CASES row, the steps test_engine.py's one-epoch runs take
+#: (kd-frozen-teacher, mergenet-exact-both) and more MergeNet paths (a frozen source, the delta
+#: rule with non-transfer steps, a self-transfer)
+GOLDEN_CASES: dict[str, dict] = {
+    **CASES,
+    "kd-frozen-teacher": tiny_pair("kd", {"train_source": False}, source_model="resnet18"),
+    "mergenet-exact-both": tiny_pair("mergenet", mergenet_options(source="fc.weight", update_rule="exact",
+                                                                  direction="both"), source_model="resnet18"),
+    "mergenet-source-frozen": tiny_pair("mergenet", mergenet_options(freeze_source=True), recipe={"epochs": 2}),
+    "mergenet-delta-t2": tiny_pair("mergenet", mergenet_options(update_rule="delta", t_cycle=2),
+                                   recipe={"epochs": 2}),
+    "mergenet-self-transfer": tiny_pair("mergenet", mergenet_options(source="hidden.weight", self_transfer=True),
+                                        source_model=None, recipe={"epochs": 2}),
+}
+GOLDEN = Path(__file__).parent / "golden" / "step_metrics.json"
 
 
 def run(data: dict, out, **kw) -> dict:
@@ -54,10 +73,37 @@ def test_every_registered_method_has_a_contract_case():
     assert set(CASES) == set(METHOD_NAMES), "add a CASES row for every registered method"
 
 
+def test_contract_is_small():
+    """``Method``'s public members (and ``__init__``): 26 before issue 21, 20 now; 19 once
+    ``check_shapes`` goes (fast validation through ``setup``/``ready``, step 3.1 of the plan)."""
+    from mergenet_core.methods.base import Method
+
+    members = {n for n in vars(Method) if not n.startswith("_")} | {"__init__"}
+    assert len(members) <= 20, sorted(members)
+
+
 def test_registry_reads_options_from_the_class():
     for name in METHOD_NAMES:
         entry = METHODS.get(name)
         assert entry.options is entry.fn.Options, name
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_roles_are_one_consistent_declaration(case):
+    """``roles(options)``: trained and untrained roles (and the shared batch's owner) are needed
+    ones, all within the answer for any options (``roles()``); the pair builds them and marks
+    the trained ones trainable."""
+    cfg = parse_config(GOLDEN_CASES[case])
+    cls = METHODS.get(cfg.method.name).fn
+    r, wide = cls.roles(method_options(cfg)), cls.roles()
+    assert set(r.trained) <= set(r.needed) and set(r.untrained) <= set(r.needed)
+    for f in ("needed", "trained", "untrained"):
+        assert set(getattr(r, f)) <= set(getattr(wide, f)), f
+    assert wide.apart or not r.apart
+    assert r.shared_batch is None or (r.shared_batch in r.needed and not r.apart)
+    pair = PairState.build(cfg)
+    assert tuple(pair.roles) == r.needed
+    assert {n for n, role in pair.roles.items() if role.trainable} == set(r.trained)
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -104,7 +150,7 @@ def test_state_round_trip(method):
     cfg = parse_config(CASES[method])
     a = PairState.build(cfg)
     for step in range(3):
-        a.method.pair_step(step, a.roles)
+        take_step(a, step)
     a.step = 3
     buf = io.BytesIO()  # through bytes, as a checkpoint goes (no tensor shared with ``a``)
     torch.save(a.state_dict(), buf)
@@ -112,8 +158,8 @@ def test_state_round_trip(method):
     b = PairState.build(cfg)
     b.load_state_dict(torch.load(buf, weights_only=True))
     for step in range(3, 6):  # both continue: the same batches, RNG draws and method state
-        a.method.pair_step(step, a.roles)
-        b.method.pair_step(step, b.roles)
+        take_step(a, step)
+        take_step(b, step)
     pa, pb = _params(a), _params(b)
     assert pa.keys() == pb.keys()
     for k in pa:
@@ -121,20 +167,31 @@ def test_state_round_trip(method):
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_placement_matches_the_steps(method):
-    """The placement names the roles the pair builds; a one-role method whose role may run
-    apart gives the same result through ``role_step`` as through ``pair_step`` (two roles that
-    talk are run apart by the Ray test below: in one thread a sync exchange would wait)."""
+def test_one_role_hosting_equals_pair_hosting(method):
+    """The pair builds the roles ``roles()`` names. Where they may run apart, each role hosted
+    by a pair of its own (sharing one exchange built from the spec, as the Ray adapter actor
+    does) takes the same steps as the whole pair in one host. In one thread the roles step in
+    ``needed`` order, source first (a sync exchange's ``get`` waits for every ``put`` of its
+    step: a link into the source would wait here; the Ray test below runs them concurrently)."""
     cfg = parse_config(CASES[method])
-    a, b = PairState.build(cfg), PairState.build(cfg)
-    where = a.method.placement()
-    assert set(where.roles) == set(a.roles)
-    if not where.apart or len(where.roles) > 1:
+    a = PairState.build(cfg)
+    where = a.method.roles(a.method.options)
+    assert tuple(a.roles) == where.needed
+    if not where.apart:
         return
+    apart = {r: PairState.build(cfg, role_names=(r,)) for r in where.needed}
+    spec = a.method.exchange_spec()
+    if spec is not None:
+        exchange = a.method.build_exchange(spec, a.steps_per_epoch)
+        for b in apart.values():
+            b.method.attach(exchange)
     for step in range(4):
-        a.method.pair_step(step, a.roles)
-        b.method.role_step(step, next(iter(b.roles.values())))
-    pa, pb = _params(a), _params(b)
+        take_step(a, step)
+        for b in apart.values():
+            take_step(b, step)
+    pa = _params(a)
+    pb = {k: v for b in apart.values() for k, v in _params(b).items()}
+    assert pa.keys() == pb.keys()
     for k in pa:
         assert torch.equal(pa[k], pb[k]), k
 
@@ -149,12 +206,25 @@ def test_sync_ray_equals_engine(ray_local, tmp_path, method):
     data = {**CASES[method], "ray": {"cpus_per_worker": 0.5}}
     cfg = parse_pair(data)
     plan = plan_pair(cfg)
-    where = PairState.build(cfg).method.placement()
+    where = method_roles(cfg)
     assert plan.co_located == (not where.apart)
-    assert plan.layout == (["target"] if not where.apart else [r for r in ("target", "source") if r in where.roles])
+    assert plan.layout == (["target"] if not where.apart else [r for r in ("target", "source") if r in where.needed])
     Engine(cfg, tmp_path / "engine", progress=False).run()
     run_pair_on_ray(cfg, tmp_path / "ray", plan=plan)
     assert_same_metrics(read_metrics(tmp_path / "engine"), read_metrics(tmp_path / "ray"), tol=1e-5)
+
+
+def test_golden_file_has_every_case():
+    assert set(json.loads(GOLDEN.read_text())) == set(GOLDEN_CASES), "run python tests/make_golden.py"
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_metrics_equal_recorded(tmp_path, case):
+    """Every step's train stats and state sums, and every epoch record, as recorded."""
+    want = json.loads(GOLDEN.read_text())[case]
+    got = step_metrics(GOLDEN_CASES[case], tmp_path)
+    assert_same_metrics(want["steps"], got["steps"], tol=1e-6)
+    assert_same_metrics(want["epochs"], got["epochs"], tol=1e-6)
 
 
 def _core_import_graph() -> dict[str, set[str]]:

@@ -18,6 +18,7 @@ from mergenet_core.engine import PairState
 from mergenet_core.errors import ConfigError
 from mergenet_core.lowrank import conv_to_matrix, rms
 from mergenet_core.methods import METHODS, Method
+from mergenet_core.step import take_step
 
 LR = 0.1
 FMNIST = {"name": "fashion_mnist", "options": {"train_subset": 200, "test_subset": 50}}
@@ -117,12 +118,13 @@ def test_method_defaults():
 def test_alone_builds_no_source_and_takes_plain_steps():
     pair = build("alone")  # the config has a source: alone ignores it
     assert set(pair.roles) == {"target"}
-    assert pair.method.roles_needed() == ("target",) and pair.method.trained_roles() == ("target",)
+    assert pair.method.roles(pair.method.options).needed == ("target",)
+    assert pair.method.roles(pair.method.options).trained == ("target",)
     tgt = pair.roles["target"]
     x, y = peek_batch(tgt)
     ref = copy.deepcopy(tgt.model).train()
     want = expected_sgd(ref, F.cross_entropy(ref(x), y))
-    pair.method.pair_step(0, pair.roles)
+    take_step(pair, 0)
     assert_params(tgt.model, want)
     assert set(build("alone", source=None).roles) == {"target"}
 
@@ -154,14 +156,14 @@ def test_kd_and_dml_need_one_label_space(method):
 def test_kd_online_teacher_and_hinton_loss():
     pair = build("kd", source={"name": "resnet18", "options": {"width": 8, "blocks": [1, 1, 1, 1]}})
     src, tgt = pair.roles["source"], pair.roles["target"]
-    assert pair.method.trained_roles() == ("source", "target")
+    assert pair.method.roles(pair.method.options).trained == ("source", "target")
     x, y = peek_batch(tgt)
     teacher, student = copy.deepcopy(src.model).train(), copy.deepcopy(tgt.model).train()
     t_logits = teacher(x)                      # the teacher before its own step
     want_src = expected_sgd(teacher, F.cross_entropy(t_logits, y))
     s_logits = student(x)
     want_tgt = expected_sgd(student, 0.1 * F.cross_entropy(s_logits, y) + 0.9 * kl(t_logits, s_logits, 4.0))
-    pair.method.pair_step(0, pair.roles)
+    take_step(pair, 0)
     assert_params(src.model, want_src)         # teacher trained beside the student, on its labels
     assert_params(tgt.model, want_tgt)         # student: 0.1 CE + 0.9 * T^2 KL at T = 4
     assert src.stats["steps"] == tgt.stats["steps"] == 1
@@ -170,7 +172,7 @@ def test_kd_online_teacher_and_hinton_loss():
 def test_kd_with_a_fixed_teacher():
     pair = build("kd", {"train_source": False, "temperature": 2.0, "weight": 0.5})
     src, tgt = pair.roles["source"], pair.roles["target"]
-    assert pair.method.trained_roles() == ("target",)
+    assert pair.method.roles(pair.method.options).trained == ("target",)
     before = copy.deepcopy(src.model.state_dict())
     x, y = peek_batch(tgt)
     teacher, student = copy.deepcopy(src.model).eval(), copy.deepcopy(tgt.model).train()
@@ -178,7 +180,7 @@ def test_kd_with_a_fixed_teacher():
         t_logits = teacher(x)
     s_logits = student(x)
     want = expected_sgd(student, 0.5 * F.cross_entropy(s_logits, y) + 0.5 * kl(t_logits, s_logits, 2.0))
-    pair.method.pair_step(0, pair.roles)
+    take_step(pair, 0)
     assert_params(tgt.model, want)
     after = src.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
@@ -192,7 +194,7 @@ def test_dml_simultaneous_mutual_learning():
     la, lb = a(x), b(x)                         # both predictions from before either step
     want_src = expected_sgd(a, F.cross_entropy(la, y) + kl(lb, la, 1.0))
     want_tgt = expected_sgd(b, F.cross_entropy(lb, y) + kl(la, lb, 1.0))
-    pair.method.pair_step(0, pair.roles)
+    take_step(pair, 0)
     assert_params(src.model, want_src)
     assert_params(tgt.model, want_tgt)
 
@@ -222,7 +224,7 @@ def test_param_share_projects_and_keeps_target_rms():
     src, tgt = pair.roles["source"], pair.roles["target"]
     ws = src.model.hidden.weight.detach().clone()
     wt = tgt.model.classifier.weight.detach().clone()
-    pair.method.pair_step(0, pair.roles)
+    take_step(pair, 0)
     w = _written(tgt, "classifier.weight")
     torch.testing.assert_close(rms(w), rms(wt))
     resized = F.interpolate(ws[None, None], size=(10, 32), mode="bilinear", align_corners=False)[0, 0]
@@ -236,7 +238,7 @@ def test_param_share_copies_equal_shapes_verbatim():
     ws = src.model.get_parameter(CONV).detach().clone()
     p = tgt.model.get_parameter(CONV)
     assert not torch.equal(ws, p.detach())  # different initialisations
-    pair.method.pair_step(0, pair.roles)
+    take_step(pair, 0)
     assert tgt.model.get_parameter(CONV) is p
     torch.testing.assert_close(_written(tgt, CONV), ws, rtol=1e-5, atol=1e-6)
 
@@ -246,10 +248,10 @@ def test_param_share_mix_and_t_cycle():
                                  "mix": 0.25, "t_cycle": 2})
     src, tgt = pair.roles["source"], pair.roles["target"]
     ws, wt = (r.model.get_parameter(CONV).detach().clone() for r in (src, tgt))
-    pair.method.pair_step(0, pair.roles)
+    take_step(pair, 0)
     torch.testing.assert_close(_written(tgt, CONV), 0.75 * wt + 0.25 * ws, rtol=1e-5, atol=1e-6)
     before = tgt.model.get_parameter(CONV).detach().clone()
-    pair.method.pair_step(1, pair.roles)  # not a sharing step: only the optimiser moves it
+    take_step(pair, 1)  # not a sharing step: only the optimiser moves it
     torch.testing.assert_close(_written(tgt, CONV), before, rtol=1e-5, atol=1e-7)
 
 
@@ -258,7 +260,7 @@ def test_param_share_conv_into_linear_uses_the_matrix_view():
     pair = build("param_share", {"layer_pairs": [{"source": CONV, "target": "classifier.weight"}]})
     ws = conv_to_matrix(pair.roles["source"].model.get_parameter(CONV).detach().clone())
     wt = pair.roles["target"].model.classifier.weight.detach().clone()
-    pair.method.pair_step(0, pair.roles)
+    take_step(pair, 0)
     resized = F.interpolate(ws[None, None], size=(10, 32), mode="bilinear", align_corners=False)[0, 0]
     torch.testing.assert_close(_written(pair.roles["target"], "classifier.weight"),
                                resized * (rms(wt) / rms(resized)), rtol=1e-5, atol=1e-6)

@@ -1,8 +1,9 @@
 """The MergeNet transfer cycle (spec section 5) on real tiny models and real Fashion-MNIST.
 
 Every test builds a pair with :func:`mergenet_core.config.parse_config` and
-:meth:`mergenet_core.engine.PairState.build`, then drives the method either with
-``pair_step`` or phase by phase (``_put`` / ``_get`` / ``_train``) to look between phases.
+:meth:`mergenet_core.engine.PairState.build`, then drives it either with ``take_step`` or in
+two parts (``transfer``: the method's ``before_step``; ``train``: ``train_roles``) to look
+between them.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from mergenet_core.engine import PairState
 from mergenet_core.errors import ConfigError, TransferError
 from mergenet_core.lowrank import conv_to_matrix, make_encoding, matrix_to_weight
 from mergenet_core.models import build_model
+from mergenet_core.step import step_roles, take_step, train_roles
 from mergenet_core.methods.mergenet import AdapterHub, Exchange, MergeNetOptions, make_links
 
 LR = 0.1
@@ -86,19 +88,13 @@ def recording(pair: PairState) -> RecordingExchange:
 
 
 def transfer(pair: PairState, step: int) -> None:
-    """Phases 1 (put) and 2 (get + in-place write) of a transfer step for every role."""
-    m = pair.method
-    order = [pair.roles[n] for n in m.roles_needed()]
-    for r in order:
-        m._put(step, r)
-    for r in order:
-        m._get(step, r)
+    """A transfer step's first part (``before_step``): every role's put, then get + in-place write."""
+    pair.method.before_step(step, step_roles(pair))
 
 
 def train(pair: PairState, step: int) -> None:
-    """Phase 3: every role's own optimiser step, then the adapter feedback."""
-    for n in pair.method.roles_needed():
-        pair.method._train(step, pair.roles[n])
+    """The rest of the step: every role's own optimiser step, then the adapter feedback."""
+    train_roles(pair, step)
 
 
 def peek_batch(role):
@@ -124,7 +120,7 @@ def adapter_state(pair: PairState) -> dict[str, torch.Tensor]:
 def test_transfer_writes_in_place_and_keeps_momentum(mode):
     pair = build(pair_opts(mode=mode), momentum=0.9)
     tgt = pair.roles["target"]
-    pair.method.pair_step(0, pair.roles)  # creates the momentum buffers
+    take_step(pair, 0)  # creates the momentum buffers
     enc = pair.method.enc[("target", CONV)]
     p = enc.parameters_touched()[0]
     name = next(n for n, q in tgt.model.named_parameters() if q is p)
@@ -252,7 +248,7 @@ def test_first_feedback_does_not_depend_on_the_target_learning_rate():
             pair = build(pair_opts(mode="svd", update_rule=rule),
                          recipe={"optimizer": {"lr": lr, "momentum": 0.9, "weight_decay": 5e-4}})
             ex = recording(pair)
-            pair.method.pair_step(0, pair.roles)
+            take_step(pair, 0)
             fb[(rule, lr)] = ex.feedbacks[0]["0"]
     assert torch.equal(fb[("exact", 0.05)], fb[("exact", 0.0005)])
     ratio = float(fb[("delta", 0.05)].norm() / fb[("delta", 0.0005)].norm())
@@ -269,7 +265,7 @@ def test_authors_preset_selects_delta_and_an_explicit_rule_wins():
 def test_feedback_cosine_and_adapter_update_ratio_are_epoch_metrics(rule):
     pair = build(pair_opts(mode="svd", update_rule=rule), recipe=CONTAMINATING["sgd-momentum-wd"])
     for step in range(5):
-        pair.method.pair_step(step, pair.roles)
+        take_step(pair, step)
     diag = pair.method.role_metrics()
     adapter = pair.method.epoch_metrics()
     assert "adapter/update_ratio" in pair.method.epoch_metric_names
@@ -333,7 +329,7 @@ def test_adapter_learns_and_reports_metrics():
     pair = build(pair_opts())
     init = adapter_state(pair)
     for step in range(3):
-        pair.method.pair_step(step, pair.roles)
+        take_step(pair, step)
     after = adapter_state(pair)
     changed = [k for k in init if not torch.equal(init[k], after[k])]
     assert any(k.endswith("fc_q.weight") for k in changed) and any("ffn" in k for k in changed)
@@ -356,14 +352,14 @@ def test_adapter_optimiser_and_schedule():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == hub.param_counts()["0"]
     # 1 epoch of 5 steps, t_cycle 2 -> transfers at steps 0, 2, 4: the cosine spans 3 updates
     for step in range(4):
-        pair.method.pair_step(step, pair.roles)
+        take_step(pair, step)
     assert hub.schedulers["0"].last_epoch == 2
     assert pair.method.epoch_metrics()["adapter/transfers"] == 2
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))  # 0.0025
 
     late = build(pair_opts(adapter={"start_epoch": 1}))
     for step in range(3):  # epoch 0: the adapter is updated but its schedule does not move
-        late.method.pair_step(step, late.roles)
+        take_step(late, step)
     assert late.method.exchange.hub.schedulers["0"].last_epoch == 0
     assert late.method.epoch_metrics()["adapter/transfers"] == 3
 
@@ -380,7 +376,7 @@ def test_adapter_cosine_spans_exactly_the_transfers_after_start(t_cycle, start_e
     assert pair.method.transfers_after_start(spe) == expected
     hub = pair.method.exchange.hub
     for step in range(2 * spe):
-        pair.method.pair_step(step, pair.roles)
+        take_step(pair, step)
     assert hub.schedulers["0"].last_epoch == expected
     assert hub.optimizers["0"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
@@ -389,7 +385,7 @@ def test_non_transfer_steps_leave_the_target_to_its_optimiser():
     pair = build(pair_opts(t_cycle=3))
     ex = recording(pair)
     for step in range(4):
-        pair.method.pair_step(step, pair.roles)
+        take_step(pair, step)
     assert sorted(ex.outputs) == sorted(ex.feedbacks) == [0, 3]
 
 
@@ -415,9 +411,9 @@ def test_non_finite_adapter_output_skips_transfer_then_fails(value):
     m = pair.method.epoch_metrics()
     assert m["adapter/skipped"] == 1 and m["adapter/transfers"] == 0
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        pair.method.pair_step(1, pair.roles)
+        take_step(pair, 1)
     with pytest.warns(RuntimeWarning), pytest.raises(TransferError) as err:
-        pair.method.pair_step(2, pair.roles)
+        take_step(pair, 2)
     msg = str(err.value)
     assert "layer pair 0" in msg and "non-finite" in msg and "3 transfers in a row" in msg
     assert "method.options.adapter.lr" in msg
@@ -430,14 +426,14 @@ def test_a_finite_output_resets_the_bad_streak():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         _poison(pair)
-        pair.method.pair_step(0, pair.roles)            # bad (1)
+        take_step(pair, 0)  # bad (1)
         with torch.no_grad():
             norm.copy_(good)
-        pair.method.pair_step(1, pair.roles)            # good: streak reset
+        take_step(pair, 1)  # good: streak reset
         _poison(pair)
-        pair.method.pair_step(2, pair.roles)            # bad (1 again, not 2)
+        take_step(pair, 2)  # bad (1 again, not 2)
         with pytest.raises(TransferError, match="2 transfers in a row"):
-            pair.method.pair_step(3, pair.roles)        # bad (2) -> fails
+            take_step(pair, 3)  # bad (2) -> fails
     assert pair.method.exchange.hub.totals == {"transfers": 1, "skipped": 3}
 
 
@@ -465,12 +461,12 @@ def test_direction_both_rewrites_both_models():
 
 def test_freeze_source_keeps_source_and_still_transfers():
     pair = build(pair_opts(freeze_source=True))
-    assert pair.method.trained_roles() == ("target",) and not pair.roles["source"].trainable
+    assert pair.method.roles(pair.method.options).trained == ("target",) and not pair.roles["source"].trainable
     src_before = {k: v.clone() for k, v in pair.roles["source"].model.state_dict().items()}
     pt = touched(pair, "target", CONV)
     ex = recording(pair)
     for step in range(3):
-        pair.method.pair_step(step, pair.roles)
+        take_step(pair, step)
     for k, v in pair.roles["source"].model.state_dict().items():
         assert torch.equal(v, src_before[k]), k
     assert sorted(ex.outputs) == sorted(ex.feedbacks) == [0, 1, 2]
@@ -517,7 +513,7 @@ def test_self_transfer_inside_one_model():
     assert torch.equal(pc.detach(), ex.outputs[0]["0"])
     assert torch.equal(ph.detach(), h0)  # the provider is only read
     train(pair, 0)
-    pair.method.pair_step(1, pair.roles)
+    take_step(pair, 1)
     assert sorted(ex.feedbacks) == [0, 1]
 
 
@@ -538,7 +534,7 @@ def test_cross_modal_text_source_into_conv_target():
     assert torch.equal(conv.A.detach(), ex.outputs[0]["0"])
     assert not torch.equal(conv.weight.detach(), w0)
     train(pair, 0)
-    pair.method.pair_step(1, pair.roles)
+    take_step(pair, 1)
     assert sorted(ex.feedbacks) == [0, 1]
     assert src.stats["steps"] == tgt.stats["steps"] == 2
     assert torch.isfinite(conv.weight).all()
@@ -555,16 +551,16 @@ def test_rng_streams_are_private_and_runs_reproducible():
         torch.manual_seed(outer_seed)  # whatever the caller does with the global RNG...
         for step in range(4):
             state = torch.get_rng_state()
-            pair.method.pair_step(step, pair.roles)
+            take_step(pair, step)
             assert torch.equal(torch.get_rng_state(), state)  # ...a step leaves it alone
         return pair
 
     a = run(1)
     hub_rng = a.method.exchange.hub.rng.cpu.clone()
-    a.method.pair_step(4, a.roles)  # a transfer: the adapter's dropout drew from the hub's stream
+    take_step(a, 4)  # a transfer: the adapter's dropout drew from the hub's stream
     assert not torch.equal(a.method.exchange.hub.rng.cpu, hub_rng)
     b = run(2)
-    b.method.pair_step(4, b.roles)
+    take_step(b, 4)
     sa, sb = a.roles["target"].model.state_dict(), b.roles["target"].model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     aa, ab = adapter_state(a), adapter_state(b)

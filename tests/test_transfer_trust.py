@@ -21,6 +21,7 @@ from mergenet_core.errors import ConfigError
 from mergenet_core.lowrank import (canonical_signs, make_encoding, procrustes_align, row_cosine,
                                    truncated_svd_factors)
 from mergenet_core.methods.mergenet import AdapterOptions, MergeNetOptions
+from mergenet_core.step import take_step
 from orchestrator.cli import main
 
 limit_threads()
@@ -168,7 +169,7 @@ def _provider_inputs(control: str, transfers: int = 3):
 
     m.exchange.put = put
     for step in range(transfers):
-        m.pair_step(step, pair.roles)
+        take_step(pair, step)
     raw = m.enc[("source", "features.1.conv.weight")].read()
     return seen, raw
 

@@ -14,6 +14,7 @@ from mergenet_core.loop import PairState
 from mergenet_core.methods.transplant import select_uniform
 from mergenet_core.models.cnn import SmallCNN
 from mergenet_core.roles import build_role
+from mergenet_core.step import take_step
 
 limit_threads()
 
@@ -161,7 +162,7 @@ def test_freeze_keeps_the_copied_parameters(tmp_path):
     in_optimiser = {id(p) for g in pair.roles["target"].optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in in_optimiser for n, p in model.named_parameters() if n in frozen)
     for step in range(3):
-        pair.method.pair_step(step, pair.roles)
+        take_step(pair, step)
     after = _state(pair)
     for k in frozen:
         assert torch.equal(after[k], src[k]), k
@@ -178,13 +179,13 @@ def test_the_target_steps_exactly_like_alone(tmp_path):
     alone.roles["target"].model.load_state_dict(pair.roles["target"].model.state_dict())
     src_before = _state(pair, "source")
     for step in range(3):
-        pair.method.pair_step(step, pair.roles)
-        alone.method.pair_step(step, alone.roles)
+        take_step(pair, step)
+        take_step(alone, step)
     a, b = _state(pair), _state(alone)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert all(torch.equal(v, src_before[k]) for k, v in _state(pair, "source").items())  # the donor never trains
-    assert pair.method.trained_roles() == ("target",) and not pair.roles["source"].trainable
+    assert pair.method.roles(pair.method.options).trained == ("target",) and not pair.roles["source"].trainable
 
 
 def test_untrained_source_control_copies_the_seeds_initialisation(tmp_path):

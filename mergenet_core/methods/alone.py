@@ -1,14 +1,12 @@
 """``alone``: the target trained by itself with the same recipe (the reference baseline)."""
 from __future__ import annotations
 
-from .base import METHODS, Method
+from .base import METHODS, Method, Roles
 
 
 @METHODS.register("alone")
 class Alone(Method):
-    uses_source = False
-    splittable = True
-
-    def role_step(self, step: int, role) -> None:
-        with role.rng_scope():
-            role.train_step()
+    @classmethod
+    def roles(cls, options=None) -> Roles:
+        """The target alone, which may run in its own process."""
+        return Roles(needed=("target",), trained=("target",), apart=True)

@@ -3,14 +3,16 @@
 A method is a class registered under a name (``METHODS.register("name")(cls)``); the registry
 reads its options model from ``cls.Options``. It is constructed from its validated options and
 the experiment config, may rewrite the models in :meth:`setup` (before optimisers exist), and
-advances training by one lockstep step in :meth:`pair_step`. The training loop
-(:class:`~mergenet_core.loop.PairLoop`) owns epochs, evaluation, metrics and checkpoints; the
-method owns only the step and its own state.
+computes each role's loss in a step (:meth:`loss`), acting at the step's named hooks
+(:meth:`before_step`, :meth:`after_backward`, :meth:`after_step`). The step itself -- batches,
+forward and backward passes, clipping, optimiser steps -- is :func:`mergenet_core.step.take_step`;
+the training loop (:class:`~mergenet_core.loop.PairLoop`) owns epochs, evaluation, metrics and
+checkpoints; the method owns only its losses, hooks and its own state.
 
-Placement: :meth:`placement` says which roles the method needs and whether they may run in
-separate processes. Methods whose roles may run apart implement :meth:`role_step` (one role's
-part of a step). If their roles talk to each other, they do it through an *exchange* (an object
-with the :class:`ExchangeAPI` methods): :meth:`exchange_spec` describes it with plain data,
+Roles: :meth:`roles` is the one declaration of which roles the method needs, trains and keeps
+untrained, whether they may run in separate processes, and whether they share one batch. If
+roles that run apart talk to each other, they do it through an *exchange* (an object with the
+:class:`ExchangeAPI` methods): :meth:`exchange_spec` describes it with plain data,
 :meth:`build_exchange` builds it from that description in any process (a host puts it behind a
 Ray actor), and :meth:`attach` hands a role-hosting process the exchange (or a proxy) to use.
 Hosts call only these methods, so no host names a method.
@@ -33,13 +35,20 @@ METHODS = Registry("method")
 
 
 @dataclass(frozen=True)
-class Placement:
-    """Which roles a method needs (each gets its own process group when ``apart``), and whether
-    they may run in separate processes (``role_step``); otherwise one process hosts all roles
-    and calls ``pair_step``."""
+class Roles:
+    """A method's roles (:meth:`Method.roles`): the one declaration hosts, validation and grids read."""
 
-    roles: tuple[str, ...]
-    apart: bool
+    #: the roles the pair builds, in the order a step takes them
+    needed: tuple[str, ...] = ("source", "target")
+    #: the roles that train (their optimisers step; evaluated and reported)
+    trained: tuple[str, ...] = ("source", "target")
+    #: roles kept at their seed's initialisation: ``init_from`` not loaded (a control arm)
+    untrained: tuple[str, ...] = ()
+    #: the roles may run in separate processes (each its own process group; an exchange if they
+    #: talk); else one process hosts them all
+    apart: bool = False
+    #: the role whose batch every role's forward takes (both models on one batch; not ``apart``)
+    shared_batch: str | None = None
 
 
 class ExchangeAPI(Protocol):
@@ -57,10 +66,6 @@ class ExchangeAPI(Protocol):
 
 class Method:
     Options: ClassVar[type[BaseModel]] = NoOptions
-    #: build and train a source model
-    uses_source: ClassVar[bool] = True
-    #: roles can run in separate processes (``role_step``, and an exchange if they talk)
-    splittable: ClassVar[bool] = False
     #: metrics (besides the roles' train/val/test numbers) this method reports every epoch
     epoch_metric_names: ClassVar[tuple[str, ...]] = ()
 
@@ -68,12 +73,19 @@ class Method:
         self.options = options
         self.cfg = cfg
 
-    # ---------------------------------------------------------------- config
+    # ---------------------------------------------------------------- roles / config
+    @classmethod
+    def roles(cls, options: BaseModel | None = None) -> Roles:
+        """The roles for ``options``; ``None``: for any options (each tuple the union over all
+        options, ``apart`` if some allow it; ``orchestrator.grid.uses_source`` reads ``needed``).
+        Default: source and target, both trained, in one process."""
+        return Roles()
+
     @classmethod
     def check_config(cls, cfg: "ExperimentConfig", options: BaseModel) -> list[str]:
         """``field: problem`` lines for combinations the method cannot run (fields across
         blocks; the options model itself is already valid)."""
-        if cls.uses_source and cfg.source is None:
+        if "source" in cls.roles(options).needed and cfg.source is None:
             return [str(ConfigError("source", f"method '{cfg.method.name}' needs a source model"))]
         return []
 
@@ -81,27 +93,12 @@ class Method:
     def check_shapes(cls, cfg: "ExperimentConfig", options: BaseModel, models: dict[str, torch.nn.Module]) -> list[str]:
         """Fast validation (``mergenet validate`` without ``--deep``): ``field: problem`` lines
         for what :meth:`setup` and :meth:`ready` would refuse, decided from ``models`` alone --
-        the models of :meth:`roles_needed`, built without weights (meta device, not yet changed
+        the models of the needed :meth:`roles`, built without weights (meta device, not yet changed
         by :meth:`setup`: names, shapes and module types only). The first line must be the
         error the full build raises first. Default: nothing to check."""
         return []
 
-    @staticmethod
-    def require_same_labels(cfg: "ExperimentConfig", method: str) -> list[str]:
-        s, t = cfg.source.task, cfg.target.task
-        if s.name != t.name or s.options != t.options:
-            what = f"source: {s.name}, target: {t.name}" if s.name != t.name else "the task options differ"
-            return [str(ConfigError("method.name", f"'{method}' feeds the target's batches to the source, so both "
-                                                   f"need the same task and task options ({what})"))]
-        return []
-
-    # ---------------------------------------------------------------- placement / exchange
-    def roles_needed(self) -> tuple[str, ...]:
-        return ("source", "target") if self.uses_source else ("target",)
-
-    def placement(self) -> Placement:
-        return Placement(self.roles_needed(), self.splittable)
-
+    # ---------------------------------------------------------------- exchange
     def exchange_spec(self) -> dict | None:
         """Plain (picklable) data from which :meth:`build_exchange` builds this method's exchange
         in a process without the models; ``None``: the roles never talk. Needs :meth:`setup`."""
@@ -117,14 +114,6 @@ class Method:
         """Use ``exchange`` (e.g. a proxy to a Ray actor holding the real one)."""
         raise NotImplementedError(f"{type(self).__name__} has no exchange")
 
-    def trained_roles(self) -> tuple[str, ...]:
-        return self.roles_needed()
-
-    def untrained_roles(self) -> tuple[str, ...]:
-        """Roles kept at their seed's initialisation: their ``init_from`` is not loaded
-        (a control arm, e.g. MergeNet's ``untrained_source``)."""
-        return ()
-
     def setup(self, roles: dict) -> None:
         """Change the models before optimisers are built (e.g. factorise layers)."""
 
@@ -136,15 +125,22 @@ class Method:
     def ready(self, roles: dict, steps_per_epoch: int) -> None:
         """Called once optimisers exist (build method-owned modules/optimisers here)."""
 
-    def pair_step(self, step: int, roles: dict) -> None:
-        """Advance both roles by one optimisation step."""
-        for name in self.roles_needed():
-            role = roles[name]
-            with role.rng_scope():
-                role.train_step()
+    # ---------------------------------------------------------------- the step (mergenet_core/step.py)
+    def before_step(self, step: int, roles: dict) -> None:
+        """Before any forward of step ``step``, with the roles the step takes (``needed`` order)."""
 
-    def role_step(self, step: int, role) -> None:  # pragma: no cover - splittable methods only
-        raise NotImplementedError
+    def loss(self, role: str, outs: dict) -> torch.Tensor:
+        """The loss ``role`` backpropagates, from the step's :class:`~mergenet_core.step.Forward`
+        of each role (its own; every role's with ``Roles.shared_batch``). Default: its cross-entropy."""
+        return outs[role].ce
+
+    def after_backward(self, step: int, role) -> None:
+        """Between a trained role's backward pass (gradients averaged across its workers) and its
+        optimiser step."""
+
+    def after_step(self, step: int, role) -> None:
+        """After ``role``'s optimiser step, in its turn in ``needed`` order (also for a role the
+        step takes that does not train)."""
 
     def role_metrics(self) -> dict[str, float]:
         """Per-role numbers measured by this process for the roles it hosts since the last
@@ -155,18 +151,24 @@ class Method:
         """Method metrics accumulated since the last call (e.g. adapter stats)."""
         return {}
 
-    def state_dict(self) -> dict:
+    def state_dict(self, role: str | None = None) -> dict:
+        """The method's state shared by the pair (a bundle's ``method``); with ``role``: the state
+        kept by the process hosting that role (saved with it, as its ``method_role``)."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def load_state_dict(self, state: dict, role: str | None = None) -> None:
+        """Restore what :meth:`state_dict` (of the same ``role``) returned."""
 
-    def role_state_dict(self, role: str) -> dict:
-        """Method state kept by the process hosting ``role`` (saved with that role)."""
-        return {}
 
-    def load_role_state_dict(self, role: str, state: dict) -> None:
-        pass
+def require_same_labels(cfg: "ExperimentConfig", method: str) -> list[str]:
+    """A ``method.name`` problem when ``method`` feeds the target's batches to the source and the
+    two roles' tasks (or task options) differ."""
+    s, t = cfg.source.task, cfg.target.task
+    if s.name != t.name or s.options != t.options:
+        what = f"source: {s.name}, target: {t.name}" if s.name != t.name else "the task options differ"
+        return [str(ConfigError("method.name", f"'{method}' feeds the target's batches to the source, so both "
+                                               f"need the same task and task options ({what})"))]
+    return []
 
 
 def softened_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import METHODS, Method, softened_kl
+from .base import METHODS, Method, Roles, require_same_labels, softened_kl
 
 
 class DMLOptions(BaseModel):
@@ -21,23 +21,15 @@ class DML(Method):
     Options = DMLOptions
 
     @classmethod
-    def check_config(cls, cfg, options) -> list[str]:
-        return super().check_config(cfg, options) or cls.require_same_labels(cfg, "dml")
+    def roles(cls, options: DMLOptions | None = None) -> Roles:
+        """Both models train on the target's batch (one process)."""
+        return Roles(shared_batch="target")
 
-    def pair_step(self, step: int, roles: dict) -> None:
-        src, tgt = roles["source"], roles["target"]
-        o = self.options
-        src.model.train()
-        tgt.model.train()
-        with tgt.rng_scope():
-            x, y = tgt.next_batch()
-            t_ce, t_logits = tgt.loss(x, y)
-        with src.rng_scope():
-            s_ce, s_logits = src.loss(x, y)
-            src.record(s_ce, s_logits, y)
-            src.backward(s_ce + o.weight * softened_kl(s_logits, t_logits, o.temperature))
-            src.apply_step()
-        with tgt.rng_scope():
-            tgt.record(t_ce, t_logits, y)
-            tgt.backward(t_ce + o.weight * softened_kl(t_logits, s_logits, o.temperature))
-            tgt.apply_step()
+    @classmethod
+    def check_config(cls, cfg, options) -> list[str]:
+        return super().check_config(cfg, options) or require_same_labels(cfg, "dml")
+
+    def loss(self, role: str, outs: dict):
+        """Each model's cross-entropy plus its KL to the other's pre-step predictions."""
+        o, other = self.options, "target" if role == "source" else "source"
+        return outs[role].ce + o.weight * softened_kl(outs[role].logits, outs[other].logits, o.temperature)

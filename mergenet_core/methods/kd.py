@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import METHODS, Method, softened_kl
+from .base import METHODS, Method, Roles, require_same_labels, softened_kl
 
 
 class KDOptions(BaseModel):
@@ -23,33 +23,19 @@ class KD(Method):
     Options = KDOptions
 
     @classmethod
+    def roles(cls, options: KDOptions | None = None) -> Roles:
+        """Both models on the target's batch (one process); ``train_source: false``: the teacher
+        does not train (eval mode, no gradients)."""
+        return Roles(trained=("source", "target") if options is None or options.train_source else ("target",),
+                     shared_batch="target")
+
+    @classmethod
     def check_config(cls, cfg, options) -> list[str]:
-        return super().check_config(cfg, options) or cls.require_same_labels(cfg, "kd")
+        return super().check_config(cfg, options) or require_same_labels(cfg, "kd")
 
-    def trained_roles(self):
-        return ("source", "target") if self.options.train_source else ("target",)
-
-    def pair_step(self, step: int, roles: dict) -> None:
-        src, tgt = roles["source"], roles["target"]
-        o = self.options
-        tgt.model.train()
-        with tgt.rng_scope():
-            x, y = tgt.next_batch()
-            ce, logits = tgt.loss(x, y)
-        src.model.train(o.train_source)
-        with src.rng_scope():
-            if o.train_source:
-                s_ce, s_logits = src.loss(x, y)
-                src.record(s_ce, s_logits, y)
-                src.backward(s_ce)
-                src.apply_step()
-            else:
-                import torch
-
-                with torch.no_grad():
-                    s_logits = src.loss(x, y)[1]
-        with tgt.rng_scope():
-            loss = (1 - o.weight) * ce + o.weight * softened_kl(logits, s_logits, o.temperature)
-            tgt.record(ce, logits, y)
-            tgt.backward(loss)
-            tgt.apply_step()
+    def loss(self, role: str, outs: dict):
+        """The teacher's cross-entropy; the student's ``(1 - w) * CE + w * KD``."""
+        o, out = self.options, outs[role]
+        if role == "source":
+            return out.ce
+        return (1 - o.weight) * out.ce + o.weight * softened_kl(out.logits, outs["source"].logits, o.temperature)

@@ -63,11 +63,10 @@ class ParamShare(Method):
                               make_encoding(roles["target"].model, lp.target, "full", field=f"{f}.target")))
 
     @torch.no_grad()
-    def pair_step(self, step: int, roles: dict) -> None:
+    def before_step(self, step: int, roles: dict) -> None:
+        """Every ``t_cycle`` steps, before both roles' ordinary steps: the copy."""
         if step % self.options.t_cycle == 0:
             for s_enc, t_enc in self.encs:
                 w_t = t_enc.read()
                 p = project(conv_to_matrix(s_enc.read()).to(w_t), w_t, self.options.rescale)
                 t_enc.write((1 - self.options.mix) * w_t + self.options.mix * p)
-        with torch.enable_grad():
-            super().pair_step(step, roles)

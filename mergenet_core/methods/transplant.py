@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..errors import ConfigError, short
-from .base import METHODS, Method, Placement
+from .base import METHODS, Method, Roles
 
 Name = Annotated[str, Field(min_length=1, max_length=300)]
 
@@ -225,19 +225,12 @@ class Transplant(Method):
         super().__init__(options, cfg)
         self.plan: Plan | None = None
 
-    def roles_needed(self):
-        return ("source", "target")
-
-    def placement(self) -> Placement:
-        """Co-located: the target reads the source's weights once, at set-up."""
-        return Placement(self.roles_needed(), apart=False)
-
-    def trained_roles(self):
-        return ("target",)
-
-    def untrained_roles(self):
-        """The untrained-source control copies from the source at its seed's initialisation."""
-        return ("source",) if self.options.control == "untrained_source" else ()
+    @classmethod
+    def roles(cls, options: TransplantOptions | None = None) -> Roles:
+        """One process: the target reads the source's weights once, at set-up; only the target
+        trains. The untrained-source control copies from the source at its seed's initialisation."""
+        untrained = options is None or options.control == "untrained_source"
+        return Roles(trained=("target",), untrained=("source",) if untrained else ())
 
     @classmethod
     def check_shapes(cls, cfg, options: TransplantOptions, models: dict) -> list[str]:
@@ -276,12 +269,6 @@ class Transplant(Method):
             dst.copy_(select_uniform(s_state[e.source], e.shape).to(device=dst.device, dtype=dst.dtype))
             if self.options.freeze and e.parameter:
                 dst.requires_grad_(False)
-
-    def pair_step(self, step: int, roles: dict) -> None:
-        """The target's ordinary step (``alone``'s); the source does nothing."""
-        role = roles["target"]
-        with role.rng_scope():
-            role.train_step()
 
     def epoch_metrics(self) -> dict[str, float]:
         return self.plan.metrics() if self.plan is not None else {}

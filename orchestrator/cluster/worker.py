@@ -19,6 +19,7 @@ from ray.train import Checkpoint
 from mergenet_core.io import PAIR_BUNDLE as BUNDLE
 from mergenet_core.io.outputs import RunOutputs
 from mergenet_core.loop import PairLoop, PairState, load_bundle, numeric, save_bundle
+from mergenet_core.step import take_step
 from orchestrator.cluster.actor import RayExchange, _to_cpu
 from orchestrator.config import PairConfig
 
@@ -54,9 +55,9 @@ class RoleWorkerHost:
     pair, co-located), data parallel inside the role's process group; world rank 0 (the
     target's leader) leads: it assembles records and reports bundles as Ray Train checkpoints."""
 
-    def __init__(self, pair: PairState, me: str, co_located: bool, rank: int, role_leader: bool,
+    def __init__(self, pair: PairState, me: str, rank: int, role_leader: bool,
                  world: int, out: Path, placement: list, role_rank: int):
-        self.pair, self.me, self.co_located = pair, me, co_located
+        self.pair, self.me = pair, me
         self.lead, self.role_leader = rank == 0, role_leader
         self.distributed = world > 1
         self.world, self.out, self.placement, self.role_rank = world, out, placement, role_rank
@@ -64,10 +65,7 @@ class RoleWorkerHost:
         self._checkpoint = None
 
     def step(self, step: int) -> None:
-        if self.co_located:
-            self.pair.method.pair_step(step, self.pair.roles)
-        else:
-            self.pair.method.role_step(step, self.pair.roles[self.me])
+        take_step(self.pair, step)  # the roles built here: its own, or the co-located pair
 
     def gather(self, local: dict) -> dict | None:
         # role states travel with the records: whether a bundle is due is known only on the lead
@@ -185,6 +183,6 @@ def pair_worker(config: dict) -> None:
         dist.barrier()  # the actor holds the restored exchange before anyone transfers
     _mark(out, "started", me, role_rank, pair.epoch)
 
-    host = RoleWorkerHost(pair, me, config["co_located"], rank, leader, len(layout), out, placement, role_rank)
+    host = RoleWorkerHost(pair, me, rank, leader, len(layout), out, placement, role_rank)
     PairLoop(host, keep_bundles=config.get("keep_bundles", "last_and_best"), until_epoch=config.get("until_epoch"),
              outputs=RunOutputs(out) if rank == 0 else None).run()

@@ -311,7 +311,7 @@ class GridConfig(_Strict):
 def uses_source(method: str) -> bool:
     from mergenet_core.methods import METHODS
 
-    return method not in METHODS or METHODS.get(method).fn.uses_source
+    return method not in METHODS or "source" in METHODS.get(method).fn.roles().needed
 
 
 def _layer_pairs_for(method: str, layer_pairs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -410,12 +410,12 @@ ROLE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "
 
 def reported_metrics(cfg: PairConfig) -> tuple[set[str], set[str]]:
     """(metrics the trial reports every epoch, metrics it reports only on evaluation epochs)."""
-    from mergenet_core.loop import build_method
+    from mergenet_core.checks import method_roles
+    from mergenet_core.methods import METHODS
 
-    method = build_method(cfg)
     every = set(EPOCH_METRICS)
-    evals = {f"{r}/{k}" for r in method.trained_roles() for k in ROLE_METRICS}
-    every |= set(method.epoch_metric_names)
+    evals = {f"{r}/{k}" for r in method_roles(cfg).trained for k in ROLE_METRICS}
+    every |= set(METHODS.get(cfg.method.name).fn.epoch_metric_names)
     if cfg.target.recipe.eval_every == 1:
         every |= evals
     return every, evals
@@ -441,14 +441,14 @@ def check_layers(cfg: PairConfig, warnings: list[str] | None = None, build: bool
     weightless models (:func:`mergenet_core.shape_check.check_pair_shapes`: no Ray, no data
     decoded, no weights), which reports the same first error for what it can see."""
     if not build:
-        from mergenet_core.loop import build_method
+        from mergenet_core.checks import method_roles
         from mergenet_core.shape_check import check_pair_shapes
         from orchestrator.config import worker_layout
 
         lines = check_pair_shapes(cfg, warnings)
         if not lines:
             try:
-                worker_layout(cfg, build_method(cfg).placement())
+                worker_layout(cfg, method_roles(cfg))
             except ConfigError as e:
                 return [str(e)]
         return lines

@@ -1,9 +1,12 @@
 """``mergenet``: learned parameter adapters rewrite target weights every ``t_cycle`` steps.
 
-Each role runs the same three phases per step (``_put``, ``_get``, ``_train``); a host with
-both roles runs them for both in :meth:`pair_step`, a host with one role (a Ray worker) runs
-them for its own role in :meth:`role_step`, talking to the adapters through an object with the
-:class:`~.exchange.Exchange` API (the exchange itself, or a proxy to an actor holding it).
+The method acts at the step's hooks (``mergenet_core/step.py``), the same on every host:
+``before_step`` (a transfer step: every role puts its matrices, then every receiving role gets
+the adapter's output and writes it in place), ``after_backward`` (the task loss's gradient
+with respect to each written output) and ``after_step`` (the feedback the update rule needs).
+A host with both roles runs them for both, a host with one role (a Ray worker) for its own,
+talking to the adapters through an object with the :class:`~.exchange.Exchange` API (the
+exchange itself, or a proxy to an actor holding it).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 from ...errors import ConfigError, short
 from ...lowrank import make_encoding, rms
 from ...roles import derive_seed
-from ..base import Method, Placement
+from ..base import Method, Roles
 from .exchange import Exchange
 from .hub import AdapterHub
 from .links import exact_grad, make_links
@@ -43,7 +46,6 @@ def _adapter_error(e: ValueError) -> ConfigError:
 
 class MergeNet(Method):
     Options = MergeNetOptions
-    splittable = True
     epoch_metric_names = ADAPTER_METRICS + TRANSFER_METRICS
 
     def __init__(self, options: MergeNetOptions, cfg):
@@ -51,7 +53,8 @@ class MergeNet(Method):
         self.links = make_links(options)
         self.enc: dict[tuple[str, str], object] = {}
         self.exchange = None
-        self.written: dict[str, object] = {}
+        self.written: dict[str, object] = {}  # link id -> (encoding, output written, generation step)
+        self._task: dict[str, dict] = {}  # role -> {link id: dL/dA'} of this step (after_backward)
         self.steps_per_epoch = 1
         self._recv: dict[str, list[float]] = {}  # receiving role -> [gets, writes, age steps, wait s]
         self._diag: dict[str, list[float]] = {}  # metric name -> [sum, count]
@@ -86,25 +89,22 @@ class MergeNet(Method):
                                  "pairs sharing a weight must encode it the same way")
         return lines
 
-    def roles_needed(self):
-        return ("target",) if self.options.self_transfer else ("source", "target")
-
-    def placement(self) -> Placement:
+    @classmethod
+    def roles(cls, options: MergeNetOptions | None = None) -> Roles:
         """Source and target may run apart (they talk only through the exchange); a
-        self-transfer has one role."""
-        return Placement(self.roles_needed(), apart=not self.options.self_transfer)
-
-    def trained_roles(self):
-        return ("target",) if self.options.source_frozen or self.options.self_transfer else ("source", "target")
-
-    def untrained_roles(self):
-        """The untrained-source control keeps the source at its seed's initialisation
-        (``source.init_from`` is not loaded)."""
-        return ("source",) if self.options.control == "untrained_source" else ()
+        self-transfer has one role; a frozen source does not train; the untrained-source
+        control keeps the source at its seed's initialisation (``source.init_from`` not loaded)."""
+        if options is None:
+            return Roles(untrained=("source",), apart=True)
+        one = options.self_transfer
+        return Roles(needed=("target",) if one else ("source", "target"),
+                     trained=("target",) if options.source_frozen or one else ("source", "target"),
+                     untrained=("source",) if options.control == "untrained_source" else (), apart=not one)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, roles: dict) -> None:
-        frozen = set(self.roles_needed()) - set(self.trained_roles())
+        decl = self.roles(self.options)
+        frozen = set(decl.needed) - set(decl.trained)
         for link in self.links:
             lp = link.pair
             for role, param, side in link.ends():
@@ -126,8 +126,8 @@ class MergeNet(Method):
         from .adapter import head_width
         from ...lowrank import check_encoding
 
-        method = cls(options, cfg)
-        frozen = set(method.roles_needed()) - set(method.trained_roles())
+        method, decl = cls(options, cfg), cls.roles(options)
+        frozen = set(decl.needed) - set(decl.trained)
         shapes: dict[tuple[str, str], tuple[int, int]] = {}
         try:
             for link in method.links:
@@ -200,7 +200,7 @@ class MergeNet(Method):
 
     def ready(self, roles: dict, steps_per_epoch: int) -> None:
         self.steps_per_epoch = steps_per_epoch
-        if self.exchange is None and all(r in roles for r in self.roles_needed()):
+        if self.exchange is None and all(r in roles for r in self.roles(self.options).needed):
             try:
                 self.exchange = Exchange(self.make_hub(steps_per_epoch, roles["target"].device))
             except ValueError as e:  # e.g. more heads than the adapter's width allows
@@ -219,9 +219,48 @@ class MergeNet(Method):
         """Use an external exchange (the Ray adapter actor's proxy)."""
         self.exchange = exchange
 
-    # ------------------------------------------------------------------ phases
+    # ------------------------------------------------------------------ the step's hooks
     def is_transfer(self, step: int) -> bool:
         return step % self.options.t_cycle == 0
+
+    def before_step(self, step: int, roles: dict) -> None:
+        """A transfer step: every role's ``put``, then every role's ``get`` (and in-place write)."""
+        if self.is_transfer(step):
+            for r in roles.values():
+                self._put(step, r)
+            for r in roles.values():
+                self._get(step, r)
+
+    def after_backward(self, step: int, role) -> None:
+        """dL/dA' of this step's task loss for each output ``role`` wrote (the exact rule's
+        feedback, and the yardstick the feedback is measured against whichever rule is used)."""
+        self._task[role.name] = {lid: exact_grad(enc) for lid, (enc, _, _) in self._written_into(role).items()}
+
+    def after_step(self, step: int, role) -> None:
+        """Feed back what the update rule needs for the outputs ``role`` wrote this step (if it
+        trained; exact: the task gradient, delta: ``A' - A`` after its optimiser step), then
+        forget them."""
+        mine = self._written_into(role)
+        task = self._task.pop(role.name, None)
+        grads = {}
+        if task is not None:
+            if self.options.update_rule == "exact":
+                grads = task
+            else:
+                grads = {lid: enc.delta(new) for lid, (enc, new, _) in mine.items()}
+            for lid, g in grads.items():
+                self._note(f"transfer/{lid}/feedback_cos", _cosine(g, task[lid]))
+        for lid in mine:
+            del self.written[lid]
+        by_gen: dict[int, dict] = {}
+        for lid, g in grads.items():
+            by_gen.setdefault(mine[lid][2], {})[lid] = g
+        for gen_step, g in by_gen.items():
+            self.exchange.feedback(gen_step, g, step // self.steps_per_epoch)
+
+    def _written_into(self, role) -> dict:
+        return {lid: v for lid, v in self.written.items()
+                if next(l for l in self.links if l.id == lid).receiver == role.name}
 
     def _put(self, step: int, role) -> None:
         mats = {}
@@ -284,53 +323,6 @@ class MergeNet(Method):
             self._note(f"transfer/{lid}/write_change", enc.last_write_change)
             self.written[lid] = (enc, new, gen_step)
 
-    def _train(self, step: int, role) -> None:
-        mine = {lid: v for lid, v in self.written.items()
-                if next(l for l in self.links if l.id == lid).receiver == role.name}
-        grads = {}
-        if role.name in self.trained_roles():
-            with role.rng_scope():
-                role.model.train()
-                x, y = role.next_batch()
-                loss, logits = role.loss(x, y)
-                role.record(loss, logits, y)
-                role.backward(loss)
-                # dL/dA' of this step's task loss (the exact rule's feedback, and the yardstick the
-                # feedback is measured against whichever rule is used)
-                task = {lid: exact_grad(enc) for lid, (enc, _, _) in mine.items()}
-                role.apply_step()
-                if self.options.update_rule == "exact":
-                    grads = task
-                else:
-                    grads = {lid: enc.delta(new) for lid, (enc, new, _) in mine.items()}
-                for lid, g in grads.items():
-                    self._note(f"transfer/{lid}/feedback_cos", _cosine(g, task[lid]))
-        for lid in mine:
-            del self.written[lid]
-        by_gen: dict[int, dict] = {}
-        for lid, g in grads.items():
-            by_gen.setdefault(mine[lid][2], {})[lid] = g
-        for gen_step, g in by_gen.items():
-            self.exchange.feedback(gen_step, g, step // self.steps_per_epoch)
-
-    def pair_step(self, step: int, roles: dict) -> None:
-        transfer = self.is_transfer(step)
-        order = [roles[n] for n in self.roles_needed()]
-        if transfer:
-            for r in order:
-                self._put(step, r)
-            for r in order:
-                self._get(step, r)
-        for r in order:
-            self._train(step, r)
-
-    def role_step(self, step: int, role) -> None:
-        transfer = self.is_transfer(step)
-        if transfer:
-            self._put(step, role)
-            self._get(step, role)
-        self._train(step, role)
-
     # ------------------------------------------------------------------ metrics / state
     def role_metrics(self) -> dict[str, float]:
         """For each receiving role: transfer steps, steps that wrote an adapter output, mean age
@@ -350,21 +342,21 @@ class MergeNet(Method):
     def epoch_metrics(self) -> dict[str, float]:
         return self.exchange.take_epoch_metrics() if self.exchange is not None else {}
 
-    def state_dict(self) -> dict:
-        return {"hub": self.exchange.state_dict()} if self.exchange is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state and self.exchange is not None:
-            self.exchange.load_state_dict(state["hub"])
-
-    def role_state_dict(self, role: str) -> dict:
-        """This role's side of the transfer: its encodings' alignment state and noise streams."""
+    def state_dict(self, role: str | None = None) -> dict:
+        """The adapters (the exchange's hub); with ``role``: that role's side of the transfer,
+        its encodings' alignment state and noise streams."""
+        if role is None:
+            return {"hub": self.exchange.state_dict()} if self.exchange is not None else {}
         encs = {p: e.state_dict() for (r, p), e in self.enc.items() if r == role}
         noise = {lid: g.get_state() for lid, g in self._noise.items()
                  if next(l for l in self.links if l.id == lid).provider == role}
         return {"encodings": encs, "noise": noise}
 
-    def load_role_state_dict(self, role: str, state: dict) -> None:
+    def load_state_dict(self, state: dict, role: str | None = None) -> None:
+        if role is None:
+            if state and self.exchange is not None:
+                self.exchange.load_state_dict(state["hub"])
+            return
         for p, st in (state or {}).get("encodings", {}).items():
             if (role, p) in self.enc:
                 self.enc[(role, p)].load_state_dict(st)
