@@ -65,38 +65,38 @@ class PairState:
     epoch: int = 0            # completed epochs
     step: int = 0             # completed optimisation steps
     history: list[dict] = field(default_factory=list)
+    steps_per_epoch: int = 0  # the target's epoch (:meth:`steps_per_epoch_for`), fixed at build
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, role_names: tuple[str, ...] | None = None,
-              devices: dict[str, torch.device] | None = None) -> "PairState":
+              devices: dict[str, torch.device] | None = None, steps_per_epoch: int | None = None) -> "PairState":
+        """The roles ``role_names`` (default: every role the method needs) on ``devices``, set up
+        by the method. ``steps_per_epoch``: the pair's, when the caller knows it already (a Ray
+        worker gets its plan's: a source-only worker then never loads the target's data)."""
         method = build_method(cfg)
         decl = method.roles(method.options)
         names = role_names or decl.needed
         devices = devices or {}
         roles = {n: build_role(n, cfg, devices.get(n), load_init=n not in decl.untrained) for n in names}
         method.setup(roles)
-        spe = cls.steps_per_epoch_for(cfg, roles)
+        spe = steps_per_epoch or cls.steps_per_epoch_for(cfg, roles)
         for r in roles.values():
             r.init_training(spe)
             r.trainable = r.name in decl.trained
         method.ready(roles, spe)  # builds method-owned modules (mergenet: the adapters); ConfigError on bad sizes
-        return cls(cfg, method, roles)
+        return cls(cfg, method, roles, steps_per_epoch=spe)
 
     @staticmethod
     def steps_per_epoch_for(cfg: ExperimentConfig, roles: dict[str, Role]) -> int:
         """An epoch is the target's epoch (its train split / batch size, capped by the recipe)."""
         if "target" in roles:
             return roles["target"].steps_per_epoch
-        # a source-only worker (Ray topology) computes the same number without the target's data
+        # a source-only host not told the number computes it without building the target
         from .data import build_task
 
         t = cfg.target
         n = len(build_task(t.task.name, t.task.options, seed=cfg.seed).train) // t.recipe.batch_size
         return min(n, t.recipe.steps_per_epoch) if t.recipe.steps_per_epoch else n
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.steps_per_epoch_for(self.cfg, self.roles)
 
     def evaluate(self) -> dict[str, float]:
         out: dict[str, float] = {}

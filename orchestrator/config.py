@@ -11,7 +11,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from mergenet_core import checks
 from mergenet_core.config import ExperimentConfig, Strict
-from mergenet_core.errors import ConfigError, short
+from mergenet_core.errors import short
 
 
 class AdapterPlacement(Strict):
@@ -54,25 +54,6 @@ class PairConfig(ExperimentConfig):
     """A pair experiment as the orchestrator runs it (``mergenet train``, ``--ray``, grids)."""
 
     ray: RayPairSpec = Field(default_factory=RayPairSpec)
-
-
-def worker_layout(cfg: PairConfig, roles) -> list[str]:
-    """The role of each Ray Train worker (world rank order) for a method's
-    :class:`~mergenet_core.methods.base.Roles`: roles that may run apart get their own
-    workers (the target's first, so world rank 0 is the target's leader); otherwise one worker
-    hosts the whole pair."""
-    rs = cfg.ray
-    workers = {"target": rs.target_workers, "source": rs.source_workers}
-    if roles.apart:
-        for role, n in workers.items():
-            if n > 1 and role not in roles.needed:
-                raise ConfigError(f"ray.{role}_workers", f"method '{cfg.method.name}' has no {role} role here; "
-                                                         f"set {role}_workers to 1")
-        return [r for r in ("target", "source") if r in roles.needed for _ in range(workers[r])]
-    if rs.source_workers > 1 or rs.target_workers > 1:
-        raise ConfigError("ray.target_workers", f"method '{cfg.method.name}' runs both models in one "
-                                                "worker; set source_workers and target_workers to 1")
-    return ["target"]
 
 
 def parse_config(data: dict) -> PairConfig:

@@ -44,8 +44,9 @@ from mergenet_core.loop import KEEP_BUNDLES, PairState, load_bundle
 from orchestrator.cluster.actor import AdapterActor
 from orchestrator.cluster.connect import check_resources, ensure_ray
 from orchestrator.cluster.worker import BEST_FLAG, BUNDLE, pair_worker
-from orchestrator.config import PairConfig, worker_layout
+from orchestrator.config import PairConfig
 from orchestrator.storage import Location
+from orchestrator.topology.split import Split
 
 # --------------------------------------------------------------------------- plan
 
@@ -69,7 +70,7 @@ def plan_pair(cfg: PairConfig) -> PairPlan:
     pair = PairState.build(cfg, devices={n: torch.device("cpu") for n in ("source", "target")})
     method = pair.method
     where = method.roles(method.options)
-    layout = worker_layout(cfg, where)
+    layout = Split.layout(cfg, where)
     spec = method.exchange_spec() if where.apart else None
     return PairPlan(layout, not where.apart, spec, pair.steps_per_epoch, method.config_warnings(pair.roles))
 
@@ -156,6 +157,7 @@ def run_pair_on_ray(cfg: PairConfig, out_dir: str | Path, address: str | None = 
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "out_dir": str(out), "layout": plan.layout,
                            "co_located": plan.co_located, "actor": actor_name, "namespace": namespace,
                            "until_epoch": until_epoch, "keep_bundles": keep_bundles,
+                           "steps_per_epoch": plan.steps_per_epoch,
                            "start_from": (Checkpoint(path=start_from.path, filesystem=start_from.filesystem)
                                           if hasattr(start_from, "filesystem") else
                                           str(start_from) if start_from else None)},

@@ -132,7 +132,8 @@ def pair_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     names = None if config["co_located"] else (me,)
-    pair = PairState.build(cfg, role_names=names, devices={"source": device, "target": device})
+    pair = PairState.build(cfg, role_names=names, devices={"source": device, "target": device},
+                           steps_per_epoch=config.get("steps_per_epoch"))
     method = pair.method
     if not config["co_located"]:
         role = pair.roles[me]

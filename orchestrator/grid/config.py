@@ -440,25 +440,29 @@ def check_layers(cfg: PairConfig, warnings: list[str] | None = None, build: bool
     adapters; data loads are cached per process); else the fast check from file metadata and
     weightless models (:func:`mergenet_core.shape_check.check_pair_shapes`: no Ray, no data
     decoded, no weights), which reports the same first error for what it can see."""
+    from mergenet_core.checks import method_roles
+    from mergenet_core.errors import MergenetError
+    from orchestrator import topology
+
     if not build:
-        from mergenet_core.checks import method_roles
         from mergenet_core.shape_check import check_pair_shapes
-        from orchestrator.config import worker_layout
 
         lines = check_pair_shapes(cfg, warnings)
         if not lines:
             try:
-                worker_layout(cfg, method_roles(cfg))
+                topology.choose(cfg).check(cfg, method_roles(cfg))
             except ConfigError as e:
                 return [str(e)]
         return lines
-    from mergenet_core.errors import MergenetError
-    from orchestrator.pair import plan_pair
+    import torch
+
+    from mergenet_core.loop import PairState
 
     try:
-        plan = plan_pair(cfg)
+        pair = PairState.build(cfg, devices={n: torch.device("cpu") for n in ("source", "target")})
+        topology.choose(cfg).check(cfg, method_roles(cfg))
     except MergenetError as e:
         return [str(e)]
     if warnings is not None:
-        warnings.extend(plan.warnings)
+        warnings.extend(pair.method.config_warnings(pair.roles))
     return []

@@ -69,6 +69,11 @@ class Topology:
         process; ``driver_cpus``: the grid's ``resources.trial_driver_cpus``)."""
         raise NotImplementedError
 
+    def check(self, cfg: PairConfig, roles) -> None:
+        """Raise :class:`~mergenet_core.errors.ConfigError` if this topology cannot host ``cfg``'s
+        ``ray`` layout for the method's :class:`~mergenet_core.methods.base.Roles` (validation, before
+        any Ray work)."""
+
     def run(self, cfg: PairConfig, req: RunRequest) -> dict:
         """Train (or resume) the pair; write its outputs to ``req.out``; return the summary."""
         raise NotImplementedError

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from mergenet_core.errors import ConfigError
 from mergenet_core.io.outputs import RunOutputs
 from mergenet_core.loop import BEST, CHECKPOINT, load_bundle, numeric
 
@@ -35,6 +36,11 @@ class Inline(Topology):
 
     def auto(self, cfg: PairConfig) -> bool:
         return True
+
+    def check(self, cfg: PairConfig, roles) -> None:
+        if cfg.ray.source_workers > 1 or cfg.ray.target_workers > 1:
+            raise ConfigError("ray.target_workers", "the inline topology hosts the whole pair in one process; "
+                                                    "set source_workers and target_workers to 1, or topology split")
 
     def resources(self, cfg: PairConfig, driver_cpus: float) -> list[dict]:
         """The trial process trains the pair, so it holds the pair's CPUs (or its GPU)."""

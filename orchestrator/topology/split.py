@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mergenet_core.errors import ConfigError
 from mergenet_core.io import PAIR_BUNDLE as BUNDLE
 
 from .base import TOPOLOGIES, RunRequest, Topology
@@ -31,6 +32,27 @@ class Split(Topology):
         rs = cfg.ray
         return bool(rs.use_gpu or rs.source_workers > 1 or rs.target_workers > 1 or rs.worker_resources
                     or rs.placement in ("SPREAD", "STRICT_SPREAD"))
+
+    @staticmethod
+    def layout(cfg: PairConfig, roles) -> list[str]:
+        """The role of each Ray Train worker (world rank order) for the method's ``roles``: roles
+        that may run apart get their own workers (the target's first, so world rank 0 is the
+        target's leader); otherwise one worker hosts the whole pair."""
+        rs = cfg.ray
+        workers = {"target": rs.target_workers, "source": rs.source_workers}
+        if roles.apart:
+            for role, n in workers.items():
+                if n > 1 and role not in roles.needed:
+                    raise ConfigError(f"ray.{role}_workers", f"method '{cfg.method.name}' has no {role} role "
+                                                             f"here; set {role}_workers to 1")
+            return [r for r in ("target", "source") if r in roles.needed for _ in range(workers[r])]
+        if rs.source_workers > 1 or rs.target_workers > 1:
+            raise ConfigError("ray.target_workers", f"method '{cfg.method.name}' runs both models in one "
+                                                    "worker; set source_workers and target_workers to 1")
+        return ["target"]
+
+    def check(self, cfg: PairConfig, roles) -> None:
+        self.layout(cfg, roles)
 
     def resources(self, cfg: PairConfig, driver_cpus: float) -> list[dict]:
         """The trial process only drives the worker group, which Ray Train places itself."""
