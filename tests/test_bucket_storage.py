@@ -184,11 +184,12 @@ def test_grid_in_a_bucket_is_killed_and_resumed_from_its_uri(s3, tmp_path):
         inside = folder.listdir(recursive=True)
         ckpts = [f for f in inside if f.startswith("train/checkpoint_") and f.endswith("/pair.pt")]
         assert 1 <= len(ckpts) <= 2, inside  # the last and the best-validation bundle (one when they coincide)
-        assert "pair/bundles.json" in inside
+        assert json.loads((folder / "pair" / "bundles.json").read_text())["last"]["epoch"] == 2
         final = json.loads((folder / "pair" / "final.json").read_text())
         assert final["target/final_test_acc"] == pytest.approx(run.data.metrics["target/final_test_acc"])
         history = [json.loads(l) for l in (folder / "pair" / "metrics.jsonl").read_text().splitlines() if l]
         assert [h["epoch"] for h in history] == [1, 2]
+        assert final["epochs"] == 2 and final["target/final_test_acc"] == history[-1]["target/test_acc"]
         placement = json.loads((folder / "pair" / "placement.json").read_text())
         assert {f"mergenet.node.{w['role']}{w['role_rank']}": w["node_id"] for w in placement}.items() <= \
             run.data.tags.items()

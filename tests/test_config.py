@@ -133,8 +133,11 @@ def test_several_errors_in_one_file_all_reported(tmp_path, capsys):
     path = write_yaml(tmp_path / "many.yaml", tiny_pair(bogus=1, recipe={"epochs": 0}, seed="x"))
     rc, lines = run_validate(capsys, path)
     assert rc == 2
-    fields = {line.split(": ")[2] for line in lines}
-    assert {"bogus", "recipe.epochs", "seed"} <= fields, lines
+    assert all(line.startswith(f"error: {path}: ") for line in lines), lines
+    problems = dict(line[len(f"error: {path}: "):].split(": ", 1) for line in lines)
+    assert len(problems) == len(lines) == 3, lines  # one line per culprit, nothing else
+    assert problems["bogus"] == "unknown key"
+    assert "greater than 0" in problems["recipe.epochs"] and "integer" in problems["seed"], problems
 
 
 SUBPROCESS_CASES = [

@@ -108,7 +108,10 @@ def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
         metrics = {m["key"]: m["value"] for m in ch["data"]["metrics"]}
         assert not {"epoch", "epochs", "step", "steps"} & set(metrics)  # counters are steps, not metrics
         assert not any(k.startswith("checkpoint/") for k in metrics)
-        assert {"target/final_test_acc", "target/test_acc_at_best_val"} <= set(metrics)  # summary on every run
+        folder = tmp_path / "runs" / "grids" / "g-server" / "trials" / t["mergenet.trial_id"]
+        final = json.loads((folder / "pair" / "final.json").read_text())
+        for k in ("target/final_test_acc", "target/test_acc_at_best_val"):  # the trial's summary, on every run
+            assert 0 <= metrics[k] <= 1 and metrics[k] == pytest.approx(final[k]), (k, metrics[k], final[k])
         if arm == "alone":
             assert "gain_vs_alone/final_test_acc" not in metrics
         else:  # the report's per-seed gain over alone, on the child run
@@ -126,7 +129,6 @@ def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
         files = {f["path"] for f in api(mlflow_server, f"artifacts/list?run_id={run_id}").get("files", [])}
         assert {"config.json", "final.json", "metrics.jsonl", "learning_curve.png"} <= files
         # small outputs: the last and the best-validation bundle only
-        folder = tmp_path / "runs" / "grids" / "g-server" / "trials" / t["mergenet.trial_id"]
         assert 1 <= len(list((folder / "train").glob("checkpoint_*/pair.pt"))) <= 2
         assert json.loads((folder / "pair" / "bundles.json").read_text())["last"]["epoch"] == 2
     assert combos == {(a, s) for a in ("alone", "mergenet", "mergenet_t2") for s in ("0", "1")}
@@ -135,7 +137,11 @@ def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
     pm = {m["key"]: m["value"] for m in
           api(mlflow_server, f"runs/get?run_id={parent_id}")["run"]["data"].get("metrics", [])}
     assert pm["paired/mergenet_vs_alone/cnn-cnn/final/n"] == 2
-    assert "paired/mergenet_vs_alone/cnn-cnn/best_val/mean_diff" in pm
+    for kind, k in (("final", "final_test_acc"), ("best_val", "test_acc_at_best_val")):  # the mean per-seed gain
+        gains = [m["value"] for x in children if tags(x)["mergenet.arm"] == "mergenet"
+                 for m in x["data"]["metrics"] if m["key"] == f"gain_vs_alone/{k}"]
+        assert len(gains) == 2 and pm[f"paired/mergenet_vs_alone/cnn-cnn/{kind}/mean_diff"] == pytest.approx(
+            sum(gains) / 2), (kind, gains)
 
     # arm vs arm: mergenet against its variant, into a RESULTS.md section
     md = tmp_path / "RESULTS.md"

@@ -43,12 +43,15 @@ def test_inline_grid_trials_equal_the_engine_and_are_tracked(tmp_path):
     g = load_grid(path, deep=False)
     folders = sorted((tmp_path / "runs" / "grids" / "g-inline" / "trials").iterdir())
     assert len(folders) == 2
+    engine = {}  # arm -> (final.json, target/val_acc by epoch) of the single-process engine
     for folder in folders:
         cfg_json = json.loads((folder / "pair" / "config.json").read_text())
         arm = cfg_json["method"]["name"]
         ref = tmp_path / f"engine-{arm}"
         Engine(g.trial_config("cnn-cnn", arm, 0), ref, progress=False).run()
         assert_same_metrics(read_metrics(ref), read_metrics(folder / "pair"), tol=1e-6)
+        engine[arm] = (json.loads((ref / "final.json").read_text()),
+                       [(r["epoch"], r["target/val_acc"]) for r in read_metrics(ref)])
         placement = json.loads((folder / "pair" / "placement.json").read_text())
         assert [w["role"] for w in placement] == ["pair"]
         assert not (folder / "train").exists()  # no Ray Train run
@@ -58,9 +61,14 @@ def test_inline_grid_trials_equal_the_engine_and_are_tracked(tmp_path):
     runs = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("mergenet.trial") == "1"]
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     assert all(r.data.tags["mergenet.topology"] == "inline" for r in runs)
-    assert all("target/final_test_acc" in r.data.metrics for r in runs)
-    hist = c.get_metric_history(runs[0].info.run_id, "target/val_acc")
-    assert sorted(m.step for m in hist) == [1, 2]
+    assert sorted(r.data.tags["mergenet.method"] for r in runs) == ["alone", "mergenet"]
+    for r in runs:  # what MLflow holds is the engine's numbers: the summary and the curve
+        final, curve = engine[r.data.tags["mergenet.method"]]
+        for k in ("target/final_test_acc", "target/test_acc_at_best_val"):
+            assert r.data.metrics[k] == pytest.approx(final[k], abs=1e-6), k
+        hist = sorted((m.step, m.value) for m in c.get_metric_history(r.info.run_id, "target/val_acc"))
+        assert [s for s, _ in hist] == [1, 2]
+        assert [v for _, v in hist] == pytest.approx([v for _, v in curve], abs=1e-6)
 
 
 @pytest.mark.parametrize("topology", ["inline", "split"])

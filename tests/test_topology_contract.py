@@ -19,6 +19,8 @@ from orchestrator.storage import Location
 #: a case per registered topology: the ``ray`` section that selects it, and the tolerance of its
 #: metrics against the engine (split: separate processes, gradients through the object store)
 CASES = {"inline": ({"topology": "inline"}, 1e-6), "split": ({"topology": "split"}, 1e-5)}
+#: the workers each topology records in placement.json for a MergeNet pair
+ROLES = {"inline": ["pair"], "split": ["source", "target"]}
 
 
 def _cfg(ray: dict):
@@ -27,7 +29,7 @@ def _cfg(ray: dict):
 
 
 def test_every_registered_topology_has_a_case():
-    assert sorted(topology.names()) == sorted(CASES)
+    assert sorted(topology.names()) == sorted(CASES) == sorted(ROLES)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -62,7 +64,7 @@ def test_run_equals_the_engine_and_drops_its_bundles(ray_local, tmp_path, engine
     assert final["epochs"] == 2 and json.loads((out / "final.json").read_text()) == final
     kept = json.loads((out / "bundles.json").read_text())
     assert kept["last"]["epoch"] == 2 and Path(kept["last"]["path"]).exists()
-    assert [w["role"] for w in json.loads((out / "placement.json").read_text())]
+    assert sorted(w["role"] for w in json.loads((out / "placement.json").read_text())) == ROLES[name]
     topo.drop_bundles(out, store)
     left = [p for p in (tmp_path / "trial").rglob("*") if p.name in ("checkpoint.pt", "best.pt", "pair.pt")]
     assert left == []
