@@ -18,7 +18,9 @@ os.environ.setdefault("MERGENET_RAY_DASHBOARD", "0")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 # 2 shared cores: one intra-op thread per process avoids oversubscription (Ray workers,
-# servers and the test process all compute at once); results do not depend on it.
+# servers and the test process all compute at once); results do not depend on it. This is the
+# one place for the test process (test modules need not call helpers.limit_threads); the CLI and
+# other subprocesses get the same through helpers.cli_env / helpers.run_cli.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 

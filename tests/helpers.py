@@ -1,20 +1,32 @@
-"""Shared builders for tiny, fast pair configs (real Fashion-MNIST on small subsets).
+"""Shared builders for tiny, fast pair configs and grids (real Fashion-MNIST on small subsets),
+the CLI in a subprocess, and the processes a test starts.
 
-``tiny_pair()`` returns a plain dict (what a YAML file would hold), so tests can dump it to
-YAML for the CLI, tweak it, or feed it to :func:`mergenet_core.config.parse_config`.
+``tiny_pair()`` and ``tiny_grid()`` return plain dicts (what a YAML file would hold), so tests
+can dump them to YAML for the CLI, tweak them, or feed them to
+:func:`mergenet_core.config.parse_config`.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mergenet_core.config import deep_merge
+
+#: the checkout under test (the venv may hold another checkout installed in editable mode)
+ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny option blocks for every image model (fast on 2 CPU cores).
 TINY_MODELS: dict[str, dict[str, Any]] = {
@@ -42,15 +54,58 @@ TINY_RECIPE: dict[str, Any] = {
 }
 
 
+def fmnist_task(train: int = 320, test: int = 128, val_fraction: float | None = 0.2, **options: Any) -> dict:
+    """A Fashion-MNIST task on ``train`` training and ``test`` test images; ``val_fraction=None``
+    leaves the option out (e.g. for ``val_size=...``); ``options`` are added as they are."""
+    opts: dict[str, Any] = {"train_subset": train, "test_subset": test}
+    if val_fraction is not None:
+        opts["val_fraction"] = val_fraction
+    return {"name": "fashion_mnist", "options": {**opts, **options}}
+
+
 def limit_threads(n: int = 1) -> None:
-    """Use ``n`` intra-op threads. On a shared 2-core machine torch's OpenMP pool stalls badly
-    (50x seen) when the cores are busy; subprocesses get :data:`SUBPROCESS_ENV_OVERRIDES`."""
+    """Use ``n`` intra-op threads. tests/conftest.py already sets one for the whole session (on a
+    shared 2-core machine torch's OpenMP pool stalls badly, 50x seen, when the cores are busy),
+    so a module needs this only to change it; subprocesses get :func:`cli_env`."""
     import torch
 
     torch.set_num_threads(n)
 
 
 SUBPROCESS_ENV_OVERRIDES = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+# worker processes that are quick on 2 shared cores (a Ray the test starts itself)
+FAST_ENV = {**SUBPROCESS_ENV_OVERRIDES, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+            "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+#: the command line of ``mergenet`` from this checkout
+CLI = [sys.executable, "-m", "orchestrator.cli"]
+
+
+def cli_env(**extra: str | None) -> dict[str, str]:
+    """``os.environ`` plus one thread per process (:data:`SUBPROCESS_ENV_OVERRIDES`) and this
+    checkout first on ``PYTHONPATH``, then ``extra``: a variable set to ``None`` is removed."""
+    env = dict(os.environ, **SUBPROCESS_ENV_OVERRIDES)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+def run_cli(*args: Any, cwd: str | Path | None = None, env: dict[str, str | None] | None = None,
+            timeout: float = 120, check: int | None = None) -> subprocess.CompletedProcess:
+    """``mergenet ARGS`` in a subprocess, in ``cwd`` (default: the checkout), with
+    ``cli_env(**env)``; output captured as text. ``check``: the exit status it must end with
+    (the output's tails are the assertion message)."""
+    r = subprocess.run([*CLI, *map(str, args)], cwd=cwd or ROOT, env=cli_env(**(env or {})), capture_output=True,
+                       text=True, timeout=timeout)
+    if check is not None:
+        assert r.returncode == check, (r.returncode, r.stdout[-3000:] + r.stderr[-3000:])
+    return r
 
 
 def model_spec(model: str | dict) -> dict:
@@ -127,25 +182,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def tiny_grid(name: str, *, task: dict, epochs: int, steps_per_epoch: int, target_model: dict,
-              methods: dict, seeds, ray: dict | None = None, **extra: Any) -> dict:
-    """A one-pair grid of two tiny CNNs (MergeNet links the classifiers at rank 2), on CPU with
-    half a CPU per worker; ``ray`` goes to ``base.ray``, ``extra`` to the top level."""
+def mergenet_arm(**extra: Any) -> dict:
+    """A grid's MergeNet arm: t_cycle 1, a 1-layer 2-head adapter (the layer pairs are the pair's)."""
+    return deep_merge({"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}, extra)
+
+
+def tiny_grid(name: str, *, task: dict | None = None, epochs: int = 1, steps_per_epoch: int = 2,
+              target_model: str | dict = "cnn", methods: dict | None = None, seeds=(0,), ray: dict | None = None,
+              **extra: Any) -> dict:
+    """A one-pair grid: a tiny CNN source (MergeNet links the classifiers at rank 2) and
+    ``target_model`` on ``task`` (default :func:`fmnist_task`), arms ``methods`` (default alone
+    only), on CPU with half a CPU per worker; ``ray`` goes to ``base.ray``, ``extra`` to the top
+    level (replacing what is there). Every argument is copied: presets may be shared."""
+    task = task or fmnist_task()
     g = {
         "grid": name,
         "base": {"device": "cpu", "recipe": {"epochs": epochs, "batch_size": 32, "steps_per_epoch": steps_per_epoch,
                                              "eval_batch_size": 256}},
         "pairs": [{"name": "cnn-cnn",
-                   "source": {"model": {"name": "cnn", "options": TINY_MODELS["cnn"]}, "task": task},
-                   "target": {"model": target_model, "task": task},
+                   "source": {"model": model_spec("cnn"), "task": copy.deepcopy(task)},
+                   "target": {"model": model_spec(target_model), "task": copy.deepcopy(task)},
                    "layer_pairs": [{"source": "classifier.weight", "target": "classifier.weight", "rank": 2}]}],
-        "methods": methods,
+        "methods": copy.deepcopy(methods if methods is not None else {"alone": {}}),
         "seeds": list(seeds),
         "resources": {"cpus_per_worker": 0.5},
     }
     if ray:
-        g["base"]["ray"] = ray
-    g.update(extra)
+        g["base"]["ray"] = copy.deepcopy(ray)
+    g.update(copy.deepcopy(extra))
     return g
 
 
@@ -173,3 +237,105 @@ def step_metrics(data: dict, out: str | Path) -> dict[str, list[dict]]:
     engine.step = step  # the loop calls host.step
     engine.run()
     return {"steps": steps, "epochs": [numeric_items(r) for r in read_metrics(out)]}
+
+
+#: ``tiny_grid`` settings of the grids on a local Ray (test_grid, test_bucket_storage): alone and
+#: MergeNet, seeds 0 and 1, two epochs of 3 steps, a one-stage target CNN, two trials at a time
+RAY_GRID: dict[str, Any] = {"epochs": 2, "steps_per_epoch": 3,
+                            "target_model": {"name": "cnn", "options": {"channels": [8], "hidden": 16}},
+                            "methods": {"alone": {}, "mergenet": mergenet_arm()}, "seeds": (0, 1),
+                            "max_concurrent_trials": 2}
+
+#: ``tiny_grid`` settings of the multi-node and Ray Jobs grids (test_cluster, test_ray_up): MergeNet
+#: only, one seed, one 2-step epoch on 128 images, one trial at a time and no retries
+CLUSTER_GRID: dict[str, Any] = {"task": fmnist_task(128, 64, val_fraction=0.25), "epochs": 1, "steps_per_epoch": 2,
+                                "methods": {"mergenet": mergenet_arm()}, "seeds": (0,),
+                                "max_concurrent_trials": 1, "max_failures": 0}
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def short_tmp(prefix: str) -> Path:
+    """A short folder under /tmp (Ray's unix socket paths must stay under 107 characters)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def ship_dir(tmp_path: Path, grid: dict) -> Path:
+    """A working directory like a checkout: the two packages and the grid file
+    (``experiments/grid.yaml``), plus a ``runs/`` file a Ray job upload must leave out."""
+    wd = tmp_path / "wd"
+    for pkg in ("mergenet_core", "orchestrator"):
+        shutil.copytree(ROOT / pkg, wd / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    write_yaml(wd / "experiments" / "grid.yaml", grid)
+    (wd / "runs").mkdir()
+    (wd / "runs" / "big.bin").write_bytes(b"\0" * 1024)  # excluded from the upload
+    return wd
+
+
+def _ppids() -> dict[int, int]:
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                out[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def descendants(roots: list[int]) -> set[int]:
+    """``roots`` and every process below them."""
+    parent = _ppids()
+    found = {r for r in roots if r in parent}
+    grew = True
+    while grew:
+        grew = False
+        for pid, pp in parent.items():
+            if pp in found and pid not in found:
+                found.add(pid)
+                grew = True
+    return found
+
+
+def pids_with(marker: str) -> set[int]:
+    """Processes whose command line names ``marker`` (a temp dir only this test uses)."""
+    me = os.getpid()
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != me:
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    out.add(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stop_pids(pids: set[int], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL what is left after ``grace`` seconds. Only the given PIDs."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
+            time.sleep(0.2)
+
+
+def stop_tree(roots: list[int], marker: str | None = None) -> None:
+    """Stop the processes we started, their descendants and anything naming our marker."""
+    pids = descendants(roots)
+    if marker:
+        pids |= descendants(sorted(pids_with(marker)))
+    stop_pids(pids)

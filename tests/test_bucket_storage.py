@@ -12,7 +12,6 @@ the instance profile instead).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,9 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, write_yaml
-from test_cluster import FAST_ENV, ROOT, short_tmp, stop_tree
-from test_grid import tiny_grid
+from helpers import CLI, FAST_ENV, RAY_GRID, cli_env, free_port, run_cli, short_tmp, stop_tree, tiny_grid, write_yaml
 
 BUCKET = "mergenet-test"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
@@ -103,7 +100,7 @@ def test_locations_on_the_bucket_and_bad_uris(s3, tmp_path, monkeypatch):
     # through the CLI: exit 2, one line, before Ray or MLflow
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
-    path = write_yaml(tmp_path / "bad.yaml", tiny_grid("g-bad-uri", storage_path="ftp://host/grids"))
+    path = write_yaml(tmp_path / "bad.yaml", tiny_grid("g-bad-uri", **RAY_GRID, storage_path="ftp://host/grids"))
     assert main(["validate", str(path)]) == 2
     missing = s3["uri"]("nothing/here")
     assert main(["run", "--resume", missing, "--no-report"]) == 2
@@ -117,21 +114,19 @@ def test_grid_in_a_bucket_is_killed_and_resumed_from_its_uri(s3, tmp_path):
 
     storage = s3["uri"]("grids")
     grid_uri = s3["uri"]("grids/g-bucket")
-    path = write_yaml(tmp_path / "grid.yaml", tiny_grid("g-bucket", seeds=(0,), max_concurrent_trials=1,
-                                                        storage_path=storage, ray={"topology": "split"}))  # alone + mergenet
+    grid = tiny_grid("g-bucket", **(RAY_GRID | {"seeds": (0,), "max_concurrent_trials": 1}),  # alone + mergenet
+                     storage_path=storage, ray={"topology": "split"})
+    path = write_yaml(tmp_path / "grid.yaml", grid)
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     rtmp = short_tmp("mnb3")
-    env = dict(os.environ, **FAST_ENV, **S3_ENV, RAY_TMPDIR=str(rtmp), RAY_AUTH_MODE="disabled",
-               MLFLOW_TRACKING_URI=uri, MERGENET_RAY_DASHBOARD="0",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run"]
+    env = {**FAST_ENV, **S3_ENV, "RAY_TMPDIR": str(rtmp), "RAY_AUTH_MODE": "disabled", "MLFLOW_TRACKING_URI": uri,
+           "MERGENET_RAY_DASHBOARD": "0", "RAY_ADDRESS": None}
     log = tmp_path / "first.log"
     # the client creates (migrates) the sqlite database as it starts: before the grid, not racing it
     c = MlflowClient(tracking_uri=uri)
-    proc = subprocess.Popen([*cmd, str(path), "--no-report"], cwd=tmp_path, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([*CLI, "run", str(path), "--no-report"], cwd=tmp_path, env=cli_env(**env),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     first = None
     try:
         deadline = time.time() + 300
@@ -154,8 +149,7 @@ def test_grid_in_a_bucket_is_killed_and_resumed_from_its_uri(s3, tmp_path):
     assert 1 <= len(before) <= 2
 
     try:
-        r = subprocess.run([*cmd, "--resume", grid_uri], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=420)
+        r = run_cli("run", "--resume", grid_uri, cwd=tmp_path, env=env, timeout=420)
     finally:
         stop_tree([], marker=str(rtmp))
         shutil.rmtree(rtmp, ignore_errors=True)
@@ -190,11 +184,12 @@ def test_grid_in_a_bucket_is_killed_and_resumed_from_its_uri(s3, tmp_path):
         inside = folder.listdir(recursive=True)
         ckpts = [f for f in inside if f.startswith("train/checkpoint_") and f.endswith("/pair.pt")]
         assert 1 <= len(ckpts) <= 2, inside  # the last and the best-validation bundle (one when they coincide)
-        assert "pair/bundles.json" in inside
+        assert json.loads((folder / "pair" / "bundles.json").read_text())["last"]["epoch"] == 2
         final = json.loads((folder / "pair" / "final.json").read_text())
         assert final["target/final_test_acc"] == pytest.approx(run.data.metrics["target/final_test_acc"])
         history = [json.loads(l) for l in (folder / "pair" / "metrics.jsonl").read_text().splitlines() if l]
         assert [h["epoch"] for h in history] == [1, 2]
+        assert final["epochs"] == 2 and final["target/final_test_acc"] == history[-1]["target/test_acc"]
         placement = json.loads((folder / "pair" / "placement.json").read_text())
         assert {f"mergenet.node.{w['role']}{w['role_rank']}": w["node_id"] for w in placement}.items() <= \
             run.data.tags.items()

@@ -1,25 +1,13 @@
 """The ``mergenet`` command line: ``pairs``, clean failures of ``train``, the console script."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import SUBPROCESS_ENV_OVERRIDES, limit_threads, mergenet_options, tiny_pair, write_yaml
+from helpers import cli_env, mergenet_options, run_cli, tiny_pair, write_yaml
 from orchestrator.cli import main
-
-limit_threads()
-ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, **SUBPROCESS_ENV_OVERRIDES)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=ENV, timeout=120)
 
 
 def test_pairs_prints_both_tables_and_suggestions(capsys):
@@ -51,8 +39,8 @@ def test_pairs_unknown_model_is_a_clean_error(capsys):
 
 def test_train_missing_data_root_exits_2_with_one_line(tmp_path):
     cfg = write_yaml(tmp_path / "c.yaml", tiny_pair("alone"))
-    proc = cli("train", str(cfg), "--set", "target.task.options.root=/nonexistent", "--out", str(tmp_path / "run"),
-               "--quiet")
+    proc = run_cli("train", cfg, "--set", "target.task.options.root=/nonexistent", "--out", tmp_path / "run",
+                   "--quiet")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
@@ -85,11 +73,11 @@ def test_train_runtime_config_errors_name_the_field(tmp_path, capsys, options, o
 def test_console_script_help():
     exe = shutil.which("mergenet")
     assert exe, "the mergenet console script is not on PATH (pip install -e .)"
-    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, env=ENV, timeout=120)
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, env=cli_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     for cmd in ("validate", "train", "pairs"):
         assert cmd in proc.stdout
-    proc = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, env=ENV, timeout=120)
+    proc = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, env=cli_env(), timeout=120)
     assert proc.returncode == 0
     for flag in ("--set", "--out", "--resume", "--quiet"):
         assert flag in proc.stdout

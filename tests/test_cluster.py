@@ -13,112 +13,18 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-import helpers
-from helpers import TINY_MODELS, free_port, write_yaml
+from helpers import (CLUSTER_GRID, FAST_ENV, ROOT, cli_env, free_port, ship_dir, short_tmp, stop_tree, tiny_grid,
+                     write_yaml)
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAMLS = sorted(ROOT.glob("cluster*.yaml"))
-
-# worker processes that are quick on 2 shared cores
-FAST_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0",
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-            "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-
-TASK = {"name": "fashion_mnist", "options": {"train_subset": 128, "test_subset": 64, "val_fraction": 0.25}}
-
-
-def tiny_grid(name: str, ray: dict | None = None) -> dict:
-    """One pair, MergeNet, one seed, one short epoch."""
-    return helpers.tiny_grid(name, task=TASK, epochs=1, steps_per_epoch=2,
-                             target_model={"name": "cnn", "options": TINY_MODELS["cnn"]},
-                             methods={"mergenet": {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}}, seeds=[0],
-                             ray=ray, max_concurrent_trials=1, max_failures=0)
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _ppids() -> dict[int, int]:
-    out = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-                out[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def descendants(roots: list[int]) -> set[int]:
-    """``roots`` and every process below them."""
-    parent = _ppids()
-    found = {r for r in roots if r in parent}
-    grew = True
-    while grew:
-        grew = False
-        for pid, pp in parent.items():
-            if pp in found and pid not in found:
-                found.add(pid)
-                grew = True
-    return found
-
-
-def pids_with(marker: str) -> set[int]:
-    """Processes whose command line names ``marker`` (a temp dir only this test uses)."""
-    me = os.getpid()
-    out = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != me:
-            try:
-                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    out.add(int(d.name))
-            except OSError:
-                pass
-    return out
-
-
-def stop_pids(pids: set[int], grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL what is left after ``grace`` seconds. Only the given PIDs."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.time() + grace
-        while time.time() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
-            time.sleep(0.2)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def stop_tree(roots: list[int], marker: str | None = None) -> None:
-    """Stop the processes we started, their descendants and anything naming our marker."""
-    pids = descendants(roots)
-    if marker:
-        pids |= descendants(sorted(pids_with(marker)))
-    stop_pids(pids)
-
-
-def short_tmp(prefix: str) -> Path:
-    """A short folder under /tmp (Ray's unix socket paths must stay under 107 characters)."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
 def mlflow_trials(uri: str, experiment: str) -> list:
@@ -226,12 +132,10 @@ def test_grid_places_source_and_target_on_different_nodes(tmp_path):
     one ``accel`` with STRICT_SPREAD, so source and target must sit on different worker nodes
     and the adapter's factors cross nodes through the object store."""
     rtmp = short_tmp("mnb")
-    grid = write_yaml(tmp_path / "grid.yaml", tiny_grid("mn-multinode", ray={"worker_resources": {"accel": 1},
-                                                                              "placement": "STRICT_SPREAD"}))
+    grid = write_yaml(tmp_path / "grid.yaml", tiny_grid("mn-multinode", **CLUSTER_GRID, ray={
+        "worker_resources": {"accel": 1}, "placement": "STRICT_SPREAD"}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = dict(os.environ, **FAST_ENV, RAY_TMPDIR=str(rtmp), RAY_AUTH_MODE="disabled", MLFLOW_TRACKING_URI=uri,
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.pop("RAY_ADDRESS", None)
+    env = cli_env(**FAST_ENV, RAY_TMPDIR=str(rtmp), RAY_AUTH_MODE="disabled", MLFLOW_TRACKING_URI=uri, RAY_ADDRESS=None)
     log = tmp_path / "multinode.log"
     proc = subprocess.Popen([sys.executable, "-c", MULTINODE, str(grid), str(free_port())], cwd=tmp_path, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -273,10 +177,9 @@ def job_cluster(tmp_path_factory):
     token.write_text(os.urandom(16).hex())
     token.chmod(0o600)
     port, dash, client_port, agent = (free_port() for _ in range(4))
-    env = dict(os.environ, **FAST_ENV, RAY_TMPDIR=str(rtmp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
-               MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", MERGENET_STORAGE_PATH=str(root / "grids"))
-    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "PYTHONPATH"):
-        env.pop(k, None)
+    env = cli_env(**FAST_ENV, RAY_TMPDIR=str(rtmp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+                  MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", MERGENET_STORAGE_PATH=str(root / "grids"),
+                  RAY_ADDRESS=None, RAY_AUTH_TOKEN=None, PYTHONPATH=None)
     ray_bin = Path(sys.executable).with_name("ray")
     cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block", "--node-ip-address",
            "127.0.0.1", "--port", str(port),
@@ -308,21 +211,10 @@ def job_cluster(tmp_path_factory):
         shutil.rmtree(rtmp, ignore_errors=True)
 
 
-def _ship_dir(tmp_path: Path, grid: dict) -> Path:
-    """A working directory like a checkout: the two packages and the grid file."""
-    wd = tmp_path / "wd"
-    for pkg in ("mergenet_core", "orchestrator"):
-        shutil.copytree(ROOT / pkg, wd / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    write_yaml(wd / "experiments" / "grid.yaml", grid)
-    (wd / "runs").mkdir()
-    (wd / "runs" / "big.bin").write_bytes(b"\0" * 1024)  # excluded from the upload
-    return wd
-
-
 def test_submit_rejects_a_bad_grid_before_contacting_the_cluster(tmp_path, capsys):
     from orchestrator.cli import main
 
-    bad = tiny_grid("mn-bad")
+    bad = tiny_grid("mn-bad", **CLUSTER_GRID)
     bad["pairs"][0]["layer_pairs"][0]["source"] = "nope.weight"
     path = write_yaml(tmp_path / "bad.yaml", bad)
     assert main(["submit", str(path), "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path)]) == 2
@@ -353,7 +245,7 @@ def test_submit_runs_the_grid_as_a_ray_job(job_cluster, tmp_path, monkeypatch, c
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     addr = job_cluster["address"]
-    wd = _ship_dir(tmp_path, tiny_grid("mn-jobs"))
+    wd = ship_dir(tmp_path, tiny_grid("mn-jobs", **CLUSTER_GRID))
     monkeypatch.chdir(wd)
     assert main(["submit", "experiments/grid.yaml", "--address", addr, "--python", sys.executable]) == 0
     out = capsys.readouterr().out
@@ -389,7 +281,7 @@ def test_submit_runs_the_grid_as_a_ray_job(job_cluster, tmp_path, monkeypatch, c
 def test_build_job_ships_the_working_dir_and_respects_grid_storage(tmp_path):
     from orchestrator.submit import EXCLUDES, build_job
 
-    wd = _ship_dir(tmp_path, tiny_grid("mn-build"))
+    wd = ship_dir(tmp_path, tiny_grid("mn-build", **CLUSTER_GRID))
     job = build_job(wd / "experiments" / "grid.yaml", ["seeds=[0,1]"], working_dir=wd, mlflow_uri="http://h:5000",
                     deep=False)
     assert job["runtime_env"]["working_dir"] == str(wd) and job["runtime_env"]["excludes"] == EXCLUDES
@@ -485,10 +377,8 @@ def test_resource_shortfall_only_warns_on_a_cluster_reached_by_address(tmp_path)
     GPUs/custom resources the cluster lacks *now* may come from the autoscaler: one warning line
     per shortfall, in the driver and in the cluster's workers, and no refusal."""
     rtmp = short_tmp("mnw")
-    env = dict(os.environ, **FAST_ENV, RAY_TMPDIR=str(rtmp), RAY_AUTH_MODE="disabled",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    for k in ("RAY_ADDRESS", "MERGENET_RESOURCE_CHECK"):
-        env.pop(k, None)
+    env = cli_env(**FAST_ENV, RAY_TMPDIR=str(rtmp), RAY_AUTH_MODE="disabled", RAY_ADDRESS=None,
+                  MERGENET_RESOURCE_CHECK=None)
     proc = subprocess.Popen([sys.executable, "-c", ATTACHED, str(Path(__file__).parent)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -1,7 +1,6 @@
 """Data layer: loaders on the offline sets, CIFAR pickle format, splits, augmentation, streams."""
 from __future__ import annotations
 
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -337,9 +336,9 @@ class _Boom:
 def test_malicious_cifar_pickle_is_refused_not_run(tmp_path, cmd):
     """A batch file that would run a command when unpickled: refused (exit 2, one line naming
     the file and the refused global); the command never runs, under validate or train."""
-    import subprocess
-
     import yaml
+
+    from helpers import run_cli
 
     _write_cifar(tmp_path, fine=False)
     marker = tmp_path / "pwned"
@@ -351,9 +350,7 @@ def test_malicious_cifar_pickle_is_refused_not_run(tmp_path, cmd):
     path = tmp_path / "evil.yaml"
     path.write_text(yaml.safe_dump(cfg))
     argv = [cmd, str(path)] + (["--out", str(tmp_path / "run"), "--quiet"] if cmd == "train" else [])
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = run_cli(*argv, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "data_batch_3" in lines[0] and "posix.system" in lines[0], lines

@@ -11,21 +11,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-import helpers
-from helpers import free_port, write_yaml
+from helpers import CLI, RAY_GRID, ROOT, cli_env, fmnist_task, free_port, mergenet_arm, run_cli, tiny_grid, write_yaml
 
-TASK = {"name": "fashion_mnist", "options": {"train_subset": 320, "test_subset": 128, "val_fraction": 0.2}}
-
-
-def tiny_grid(name: str, methods=None, seeds=(0, 1), **extra) -> dict:
-    return helpers.tiny_grid(
-        name, task=TASK, epochs=2, steps_per_epoch=3, target_model={"name": "cnn", "options": {"channels": [8], "hidden": 16}},
-        methods=methods or {"alone": {}, "mergenet": {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}},
-        seeds=seeds, **{"max_concurrent_trials": 2, **extra})
+TASK = fmnist_task()
 
 
 @pytest.fixture(scope="module")
@@ -74,25 +65,18 @@ def tags(run: dict) -> dict:
     return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
 
 
-def cli(args: list[str], cwd: Path, uri: str, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=kw.pop("timeout", 600), **kw)
-
-
-MERGENET = {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}
+MERGENET = mergenet_arm()
 
 
 def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
     # two arms of one method: `mergenet` and its variant `mergenet_t2` (the arm vs arm comparison)
     # the split topology (Ray Train role workers + adapter actor), explicitly: the inline one has
     # its own test (tests/test_inline.py)
-    grid = tiny_grid("g-server", methods={"alone": {}, "mergenet": MERGENET,
-                                          "mergenet_t2": {"method": "mergenet", **MERGENET, "t_cycle": 2}},
-                     ray={"topology": "split"})
+    grid = tiny_grid("g-server", **(RAY_GRID | {"methods": {
+        "alone": {}, "mergenet": MERGENET, "mergenet_t2": {"method": "mergenet", **MERGENET, "t_cycle": 2}}}),
+        ray={"topology": "split"})
     path = write_yaml(tmp_path / "grid.yaml", grid)
-    r = cli(["run", str(path)], tmp_path, mlflow_server)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_cli("run", path, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": mlflow_server}, timeout=600, check=0)
     assert "RUNNING" in r.stdout and "FINISHED" in r.stdout  # one line per state change
     assert "| cnn-cnn" in r.stdout and "Paired differences to `alone`" in r.stdout  # the report tables
 
@@ -124,7 +108,10 @@ def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
         metrics = {m["key"]: m["value"] for m in ch["data"]["metrics"]}
         assert not {"epoch", "epochs", "step", "steps"} & set(metrics)  # counters are steps, not metrics
         assert not any(k.startswith("checkpoint/") for k in metrics)
-        assert {"target/final_test_acc", "target/test_acc_at_best_val"} <= set(metrics)  # summary on every run
+        folder = tmp_path / "runs" / "grids" / "g-server" / "trials" / t["mergenet.trial_id"]
+        final = json.loads((folder / "pair" / "final.json").read_text())
+        for k in ("target/final_test_acc", "target/test_acc_at_best_val"):  # the trial's summary, on every run
+            assert 0 <= metrics[k] <= 1 and metrics[k] == pytest.approx(final[k]), (k, metrics[k], final[k])
         if arm == "alone":
             assert "gain_vs_alone/final_test_acc" not in metrics
         else:  # the report's per-seed gain over alone, on the child run
@@ -142,7 +129,6 @@ def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
         files = {f["path"] for f in api(mlflow_server, f"artifacts/list?run_id={run_id}").get("files", [])}
         assert {"config.json", "final.json", "metrics.jsonl", "learning_curve.png"} <= files
         # small outputs: the last and the best-validation bundle only
-        folder = tmp_path / "runs" / "grids" / "g-server" / "trials" / t["mergenet.trial_id"]
         assert 1 <= len(list((folder / "train").glob("checkpoint_*/pair.pt"))) <= 2
         assert json.loads((folder / "pair" / "bundles.json").read_text())["last"]["epoch"] == 2
     assert combos == {(a, s) for a in ("alone", "mergenet", "mergenet_t2") for s in ("0", "1")}
@@ -151,13 +137,16 @@ def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
     pm = {m["key"]: m["value"] for m in
           api(mlflow_server, f"runs/get?run_id={parent_id}")["run"]["data"].get("metrics", [])}
     assert pm["paired/mergenet_vs_alone/cnn-cnn/final/n"] == 2
-    assert "paired/mergenet_vs_alone/cnn-cnn/best_val/mean_diff" in pm
+    for kind, k in (("final", "final_test_acc"), ("best_val", "test_acc_at_best_val")):  # the mean per-seed gain
+        gains = [m["value"] for x in children if tags(x)["mergenet.arm"] == "mergenet"
+                 for m in x["data"]["metrics"] if m["key"] == f"gain_vs_alone/{k}"]
+        assert len(gains) == 2 and pm[f"paired/mergenet_vs_alone/cnn-cnn/{kind}/mean_diff"] == pytest.approx(
+            sum(gains) / 2), (kind, gains)
 
     # arm vs arm: mergenet against its variant, into a RESULTS.md section
     md = tmp_path / "RESULTS.md"
-    r = cli(["report", "g-server", "--control", "mergenet_t2", "--results-md", str(md), "--section", "Tiny study"],
-            tmp_path, mlflow_server, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_cli("report", "g-server", "--control", "mergenet_t2", "--results-md", md, "--section", "Tiny study",
+                cwd=tmp_path, env={"MLFLOW_TRACKING_URI": mlflow_server}, timeout=300, check=0)
     assert "Paired differences to `mergenet_t2`" in r.stdout
     assert "<!-- tiny-study:start -->\n## Tiny study" in md.read_text()
     pm = {m["key"]: m["value"] for m in
@@ -166,14 +155,12 @@ def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
 
 
 def test_interrupted_grid_resumes_without_duplicate_runs(mlflow_server, tmp_path):
-    grid = tiny_grid("g-resume", methods={"alone": {}}, seeds=(0, 1, 2), max_concurrent_trials=1,
-                     base={"device": "cpu", "recipe": {"epochs": 3, "batch_size": 32, "steps_per_epoch": 4,
-                                                       "eval_batch_size": 256}})
+    grid = tiny_grid("g-resume", **(RAY_GRID | {"methods": {"alone": {}}, "seeds": (0, 1, 2), "max_concurrent_trials": 1,
+                                                "epochs": 3, "steps_per_epoch": 4}))
     path = write_yaml(tmp_path / "grid.yaml", grid)
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(path), "--no-report"], cwd=tmp_path,
-                            env=env, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen([*CLI, "run", str(path), "--no-report"], cwd=tmp_path,
+                            env=cli_env(MLFLOW_TRACKING_URI=mlflow_server), stdout=open(tmp_path / "first.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     exp_id = None
     while time.time() < deadline:  # interrupt once the first trial has finished
@@ -196,8 +183,8 @@ def test_interrupted_grid_resumes_without_duplicate_runs(mlflow_server, tmp_path
     before = search_runs(mlflow_server, exp_id, "tags.`mergenet.trial` = '1'")
     assert 1 <= len(before) < 4
 
-    r = cli(["run", "--resume", str(tmp_path / "runs" / "grids" / "g-resume"), "--no-report"], tmp_path, mlflow_server)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_cli("run", "--resume", tmp_path / "runs" / "grids" / "g-resume", "--no-report", cwd=tmp_path,
+                env={"MLFLOW_TRACKING_URI": mlflow_server}, timeout=600, check=0)
     children = search_runs(mlflow_server, exp_id, "tags.`mergenet.trial` = '1'")
     seeds = sorted(tags(x)["mergenet.seed"] for x in children)
     assert seeds == ["0", "1", "2"], seeds  # every trial exactly once: no duplicate runs
@@ -226,10 +213,10 @@ def test_interrupted_grid_resumes_without_duplicate_runs(mlflow_server, tmp_path
     ({"report": {"effect_points": 0}}, "report.effect_points"),  # "seeds needed" for a gain of 0 points
 ])
 def test_malformed_grid_rejected_before_ray(tmp_path, change, needle):
-    grid = tiny_grid("g-bad")
+    grid = tiny_grid("g-bad", **RAY_GRID)
     grid.update(change)
     path = write_yaml(tmp_path / "bad.yaml", grid)
-    r = cli(["run", str(path)], tmp_path, f"sqlite:///{tmp_path / 'm.db'}", timeout=120)
+    r = run_cli("run", path, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}, timeout=120)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert errors and any(needle in l for l in errors), r.stderr
@@ -242,7 +229,7 @@ def test_every_grid_in_experiments_validates():
     from mergenet_core.config import read_yaml
     from orchestrator.cli import main
 
-    grids = [p for p in sorted(Path(__file__).parents[1].joinpath("experiments").glob("*.yaml"))
+    grids = [p for p in sorted((ROOT / "experiments").glob("*.yaml"))
              if "pairs" in read_yaml(p)]
     assert any(p.name == "quickstart.yaml" for p in grids)
     assert main(["validate", *map(str, grids)]) == 0
@@ -259,7 +246,7 @@ def test_quickstart_design_validates_without_warnings(capsys):
     from orchestrator.grid.config import load_grid
     from orchestrator.topology import choose
 
-    path = Path(__file__).parents[1] / "experiments" / "quickstart.yaml"
+    path = ROOT / "experiments" / "quickstart.yaml"
     warnings: list[str] = []
     grid = load_grid(path, warnings=warnings)
     assert warnings == []
@@ -292,9 +279,9 @@ def test_quickstart_design_validates_without_warnings(capsys):
 
 
 def test_grid_report_section_names_existing_arms(tmp_path):
-    grid = tiny_grid("g-rep", report={"controls": ["nosuch"]})
-    r = cli(["validate", str(write_yaml(tmp_path / "g.yaml", grid))], tmp_path, f"sqlite:///{tmp_path / 'm.db'}",
-            timeout=120)
+    grid = tiny_grid("g-rep", **RAY_GRID, report={"controls": ["nosuch"]})
+    r = run_cli("validate", write_yaml(tmp_path / "g.yaml", grid), cwd=tmp_path,
+                env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}, timeout=120)
     assert r.returncode == 2 and "nosuch" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
@@ -308,19 +295,16 @@ def test_run_console_is_quiet_and_keeps_no_bundles(tmp_path):
     summary, the report and the MLflow link — no log noise; `keep_bundles: none` leaves no
     checkpoint behind. Run with a user's environment (the test-only Tune/Ray settings of
     conftest removed)."""
-    mn = {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}
-    grid = tiny_grid("g-quiet", seeds=(0,), keep_bundles="none",
-                     methods={"alone": {}, "mergenet": mn,
-                              "mergenet_untrained": {"method": "mergenet", **mn, "control": "untrained_source"}},
-                     report={"controls": ["mergenet_untrained"], "verdicts": ["mergenet:mergenet_untrained"]})
+    untrained = {"method": "mergenet", **MERGENET, "control": "untrained_source"}
+    grid = tiny_grid("g-quiet", **(RAY_GRID | {"seeds": (0,), "methods": {
+        "alone": {}, "mergenet": MERGENET, "mergenet_untrained": untrained}}),
+        keep_bundles="none", report={"controls": ["mergenet_untrained"], "verdicts": ["mergenet:mergenet_untrained"]})
     grid["pairs"][0]["layer_pairs"] = [{"source": "features.1.conv.weight", "target": "features.0.conv.weight",
                                         "mode": "svd", "rank": 2}]
     path = write_yaml(tmp_path / "grid.yaml", grid)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_DEDUP_LOGS", "MERGENET_RAY_DASHBOARD",
-                        "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=600)
+    user_env = dict.fromkeys(("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_DEDUP_LOGS", "MERGENET_RAY_DASHBOARD",
+                              "RAY_ADDRESS", "MLFLOW_TRACKING_URI"))
+    r = run_cli("run", path, cwd=tmp_path, env=user_env, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert [l for l in out.splitlines() if NOISE.search(l)] == [], out[-4000:]

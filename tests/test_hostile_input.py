@@ -8,11 +8,9 @@ import time
 import pytest
 import yaml
 
-from helpers import tiny_grid, tiny_pair, write_yaml
+from helpers import fmnist_task, tiny_grid, tiny_pair, write_yaml
 from mergenet_core.safe_yaml import MAX_BYTES, MAX_DEPTH, MAX_NODES, Loader
 from orchestrator.cli import MAX_LINE, main
-
-TASK = {"name": "fashion_mnist", "options": {"train_subset": 64, "test_subset": 32}}
 
 
 def _bomb(levels: int = 9, fan: int = 10) -> str:
@@ -24,8 +22,8 @@ def _bomb(levels: int = 9, fan: int = 10) -> str:
 
 
 def _grid_with_axis(value_yaml: str) -> str:
-    g = tiny_grid("hostile", task=TASK, epochs=1, steps_per_epoch=1, target_model={"name": "cnn"},
-                  methods={"alone": {}}, seeds=[0])
+    g = tiny_grid("hostile", task=fmnist_task(64, 32, val_fraction=None), epochs=1, steps_per_epoch=1,
+                  target_model={"name": "cnn"}, methods={"alone": {}}, seeds=[0])
     return _bomb() + yaml.safe_dump(g, sort_keys=False) + f"search:\n  recipe.optimizer.lr: {{grid: [{value_yaml}]}}\n"
 
 

@@ -3,21 +3,12 @@ process (no Ray Train worker group); its metrics equal the single-process engine
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-import helpers
-from helpers import assert_same_metrics, limit_threads, read_metrics, tiny_pair, write_yaml
+from helpers import assert_same_metrics, mergenet_arm, read_metrics, run_cli, tiny_grid, tiny_pair, write_yaml
 from orchestrator.config import parse_config
 from mergenet_core.engine import Engine
-
-limit_threads()
-ROOT = Path(__file__).resolve().parents[1]
-TASK = {"name": "fashion_mnist", "options": {"train_subset": 320, "test_subset": 128, "val_fraction": 0.2}}
 
 
 @pytest.mark.parametrize("ray,expected", [
@@ -41,28 +32,26 @@ def test_inline_grid_trials_equal_the_engine_and_are_tracked(tmp_path):
 
     from orchestrator.grid.config import load_grid
 
-    grid = helpers.tiny_grid(
-        "g-inline", task=TASK, epochs=2, steps_per_epoch=3,
-        target_model={"name": "cnn", "options": {"channels": [8, 16], "hidden": 16}},
-        methods={"alone": {}, "mergenet": {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}}, seeds=[0])
+    grid = tiny_grid("g-inline", epochs=2, steps_per_epoch=3,
+                     target_model={"name": "cnn", "options": {"channels": [8, 16], "hidden": 16}},
+                     methods={"alone": {}, "mergenet": mergenet_arm()}, seeds=[0])
     grid["pairs"][0]["layer_pairs"] = [{"source": "features.1.conv.weight", "target": "features.1.conv.weight",
                                         "mode": "svd", "rank": 2}]
     path = write_yaml(tmp_path / "grid.yaml", grid)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, **helpers.SUBPROCESS_ENV_OVERRIDES,
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_cli("run", path, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, timeout=600, check=0)
     g = load_grid(path, deep=False)
     folders = sorted((tmp_path / "runs" / "grids" / "g-inline" / "trials").iterdir())
     assert len(folders) == 2
+    engine = {}  # arm -> (final.json, target/val_acc by epoch) of the single-process engine
     for folder in folders:
         cfg_json = json.loads((folder / "pair" / "config.json").read_text())
         arm = cfg_json["method"]["name"]
         ref = tmp_path / f"engine-{arm}"
         Engine(g.trial_config("cnn-cnn", arm, 0), ref, progress=False).run()
         assert_same_metrics(read_metrics(ref), read_metrics(folder / "pair"), tol=1e-6)
+        engine[arm] = (json.loads((ref / "final.json").read_text()),
+                       [(r["epoch"], r["target/val_acc"]) for r in read_metrics(ref)])
         placement = json.loads((folder / "pair" / "placement.json").read_text())
         assert [w["role"] for w in placement] == ["pair"]
         assert not (folder / "train").exists()  # no Ray Train run
@@ -72,9 +61,14 @@ def test_inline_grid_trials_equal_the_engine_and_are_tracked(tmp_path):
     runs = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("mergenet.trial") == "1"]
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     assert all(r.data.tags["mergenet.topology"] == "inline" for r in runs)
-    assert all("target/final_test_acc" in r.data.metrics for r in runs)
-    hist = c.get_metric_history(runs[0].info.run_id, "target/val_acc")
-    assert sorted(m.step for m in hist) == [1, 2]
+    assert sorted(r.data.tags["mergenet.method"] for r in runs) == ["alone", "mergenet"]
+    for r in runs:  # what MLflow holds is the engine's numbers: the summary and the curve
+        final, curve = engine[r.data.tags["mergenet.method"]]
+        for k in ("target/final_test_acc", "target/test_acc_at_best_val"):
+            assert r.data.metrics[k] == pytest.approx(final[k], abs=1e-6), k
+        hist = sorted((m.step, m.value) for m in c.get_metric_history(r.info.run_id, "target/val_acc"))
+        assert [s for s, _ in hist] == [1, 2]
+        assert [v for _, v in hist] == pytest.approx([v for _, v in curve], abs=1e-6)
 
 
 @pytest.mark.parametrize("topology", ["inline", "split"])
@@ -84,20 +78,15 @@ def test_pbt_grid_finishes_with_whole_pair_bundles(tmp_path, topology):
     every trial ends FINISHED with all epochs."""
     from mlflow.tracking import MlflowClient
 
-    grid = helpers.tiny_grid(
-        "g-pbt", task=TASK, epochs=3, steps_per_epoch=2,
-        target_model={"name": "cnn", "options": {"channels": [8], "hidden": 16}},
-        methods={"mergenet": {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}}, seeds=[0, 1],
-        scheduler={"name": "pbt", "perturbation_interval": 1,
-                   "hyperparam_mutations": {"recipe.optimizer.lr": {"loguniform": [0.01, 0.1]}}},
-        ray={"topology": topology})
+    grid = tiny_grid("g-pbt", epochs=3, steps_per_epoch=2,
+                     target_model={"name": "cnn", "options": {"channels": [8], "hidden": 16}},
+                     methods={"mergenet": mergenet_arm()}, seeds=[0, 1],
+                     scheduler={"name": "pbt", "perturbation_interval": 1,
+                                "hyperparam_mutations": {"recipe.optimizer.lr": {"loguniform": [0.01, 0.1]}}},
+                     ray={"topology": topology})
     path = write_yaml(tmp_path / "grid.yaml", grid)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, **helpers.SUBPROCESS_ENV_OVERRIDES,
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path), "--no-report"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_cli("run", path, "--no-report", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, timeout=600, check=0)
     c = MlflowClient(uri)
     runs = [r for r in c.search_runs([c.get_experiment_by_name("g-pbt").experiment_id])
             if r.data.tags.get("mergenet.trial") == "1"]

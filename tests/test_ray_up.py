@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_cluster import FAST_ENV, ROOT, _ship_dir, descendants, pids_with, short_tmp, stop_pids, tiny_grid
+from helpers import (CLUSTER_GRID, FAST_ENV, ROOT, descendants, pids_with, run_cli, ship_dir, short_tmp, stop_pids,
+                     tiny_grid)
 
 pytestmark = pytest.mark.slow
 
@@ -262,21 +263,17 @@ def test_ray_up_local_provider_submit_and_mlflow_over_http(tmp_path):
             if os.environ.get("MERGENET_RAYUP_FULL") != "1":
                 sets.append("seeds=[0]")
         else:
-            wd, grid_rel = _ship_dir(tmp_path, tiny_grid("mn-rayup")), "experiments/grid.yaml"
+            wd, grid_rel = ship_dir(tmp_path, tiny_grid("mn-rayup", **CLUSTER_GRID)), "experiments/grid.yaml"
         from orchestrator.grid.config import load_grid
 
         grid = load_grid(wd / grid_rel, sets, deep=False)
         grid_name = grid.grid
-        sub_env = dict(os.environ, RAY_AUTH_TOKEN_PATH=str(t / "token"), PYTHONPATH=str(ROOT))
-        for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
-            sub_env.pop(k, None)
-        r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", grid_rel, "--address", dashboard,
-                            *[a for kv in sets for a in ("--set", kv)]],
-                           cwd=wd, env=sub_env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        sub_env = {"RAY_AUTH_TOKEN_PATH": str(t / "token"), "RAY_AUTH_TOKEN": None, "RAY_AUTH_MODE": None,
+                   "RAY_ADDRESS": None, "MLFLOW_TRACKING_URI": None}
+        r = run_cli("submit", grid_rel, "--address", dashboard, *[a for kv in sets for a in ("--set", kv)],
+                    cwd=wd, env=sub_env, timeout=300, check=0)
         job = re.search(r"submitted job (\S+):", r.stdout).group(1)
-        r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "logs", job, "--address", dashboard, "--follow"],
-                           cwd=wd, env=sub_env, capture_output=True, text=True, timeout=1500)
+        r = run_cli("logs", job, "--address", dashboard, "--follow", cwd=wd, env=sub_env, timeout=1500)
         (t / "job.log").write_text(r.stdout + r.stderr)
         assert r.returncode == 0 and '"failed": 0' in r.stdout, r.stdout[-5000:] + r.stderr[-2000:]
         print(f"grid done: {time.time() - t0:.0f} s")

@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import limit_threads, mergenet_options, tiny_pair, write_yaml
+from helpers import tiny_pair, write_yaml
 from mergenet_core.engine import CHECKPOINT, FINAL, METRICS
 from orchestrator.cli import main
-
-limit_threads()
 
 
 def _train(cfg: Path, out: Path, *flags: str) -> int:

@@ -4,12 +4,9 @@ writes ``config.json``, ``metrics.jsonl``, ``final.json``, ``placement.json`` or
 from __future__ import annotations
 
 import ast
-from pathlib import Path
-
+from helpers import ROOT
 from mergenet_core.io import BUNDLES, CONFIG, FINAL, METRICS, PLACEMENT
 from mergenet_core.io.outputs import RunOutputs, summarise
-
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = {BUNDLES, CONFIG, FINAL, METRICS, PLACEMENT}
 CONSTANTS = {"BUNDLES", "CONFIG", "FINAL", "METRICS", "PLACEMENT"}
 WRITERS = {"write_text", "write_bytes", "write_atomic", "write_metrics", "copy2", "copy", "copyfile"}

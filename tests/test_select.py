@@ -4,25 +4,20 @@ and a second `mergenet run` reuses the search. Real local Ray, real MLflow (sqli
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-import helpers
-from helpers import write_yaml
+from helpers import mergenet_arm, run_cli, tiny_grid, write_yaml
 
-TASK = {"name": "fashion_mnist", "options": {"train_subset": 320, "test_subset": 128, "val_fraction": 0.2}}
-MN = {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2}}
+MN = mergenet_arm()
 TARGET = {"name": "cnn", "options": {"channels": [8, 16], "hidden": 32}}
 ONE = [{"source": "features.1.conv.weight", "target": "features.1.conv.weight", "mode": "svd", "rank": 2}]
 BOTH = ONE + [{"source": "features.0.conv.weight", "target": "features.0.conv.weight", "mode": "svd", "rank": 2}]
 
 
 def grid(name: str, **select) -> dict:
-    g = helpers.tiny_grid(
-        name, task=TASK, epochs=1, steps_per_epoch=3, target_model=TARGET, seeds=(0,),
+    g = tiny_grid(
+        name, epochs=1, steps_per_epoch=3, target_model=TARGET, seeds=(0,),
         methods={"alone": {}, "mergenet": MN,
                  "mergenet_untrained": {"method": "mergenet", **MN, "control": "untrained_source"}},
         keep_bundles="none", max_concurrent_trials=2,
@@ -35,12 +30,9 @@ def grid(name: str, **select) -> dict:
     return g
 
 
-def cli(args, cwd, uri, timeout=600):
-    # a user's environment: without conftest's test-only Tune settings (no result files -> warnings)
-    env = {k: v for k, v in os.environ.items() if k not in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_ADDRESS")}
-    env["MLFLOW_TRACKING_URI"] = uri
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def user_env(uri: str) -> dict:
+    """A user's environment: without conftest's test-only Tune settings (no result files -> warnings)."""
+    return {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": None, "RAY_ADDRESS": None, "MLFLOW_TRACKING_URI": uri}
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -51,7 +43,7 @@ def cli(args, cwd, uri, timeout=600):
 ])
 def test_bad_select_rejected_with_one_line(tmp_path, change, needle):
     path = write_yaml(tmp_path / "g.yaml", grid("g-bad", **change))
-    r = cli(["validate", str(path)], tmp_path, f"sqlite:///{tmp_path / 'm.db'}", timeout=180)
+    r = run_cli("validate", path, cwd=tmp_path, env=user_env(f"sqlite:///{tmp_path / 'm.db'}"), timeout=180)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
@@ -61,8 +53,7 @@ def test_search_then_verdict_grid_with_the_winner(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = write_yaml(tmp_path / "g.yaml", grid("g-sel"))
-    r = cli(["run", str(path)], tmp_path, uri)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    r = run_cli("run", path, cwd=tmp_path, env=user_env(uri), timeout=600, check=0)
     assert "Traceback" not in r.stderr and "Could not fetch" not in r.stderr, r.stderr[-3000:]
     assert "grid g-sel-select: 4 trials" in r.stdout and "grid g-sel: 3 trials" in r.stdout, r.stdout[:2000]
     sel = json.loads((tmp_path / "runs/grids/g-sel-select/selection.json").read_text())
@@ -89,8 +80,7 @@ def test_search_then_verdict_grid_with_the_winner(tmp_path):
     assert "## Select test" in md and "Search on the validation split" in md and "Wall time of this" in md
     assert "## Verdict" in md or "### Verdict" in md
     # the summary over the grid: one row per arm, the primary verdict marked, the search's budget
-    r3 = cli(["summary", str(path), "--results-md", "docs/RESULTS.md"], tmp_path, uri, timeout=300)
-    assert r3.returncode == 0, r3.stderr[-3000:]
+    run_cli("summary", path, "--results-md", "docs/RESULTS.md", cwd=tmp_path, env=user_env(uri), timeout=300, check=0)
     md = (tmp_path / "docs/RESULTS.md").read_text()
     rows = [l for l in md.splitlines() if l.startswith("| `g.yaml` |")]
     arm = {l.split("|")[2].strip(): l for l in rows}
@@ -98,12 +88,11 @@ def test_search_then_verdict_grid_with_the_winner(tmp_path):
     assert "negative control" in arm["`mergenet_untrained`"], rows
     assert "search 4 trials" in md and "Wall time of this `mergenet run`" in md
     # `mergenet report GRID.yaml` alone: the grid's own report section, with the run's account
-    r4 = cli(["report", str(path)], tmp_path, uri, timeout=300)
+    r4 = run_cli("report", path, cwd=tmp_path, env=user_env(uri), timeout=300)
     assert r4.returncode == 0 and "## Verdict" in r4.stdout and "Search on the validation split" in r4.stdout, \
         (r4.stdout + r4.stderr)[-3000:]
     # a second run reuses the search (and says so)
-    r2 = cli(["run", str(path), "--no-report"], tmp_path, uri)
-    assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
+    r2 = run_cli("run", path, "--no-report", cwd=tmp_path, env=user_env(uri), timeout=600, check=0)
     assert "select: reusing the search" in r2.stdout and "grid g-sel-select" not in r2.stdout
 
 
@@ -113,6 +102,6 @@ def test_source_anchor_on_unequal_layers_rejected_before_any_work(tmp_path):
     g["pairs"][0]["layer_pairs"] = [{"source": "features.1.conv.weight", "target": "features.0.conv.weight",
                                      "mode": "full"}]
     del g["select"]
-    r = cli(["validate", str(write_yaml(tmp_path / "g.yaml", g))], tmp_path, f"sqlite:///{tmp_path / 'm.db'}",
-            timeout=180)
+    r = run_cli("validate", write_yaml(tmp_path / "g.yaml", g), cwd=tmp_path,
+                env=user_env(f"sqlite:///{tmp_path / 'm.db'}"), timeout=180)
     assert r.returncode == 2 and "method.options.adapter.anchor" in r.stderr and "Traceback" not in r.stderr, r.stderr

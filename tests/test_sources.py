@@ -8,16 +8,14 @@ import copy
 import pytest
 import torch
 
-from helpers import TINY_MODELS, limit_threads, tiny_grid, write_yaml
+from helpers import TINY_MODELS, fmnist_task, model_spec, tiny_grid, write_yaml
 from mergenet_core.init_weights import PLANNED
 from orchestrator.cli import main
 from orchestrator.grid.config import load_grid
 from orchestrator.sources import is_trained, source_key, train_missing
 
-limit_threads()
-
-TASK = {"name": "fashion_mnist", "options": {"train_subset": 96, "val_size": 32, "test_subset": 32}}
-CNN = {"name": "cnn", "options": TINY_MODELS["cnn"]}
+TASK = fmnist_task(96, 32, val_fraction=None, val_size=32)
+CNN = model_spec("cnn")
 
 
 def _grid(tmp_path, **extra) -> dict:

@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import limit_threads
+from helpers import ROOT
 from mergenet_core.config import read_yaml
 
-limit_threads()
-STUDY = Path(__file__).resolve().parents[1] / "experiments" / "study"
+STUDY = ROOT / "experiments" / "study"
 SETTINGS = {"a": "a_same_arch.yaml", "b": "b_same_family.yaml", "c": "c_cross_structure.yaml", "d": "d_text.yaml"}
 WITHOUT_COTRAINED = {"d"}  # its co-trained 6-layer source would take the study past one session (d_text.yaml)
 CIFAR = sorted(STUDY.glob("*_cifar100.yaml"))

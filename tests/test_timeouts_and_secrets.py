@@ -2,27 +2,24 @@
 scratch folders. Real processes (the CLI in a subprocess), real sockets, real files."""
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import SUBPROCESS_ENV_OVERRIDES, free_port, mergenet_options, tiny_grid, tiny_pair, write_yaml
+from helpers import fmnist_task, free_port, mergenet_options, run_cli, tiny_grid, tiny_pair, write_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-TASK = {"name": "fashion_mnist", "options": {"train_subset": 64, "test_subset": 32}}
+#: a one-step, alone-only grid (nothing of it should ever train)
+GRID = {"task": fmnist_task(64, 32, val_fraction=None), "epochs": 1, "steps_per_epoch": 1,
+        "target_model": {"name": "cnn"}, "methods": {"alone": {}}, "seeds": [0]}
 
 
-def cli(*args: str, cwd: Path, timeout: float = 120, **env) -> tuple[subprocess.CompletedProcess, float]:
-    e = dict(os.environ, **SUBPROCESS_ENV_OVERRIDES, PYTHONPATH=str(ROOT), MERGENET_RAY_DASHBOARD="0", **env)
-    e.pop("RAY_ADDRESS", None)
+def cli(*args: str, cwd: Path, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    """The CLI without a dashboard or a Ray address from the environment, and how long it took."""
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=e, capture_output=True,
-                       text=True, timeout=timeout)
+    r = run_cli(*args, cwd=cwd, env={"MERGENET_RAY_DASHBOARD": "0", "RAY_ADDRESS": None}, timeout=timeout)
     return r, time.perf_counter() - t0
 
 
@@ -64,8 +61,7 @@ def test_dead_ray_address_fails_within_30s_with_one_line(tmp_path, address, need
 
 
 def test_grid_run_on_a_dead_address_creates_nothing(tmp_path):
-    grid = write_yaml(tmp_path / "g.yaml", tiny_grid("dead", task=TASK, epochs=1, steps_per_epoch=1,
-                                                     target_model={"name": "cnn"}, methods={"alone": {}}, seeds=[0]))
+    grid = write_yaml(tmp_path / "g.yaml", tiny_grid("dead", **GRID))
     r, s = cli("run", str(grid), "--address", f"127.0.0.1:{free_port()}", cwd=tmp_path, timeout=60)
     one_error_line(r, "cannot reach")
     assert s < 30
@@ -77,8 +73,7 @@ def test_grid_run_on_a_dead_address_creates_nothing(tmp_path):
 
 def test_read_only_commands_create_no_files(tmp_path):
     cfg = write_yaml(tmp_path / "pair.yaml", tiny_pair("mergenet", mergenet_options()))
-    grid = write_yaml(tmp_path / "g.yaml", tiny_grid("ro", task=TASK, epochs=1, steps_per_epoch=1,
-                                                     target_model={"name": "cnn"}, methods={"alone": {}}, seeds=[0]))
+    grid = write_yaml(tmp_path / "g.yaml", tiny_grid("ro", **GRID))
     before = sorted(p.name for p in tmp_path.iterdir())
     r, _ = cli("validate", str(cfg), str(grid), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -14,13 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (SUBPROCESS_ENV_OVERRIDES, TINY_TASK, limit_threads, mergenet_options, tiny_grid, tiny_pair,
-                     write_yaml)
+from helpers import ROOT, TINY_TASK, cli_env, mergenet_options, tiny_grid, tiny_pair, write_yaml
 from orchestrator.config import parse_config
 from orchestrator.grid.config import check_layers
-
-limit_threads()
-ROOT = Path(__file__).resolve().parents[1]
 
 TEXT = {"name": "rotten_tomatoes", "options": {"max_length": 16, "train_subset": 64, "test_subset": 32}}
 L3 = {"name": "minilm_l3", "options": {"num_layers": 1}}
@@ -218,7 +214,7 @@ def test_fast_validate_imports_no_ray_mlflow_or_transformers(tmp_path):
     code = ("import sys; from orchestrator.cli import main; rc = main(['validate', sys.argv[1], sys.argv[2]]); "
             "print(rc, sorted(m for m in ('ray', 'mlflow', 'transformers') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, str(pair), str(grid)], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, **SUBPROCESS_ENV_OVERRIDES), timeout=120)
+                          cwd=ROOT, env=cli_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[-1] == "0 []", proc.stdout + proc.stderr[-2000:]
 
