@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import (SUBPROCESS_ENV_OVERRIDES, limit_threads, mergenet_options,
-                     numeric_items, read_metrics, tiny_pair, write_yaml)
+import helpers
+from helpers import (mergenet_options, numeric_items, read_metrics, tiny_pair, write_yaml)
 from mergenet_core.checks import parse_config
 from mergenet_core.engine import CHECKPOINT, FINAL, METRICS, Engine
 
-ROOT = Path(__file__).resolve().parents[1]
 
-limit_threads()
 
 
 def run(data: dict, out: Path, **kw) -> dict:
@@ -83,9 +78,7 @@ def test_train_end_to_end_learns_fashion_mnist(tmp_path):
         name="e2e")
     cfg = write_yaml(tmp_path / "e2e.yaml", data)
     out = tmp_path / "run"
-    env = dict(os.environ, **SUBPROCESS_ENV_OVERRIDES)
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(cfg), "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = helpers.run_cli("train", cfg, "--out", out, "--quiet", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     final = json.loads((out / FINAL).read_text())

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (assert_same_metrics, limit_threads, mergenet_options, numeric_items, read_metrics,
+import helpers
+from helpers import (assert_same_metrics, mergenet_options, numeric_items, read_metrics,
                      step_metrics, tiny_pair)
 from mergenet_core.checks import method_options, method_roles, parse_config
 from mergenet_core.engine import Engine
@@ -31,7 +32,6 @@ from mergenet_core.loop import PairState
 from mergenet_core.methods import METHODS
 from mergenet_core.step import take_step
 
-limit_threads()
 
 #: one tiny pair per registered method (2 epochs; eval_every 2 where the method supports it,
 #: so un-evaluated epochs' train statistics must survive a resume too)
@@ -230,9 +230,8 @@ def test_metrics_equal_recorded(tmp_path, case):
 def _core_import_graph() -> dict[str, set[str]]:
     """Every import inside ``mergenet_core`` (module level and inside functions)."""
     import ast
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = helpers.ROOT
     mods = {}
     for f in (root / "mergenet_core").rglob("*.py"):
         name = ".".join(f.relative_to(root).with_suffix("").parts)
@@ -302,9 +301,8 @@ def test_no_file_outside_a_method_names_it():
     """Hosts, grids and reports reach methods only through the contract (``alone`` is the
     report's default baseline arm name, not a code path)."""
     import re
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = helpers.ROOT
     files = [*(root / "orchestrator").rglob("*.py"),
              *(f for f in (root / "mergenet_core").rglob("*.py") if "methods" not in f.parts)]
     pattern = re.compile(r"""isinstance\([^)]*\b(MergeNet|KD|DML|ParamShare|Alone)\b|methods\.(mergenet|kd|dml|param_share)\b"""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import helpers
 from helpers import assert_same_metrics, mergenet_options, read_metrics, tiny_pair, write_yaml
 from orchestrator.config import parse_config
 from mergenet_core.engine import Engine
@@ -233,9 +232,7 @@ def test_every_kill_point_recovers(ray_local, tmp_path, uninterrupted, victim, a
 
 
 def _cli(*args, cwd):
-    env = dict(os.environ, MERGENET_RAY_DASHBOARD="0")
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=240, env=env)
+    return helpers.run_cli(*args, cwd=cwd, env={"MERGENET_RAY_DASHBOARD": "0"}, timeout=240)
 
 
 @pytest.mark.parametrize("change, field", [

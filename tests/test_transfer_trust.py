@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import (assert_same_metrics, limit_threads, mergenet_options, read_metrics, tiny_pair,
+import helpers
+from helpers import (assert_same_metrics, mergenet_options, read_metrics, tiny_pair,
                      write_yaml)
 from mergenet_core.methods.mergenet.adapter import ParameterAdapter, adapter_param_count
 from mergenet_core.config import ConfigErrors
@@ -24,7 +25,6 @@ from mergenet_core.methods.mergenet import AdapterOptions, MergeNetOptions
 from mergenet_core.step import take_step
 from orchestrator.cli import main
 
-limit_threads()
 
 
 # --------------------------------------------------------------------------- stable factors
@@ -429,7 +429,7 @@ def test_validate_warns_for_an_unnormalised_mergenet_target(tmp_path, capsys):
 
 
 def test_shipped_configs_have_no_layer_pair_warnings(capsys):
-    root = Path(__file__).resolve().parents[1]
+    root = helpers.ROOT
     files = sorted(str(p) for p in (root / "experiments").glob("*.yaml"))  # study grids: tests/test_study.py
     assert main(["validate", *files]) == 0
     assert not [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]

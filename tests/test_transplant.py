@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import limit_threads, tiny_pair, write_yaml
+from helpers import tiny_pair, write_yaml
 from mergenet_core.checks import parse_config
 from mergenet_core.loop import PairState
 from mergenet_core.methods.transplant import select_uniform
@@ -16,7 +16,6 @@ from mergenet_core.models.cnn import SmallCNN
 from mergenet_core.roles import build_role
 from mergenet_core.step import take_step
 
-limit_threads()
 
 WIDE = {"name": "cnn", "options": {"channels": [16, 32], "hidden": 32}}
 NARROW = {"name": "cnn", "options": {"channels": [4, 8], "hidden": 32}}
