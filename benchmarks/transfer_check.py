@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 from mergenet_core.config import deep_merge, read_yaml  # noqa: E402
 from orchestrator.config import parse_config  # noqa: E402
 from mergenet_core.engine import Engine  # noqa: E402
-from orchestrator.paired import t_interval  # noqa: E402  (the report's own Student-t interval)
+from orchestrator.tracking.paired import t_interval  # noqa: E402  (the report's own Student-t interval)
 
 
 def pair_config(grid: dict, method: dict, seed: int, epochs: int, steps: int) -> dict:

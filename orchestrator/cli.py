@@ -154,12 +154,12 @@ def cmd_run(args) -> int:
         # every trial built once before any work; a source not trained yet at its planned shapes
         grid = load_grid(args.grid, args.set)
         if grid.sources:
-            from orchestrator.sources import train_missing
+            from orchestrator.grid.sources import train_missing
 
             train_missing(*grid.source_plan())
             times["sources"] = time.time() - t0
         if grid.select is not None:  # the search on the validation split, then the grid with its winner
-            from orchestrator.select import run_selection
+            from orchestrator.grid.select import run_selection
 
             grid, selection = run_selection(grid, address=args.address, verbose=args.verbose, again=args.reselect)
             times["search"] = selection["wall_s"]
@@ -171,17 +171,17 @@ def cmd_run(args) -> int:
     print(json.dumps(summary, indent=2))
     if not args.no_report:
         from orchestrator.grid.config import GridConfig
-        from orchestrator.report import make_report
-        from orchestrator.storage import Location
+        from orchestrator.tracking.report import make_report
+        from orchestrator.cluster.storage import Location
         from orchestrator.grid.tuner import GRID_FILE
 
         # the grid's `report:` section (baseline, negative controls, verdicts); a resumed grid's from its folder
         grid = grid or GridConfig.model_validate_json((Location.parse(summary["storage"]) / GRID_FILE).read_text())
         if grid.select is not None and selection is None:  # resumed: the search's record from its folder
-            from orchestrator.select import load_selection
+            from orchestrator.grid.select import load_selection
 
             selection = load_selection(grid, Location.parse(summary["storage"]).parent)
-        from orchestrator.report import RUN_ACCOUNT
+        from orchestrator.tracking.report import RUN_ACCOUNT
 
         spec = grid.report
         account = _run_account(times, time.time() - t0, load0, selection, bool(args.resume))
@@ -204,7 +204,7 @@ def cmd_run(args) -> int:
 def _run_account(times: dict[str, float], total: float, load0: float, selection: dict | None,
                  resumed: bool) -> str:
     """What this `mergenet run` did and how long it took (the report's preamble)."""
-    from orchestrator.select import markdown
+    from orchestrator.grid.select import markdown
 
     parts = [f"{k} {v / 60:.1f} min" for k, v in times.items()]
     what = "`mergenet run --resume`" if resumed else "`mergenet run`"
@@ -216,7 +216,7 @@ def _run_account(times: dict[str, float], total: float, load0: float, selection:
 
 
 def cmd_report(args) -> int:
-    from orchestrator.report import make_report
+    from orchestrator.tracking.report import make_report
 
     if Path(args.what).is_file() and not (args.verdict or args.control or args.positive or args.results_md):
         # a grid file and no report options: its own `report:` section, as `mergenet run` uses it
@@ -251,8 +251,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from orchestrator.report import write_section
-    from orchestrator.summary import summary_markdown
+    from orchestrator.tracking.report import write_section
+    from orchestrator.tracking.summary import summary_markdown
 
     try:
         text = summary_markdown(args.grids)
@@ -265,11 +265,11 @@ def cmd_summary(args) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- cluster jobs (orchestrator.submit)
+# --------------------------------------------------------------------------- cluster jobs (orchestrator.cluster.submit)
 
 
 def cmd_submit(args) -> int:
-    from orchestrator.submit import submit
+    from orchestrator.cluster.submit import submit
 
     env = dict(kv.split("=", 1) for kv in args.env if "=" in kv)
     if len(env) != len(args.env):
@@ -280,21 +280,21 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from orchestrator.submit import status
+    from orchestrator.cluster.submit import status
 
     state = status(args.job, args.address, wait=args.wait, timeout=args.timeout)
     return 1 if args.wait and state != "SUCCEEDED" else 0
 
 
 def cmd_logs(args) -> int:
-    from orchestrator.submit import logs
+    from orchestrator.cluster.submit import logs
 
     state = logs(args.job, args.address, follow=args.follow)
     return 1 if args.follow and state in ("FAILED", "STOPPED") else 0
 
 
 def cmd_stop(args) -> int:
-    from orchestrator.submit import stop
+    from orchestrator.cluster.submit import stop
 
     stop(args.job, args.address)
     return 0

@@ -45,7 +45,7 @@ from orchestrator.cluster.actor import AdapterActor
 from orchestrator.cluster.connect import check_resources, ensure_ray
 from orchestrator.cluster.worker import BEST_FLAG, BUNDLE, pair_worker
 from orchestrator.config import PairConfig
-from orchestrator.storage import Location
+from orchestrator.cluster.storage import Location
 from orchestrator.topology.split import Split
 
 # --------------------------------------------------------------------------- plan

@@ -73,7 +73,7 @@ def test_locations_on_the_bucket_and_bad_uris(s3, tmp_path, monkeypatch):
     bucket has no rename), delete; malformed or unknown URIs are one-line errors (exit 2)."""
     from mergenet_core.errors import MergenetError
     from orchestrator.cli import main
-    from orchestrator.storage import Location
+    from orchestrator.cluster.storage import Location
 
     g = Location.parse(s3["uri"]("unit"))
     assert str(g / "a" / "b") == s3["uri"]("unit/a/b") and str((g / "a").parent) == s3["uri"]("unit")
@@ -110,7 +110,7 @@ def test_locations_on_the_bucket_and_bad_uris(s3, tmp_path, monkeypatch):
 def test_grid_in_a_bucket_is_killed_and_resumed_from_its_uri(s3, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.storage import Location
+    from orchestrator.cluster.storage import Location
 
     storage = s3["uri"]("grids")
     grid_uri = s3["uri"]("grids/g-bucket")

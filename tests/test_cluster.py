@@ -224,7 +224,7 @@ def test_submit_rejects_a_bad_grid_before_contacting_the_cluster(tmp_path, capsy
 
 def test_client_without_the_token_gets_a_clear_error(job_cluster, monkeypatch, tmp_path):
     from mergenet_core.errors import MergenetError
-    from orchestrator import submit
+    from orchestrator.cluster import submit
 
     for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         monkeypatch.delenv(k, raising=False)
@@ -267,7 +267,7 @@ def test_submit_runs_the_grid_as_a_ray_job(job_cluster, tmp_path, monkeypatch, c
     assert (job_cluster["root"] / "grids" / "mn-jobs" / "mergenet_grid.json").exists()
 
     # stop: a long-running job of the same cluster ends STOPPED
-    from orchestrator import submit
+    from orchestrator.cluster import submit
 
     c = submit.client(addr)
     sleeper = c.submit_job(entrypoint="sleep 300")
@@ -279,7 +279,7 @@ def test_submit_runs_the_grid_as_a_ray_job(job_cluster, tmp_path, monkeypatch, c
 
 
 def test_build_job_ships_the_working_dir_and_respects_grid_storage(tmp_path):
-    from orchestrator.submit import EXCLUDES, build_job
+    from orchestrator.cluster.submit import EXCLUDES, build_job
 
     wd = ship_dir(tmp_path, tiny_grid("mn-build", **CLUSTER_GRID))
     job = build_job(wd / "experiments" / "grid.yaml", ["seeds=[0,1]"], working_dir=wd, mlflow_uri="http://h:5000",
@@ -301,7 +301,7 @@ def test_build_job_ships_the_working_dir_and_respects_grid_storage(tmp_path):
 
 
 def test_resume_job_points_mergenet_run_at_the_storage_folder(tmp_path):
-    from orchestrator.submit import build_resume_job
+    from orchestrator.cluster.submit import build_resume_job
 
     job = build_resume_job("/mnt/mergenet/grids/my grid", working_dir=tmp_path, python="/opt/venv/bin/python")
     assert job["entrypoint"] == "/opt/venv/bin/python -m orchestrator.cli run --resume '/mnt/mergenet/grids/my grid'"

@@ -10,7 +10,7 @@ import math
 import pandas as pd
 import pytest
 
-from orchestrator import paired
+from orchestrator.tracking import paired
 
 # t(0.975, df) from a printed table
 T975 = {2: 4.302653, 4: 2.776445}
@@ -154,7 +154,7 @@ def test_search_axes_pair_with_the_same_hyperparameters():
 
 
 def test_write_section_replaces_only_its_own_section(tmp_path):
-    from orchestrator.report import write_section
+    from orchestrator.tracking.report import write_section
 
     md = tmp_path / "RESULTS.md"
     md.write_text("# Results\n\nintro\n\n<!-- other:start -->\nkeep me\n<!-- other:end -->\n")
@@ -174,7 +174,7 @@ def test_report_on_mlflow_runs(tmp_path, monkeypatch):
     from mlflow.entities import Metric, Param
 
     from orchestrator import tracking
-    from orchestrator.report import make_report
+    from orchestrator.tracking.report import make_report
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -254,7 +254,7 @@ def test_report_without_alone_arm_still_writes_the_means(tmp_path, monkeypatch):
     from mlflow.entities import Metric
 
     from orchestrator import tracking
-    from orchestrator.report import make_report
+    from orchestrator.tracking.report import make_report
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -319,7 +319,7 @@ def test_verdict_line_says_what_could_be_detected_and_what_is_ruled_out():
 
 
 def test_paired_markdown_has_power_columns():
-    from orchestrator.report import paired_markdown
+    from orchestrator.tracking.report import paired_markdown
 
     base = [0.60, 0.70, 0.65, 0.62]
     rows = [("p", "alone", s, b, b) for s, b in enumerate(base)]
@@ -333,7 +333,7 @@ def test_paired_markdown_has_power_columns():
 
 
 def test_diagnostics_table_lists_arms_with_transfer_metrics():
-    from orchestrator.report import diagnostics_markdown
+    from orchestrator.tracking.report import diagnostics_markdown
 
     df = _trials([("p", "alone", 0, 0.6, 0.6), ("p", "mergenet", 0, 0.6, 0.6), ("p", "mergenet", 1, 0.6, 0.6)])
     assert diagnostics_markdown(df) is None
@@ -367,7 +367,7 @@ def test_verdicts_count_only_where_a_positive_control_is_shown():
     """A pair whose positive control (transplant) is shown gets MergeNet's verdict; one whose
     positive control is not shown -- or whose positive-control trials all failed -- reads
     'cannot measure', whatever MergeNet's own intervals say."""
-    from orchestrator import paired
+    from orchestrator.tracking import paired
 
     base = [0.60, 0.62, 0.61]
     rows = []

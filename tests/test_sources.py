@@ -12,7 +12,7 @@ from helpers import TINY_MODELS, fmnist_task, model_spec, tiny_grid, write_yaml
 from mergenet_core.init_weights import PLANNED
 from orchestrator.cli import main
 from orchestrator.grid.config import load_grid
-from orchestrator.sources import is_trained, source_key, train_missing
+from orchestrator.grid.sources import is_trained, source_key, train_missing
 
 TASK = fmnist_task(96, 32, val_fraction=None, val_size=32)
 CNN = model_spec("cnn")

@@ -106,7 +106,7 @@ def test_report_names_each_pairs_own_source_not_a_transplant_donor(tmp_path):
     """Setting (c)'s source is the trained ResNet-18; its transplant arm's donor (a MobileNetV2,
     a per-arm override) is listed with the per-arm settings, not as the pair's source."""
     from orchestrator.grid.config import load_grid
-    from orchestrator.report import setting_lines
+    from orchestrator.tracking.report import setting_lines
 
     f = tmp_path / "mergenet_grid.json"
     f.write_text(load_grid(STUDY / SETTINGS["c"], deep=False).model_dump_json())

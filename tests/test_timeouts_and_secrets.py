@@ -115,7 +115,7 @@ def test_tracking_uri_with_credentials_is_refused():
 
 def test_submit_refuses_secret_env_vars(tmp_path):
     from mergenet_core.errors import MergenetError
-    from orchestrator.submit import check_job_env
+    from orchestrator.cluster.submit import check_job_env
 
     check_job_env({"TOKENIZERS_PARALLELISM": "false", "MLFLOW_TRACKING_URI": "http://h:5000"})
     for k in ("MLFLOW_TRACKING_PASSWORD", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "OPENAI_API_KEY"):
@@ -128,7 +128,7 @@ def test_scratch_folders_are_private_and_unpredictable():
     import shutil
     import tempfile
 
-    from orchestrator.storage import scratch_dir
+    from orchestrator.cluster.storage import scratch_dir
 
     a, b = scratch_dir("grid", "trial_1"), scratch_dir("grid", "trial_1")
     try:

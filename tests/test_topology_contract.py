@@ -14,7 +14,7 @@ from helpers import (ROOT, assert_same_metrics, fmnist_task, mergenet_options, r
 from mergenet_core.engine import Engine
 from orchestrator import topology
 from orchestrator.config import parse_config
-from orchestrator.storage import Location
+from orchestrator.cluster.storage import Location
 
 #: a case per registered topology: the ``ray`` section that selects it, and the tolerance of its
 #: metrics against the engine (split: separate processes, gradients through the object store)

@@ -37,7 +37,7 @@ CONNECT_TIMEOUT_S = 10.0
 def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The env vars every Ray worker of ours gets: :data:`WORKER_ENV` and the allow-listed
     :data:`FORWARDED_ENV`; a tracking URI carrying ``user:password@`` is refused."""
-    from orchestrator.secrets import check_no_credentials
+    from orchestrator.cluster.secrets import check_no_credentials
 
     environ = os.environ if environ is None else environ
     env = {**WORKER_ENV, **{k: environ[k] for k in FORWARDED_ENV if k in environ}}
@@ -56,7 +56,7 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
         os.environ.setdefault(RESOURCE_CHECK_ENV, "warn")  # a cluster reached by address may autoscale
     env = {"env_vars": worker_env()}
     if address:
-        from orchestrator.secrets import probe_address
+        from orchestrator.cluster.secrets import probe_address
 
         probe_address(address, CONNECT_TIMEOUT_S)
         # something answers: give Ray's own GCS handshake a bounded number of 1 s attempts too

@@ -134,7 +134,7 @@ class SelectSpec(_Strict):
     """A search on the validation split that ``mergenet run`` runs before the grid: each searched
     arm's trials over ``search`` on ``seeds`` (disjoint from the grid's), the configuration with
     the best mean ``metric`` per pair chosen, and the grid then run with it for that arm and the
-    arms that inherit it (its controls). orchestrator/select.py."""
+    arms that inherit it (its controls). orchestrator/grid/select.py."""
 
     arms: dict[str, list[str]] = Field(min_length=1, description="searched arm -> the arms that run with the "
                                                                  "configuration it wins (its controls)")
@@ -169,11 +169,11 @@ class GridConfig(_Strict):
                                      "last is still written while it runs, so an interrupted trial resumes)")
     report: ReportSpec = Field(default_factory=ReportSpec, description="what `mergenet run` reports at the end")
     select: SelectSpec | None = Field(None, description="a search on the validation split run first; its winner "
-                                                        "configures the named arms (orchestrator/select.py)")
+                                                        "configures the named arms (orchestrator/grid/select.py)")
     sources: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="NAME -> a train config (as `mergenet train` takes; method alone by "
                                           "default): models trained (or reused from cache) before the trials; "
-                                          "any init_from may name one as `sources:NAME` (orchestrator/sources.py)")
+                                          "any init_from may name one as `sources:NAME` (orchestrator/grid/sources.py)")
     storage_path: str | None = Field(None, description="Tune/Train storage (default ./runs/grids): a local path, or "
                                                        "a bucket URI (s3://bucket/prefix, gs://...) on clusters")
 
@@ -188,7 +188,7 @@ class GridConfig(_Strict):
     @field_validator("storage_path")
     @classmethod
     def _storage_uri(cls, v: str | None) -> str | None:
-        from orchestrator.storage import check_uri
+        from orchestrator.cluster.storage import check_uri
 
         problem = check_uri(v) if v else None
         if problem:
@@ -274,7 +274,7 @@ class GridConfig(_Strict):
 
     def source_plan(self) -> tuple[dict[str, PairConfig], dict[str, Path]]:
         """The declared sources' validated configs and their cache folders."""
-        from orchestrator import sources
+        from orchestrator.grid import sources
 
         configs = sources.source_configs(self.sources)
         return configs, sources.source_dirs(configs, self.storage_path)
@@ -390,8 +390,8 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
 
 def _resolve_sources(grid: GridConfig, data: dict) -> GridConfig:
     """``init_from: sources:NAME`` everywhere in the grid -> the source's cache folder; the
-    untrained ones are registered for fast validation (``orchestrator/sources.py``)."""
-    from orchestrator import sources
+    untrained ones are registered for fast validation (``orchestrator/grid/sources.py``)."""
+    from orchestrator.grid import sources
 
     configs, dirs = grid.source_plan() if grid.sources else ({}, {})
     rest = {k: v for k, v in data.items() if k != "sources"}

@@ -24,7 +24,7 @@ from mergenet_core.io import PAIR_OUTPUTS, PLACEMENT
 from mergenet_core.io.outputs import RunOutputs
 from orchestrator import topology, tracking
 from orchestrator.grid.config import GridConfig
-from orchestrator.storage import Location, scratch_dir
+from orchestrator.cluster.storage import Location, scratch_dir
 from orchestrator.topology.pbt import run_pbt
 
 

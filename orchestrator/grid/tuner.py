@@ -5,7 +5,7 @@ driver (:func:`orchestrator.grid.trial.trial_fn`) with each trial's resources fr
 topology, and returns a summary. ``--resume DIR`` restores the Tune experiment: finished
 trials are kept, unfinished ones restart from their last pair checkpoint and re-attach their
 MLflow runs. Storage (``storage_path``, ``--resume``) is a local folder or a bucket URI
-(:mod:`orchestrator.storage`, ``pyarrow.fs``).
+(:mod:`orchestrator.cluster.storage`, ``pyarrow.fs``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from orchestrator.cluster.connect import ensure_ray
 from orchestrator.grid.config import GridConfig
 from orchestrator.grid.progress import GridProgress, quiet_console
 from orchestrator.grid.trial import trial_fn
-from orchestrator.storage import Location
+from orchestrator.cluster.storage import Location
 
 GRID_FILE = "mergenet_grid.json"
 PARENT_FILE = "mlflow_parent_run_id"
@@ -128,7 +128,7 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
     os.environ["MLFLOW_TRACKING_URI"] = uri  # reaches every worker through the runtime env
     if address or os.environ.get("RAY_ADDRESS"):  # an unreachable address fails before any run or folder exists
         from orchestrator.cluster.connect import CONNECT_TIMEOUT_S
-        from orchestrator.secrets import probe_address
+        from orchestrator.cluster.secrets import probe_address
 
         probe_address(address or os.environ["RAY_ADDRESS"], CONNECT_TIMEOUT_S)
     if resume_dir:

@@ -15,7 +15,7 @@ from mergenet_core.registry import Registry
 
 if TYPE_CHECKING:
     from orchestrator.config import PairConfig
-    from orchestrator.storage import Location
+    from orchestrator.cluster.storage import Location
 
 TOPOLOGIES = Registry("topology")
 

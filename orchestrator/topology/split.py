@@ -19,7 +19,7 @@ from .base import TOPOLOGIES, RunRequest, Topology
 
 if TYPE_CHECKING:
     from orchestrator.config import PairConfig
-    from orchestrator.storage import Location
+    from orchestrator.cluster.storage import Location
 
 
 @TOPOLOGIES.register("split")

@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from mergenet_core.errors import MergenetError
-from orchestrator import paired, tracking
-from orchestrator.storage import Location
+from orchestrator.tracking import paired
+from orchestrator import tracking
+from orchestrator.cluster.storage import Location
 
 
 def _cell(r) -> str:
@@ -31,7 +32,7 @@ def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
     """(table rows, notes) of one grid; a grid never run gives one row saying so."""
     from mergenet_core.data import task_title
     from orchestrator.grid.config import load_grid
-    from orchestrator.report import RUN_ACCOUNT, resolve_experiment, trials_frame
+    from orchestrator.tracking.report import RUN_ACCOUNT, resolve_experiment, trials_frame
 
     grid = load_grid(path, deep=False)
     label = f"`{Path(path).name}`"
@@ -86,7 +87,7 @@ def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
         note += f"; verdict grid {(info.end_time - info.start_time) / 60000:.1f} min"
     folder = Location.parse(grid.storage_path or "runs/grids")
     if grid.select is not None:
-        from orchestrator.select import load_selection
+        from orchestrator.grid.select import load_selection
 
         sel = load_selection(grid, folder)
         if sel is not None:

@@ -78,7 +78,7 @@ def _content_hash(path: str) -> str:
 
 def sources_root(storage_path: str | None):
     """``sources/`` beside the grids folder: a local folder, or a bucket location."""
-    from orchestrator.storage import Location
+    from orchestrator.cluster.storage import Location
 
     return Location.parse(storage_path or "runs/grids").parent / "sources"
 
@@ -112,7 +112,7 @@ def source_dirs(configs: dict[str, Any], storage_path: str | None) -> dict[str, 
 
 
 def is_trained(folder: Path | str) -> bool:
-    from orchestrator.storage import Location
+    from orchestrator.cluster.storage import Location
 
     loc = Location.parse(folder)
     return (loc / "final.json").exists() and (loc / "checkpoint.pt").exists()
@@ -179,7 +179,7 @@ def train_missing(configs: dict[str, Any], dirs: dict[str, Path], log=print) -> 
 
     from mergenet_core.engine import Engine
     from mergenet_core.init_weights import PLANNED
-    from orchestrator.storage import Location, scratch_dir
+    from orchestrator.cluster.storage import Location, scratch_dir
 
     out = {}
     for name, cfg in configs.items():

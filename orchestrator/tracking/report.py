@@ -5,7 +5,7 @@ Reads the trials (MLflow child runs) of a grid's latest submission and writes
 - ``trials.parquet``: one row per trial — its final metrics, every config parameter as a
   column (``hp.*`` for the search axes, ``param.*`` for the rest) and its per-seed difference
   to the baseline arm (``diff_vs_<arm>/<metric>``);
-- ``paired.parquet``: the paired statistics (:mod:`orchestrator.paired`) — per pair × arm,
+- ``paired.parquet``: the paired statistics (:mod:`orchestrator.tracking.paired`) — per pair × arm,
   the mean difference to the baseline arm at the same seed with a 95 % Student-t interval,
   ``n`` and whether the interval excludes 0, the minimum detectable effect (``mde``, power 0.8)
   and the seeds needed to detect ``--effect`` points (``n_needed``); final epoch and
@@ -26,7 +26,8 @@ from pathlib import Path
 import pandas as pd
 
 from mergenet_core.errors import MergenetError
-from orchestrator import paired, tracking
+from orchestrator.tracking import paired
+from orchestrator import tracking
 
 METRICS = tuple(paired.METRICS.values())
 HEATMAP = "gain_heatmap.png"
@@ -35,7 +36,7 @@ HEATMAP = "gain_heatmap.png"
 def resolve_experiment(c, what: str) -> tuple[str, str, str | None]:
     """(experiment id, name, parent run id or None) from a grid YAML, a grid folder (local or a
     bucket URI) or a name."""
-    from orchestrator.storage import Location
+    from orchestrator.cluster.storage import Location
 
     parent = None
     name = what
@@ -69,7 +70,7 @@ def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None
 
     from mergenet_core.data import task_title
     from orchestrator.grid.config import GridConfig, uses_source
-    from orchestrator.storage import Location
+    from orchestrator.cluster.storage import Location
 
     out = []
     f = Location.parse(grid_file) if grid_file else Location.parse("runs/grids") / name / "mergenet_grid.json"
@@ -431,7 +432,7 @@ RUN_ACCOUNT = "run_account.md"
 
 def _grid_folder(what: str, name: str, grid_file: str | Path | None = None):
     """The grid's storage folder: ``what`` itself when it is one, else ``runs/grids/NAME``."""
-    from orchestrator.storage import Location
+    from orchestrator.cluster.storage import Location
 
     if grid_file:
         return Location.parse(str(grid_file)).parent

@@ -22,7 +22,7 @@ import pandas as pd
 from mergenet_core.errors import MergenetError
 from orchestrator import tracking
 from orchestrator.grid.config import GridConfig
-from orchestrator.storage import Location
+from orchestrator.cluster.storage import Location
 
 SELECTION_FILE = "selection.json"
 
@@ -130,7 +130,7 @@ def markdown(sel: dict) -> str:
 def run_selection(grid: GridConfig, address: str | None = None, verbose: bool = False,
                   again: bool = False) -> tuple[GridConfig, dict]:
     """Run (or reuse, or resume) the search; returns the verdict grid and the selection record."""
-    from orchestrator.report import trials_frame
+    from orchestrator.tracking.report import trials_frame
     from orchestrator.grid.tuner import GRID_FILE, run_grid
 
     sgrid = search_grid(grid)

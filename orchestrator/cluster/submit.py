@@ -197,7 +197,7 @@ def build_job(grid_path: str | Path, overrides: list[str] | None = None, working
 def check_job_env(env_vars: dict[str, str]) -> None:
     """A job's runtime env is stored in the GCS and shown by the dashboard and ``ray job``: no
     secret-looking variable and no URI with ``user:password@`` goes into it."""
-    from orchestrator.secrets import check_no_credentials, is_secret_name
+    from orchestrator.cluster.secrets import check_no_credentials, is_secret_name
 
     for k, v in env_vars.items():
         if is_secret_name(k):

@@ -137,8 +137,8 @@ def git_sha() -> str:
 
 def attach_or_create(c: MlflowClient, folder, experiment_id: str, name: str, tags: dict[str, str]) -> str:
     """The run recorded in ``folder`` (re-opened as RUNNING), else a new one recorded there.
-    ``folder``: a local path or an :class:`orchestrator.storage.Location` (a bucket folder)."""
-    from orchestrator.storage import Location
+    ``folder``: a local path or an :class:`orchestrator.cluster.storage.Location` (a bucket folder)."""
+    from orchestrator.cluster.storage import Location
 
     f = (folder if isinstance(folder, Location) else Location.parse(folder)) / RUN_ID_FILE
     if f.exists():
