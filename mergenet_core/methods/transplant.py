@@ -116,7 +116,10 @@ def selectable(target: tuple[int, ...], source: tuple[int, ...]) -> bool:
 
 
 def select_uniform(src: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """``src`` reduced to ``shape``: index ``floor(i * n_src / n_tgt)`` along every smaller dim."""
+    """``src`` reduced to ``shape``: index ``floor(i * n_src / n_tgt)`` along every smaller dim
+    (a ``meta`` tensor, in fast validation: a meta tensor of that shape, without computing)."""
+    if src.is_meta:
+        return src.new_empty(shape)
     out = src
     for d, n in enumerate(shape):
         m = out.shape[d]

@@ -24,7 +24,8 @@ class AdapterHub:
         self.device = torch.device(device)
         a = opts.adapter
         # the adapter's own RNG stream (init + dropout), leaving every caller's stream untouched
-        self.rng = RngStream(seed, self.device, seed_cuda=True)
+        # (on the CPU for a meta hub)
+        self.rng = RngStream(seed, "cpu" if self.device.type == "meta" else self.device, seed_cuda=True)
         with self.rng.scope():
             self.adapters = nn.ModuleDict({
                 lid: ParameterAdapter(shapes[lid][0], shapes[lid][1], a.layers, a.heads, *a.dropouts,
@@ -33,7 +34,9 @@ class AdapterHub:
                                       anchor=a.anchor, gate_init=a.gate_init)
                 for lid in self.links}).to(self.device)
         self.optimizers, self.schedulers = {}, {}
-        for lid, ad in self.adapters.items():
+        # a hub on the meta device (fast validation builds the adapters for their errors) never
+        # steps: no optimisers (torch's constructor would import torch._dynamo, seconds)
+        for lid, ad in self.adapters.items() if self.device.type != "meta" else ():
             groups = param_groups(ad.parameters(), a.weight_decay)
             try:  # the fused kernel (CPU since torch 2.4, and CUDA): fewer, larger kernels per step
                 opt = torch.optim.AdamW(groups, lr=a.lr, fused=True)
