@@ -169,7 +169,7 @@ class ParameterAdapter(nn.Module):
         if anchor not in ("target", "source"):
             raise ValueError(f"anchor must be target or source, got '{anchor}'")
         if anchor == "source" and tuple(target_shape) != tuple(source_shape):
-            raise ValueError(f"anchor: 'source' needs the source matrix in the target's shape, got target "
+            raise ValueError(f"anchor 'source' needs the source matrix in the target's shape, got target "
                              f"{tuple(target_shape)} and source {tuple(source_shape)}")
         if output_scale not in ("none", "rms", "learned"):
             raise ValueError(f"output_scale must be none, rms or learned, got '{output_scale}'")
