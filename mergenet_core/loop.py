@@ -24,7 +24,7 @@ from .checks import method_options
 from .config import ExperimentConfig
 from .errors import ConfigError, short
 from .methods import METHODS, Method
-from .roles import Role, build_role
+from .roles import Role, build_role, build_weightless_role
 from .io import FINAL, METRICS  # noqa: F401 (re-exported)
 from .io.outputs import RunOutputs, summarise
 from .safe_io import load_checkpoint, save_checkpoint
@@ -69,13 +69,30 @@ class PairState:
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, role_names: tuple[str, ...] | None = None,
-              devices: dict[str, torch.device] | None = None, steps_per_epoch: int | None = None) -> "PairState":
-        """The roles ``role_names`` (default: every role the method needs) on ``devices``, set up
-        by the method. ``steps_per_epoch``: the pair's, when the caller knows it already (a Ray
-        worker gets its plan's: a source-only worker then never loads the target's data)."""
+              devices: dict[str, torch.device] | None = None, weightless: bool = False,
+              steps_per_epoch: int | None = None) -> "PairState":
+        """The method and its roles (``role_names``: only these), set up and ready to train.
+
+        ``weightless``: fast validation (``mergenet_core.shape_check``): the same build on
+        :class:`~mergenet_core.roles.WeightlessRole` s (data probed, not loaded; models on the
+        meta device) without optimisers, data streams or RNG streams; the method's ``setup``
+        and ``ready`` run on the meta device, so they raise the errors of the full build.
+        ``steps_per_epoch``: the pair's, when the caller knows it already (a Ray worker gets its
+        plan's: a source-only worker then never loads the target's data)."""
         method = build_method(cfg)
         decl = method.roles(method.options)
         names = role_names or decl.needed
+        if weightless:
+            from .models import weightless as on_meta
+
+            roles = {n: build_weightless_role(n, cfg, load_init=n not in decl.untrained) for n in names}
+            for r in roles.values():
+                r.trainable = r.name in decl.trained
+            spe = steps_per_epoch or cls.steps_per_epoch_for(cfg, roles)
+            with on_meta():
+                method.setup(roles)
+                method.ready(roles, spe)
+            return cls(cfg, method, roles, steps_per_epoch=spe)
         devices = devices or {}
         roles = {n: build_role(n, cfg, devices.get(n), load_init=n not in decl.untrained) for n in names}
         method.setup(roles)

@@ -133,7 +133,10 @@ class _LowRank(nn.Module):
     @torch.no_grad()
     def init_from_dense(self, weight: Tensor) -> None:
         """Set ``A``, ``B`` so that the layer's weight is the best rank-r approximation of
-        ``weight`` (truncated SVD, split evenly and divided by ``alpha/r``)."""
+        ``weight`` (truncated SVD, split evenly and divided by ``alpha/r``). A ``meta`` weight
+        (fast validation: only shapes exist) leaves the factors as they are."""
+        if weight.is_meta:  # an SVD on meta would only load torch's Python meta kernels (~1 s)
+            return
         b, a = truncated_svd_factors(conv_to_matrix(weight), self.rank, self.scaling)
         self.A.copy_(a)
         self.B.copy_(b)

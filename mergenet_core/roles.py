@@ -233,3 +233,43 @@ def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = N
     rng = RngStream(derive_seed(cfg.seed, name, "dropout"), device)
     return Role(name=name, spec=spec, task=task, model=model, device=device, seed=cfg.seed,
                 precision=cfg.precision, channels_last=cfg.channels_last, stream=stream, aug=aug, rng=rng)
+
+
+@dataclass
+class WeightlessRole:
+    """A role as fast validation builds it (:func:`build_weightless_role`): its model without
+    weights (meta device) and the steps per epoch of its train split; no data, optimiser or
+    RNG streams. What a method's ``setup``, ``ready`` and ``config_warnings`` read of a role."""
+
+    name: str
+    model: nn.Module
+    #: ``Role.steps_per_epoch`` of the full build: train split // batch size, capped by the recipe
+    steps_per_epoch: int
+    device: torch.device = field(default_factory=lambda: torch.device("meta"))
+    trainable: bool = True
+
+
+def build_weightless_role(name: str, cfg: ExperimentConfig, load_init: bool = True) -> WeightlessRole:
+    """:func:`build_role` without data or weights, making its checks in its order: the task's
+    files (:func:`~mergenet_core.data.probe_task`: metadata only, nothing decoded), the model
+    (:func:`~mergenet_core.models.build_model_shapes`: meta device), ``init_from`` (names and
+    shapes, memory-mapped) and the batch size against the train split."""
+    from .data import probe_task
+    from .models import MODELS, build_model_shapes
+
+    spec = cfg.role(name)
+    shape = probe_task(spec.task.name, spec.task.options)
+    options = spec.model.options
+    if not load_init and "pretrained" in MODELS.get(spec.model.name).options.model_fields:
+        options = {**options, "pretrained": False}  # an untrained control role (as build_role)
+    model = build_model_shapes(spec.model.name, options, shape.info)
+    if spec.init_from is not None and load_init:
+        from .init_weights import check_init
+
+        check_init(model, spec.init_from, name, f"{name}.init_from")
+    batch, cap = spec.recipe.batch_size, spec.recipe.steps_per_epoch
+    if batch < 1 or shape.train == 0 or batch > shape.train:  # data.stream.BatchStream (drop_last)
+        raise ConfigError(f"{name}.recipe.batch_size",
+                          f"{batch} does not fit a split of {shape.train} examples ({name} train split)")
+    spe = shape.train // batch
+    return WeightlessRole(name, model, min(spe, cap) if cap else spe)

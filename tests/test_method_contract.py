@@ -74,12 +74,12 @@ def test_every_registered_method_has_a_contract_case():
 
 
 def test_contract_is_small():
-    """``Method``'s public members (and ``__init__``): 26 before issue 21, 20 now; 19 once
-    ``check_shapes`` goes (fast validation through ``setup``/``ready``, step 3.1 of the plan)."""
+    """``Method``'s public members (and ``__init__``): 26 before issue 21, 19 now (``check_shapes``
+    went: fast validation runs ``setup``/``ready`` on weightless models)."""
     from mergenet_core.methods.base import Method
 
     members = {n for n in vars(Method) if not n.startswith("_")} | {"__init__"}
-    assert len(members) <= 20, sorted(members)
+    assert len(members) <= 19, sorted(members)
 
 
 def test_registry_reads_options_from_the_class():
@@ -258,8 +258,8 @@ def _core_import_graph() -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_fast_validation_accepts_every_case(method):
-    """``Method.check_shapes`` on the weightless models finds nothing wrong with a config the
-    full build accepts (``mergenet validate`` without ``--deep``)."""
+    """The method's ``setup`` and ``ready`` on the weightless models (``mergenet validate``
+    without ``--deep``) find nothing wrong with a config the full build accepts."""
     from mergenet_core.shape_check import check_pair_shapes
 
     warnings: list[str] = []

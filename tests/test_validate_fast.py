@@ -68,9 +68,17 @@ BAD = [
                                                               target="features.1.conv.weight", rank=17))),
     ("vector-not-matrix", lambda t: tiny_pair("mergenet", mergenet_options(target="features.0.bn.weight"))),
     ("adapter-heads", lambda t: tiny_pair("mergenet", mergenet_options(adapter={"heads": 1000}))),
+    ("adapter-anchor-unequal", lambda t: tiny_pair("mergenet", mergenet_options(
+        source="hidden.weight", adapter={"anchor": "source"}))),
+    # the adapter refuses the anchor before building its attentions: that error comes first
+    ("adapter-anchor-before-heads", lambda t: tiny_pair("mergenet", mergenet_options(
+        source="hidden.weight", adapter={"anchor": "source", "heads": 1000}))),
     ("frozen-learned-source-rank", lambda t: tiny_pair("mergenet", mergenet_options(rank=40, freeze_source=True,
                                                                                     target="hidden.weight",
                                                                                     source="hidden.weight"))),
+    ("transplant-incompatible-layer", lambda t: tiny_pair("transplant", {"layers": ["features.1.conv.weight"]},
+                                                          source_model={"name": "cnn", "options": {
+                                                              "channels": [8, 8], "hidden": 32}})),
     ("param-share-unknown-layer", lambda t: tiny_pair("param_share", {"layer_pairs": [
         {"source": "classifier.weight", "target": "classifier.bias"}]})),
     ("missing-data", lambda t: tiny_pair(target={"task": {"options": {"root": str(t / "nowhere")}}})),
@@ -103,6 +111,8 @@ GOOD = [
         source="hidden.weight", target="features.1.conv.weight", self_transfer=True), source_model=None)),
     ("param-share", lambda t: tiny_pair("param_share", {"layer_pairs": [
         {"source": "hidden.weight", "target": "classifier.weight"}]})),
+    ("transplant-weight-selection", lambda t: tiny_pair("transplant", {}, source_model={"name": "cnn", "options": {
+        "channels": [16, 32], "hidden": 64}})),
     ("kd-init-from", lambda t: tiny_pair("kd", source={"init_from": str(_cnn_state(t))})),
     ("untrained-control-ignores-init-from", lambda t: tiny_pair(
         "mergenet", mergenet_options(control="untrained_source"),
@@ -211,8 +221,10 @@ def test_fast_validate_imports_no_ray_mlflow_or_transformers(tmp_path):
     pair = write_yaml(tmp_path / "pair.yaml", tiny_pair("mergenet", _svd(source=ATT, target=ATT), source_model=L3,
                                                         target_model=L3, task=TEXT))
     grid = ROOT / "experiments" / "quickstart.yaml"
+    # nor torch._dynamo: torch imports it for an optimiser or the first arithmetic on meta tensors
+    # (seconds); the weightless build must compute nothing on them
     code = ("import sys; from orchestrator.cli import main; rc = main(['validate', sys.argv[1], sys.argv[2]]); "
-            "print(rc, sorted(m for m in ('ray', 'mlflow', 'transformers') if m in sys.modules))")
+            "print(rc, sorted(m for m in ('ray', 'mlflow', 'transformers', 'torch._dynamo') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, str(pair), str(grid)], capture_output=True, text=True,
                           cwd=ROOT, env=cli_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -16,6 +16,12 @@ roles that run apart talk to each other, they do it through an *exchange* (an ob
 :meth:`build_exchange` builds it from that description in any process (a host puts it behind a
 Ray actor), and :meth:`attach` hands a role-hosting process the exchange (or a proxy) to use.
 Hosts call only these methods, so no host names a method.
+
+Validation: :meth:`check_config` sees the config alone; everything the models decide comes from
+:meth:`setup` and :meth:`ready` themselves. Fast validation (``mergenet validate``,
+``mergenet_core.shape_check``) runs them on weightless roles (``PairState.build(weightless=True)``:
+models on the ``meta`` device, no data, no optimisers), so it raises the full build's errors by
+construction; there is no second copy of the checks to keep in step.
 """
 from __future__ import annotations
 
@@ -89,15 +95,6 @@ class Method:
             return [str(ConfigError("source", f"method '{cfg.method.name}' needs a source model"))]
         return []
 
-    @classmethod
-    def check_shapes(cls, cfg: "ExperimentConfig", options: BaseModel, models: dict[str, torch.nn.Module]) -> list[str]:
-        """Fast validation (``mergenet validate`` without ``--deep``): ``field: problem`` lines
-        for what :meth:`setup` and :meth:`ready` would refuse, decided from ``models`` alone --
-        the models of the needed :meth:`roles`, built without weights (meta device, not yet changed
-        by :meth:`setup`: names, shapes and module types only). The first line must be the
-        error the full build raises first. Default: nothing to check."""
-        return []
-
     # ---------------------------------------------------------------- exchange
     def exchange_spec(self) -> dict | None:
         """Plain (picklable) data from which :meth:`build_exchange` builds this method's exchange
@@ -115,7 +112,14 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} has no exchange")
 
     def setup(self, roles: dict) -> None:
-        """Change the models before optimisers are built (e.g. factorise layers)."""
+        """Change the models before optimisers are built (e.g. factorise layers); a
+        :class:`~mergenet_core.errors.ConfigError` for what the models cannot do.
+
+        Also runs in fast validation, as does :meth:`ready`, on
+        :class:`~mergenet_core.roles.WeightlessRole` s (``model`` on the ``meta`` device,
+        ``device`` meta): decide errors from names, shapes and module types, and skip computing
+        values of meta tensors (``t.is_meta``; factories, views and ``copy_`` cost nothing there,
+        arithmetic loads torch's Python meta kernels, seconds)."""
 
     def config_warnings(self, roles: dict) -> list[str]:
         """``field: problem`` lines for settings that run but are risky (``mergenet validate``
@@ -123,7 +127,8 @@ class Method:
         return []
 
     def ready(self, roles: dict, steps_per_epoch: int) -> None:
-        """Called once optimisers exist (build method-owned modules/optimisers here)."""
+        """Called once optimisers exist (build method-owned modules/optimisers here); in fast
+        validation on the weightless roles, without their optimisers (see :meth:`setup`)."""
 
     # ---------------------------------------------------------------- the step (mergenet_core/step.py)
     def before_step(self, step: int, roles: dict) -> None:

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-from ..errors import ConfigError
-from ..lowrank import check_encoding, conv_to_matrix, make_encoding, rms_rescale
+from ..lowrank import conv_to_matrix, make_encoding, rms_rescale
 from .base import METHODS, Method
 
 
@@ -42,18 +41,6 @@ def project(src: torch.Tensor, like: torch.Tensor, rescale: bool) -> torch.Tenso
 @METHODS.register("param_share")
 class ParamShare(Method):
     Options = ParamShareOptions
-
-    @classmethod
-    def check_shapes(cls, cfg, options: ParamShareOptions, models: dict) -> list[str]:
-        """Fast validation: the checks :meth:`setup` makes, on the weightless models."""
-        try:
-            for i, lp in enumerate(options.layer_pairs):
-                f = f"method.options.layer_pairs.{i}"
-                check_encoding(models["source"], lp.source, "full", field=f"{f}.source")
-                check_encoding(models["target"], lp.target, "full", field=f"{f}.target")
-        except ConfigError as e:
-            return [str(e)]
-        return []
 
     def setup(self, roles: dict) -> None:
         self.encs = []

@@ -27,9 +27,8 @@ built (a BatchNorm's running statistics are buffers and keep their ordinary trai
 update). ``control: untrained_source``: the same copy from the source at its seed's
 initialisation (``source.init_from`` not loaded).
 
-:func:`plan_transplant` decides every name and shape; :meth:`Transplant.setup` (full build)
-and :meth:`Transplant.check_shapes` (fast validation on weightless models) both call it, so
-the two cannot disagree.
+:func:`plan_transplant` decides every name and shape; :meth:`Transplant.setup` calls it (also in
+fast validation, which runs the same set-up on weightless models).
 """
 from __future__ import annotations
 
@@ -116,7 +115,10 @@ def selectable(target: tuple[int, ...], source: tuple[int, ...]) -> bool:
 
 
 def select_uniform(src: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """``src`` reduced to ``shape``: index ``floor(i * n_src / n_tgt)`` along every smaller dim."""
+    """``src`` reduced to ``shape``: index ``floor(i * n_src / n_tgt)`` along every smaller dim
+    (a ``meta`` tensor, in fast validation: a meta tensor of that shape, without computing)."""
+    if src.is_meta:
+        return src.new_empty(shape)
     out = src
     for d, n in enumerate(shape):
         m = out.shape[d]
@@ -231,15 +233,6 @@ class Transplant(Method):
         trains. The untrained-source control copies from the source at its seed's initialisation."""
         untrained = options is None or options.control == "untrained_source"
         return Roles(trained=("target",), untrained=("source",) if untrained else ())
-
-    @classmethod
-    def check_shapes(cls, cfg, options: TransplantOptions, models: dict) -> list[str]:
-        """Fast validation: :func:`plan_transplant` on the weightless models (as :meth:`setup`)."""
-        try:
-            plan_transplant(options, models["source"], models["target"])
-        except ConfigError as e:
-            return [str(e)]
-        return []
 
     def config_warnings(self, roles: dict) -> list[str]:
         """A source without trained weights (the copy is then the untrained control), and

@@ -46,6 +46,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
 
 
+def _spectral_norm(layer: nn.Linear) -> nn.Module:
+    """``spectral_norm(layer)``; a layer on the ``meta`` device (fast validation builds the
+    adapters for their errors; only shapes exist) stays plain: the norm's power iteration would
+    be the one computation on meta tensors, and its first one loads torch's Python meta kernels
+    (about a second). The trainable parameters are the same either way."""
+    return layer if layer.weight.is_meta else spectral_norm(layer)
+
+
 class CrossAttention(nn.Module):
     """``LayerNorm(q + W_o MHA(q W_q, kv W_k, kv W_v))``; all projections with bias, total
     width ``heads * head_width(d_q, d_kv, heads)``; dropout on the attention weights."""
@@ -101,8 +109,8 @@ class KnowledgeTransferLayer(nn.Module):
             self.mix = nn.Parameter(torch.zeros(4))  # softmax(0) = equal weights = plain mean
         self.gelu = "tanh" if gelu == "tanh" else "none"
         hidden = width if width else 2 * q  # the authors' q -> 2q -> q, or the fixed model width
-        self.ffn_up = spectral_norm(nn.Linear(q, hidden))
-        self.ffn_down = spectral_norm(nn.Linear(hidden, q))
+        self.ffn_up = _spectral_norm(nn.Linear(q, hidden))
+        self.ffn_down = _spectral_norm(nn.Linear(hidden, q))
         self.ffn_dropout = nn.Dropout(ffn_dropout)
         self.ffn_norm = nn.LayerNorm(q, eps=ln_eps)
 
@@ -161,7 +169,7 @@ class ParameterAdapter(nn.Module):
         if anchor not in ("target", "source"):
             raise ValueError(f"anchor must be target or source, got '{anchor}'")
         if anchor == "source" and tuple(target_shape) != tuple(source_shape):
-            raise ValueError(f"anchor: 'source' needs the source matrix in the target's shape, got target "
+            raise ValueError(f"anchor 'source' needs the source matrix in the target's shape, got target "
                              f"{tuple(target_shape)} and source {tuple(source_shape)}")
         if output_scale not in ("none", "rms", "learned"):
             raise ValueError(f"output_scale must be none, rms or learned, got '{output_scale}'")

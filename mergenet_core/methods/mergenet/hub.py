@@ -24,16 +24,23 @@ class AdapterHub:
         self.device = torch.device(device)
         a = opts.adapter
         # the adapter's own RNG stream (init + dropout), leaving every caller's stream untouched
-        self.rng = RngStream(seed, self.device, seed_cuda=True)
+        # (on the CPU for a meta hub)
+        self.rng = RngStream(seed, "cpu" if self.device.type == "meta" else self.device, seed_cuda=True)
+        adapters = {}
         with self.rng.scope():
-            self.adapters = nn.ModuleDict({
-                lid: ParameterAdapter(shapes[lid][0], shapes[lid][1], a.layers, a.heads, *a.dropouts,
-                                      self.links[lid].pair.output_scale, combine=a.combine, gelu=a.gelu,
-                                      ln_eps=a.ln_eps, width=a.width, gate=a.gate,
-                                      anchor=a.anchor, gate_init=a.gate_init)
-                for lid in self.links}).to(self.device)
+            for lid, link in self.links.items():
+                try:
+                    adapters[lid] = ParameterAdapter(
+                        shapes[lid][0], shapes[lid][1], a.layers, a.heads, *a.dropouts, link.pair.output_scale,
+                        combine=a.combine, gelu=a.gelu, ln_eps=a.ln_eps, width=a.width, gate=a.gate,
+                        anchor=a.anchor, gate_init=a.gate_init)
+                except ValueError as e:  # options this link's matrices cannot take (e.g. heads)
+                    raise ValueError(f"layer pair {link.index}: {e}") from None
+            self.adapters = nn.ModuleDict(adapters).to(self.device)
         self.optimizers, self.schedulers = {}, {}
-        for lid, ad in self.adapters.items():
+        # a hub on the meta device (fast validation builds the adapters for their errors) never
+        # steps: no optimisers (torch's constructor would import torch._dynamo, seconds)
+        for lid, ad in self.adapters.items() if self.device.type != "meta" else ():
             groups = param_groups(ad.parameters(), a.weight_decay)
             try:  # the fused kernel (CPU since torch 2.4, and CUDA): fewer, larger kernels per step
                 opt = torch.optim.AdamW(groups, lr=a.lr, fused=True)

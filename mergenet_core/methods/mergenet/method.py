@@ -118,44 +118,6 @@ class MergeNet(Method):
                         roles[role].model, param, mode, lp.rank, lp.alpha,
                         field=f"method.options.layer_pairs.{link.index}.{side}", align=lp.align)
 
-    @classmethod
-    def check_shapes(cls, cfg, options: MergeNetOptions, models: dict) -> list[str]:
-        """Fast validation from the weightless models: each layer pair's weights (the checks
-        :meth:`setup` makes through ``make_encoding``, in its order) and each link's adapter
-        (the per-head width :meth:`ready` would refuse), without factorising anything."""
-        from .adapter import head_width
-        from ...lowrank import check_encoding
-
-        method, decl = cls(options, cfg), cls.roles(options)
-        frozen = set(decl.needed) - set(decl.trained)
-        shapes: dict[tuple[str, str], tuple[int, int]] = {}
-        try:
-            for link in method.links:
-                lp = link.pair
-                for role, param, side in link.ends():
-                    if role in models and (role, param) not in shapes:
-                        mode = "svd" if lp.mode == "learned" and role in frozen else lp.mode  # as setup()
-                        shapes[(role, param)] = check_encoding(
-                            models[role], param, mode, lp.rank, lp.alpha,
-                            field=f"method.options.layer_pairs.{link.index}.{side}")
-        except ConfigError as e:
-            return [str(e)]
-        a = options.adapter
-        for link in method.links:
-            if (link.receiver, link.receiver_param) not in shapes or (link.provider, link.provider_param) not in shapes:
-                continue
-            (p, q), (P, Q) = shapes[(link.receiver, link.receiver_param)], shapes[(link.provider, link.provider_param)]
-            try:  # the four cross attentions of a KTL, in construction order (adapter.py)
-                for d_q, d_kv in ((q, Q), (q, P), (p, Q), (p, P)):
-                    head_width(d_q, d_kv, a.heads, a.width)
-            except ValueError as e:  # the error the full build raises (ready)
-                return [str(_adapter_error(e))]
-            if a.anchor == "source" and (p, q) != (P, Q):
-                return [str(ConfigError("method.options.adapter.anchor",
-                                        f"'source' needs equal matrices; layer pair {link.index} has target "
-                                        f"{(p, q)} and source {(P, Q)}"))]
-        return []
-
     def config_warnings(self, roles: dict) -> list[str]:
         """An unscaled write (``output_scale: none``) in svd or learned mode (docs/METHOD.md,
         "Scale rule"); a layer pair whose receiving layer has no normalisation after it: every
