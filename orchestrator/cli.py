@@ -99,8 +99,8 @@ def cmd_train(args) -> int:
     if args.ray:
         from orchestrator.pair import preflight, run_pair_on_ray
 
-        preflight(cfg, address=args.address)
-        final = run_pair_on_ray(cfg, out, address=args.address, resume=args.resume)
+        plan = preflight(cfg, address=args.address)
+        final = run_pair_on_ray(cfg, out, address=args.address, resume=args.resume, plan=plan)
     else:
         from mergenet_core.engine import Engine
 

@@ -64,10 +64,16 @@ class PairPlan:
         return len(self.layout)
 
 
-def plan_pair(cfg: PairConfig) -> PairPlan:
-    """Build the pair once on CPU in this process: every config error (layer pair names,
-    ranks, data) surfaces here, before any Ray worker starts."""
-    pair = PairState.build(cfg, devices={n: torch.device("cpu") for n in ("source", "target")})
+def plan_pair(cfg: PairConfig, deep: bool = True) -> PairPlan:
+    """Plan the pair in this process, before any Ray worker starts: its worker layout, the
+    exchange's spec and the steps per epoch. ``deep``: build the whole pair on CPU (every config
+    error surfaces here, data and weights included); else the weightless build of fast
+    validation (data probed, models on the meta device: a grid trial whose grid was validated
+    already, and whose workers build the real pair anyway)."""
+    if deep:
+        pair = PairState.build(cfg, devices={n: torch.device("cpu") for n in ("source", "target")})
+    else:
+        pair = PairState.build(cfg, weightless=True)
     method = pair.method
     where = method.roles(method.options)
     layout = Split.layout(cfg, where)
@@ -75,8 +81,8 @@ def plan_pair(cfg: PairConfig) -> PairPlan:
     return PairPlan(layout, not where.apart, spec, pair.steps_per_epoch, method.config_warnings(pair.roles))
 
 
-def preflight(cfg: PairConfig, address: str | None = None) -> PairPlan:
-    plan = plan_pair(cfg)
+def preflight(cfg: PairConfig, address: str | None = None, deep: bool = True) -> PairPlan:
+    plan = plan_pair(cfg, deep=deep)
     ensure_ray(address)
     check_resources(cfg, plan)
     return plan

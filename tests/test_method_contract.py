@@ -333,3 +333,14 @@ def test_checkpoint_policy_is_the_same_on_every_host(ray_local, tmp_path):
     assert {2, 4, 5} <= set(written)  # every 2nd epoch and the last, plus new best-validation epochs
     assert kept == sorted(written)
     assert_same_metrics(read_metrics(tmp_path / "engine"), read_metrics(tmp_path / "ray"), tol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_weightless_plan_equals_the_full_plan(case):
+    """A split grid trial plans its pair from the weightless build (orchestrator/topology/split.py):
+    the same worker layout, exchange spec, steps per epoch and warnings as the full CPU build."""
+    from orchestrator.config import parse_config as parse_pair
+    from orchestrator.pair import plan_pair
+
+    cfg = parse_pair(GOLDEN_CASES[case])
+    assert plan_pair(cfg, deep=False) == plan_pair(cfg, deep=True)

@@ -59,7 +59,11 @@ class Split(Topology):
         return [{"CPU": driver_cpus}]
 
     def run(self, cfg: PairConfig, req: RunRequest) -> dict:
-        from orchestrator.pair import run_pair_on_ray
+        from orchestrator.pair import preflight, run_pair_on_ray
+
+        # a grid's trial (``store``): the grid was validated before it started and the workers
+        # build the real pair, so the plan comes from the weightless build (no data, no weights)
+        plan = preflight(cfg, deep=req.store is None)
 
         callbacks = []
         if req.reporter is not None:
@@ -71,15 +75,17 @@ class Split(Topology):
                 callbacks.append(TuneReportCallback())
             callbacks.append(tracking.MlflowEpochLogger(req.reporter.uri, req.reporter.run_id))
         if req.store is None:  # a run of its own: the Train run under OUT/ray
-            return run_pair_on_ray(cfg, req.out, resume=True, callbacks=callbacks, keep_bundles=req.keep_bundles,
+            return run_pair_on_ray(cfg, req.out, plan=plan, resume=True, callbacks=callbacks,
+                                   keep_bundles=req.keep_bundles,
                                    start_from=req.start, until_epoch=req.until_epoch)
         if req.segment:
             path, fs = (req.store / "segments").ray_storage()
-            return run_pair_on_ray(cfg, req.out, storage_path=path, storage_filesystem=fs,
+            return run_pair_on_ray(cfg, req.out, plan=plan, storage_path=path, storage_filesystem=fs,
                                    name=f"seg-{req.until_epoch:04d}", callbacks=callbacks, start_from=req.start,
                                    until_epoch=req.until_epoch, keep_bundles=req.keep_bundles)
         path, fs = req.store.ray_storage()
-        return run_pair_on_ray(cfg, req.out, resume=True, storage_path=path, storage_filesystem=fs, name="train",
+        return run_pair_on_ray(cfg, req.out, plan=plan, resume=True, storage_path=path, storage_filesystem=fs,
+                               name="train",
                                keep_bundles=req.keep_bundles, callbacks=callbacks, start_from=req.start,
                                until_epoch=req.until_epoch)
 
