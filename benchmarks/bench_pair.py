@@ -12,7 +12,7 @@ section between ``<!-- bench_pair:start -->`` and ``<!-- bench_pair:end -->`` of
    (``generate``/``update``) reported by the hub, and the same protocol against an *echo*
    actor that does no compute (the transport floor).
 2. **Pair step time.** The same small pair trained for a fixed number of steps by the
-   single-process :class:`mergenet_core.engine.Engine` and by
+   single-process :class:`mergenet_core.training.engine.Engine` and by
    :func:`orchestrator.pair.run_pair_on_ray` (1 source + 1 target worker, 1 CPU each).
    Per-step time = ``time/train_s`` / steps of each epoch (no Ray start-up, no evaluation),
    median over the epochs after the first (warm-up).
@@ -219,7 +219,7 @@ def _receiver_stats(history: list[dict]) -> tuple[float, float, float]:
 
 def run_engine(cfg_dict: dict, out: Path) -> list[dict]:
     from orchestrator.config import parse_config
-    from mergenet_core.engine import Engine
+    from mergenet_core.training.engine import Engine
 
     torch.set_num_threads(1)  # as each Ray worker (1 CPU -> OMP_NUM_THREADS=1)
     Engine(parse_config(cfg_dict), out, progress=False).run()
@@ -238,8 +238,8 @@ def bench_breakdown(steps: int, log) -> dict:
     """Phase times of single engine steps, transfer and plain steps interleaved (t_cycle 2), in
     one process: the machine's load drifts alike over both kinds of step."""
     from orchestrator.config import parse_config
-    from mergenet_core.engine import PairState
-    from mergenet_core.step import train_roles
+    from mergenet_core.training.engine import PairState
+    from mergenet_core.training.step import train_roles
 
     torch.set_num_threads(1)
     cfg = parse_config(bu.pair_config(t_cycle=2, epochs=1, steps_per_epoch=10**6, eval_every=10**6,
@@ -360,8 +360,8 @@ def bench_width_overhead(widths: list, steps: int, log) -> dict:
     turn in one process (t_cycle 2 here, so transfer and plain steps alternate): the load
     drifts alike over every kind of step and width."""
     from orchestrator.config import parse_config
-    from mergenet_core.engine import PairState
-    from mergenet_core.step import train_roles
+    from mergenet_core.training.engine import PairState
+    from mergenet_core.training.step import train_roles
 
     torch.set_num_threads(1)
     pairs, timers = {}, {}

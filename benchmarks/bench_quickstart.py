@@ -88,8 +88,8 @@ def alone_accuracy(work: Path) -> dict:
 def adapter_sizes() -> dict:
     """Trainable parameters of each pair's MergeNet adapters against its target model (the
     quickstart's `mergenet` arm, seed 0, built on CPU after the timed run: sizes, not timings)."""
-    from mergenet_core.init_weights import validating
-    from mergenet_core.loop import PairState
+    from mergenet_core.io.init_weights import validating
+    from mergenet_core.training.loop import PairState
     from orchestrator.grid.config import load_grid
 
     grid = load_grid(bu.ROOT / "experiments" / "quickstart.yaml")

@@ -65,10 +65,10 @@ def arm_config(rule, layer_pair, optimiser, adapter, source_init, seed) -> dict:
 
 
 def probe(cfg_dict: dict, transfers: int) -> list[dict]:
-    from mergenet_core.checks import parse_config
-    from mergenet_core.loop import PairState
+    from mergenet_core.config.checks import parse_config
+    from mergenet_core.training.loop import PairState
     from mergenet_core.methods.mergenet import Exchange
-    from mergenet_core.step import step_roles, train_roles
+    from mergenet_core.training.step import step_roles, train_roles
 
     class Recording(Exchange):
         def __init__(self, hub):

@@ -4,7 +4,7 @@
     python benchmarks/results_fmnist.py [--seeds 0 1 2] [--out runs/results_fmnist]
 
 Runs every method x seed of ``experiments/results_fmnist.yaml`` sequentially with the
-single-process :class:`~mergenet_core.engine.Engine` (a run whose ``final.json`` exists is
+single-process :class:`~mergenet_core.training.engine.Engine` (a run whose ``final.json`` exists is
 skipped; an interrupted run resumes from its checkpoint), then writes the table into
 ``docs/RESULTS.md`` between ``<!-- results_fmnist:start -->`` and
 ``<!-- results_fmnist:end -->`` (the rest of the file is left as it is).
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from mergenet_core.config import read_yaml  # noqa: E402
 from orchestrator.config import parse_config  # noqa: E402
-from mergenet_core.engine import FINAL, METRICS, Engine, PairState  # noqa: E402
+from mergenet_core.training.engine import FINAL, METRICS, Engine, PairState  # noqa: E402
 
 BASE = ROOT / "experiments" / "results_fmnist.yaml"
 RESULTS = ROOT / "docs" / "RESULTS.md"

@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 from mergenet_core.config import deep_merge, read_yaml  # noqa: E402
 from orchestrator.config import parse_config  # noqa: E402
-from mergenet_core.engine import Engine  # noqa: E402
+from mergenet_core.training.engine import Engine  # noqa: E402
 from orchestrator.tracking.paired import t_interval  # noqa: E402  (the report's own Student-t interval)
 
 

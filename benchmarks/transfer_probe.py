@@ -80,9 +80,9 @@ def study_configs(seed: int) -> tuple[dict, Path]:
 
 def passthrough_check(cfg: dict) -> list[dict]:
     """Measurement 1 on the donor and a target at its seed's initialisation."""
-    from mergenet_core.checks import parse_config
+    from mergenet_core.config.checks import parse_config
     from mergenet_core.lowrank import conv_to_matrix, make_encoding
-    from mergenet_core.loop import PairState
+    from mergenet_core.training.loop import PairState
 
     pair = PairState.build(parse_config({**cfg, "method": {"name": "mergenet", "options": {
         "freeze_source": True, "layer_pairs": lp("svd"), "adapter": ADAPTER}}}))
@@ -109,9 +109,9 @@ def passthrough_check(cfg: dict) -> list[dict]:
 
 def train_arm(cfg: dict, options: dict, seed: int) -> dict:
     """Measurements 2 and 3 for one arm."""
-    from mergenet_core.checks import parse_config
-    from mergenet_core.loop import PairState
-    from mergenet_core.step import take_step
+    from mergenet_core.config.checks import parse_config
+    from mergenet_core.training.loop import PairState
+    from mergenet_core.training.step import take_step
 
     d = copy.deepcopy(cfg)
     d["method"] = {"name": "mergenet", "options": {"freeze_source": True, **copy.deepcopy(options)}}
@@ -142,7 +142,7 @@ def train_arm(cfg: dict, options: dict, seed: int) -> dict:
     final = pair.evaluate()
     # measurement 3: the last inputs, the shuffled control's source matrix fed in one place at a time
     from mergenet_core.methods.mergenet.adapter import BLOCKS
-    from mergenet_core.roles import derive_seed
+    from mergenet_core.training.roles import derive_seed
 
     ablation = {}
     for lid, ad in hub.adapters.items():
@@ -172,9 +172,9 @@ def train_arm(cfg: dict, options: dict, seed: int) -> dict:
 
 def reference_arms(cfg: dict) -> dict:
     """alone and transplant on the same seed: the accuracies the traces are read against."""
-    from mergenet_core.checks import parse_config
-    from mergenet_core.loop import PairState
-    from mergenet_core.step import take_step
+    from mergenet_core.config.checks import parse_config
+    from mergenet_core.training.loop import PairState
+    from mergenet_core.training.step import take_step
 
     out = {}
     for name, method in (("alone", {"name": "alone", "options": {}}),

@@ -86,14 +86,14 @@ def load_any(path: str, overrides: list[str] | None = None, warnings: list[str] 
 
 
 def cmd_train(args) -> int:
-    from mergenet_core.safe_io import prepare_run_dir
+    from mergenet_core.io.safe_io import prepare_run_dir
 
     cfg = _load(args.config, args.set)
     out = Path(args.out or Path("runs") / f"{cfg.name}-s{cfg.seed}")
     # nothing lost: a folder holding a run needs --resume or --overwrite; --resume needs a checkpoint
     prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite, ray=args.ray)
     if args.ray and args.resume:  # a corrupt or foreign checkpoint: one line here, not a worker failure
-        from mergenet_core.safe_io import load_checkpoint, ray_checkpoints
+        from mergenet_core.io.safe_io import load_checkpoint, ray_checkpoints
 
         load_checkpoint(ray_checkpoints(out)[-1])
     if args.ray:
@@ -102,7 +102,7 @@ def cmd_train(args) -> int:
         plan = preflight(cfg, address=args.address)
         final = run_pair_on_ray(cfg, out, address=args.address, resume=args.resume, plan=plan)
     else:
-        from mergenet_core.engine import Engine
+        from mergenet_core.training.engine import Engine
 
         final = Engine(cfg, out, progress=not args.quiet).run(resume=args.resume)
     print(json.dumps(final, indent=2))

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
-from mergenet_core import checks
+from mergenet_core.config import checks
 from mergenet_core.config import ExperimentConfig, Strict
 from mergenet_core.errors import short
 

@@ -8,8 +8,8 @@ gradients are averaged in the role's group). Role leaders send clones of their f
 plain call arguments (inline when ≤ 100 KiB, else through the object store) to the shared
 :class:`AdapterActor`, which holds the exchange the method builds (MergeNet's adapters); the
 target leader broadcasts the generated matrices inside its role. Workers run
-:func:`~mergenet_core.step.take_step` for their own role inside the core
-:class:`~mergenet_core.loop.PairLoop` — the loop and step code the single-process engine runs.
+:func:`~mergenet_core.training.step.take_step` for their own role inside the core
+:class:`~mergenet_core.training.loop.PairLoop` — the loop and step code the single-process engine runs.
 Methods whose roles may not run apart (e.g. both models on one batch) run co-located in one
 worker, which takes the step for the whole pair.
 
@@ -40,7 +40,7 @@ from ray.train.torch import TorchTrainer
 from mergenet_core.errors import ConfigError, MergenetError
 from mergenet_core.io import PLACEMENT
 from mergenet_core.io.outputs import RunOutputs
-from mergenet_core.loop import KEEP_BUNDLES, PairState, load_bundle
+from mergenet_core.training.loop import KEEP_BUNDLES, PairState, load_bundle
 from orchestrator.cluster.actor import AdapterActor
 from orchestrator.cluster.connect import check_resources, ensure_ray
 from orchestrator.cluster.worker import BEST_FLAG, BUNDLE, pair_worker

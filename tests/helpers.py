@@ -218,8 +218,8 @@ def step_metrics(data: dict, out: str | Path) -> dict[str, list[dict]]:
     (loss sum and correct count since the last evaluation) and the sum of its state dict (every
     weight and buffer); and the ``metrics.jsonl`` records (:func:`numeric_items`: no timings).
     What tests/golden/step_metrics.json holds per case (``python tests/make_golden.py``)."""
-    from mergenet_core.checks import parse_config
-    from mergenet_core.engine import Engine
+    from mergenet_core.config.checks import parse_config
+    from mergenet_core.training.engine import Engine
 
     engine = Engine(parse_config(data), out, progress=False)
     pair, take = engine.pair, engine.step

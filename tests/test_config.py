@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from helpers import ROOT, mergenet_options, run_cli, tiny_pair, write_yaml
-from mergenet_core.checks import method_options
+from mergenet_core.config.checks import method_options
 from mergenet_core.config import ConfigErrors
 from orchestrator.config import load_config
 from orchestrator.cli import main

@@ -359,7 +359,7 @@ def test_malicious_cifar_pickle_is_refused_not_run(tmp_path, cmd):
 
 def test_restricted_unpickler_admits_numpy_and_plain_containers(tmp_path):
     from mergenet_core.errors import DataMissingError
-    from mergenet_core.safe_pickle import load_data_pickle
+    from mergenet_core.io.safe_pickle import load_data_pickle
 
     d = {b"a": np.arange(6, dtype=np.uint8).reshape(2, 3), "s": {1, 2}, "f": frozenset([3]), "t": (1.5, None),
          "b": bytearray(b"xy"), "n": np.float32(2.0)}

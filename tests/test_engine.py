@@ -11,8 +11,8 @@ import torch
 
 import helpers
 from helpers import (mergenet_options, numeric_items, read_metrics, tiny_pair, write_yaml)
-from mergenet_core.checks import parse_config
-from mergenet_core.engine import CHECKPOINT, FINAL, METRICS, Engine
+from mergenet_core.config.checks import parse_config
+from mergenet_core.training.engine import CHECKPOINT, FINAL, METRICS, Engine
 
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from helpers import fmnist_task, tiny_grid, tiny_pair, write_yaml
-from mergenet_core.safe_yaml import MAX_BYTES, MAX_DEPTH, MAX_NODES, Loader
+from mergenet_core.io.safe_yaml import MAX_BYTES, MAX_DEPTH, MAX_NODES, Loader
 from orchestrator.cli import MAX_LINE, main
 
 

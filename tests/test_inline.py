@@ -8,7 +8,7 @@ import pytest
 
 from helpers import assert_same_metrics, mergenet_arm, read_metrics, run_cli, tiny_grid, tiny_pair, write_yaml
 from orchestrator.config import parse_config
-from mergenet_core.engine import Engine
+from mergenet_core.training.engine import Engine
 
 
 @pytest.mark.parametrize("ray,expected", [

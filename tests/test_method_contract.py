@@ -26,11 +26,11 @@ import torch
 import helpers
 from helpers import (assert_same_metrics, mergenet_options, numeric_items, read_metrics,
                      step_metrics, tiny_pair)
-from mergenet_core.checks import method_options, method_roles, parse_config
-from mergenet_core.engine import Engine
-from mergenet_core.loop import PairState
+from mergenet_core.config.checks import method_options, method_roles, parse_config
+from mergenet_core.training.engine import Engine
+from mergenet_core.training.loop import PairState
 from mergenet_core.methods import METHODS
-from mergenet_core.step import take_step
+from mergenet_core.training.step import take_step
 
 
 #: one tiny pair per registered method (2 epochs; eval_every 2 where the method supports it,
@@ -260,7 +260,7 @@ def _core_import_graph() -> dict[str, set[str]]:
 def test_fast_validation_accepts_every_case(method):
     """The method's ``setup`` and ``ready`` on the weightless models (``mergenet validate``
     without ``--deep``) find nothing wrong with a config the full build accepts."""
-    from mergenet_core.shape_check import check_pair_shapes
+    from mergenet_core.config.weightless import check_pair_shapes
 
     warnings: list[str] = []
     assert check_pair_shapes(parse_config(CASES[method]), warnings) == []
@@ -318,7 +318,7 @@ def test_no_file_outside_a_method_names_it():
 def test_checkpoint_policy_is_the_same_on_every_host(ray_local, tmp_path):
     """``checkpoint_every`` and the best-validation bundles: the engine and the Ray role workers
     write bundles at the same epochs (the loop decides, not the host)."""
-    from mergenet_core.engine import load_bundle
+    from mergenet_core.training.engine import load_bundle
     from orchestrator.config import parse_config as parse_pair
     from orchestrator.pair import run_pair_on_ray
 

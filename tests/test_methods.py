@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mergenet_core.checks import parse_config
+from mergenet_core.config.checks import parse_config
 from mergenet_core.config import ConfigErrors, deep_merge
-from mergenet_core.engine import PairState
+from mergenet_core.training.engine import PairState
 from mergenet_core.errors import ConfigError
 from mergenet_core.lowrank import conv_to_matrix, rms
 from mergenet_core.methods import METHODS, Method
-from mergenet_core.step import take_step
+from mergenet_core.training.step import take_step
 
 LR = 0.1
 FMNIST = {"name": "fashion_mnist", "options": {"train_subset": 200, "test_subset": 50}}
@@ -200,7 +200,7 @@ def test_dml_simultaneous_mutual_learning():
 
 
 def test_kd_and_dml_run_through_the_engine(tmp_path):
-    from mergenet_core.engine import Engine
+    from mergenet_core.training.engine import Engine
 
     for name in ("kd", "dml"):
         cfg = make_cfg(name, recipe={"steps_per_epoch": 2})

@@ -14,7 +14,7 @@ import torch
 import helpers
 from helpers import assert_same_metrics, mergenet_options, read_metrics, tiny_pair, write_yaml
 from orchestrator.config import parse_config
-from mergenet_core.engine import Engine
+from mergenet_core.training.engine import Engine
 
 RAY = {"cpus_per_worker": 0.5}
 
@@ -73,7 +73,7 @@ def test_colocated_baseline_runs_on_ray(ray_local, tmp_path):
 def test_keeps_only_the_last_and_the_best_validation_bundle(ray_local, tmp_path, keep):
     import json
 
-    from mergenet_core.engine import load_bundle
+    from mergenet_core.training.engine import load_bundle
     from orchestrator.pair import run_pair_on_ray
 
     cfg = parse_config(tiny_pair("alone", source_model=None, recipe={"epochs": 4, "steps_per_epoch": 2}, ray=RAY))

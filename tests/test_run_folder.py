@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import tiny_pair, write_yaml
-from mergenet_core.engine import CHECKPOINT, FINAL, METRICS
+from mergenet_core.training.engine import CHECKPOINT, FINAL, METRICS
 from orchestrator.cli import main
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import TINY_MODELS, fmnist_task, model_spec, tiny_grid, write_yaml
-from mergenet_core.init_weights import PLANNED
+from mergenet_core.io.init_weights import PLANNED
 from orchestrator.cli import main
 from orchestrator.grid.config import load_grid
 from orchestrator.grid.sources import is_trained, source_key, train_missing
@@ -88,7 +88,7 @@ def test_sources_train_once_then_are_reused_and_a_new_config_trains_anew(tmp_pat
     train_missing(configs, dirs, log=lines.append)
     assert lines[1].startswith(f"source donor: reused {dirs['donor']}")
     # the trial's source role starts from the trained donor (deep build: real weights)
-    from mergenet_core.loop import PairState
+    from mergenet_core.training.loop import PairState
 
     grid = load_grid(path)
     pair = PairState.build(grid.trial_config("cnn-cnn", "transplant", 0))
@@ -116,7 +116,7 @@ def test_a_planned_source_is_never_loaded_as_nothing_outside_validation(tmp_path
     """Deep validation checks a not-yet-trained source at its planned shapes; a real build of the
     same trial (outside validation) refuses it instead of starting from an untrained model."""
     from mergenet_core.errors import ConfigError
-    from mergenet_core.loop import PairState
+    from mergenet_core.training.loop import PairState
 
     path = write_yaml(tmp_path / "g.yaml", _grid(tmp_path))
     grid = load_grid(path)  # deep: the trial is built inside validation

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import (ROOT, assert_same_metrics, fmnist_task, mergenet_options, read_metrics, run_cli, tiny_grid,
                      tiny_pair, write_yaml)
-from mergenet_core.engine import Engine
+from mergenet_core.training.engine import Engine
 from orchestrator import topology
 from orchestrator.config import parse_config
 from orchestrator.cluster.storage import Location

@@ -1,7 +1,7 @@
 """The MergeNet transfer cycle (spec section 5) on real tiny models and real Fashion-MNIST.
 
 Every test builds a pair with :func:`mergenet_core.config.parse_config` and
-:meth:`mergenet_core.engine.PairState.build`, then drives it either with ``take_step`` or in
+:meth:`mergenet_core.training.engine.PairState.build`, then drives it either with ``take_step`` or in
 two parts (``transfer``: the method's ``before_step``; ``train``: ``train_roles``) to look
 between them.
 """
@@ -14,14 +14,14 @@ import warnings
 import pytest
 import torch
 
-from mergenet_core.checks import parse_config
+from mergenet_core.config.checks import parse_config
 from mergenet_core.config import deep_merge
 from mergenet_core.data.base import TaskInfo
-from mergenet_core.engine import PairState
+from mergenet_core.training.engine import PairState
 from mergenet_core.errors import ConfigError, TransferError
 from mergenet_core.lowrank import conv_to_matrix, make_encoding, matrix_to_weight
 from mergenet_core.models import build_model
-from mergenet_core.step import step_roles, take_step, train_roles
+from mergenet_core.training.step import step_roles, take_step, train_roles
 from mergenet_core.methods.mergenet import AdapterHub, Exchange, MergeNetOptions, make_links
 
 LR = 0.1

@@ -17,12 +17,12 @@ from helpers import (assert_same_metrics, mergenet_options, read_metrics, tiny_p
 from mergenet_core.methods.mergenet.adapter import ParameterAdapter, adapter_param_count
 from mergenet_core.config import ConfigErrors
 from orchestrator.config import load_config, parse_config
-from mergenet_core.engine import Engine, PairState
+from mergenet_core.training.engine import Engine, PairState
 from mergenet_core.errors import ConfigError
 from mergenet_core.lowrank import (canonical_signs, make_encoding, procrustes_align, row_cosine,
                                    truncated_svd_factors)
 from mergenet_core.methods.mergenet import AdapterOptions, MergeNetOptions
-from mergenet_core.step import take_step
+from mergenet_core.training.step import take_step
 from orchestrator.cli import main
 
 

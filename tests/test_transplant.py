@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from helpers import tiny_pair, write_yaml
-from mergenet_core.checks import parse_config
-from mergenet_core.loop import PairState
+from mergenet_core.config.checks import parse_config
+from mergenet_core.training.loop import PairState
 from mergenet_core.methods.transplant import select_uniform
 from mergenet_core.models.cnn import SmallCNN
-from mergenet_core.roles import build_role
-from mergenet_core.step import take_step
+from mergenet_core.training.roles import build_role
+from mergenet_core.training.step import take_step
 
 
 WIDE = {"name": "cnn", "options": {"channels": [16, 32], "hidden": 32}}

@@ -237,7 +237,7 @@ def test_data_pickle_scan_refuses_what_the_loader_refuses(tmp_path):
     import numpy as np
 
     from mergenet_core.errors import DataMissingError
-    from mergenet_core.safe_pickle import load_data_pickle, scan_data_pickle
+    from mergenet_core.io.safe_pickle import load_data_pickle, scan_data_pickle
 
     class Boom:
         def __reduce__(self):

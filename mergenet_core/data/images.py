@@ -138,7 +138,7 @@ class CifarOptions(SplitOptions):
 def _unpickle(path: Path) -> dict:
     """The CIFAR archives are python pickles: read them with the restricted unpickler (plain
     containers and numpy arrays only; a file naming anything else is refused, never run)."""
-    from ..safe_pickle import load_data_pickle
+    from ..io.safe_pickle import load_data_pickle
 
     d = load_data_pickle(path)
     if not isinstance(d, dict):
@@ -176,7 +176,7 @@ def _probe_cifar(name: str, opts: CifarOptions, fine: bool) -> TaskShape:
     """Fast validation: the folder and every batch file are there, and no file references a
     global a data pickle may not hold (an opcode scan: nothing is unpickled). The split sizes
     are the official ones; ``mergenet validate --deep`` counts the real examples."""
-    from ..safe_pickle import scan_data_pickle
+    from ..io.safe_pickle import scan_data_pickle
 
     folder, what, k = (("cifar-100-python", "CIFAR-100", 100) if fine else ("cifar-10-batches-py", "CIFAR-10", 10))
     base = _cifar_folder(opts.root, folder, what)

@@ -3,7 +3,7 @@
 A model declares its modality once, as ``modality=`` on its ``MODELS`` entry, and a task as
 ``modality=`` on its ``TASKS`` entry and in its :class:`TaskInfo`. Everything that depends on
 the kind of input asks the registered :class:`Modality`: a role's batch preparation
-(:class:`mergenet_core.roles.Role`), the stand-in task of ``mergenet pairs``, and the one
+(:class:`mergenet_core.training.roles.Role`), the stand-in task of ``mergenet pairs``, and the one
 model/task check (:func:`mismatch`). A new modality is one subclass registered here.
 """
 from __future__ import annotations

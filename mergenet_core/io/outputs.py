@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..safe_io import write_atomic
+from .safe_io import write_atomic
 from . import BUNDLES, CONFIG, FINAL, METRICS, PLACEMENT
 
 

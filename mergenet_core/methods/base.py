@@ -5,8 +5,8 @@ reads its options model from ``cls.Options``. It is constructed from its validat
 the experiment config, may rewrite the models in :meth:`setup` (before optimisers exist), and
 computes each role's loss in a step (:meth:`loss`), acting at the step's named hooks
 (:meth:`before_step`, :meth:`after_backward`, :meth:`after_step`). The step itself -- batches,
-forward and backward passes, clipping, optimiser steps -- is :func:`mergenet_core.step.take_step`;
-the training loop (:class:`~mergenet_core.loop.PairLoop`) owns epochs, evaluation, metrics and
+forward and backward passes, clipping, optimiser steps -- is :func:`mergenet_core.training.step.take_step`;
+the training loop (:class:`~mergenet_core.training.loop.PairLoop`) owns epochs, evaluation, metrics and
 checkpoints; the method owns only its losses, hooks and its own state.
 
 Roles: :meth:`roles` is the one declaration of which roles the method needs, trains and keeps
@@ -19,7 +19,7 @@ Hosts call only these methods, so no host names a method.
 
 Validation: :meth:`check_config` sees the config alone; everything the models decide comes from
 :meth:`setup` and :meth:`ready` themselves. Fast validation (``mergenet validate``,
-``mergenet_core.shape_check``) runs them on weightless roles (``PairState.build(weightless=True)``:
+``mergenet_core.config.weightless``) runs them on weightless roles (``PairState.build(weightless=True)``:
 models on the ``meta`` device, no data, no optimisers), so it raises the full build's errors by
 construction; there is no second copy of the checks to keep in step.
 """
@@ -116,7 +116,7 @@ class Method:
         :class:`~mergenet_core.errors.ConfigError` for what the models cannot do.
 
         Also runs in fast validation, as does :meth:`ready`, on
-        :class:`~mergenet_core.roles.WeightlessRole` s (``model`` on the ``meta`` device,
+        :class:`~mergenet_core.training.roles.WeightlessRole` s (``model`` on the ``meta`` device,
         ``device`` meta): decide errors from names, shapes and module types, and skip computing
         values of meta tensors (``t.is_meta``; factories, views and ``copy_`` cost nothing there,
         arithmetic loads torch's Python meta kernels, seconds)."""
@@ -130,12 +130,12 @@ class Method:
         """Called once optimisers exist (build method-owned modules/optimisers here); in fast
         validation on the weightless roles, without their optimisers (see :meth:`setup`)."""
 
-    # ---------------------------------------------------------------- the step (mergenet_core/step.py)
+    # ---------------------------------------------------------------- the step (mergenet_core/training/step.py)
     def before_step(self, step: int, roles: dict) -> None:
         """Before any forward of step ``step``, with the roles the step takes (``needed`` order)."""
 
     def loss(self, role: str, outs: dict) -> torch.Tensor:
-        """The loss ``role`` backpropagates, from the step's :class:`~mergenet_core.step.Forward`
+        """The loss ``role`` backpropagates, from the step's :class:`~mergenet_core.training.step.Forward`
         of each role (its own; every role's with ``Roles.shared_batch``). Default: its cross-entropy."""
         return outs[role].ce
 

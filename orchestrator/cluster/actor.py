@@ -13,7 +13,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from mergenet_core.loop import build_method
+from mergenet_core.training.loop import build_method
 from orchestrator.config import PairConfig
 
 

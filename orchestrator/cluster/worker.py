@@ -1,5 +1,5 @@
 """The Ray Train worker of a pair: one role (or the whole pair, co-located) running the core
-:class:`~mergenet_core.loop.PairLoop`, data parallel inside its role's process group; world
+:class:`~mergenet_core.training.loop.PairLoop`, data parallel inside its role's process group; world
 rank 0 (the target's leader) reports each epoch's bundle as a Ray Train checkpoint."""
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from ray.train import Checkpoint
 
 from mergenet_core.io import PAIR_BUNDLE as BUNDLE
 from mergenet_core.io.outputs import RunOutputs
-from mergenet_core.loop import PairLoop, PairState, load_bundle, numeric, save_bundle
-from mergenet_core.step import take_step
+from mergenet_core.training.loop import PairLoop, PairState, load_bundle, numeric, save_bundle
+from mergenet_core.training.step import take_step
 from orchestrator.cluster.actor import RayExchange, _to_cpu
 from orchestrator.config import PairConfig
 
 
 #: which pair bundles (Ray Train checkpoints) a run keeps, and so writes
-#: (:data:`mergenet_core.loop.KEEP_BUNDLES`, written by the loop's checkpoint policy):
+#: (:data:`mergenet_core.training.loop.KEEP_BUNDLES`, written by the loop's checkpoint policy):
 #: ``last_and_best``: the last and the best-validation one (the earliest epoch of the highest
 #: ``target/val_acc``, as in ``final.json``); ``last``: only the last; ``all``: every bundle written
 BEST_FLAG = "checkpoint/best_val"  # 1 on the bundle of a new best-validation epoch (Ray's score)
@@ -51,7 +51,7 @@ def _mark(out: Path, what: str, role: str, role_rank: int, epoch: int) -> None:
 
 
 class RoleWorkerHost:
-    """The :class:`~mergenet_core.loop.Host` of one Ray Train worker: its role (or the whole
+    """The :class:`~mergenet_core.training.loop.Host` of one Ray Train worker: its role (or the whole
     pair, co-located), data parallel inside the role's process group; world rank 0 (the
     target's leader) leads: it assembles records and reports bundles as Ray Train checkpoints."""
 

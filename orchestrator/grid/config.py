@@ -21,7 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, Va
 from mergenet_core.config import ConfigErrors, apply_overrides, deep_merge, format_validation_error, read_yaml
 from orchestrator.config import PairConfig, parse_config
 from mergenet_core.errors import ConfigError, short
-from mergenet_core.init_weights import validating
+from mergenet_core.io.init_weights import validating
 
 
 class _Strict(BaseModel):
@@ -410,7 +410,7 @@ ROLE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "
 
 def reported_metrics(cfg: PairConfig) -> tuple[set[str], set[str]]:
     """(metrics the trial reports every epoch, metrics it reports only on evaluation epochs)."""
-    from mergenet_core.checks import method_roles
+    from mergenet_core.config.checks import method_roles
     from mergenet_core.methods import METHODS
 
     every = set(EPOCH_METRICS)
@@ -438,14 +438,14 @@ def check_layers(cfg: PairConfig, warnings: list[str] | None = None, build: bool
     """Layer names, ranks, missing data, ``init_from`` files; the method's warnings are
     appended to ``warnings``. ``build``: build the pair once on CPU (data, models, encodings,
     adapters; data loads are cached per process); else the fast check from file metadata and
-    weightless models (:func:`mergenet_core.shape_check.check_pair_shapes`: no Ray, no data
+    weightless models (:func:`mergenet_core.config.weightless.check_pair_shapes`: no Ray, no data
     decoded, no weights), which reports the same first error for what it can see."""
-    from mergenet_core.checks import method_roles
+    from mergenet_core.config.checks import method_roles
     from mergenet_core.errors import MergenetError
     from orchestrator import topology
 
     if not build:
-        from mergenet_core.shape_check import check_pair_shapes
+        from mergenet_core.config.weightless import check_pair_shapes
 
         lines = check_pair_shapes(cfg, warnings)
         if not lines:
@@ -456,7 +456,7 @@ def check_layers(cfg: PairConfig, warnings: list[str] | None = None, build: bool
         return lines
     import torch
 
-    from mergenet_core.loop import PairState
+    from mergenet_core.training.loop import PairState
 
     try:
         pair = PairState.build(cfg, devices={n: torch.device("cpu") for n in ("source", "target")})

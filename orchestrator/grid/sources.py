@@ -7,7 +7,7 @@ as ``sources:NAME``. ``mergenet run`` then
 
 1. validates everything before any work, every trial built once as without sources (a
    reference to a source not trained yet is checked against the shapes its model will have:
-   :data:`mergenet_core.init_weights.PLANNED`);
+   :data:`mergenet_core.io.init_weights.PLANNED`);
 2. trains each missing source in this process (the single-process engine), or reuses it;
 3. runs the grid, whose trials start from ``<sources dir>/NAME-KEY``.
 
@@ -62,7 +62,7 @@ def source_key(cfg) -> str:
 def _content_hash(path: str) -> str:
     """sha256 of a local weights file (a folder: its bundle); the path itself for a URI or a
     missing file (validation reports that)."""
-    from mergenet_core.init_weights import BUNDLE_NAMES
+    from mergenet_core.io.init_weights import BUNDLE_NAMES
 
     p = Path(path)
     if p.is_dir():
@@ -153,7 +153,7 @@ def resolve_refs(data: Any, dirs: dict[str, Path], where: str = "") -> list[str]
 
 def plan(configs: dict[str, Any], dirs: dict[str, Path]) -> None:
     """Register each untrained source's future checkpoint shapes for fast validation."""
-    from mergenet_core.init_weights import PLANNED
+    from mergenet_core.io.init_weights import PLANNED
 
     for name, cfg in configs.items():
         if not is_trained(dirs[name]):
@@ -177,8 +177,8 @@ def train_missing(configs: dict[str, Any], dirs: dict[str, Path], log=print) -> 
     NAME -> its ``final.json``. Two runs training the same source at once are not coordinated."""
     import shutil
 
-    from mergenet_core.engine import Engine
-    from mergenet_core.init_weights import PLANNED
+    from mergenet_core.training.engine import Engine
+    from mergenet_core.io.init_weights import PLANNED
     from orchestrator.cluster.storage import Location, scratch_dir
 
     out = {}

@@ -2,7 +2,7 @@
 
 A Tune trial whose pair fits one device needs no Ray Train worker group: starting one costs
 ~40-60 s per trial on a small machine, against seconds of training. This topology runs the
-single-process :class:`~mergenet_core.engine.Engine` (the same loop, checkpoints,
+single-process :class:`~mergenet_core.training.engine.Engine` (the same loop, checkpoints,
 ``metrics.jsonl`` and ``final.json`` as ``mergenet train``) in the trial process, so its
 metrics equal the engine's exactly. ``auto`` falls back to it.
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 from mergenet_core.errors import ConfigError
 from mergenet_core.io.outputs import RunOutputs
-from mergenet_core.loop import BEST, CHECKPOINT, load_bundle, numeric
+from mergenet_core.training.loop import BEST, CHECKPOINT, load_bundle, numeric
 
 from .base import TOPOLOGIES, RunRequest, Topology
 
@@ -123,7 +123,7 @@ def run_pair_inline(cfg: PairConfig, out: Path, *, on_epoch: Callable[[dict], No
     folder mirroring the bundles (``checkpoint.pt``, ``best.pt``). ``start_from``: a folder
     holding a ``checkpoint.pt`` to start from (a PBT donor). ``until_epoch``: stop there.
     """
-    from mergenet_core.engine import Engine
+    from mergenet_core.training.engine import Engine
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from mergenet_core.io.outputs import RunOutputs
-from mergenet_core.loop import load_bundle, numeric
+from mergenet_core.training.loop import load_bundle, numeric
 
 from .base import ReporterSpec, RunRequest, Topology
 

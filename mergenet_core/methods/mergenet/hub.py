@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import TransferError
-from ...optim import RngStream, param_groups, reapply_hparams, schedule_lambda
+from ...training.optim import RngStream, param_groups, reapply_hparams, schedule_lambda
 from .adapter import ParameterAdapter, adapter_param_count
 from .links import Link
 from .options import MergeNetOptions

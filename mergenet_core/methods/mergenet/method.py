@@ -1,6 +1,6 @@
 """``mergenet``: learned parameter adapters rewrite target weights every ``t_cycle`` steps.
 
-The method acts at the step's hooks (``mergenet_core/step.py``), the same on every host:
+The method acts at the step's hooks (``mergenet_core/training/step.py``), the same on every host:
 ``before_step`` (a transfer step: every role puts its matrices, then every receiving role gets
 the adapter's output and writes it in place), ``after_backward`` (the task loss's gradient
 with respect to each written output) and ``after_step`` (the feedback the update rule needs).
@@ -16,7 +16,7 @@ import torch
 
 from ...errors import ConfigError, short
 from ...lowrank import make_encoding, rms
-from ...roles import derive_seed
+from ...training.roles import derive_seed
 from ..base import Method, Roles
 from .exchange import Exchange
 from .hub import AdapterHub

@@ -1,6 +1,6 @@
 """The training loop every host runs (nanoGPT's one loop; the method owns only the step).
 
-A *host* is where a pair's roles live: the single-process :class:`~mergenet_core.engine.Engine`
+A *host* is where a pair's roles live: the single-process :class:`~mergenet_core.training.engine.Engine`
 (both roles; also what a Tune trial runs in-process), or one Ray Train worker of the Ray pair
 (one role, or the whole pair co-located). :class:`PairLoop` owns epochs, the evaluation
 cadence, the per-epoch metrics record, best-validation tracking, the checkpoint policy, the
@@ -20,14 +20,14 @@ from typing import Callable, Protocol
 
 import torch
 
-from .checks import method_options
-from .config import ExperimentConfig
-from .errors import ConfigError, short
-from .methods import METHODS, Method
+from ..config.checks import method_options
+from ..config import ExperimentConfig
+from ..errors import ConfigError, short
+from ..methods import METHODS, Method
 from .roles import Role, build_role, build_weightless_role
-from .io import FINAL, METRICS  # noqa: F401 (re-exported)
-from .io.outputs import RunOutputs, summarise
-from .safe_io import load_checkpoint, save_checkpoint
+from ..io import FINAL, METRICS  # noqa: F401 (re-exported)
+from ..io.outputs import RunOutputs, summarise
+from ..io.safe_io import load_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"  # the bundle of the best-validation epoch
@@ -73,8 +73,8 @@ class PairState:
               steps_per_epoch: int | None = None) -> "PairState":
         """The method and its roles (``role_names``: only these), set up and ready to train.
 
-        ``weightless``: fast validation (``mergenet_core.shape_check``): the same build on
-        :class:`~mergenet_core.roles.WeightlessRole` s (data probed, not loaded; models on the
+        ``weightless``: fast validation (``mergenet_core.config.weightless``): the same build on
+        :class:`~mergenet_core.training.roles.WeightlessRole` s (data probed, not loaded; models on the
         meta device) without optimisers, data streams or RNG streams; the method's ``setup``
         and ``ready`` run on the meta device, so they raise the errors of the full build.
         ``steps_per_epoch``: the pair's, when the caller knows it already (a Ray worker gets its
@@ -83,7 +83,7 @@ class PairState:
         decl = method.roles(method.options)
         names = role_names or decl.needed
         if weightless:
-            from .models import weightless as on_meta
+            from ..models import weightless as on_meta
 
             roles = {n: build_weightless_role(n, cfg, load_init=n not in decl.untrained) for n in names}
             for r in roles.values():
@@ -109,7 +109,7 @@ class PairState:
         if "target" in roles:
             return roles["target"].steps_per_epoch
         # a source-only host not told the number computes it without building the target
-        from .data import build_task
+        from ..data import build_task
 
         t = cfg.target
         n = len(build_task(t.task.name, t.task.options, seed=cfg.seed).train) // t.recipe.batch_size

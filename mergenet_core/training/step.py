@@ -24,7 +24,7 @@ import torch
 
 if TYPE_CHECKING:
     from .loop import PairState
-    from .methods.base import Method
+    from ..methods.base import Method
     from .roles import Role
 
 

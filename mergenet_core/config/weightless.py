@@ -4,7 +4,7 @@ second and without Ray, MLflow or transformers.
 ``mergenet validate`` runs :func:`check_pair_shapes` on every pair (and every grid trial);
 ``mergenet validate --deep`` builds the whole pair instead (``orchestrator.pair.plan_pair``:
 data loaded and decoded, models built with their weights, layers factorised, adapters
-built). The fast check is the same build, :meth:`~mergenet_core.loop.PairState.build` with
+built). The fast check is the same build, :meth:`~mergenet_core.training.loop.PairState.build` with
 ``weightless=True``, so the two report the same first error by construction for what it can see:
 
 * data present: each task's :func:`~mergenet_core.data.probe_task` (files there, headers /
@@ -27,14 +27,14 @@ unavailable ``device``.
 """
 from __future__ import annotations
 
-from .config import ExperimentConfig
-from .errors import MergenetError
+from . import ExperimentConfig
+from ..errors import MergenetError
 
 
 def check_pair_shapes(cfg: ExperimentConfig, warnings: list[str] | None = None) -> list[str]:
     """``field: problem`` lines (the first problem, as the full build reports it) for a parsed
     pair config; the method's warnings go to ``warnings`` when there is no problem."""
-    from .loop import PairState
+    from ..training.loop import PairState
 
     try:
         pair = PairState.build(cfg, weightless=True)

@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import MergenetError, short
-from .io import BUNDLES, CONFIG, FINAL, METRICS, PLACEMENT
+from ..errors import MergenetError, short
+from . import BUNDLES, CONFIG, FINAL, METRICS, PLACEMENT
 
 CHECKPOINT = "checkpoint.pt"
 #: what a run folder holds (engine outputs, and the Ray Train run of ``--ray``)

@@ -2,7 +2,7 @@
 
 Structure is checked by pydantic (unknown keys are errors). This module knows no registry
 and no host: registry-backed option blocks (``model.options``, ``task.options``,
-``method.options``) are checked by :mod:`mergenet_core.checks` (``load_config`` /
+``method.options``) are checked by :mod:`mergenet_core.config.checks` (``load_config`` /
 ``parse_config``), and hosts extend :class:`ExperimentConfig` with their own sections (the
 orchestrator adds ``ray``: ``orchestrator/config.py``).
 """
@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
-from .errors import ConfigError, MergenetError, short
-from .safe_yaml import load_yaml_text
+from ..errors import ConfigError, MergenetError, short
+from ..io.safe_yaml import load_yaml_text
 
 
 class Strict(BaseModel):
@@ -183,7 +183,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError("", f"{path}: no such file")
     if path.resolve() in _seen:
         raise ConfigError("extends", f"{path}: circular extends")
-    from .safe_yaml import read_yaml_file
+    from ..io.safe_yaml import read_yaml_file
 
     data = read_yaml_file(path) or {}  # bounded: size, nesting, alias expansion; strict UTF-8
     if not isinstance(data, dict):

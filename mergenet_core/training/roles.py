@@ -1,7 +1,7 @@
 """A *role* is one model training on its own task: model, data stream, optimiser, schedule, RNG.
 
 The single-process engine holds two roles (source, target) and steps them in lockstep; a Ray
-Train worker holds one. Both step them with the same :func:`~mergenet_core.step.take_step`,
+Train worker holds one. Both step them with the same :func:`~mergenet_core.training.step.take_step`,
 :class:`Role` methods and :class:`~mergenet_core.methods.base.Method` code, so there is one
 training loop.
 
@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ExperimentConfig, Recipe, RoleSpec
-from .data import BatchStream, Modality, TaskData, build_task, get_modality, iter_eval
-from .errors import ConfigError
-from .models import build_model
+from ..config import ExperimentConfig, Recipe, RoleSpec
+from ..data import BatchStream, Modality, TaskData, build_task, get_modality, iter_eval
+from ..errors import ConfigError
+from ..models import build_model
 from .optim import RngStream, param_groups, reapply_hparams, schedule_lambda
 
 def derive_seed(*parts) -> int:
@@ -35,7 +35,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError("device", "cuda requested but no CUDA device is available")
     return torch.device(name)
@@ -215,13 +215,13 @@ def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = N
     torch.manual_seed(derive_seed(cfg.seed, name, "init"))
     options = spec.model.options
     if not load_init:
-        from .models import MODELS
+        from ..models import MODELS
 
         if "pretrained" in MODELS.get(spec.model.name).options.model_fields:
             options = {**options, "pretrained": False}  # untrained: no downloaded/packaged weights either
     model = build_model(spec.model.name, options, task.info)
     if spec.init_from is not None and load_init:
-        from .init_weights import apply_init
+        from ..io.init_weights import apply_init
 
         apply_init(model, spec.init_from, name, f"{name}.init_from")
     try:
@@ -254,8 +254,8 @@ def build_weightless_role(name: str, cfg: ExperimentConfig, load_init: bool = Tr
     files (:func:`~mergenet_core.data.probe_task`: metadata only, nothing decoded), the model
     (:func:`~mergenet_core.models.build_model_shapes`: meta device), ``init_from`` (names and
     shapes, memory-mapped) and the batch size against the train split."""
-    from .data import probe_task
-    from .models import MODELS, build_model_shapes
+    from ..data import probe_task
+    from ..models import MODELS, build_model_shapes
 
     spec = cfg.role(name)
     shape = probe_task(spec.task.name, spec.task.options)
@@ -264,7 +264,7 @@ def build_weightless_role(name: str, cfg: ExperimentConfig, load_init: bool = Tr
         options = {**options, "pretrained": False}  # an untrained control role (as build_role)
     model = build_model_shapes(spec.model.name, options, shape.info)
     if spec.init_from is not None and load_init:
-        from .init_weights import check_init
+        from ..io.init_weights import check_init
 
         check_init(model, spec.init_from, name, f"{name}.init_from")
     batch, cap = spec.recipe.batch_size, spec.recipe.steps_per_epoch

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import InitFrom
-from .errors import ConfigError
+from ..config import InitFrom
+from ..errors import ConfigError
 
 BUNDLE_NAMES = ("checkpoint.pt", "pair.pt")
 

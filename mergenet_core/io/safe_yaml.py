@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError, short
+from ..errors import ConfigError, short
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  #: the C loader where installed
 Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)

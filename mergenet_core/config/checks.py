@@ -13,13 +13,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from .config import (ConfigErrors, ExperimentConfig, _drop_inherited_recipe_errors, apply_overrides,
-                     format_validation_error, read_yaml)
-from .data import TASKS
-from .data.modality import mismatch
-from .errors import ConfigError
-from .methods import METHODS
-from .models import MODELS
+from . import (ConfigErrors, ExperimentConfig, _drop_inherited_recipe_errors, apply_overrides,
+               format_validation_error, read_yaml)
+from ..data import TASKS
+from ..data.modality import mismatch
+from ..errors import ConfigError
+from ..methods import METHODS
+from ..models import MODELS
 
 
 def check_registries(cfg: ExperimentConfig) -> list[str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from .errors import DataMissingError
+from ..errors import DataMissingError
 
 #: (module, name) pairs a data pickle may reference
 ALLOWED: frozenset[tuple[str, str]] = frozenset({

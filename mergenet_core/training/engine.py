@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .config import ExperimentConfig
-from .io.outputs import RunOutputs
+from ..config import ExperimentConfig
+from ..io.outputs import RunOutputs
 from .loop import BEST, CHECKPOINT, FINAL, METRICS, PairLoop, PairState, load_bundle, save_bundle  # noqa: F401
 from .roles import resolve_device
-from .safe_io import restore_into
+from ..io.safe_io import restore_into
 from .step import take_step
 
 
