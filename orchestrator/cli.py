@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -103,11 +104,26 @@ def cmd_train(args) -> int:
         final = run_pair_on_ray(cfg, out, address=args.address, resume=args.resume, plan=plan)
     else:
         from mergenet_core.training.engine import Engine
+        from orchestrator import interrupts
 
-        final = Engine(cfg, out, progress=not args.quiet).run(resume=args.resume)
+        interrupts.install()  # the last checkpoint.pt is what --resume continues from
+        try:
+            final = Engine(cfg, out, progress=not args.quiet).run(resume=args.resume)
+        except interrupts.Interrupted as e:
+            e.finished, e.total, e.what = _saved_epoch(out), cfg.target.recipe.epochs, "epochs"
+            e.resume = shlex.join(["mergenet", "train", args.config, *(x for kv in args.set for x in ("--set", kv)),
+                                   "--out", str(out), "--resume"])
+            raise
     print(json.dumps(final, indent=2))
     print(f"outputs: {out}")
     return 0
+
+
+def _saved_epoch(out: Path) -> int:
+    """The epoch of the run's last bundle (what ``--resume`` continues from)."""
+    from mergenet_core.training.loop import CHECKPOINT, load_bundle
+
+    return int(load_bundle(out / CHECKPOINT)["epoch"]) if (out / CHECKPOINT).exists() else 0
 
 
 def cmd_pairs(args) -> int:
@@ -141,6 +157,8 @@ def cmd_pairs(args) -> int:
 def cmd_run(args) -> int:
     import time
 
+    from orchestrator import interrupts
+
     t0, load0 = time.time(), os.getloadavg()[0]
     times: dict[str, float] = {}
     selection = None
@@ -153,16 +171,23 @@ def cmd_run(args) -> int:
 
         # every trial built once before any work; a source not trained yet at its planned shapes
         grid = load_grid(args.grid, args.set)
-        if grid.sources:
-            from orchestrator.grid.sources import train_missing
+        interrupts.install()
+        try:
+            if grid.sources:
+                from orchestrator.grid.sources import train_missing
 
-            train_missing(*grid.source_plan())
-            times["sources"] = time.time() - t0
-        if grid.select is not None:  # the search on the validation split, then the grid with its winner
-            from orchestrator.grid.select import run_selection
+                train_missing(*grid.source_plan())
+                times["sources"] = time.time() - t0
+            if grid.select is not None:  # the search on the validation split, then the grid with its winner
+                from orchestrator.grid.select import run_selection
 
-            grid, selection = run_selection(grid, address=args.address, verbose=args.verbose, again=args.reselect)
-            times["search"] = selection["wall_s"]
+                grid, selection = run_selection(grid, address=args.address, verbose=args.verbose,
+                                                again=args.reselect)
+                times["search"] = selection["wall_s"]
+        except interrupts.Interrupted as e:  # sources and the search resume from the grid file itself
+            e.resume = shlex.join(["mergenet", "run", args.grid, *(x for kv in args.set for x in ("--set", kv))])
+            e.what = "search trials" if e.total is not None else e.what
+            raise
     from orchestrator.grid.tuner import run_grid
 
     t_grid = time.time()
@@ -418,8 +443,13 @@ def main(argv: list[str] | None = None) -> int:
         from mergenet_core.config import ConfigErrors
 
         return _fail(e.lines if isinstance(e, ConfigErrors) else [str(e)])
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # orchestrator/interrupts.py: one closing line, 130 (SIGINT) / 143 (SIGTERM)
+        from orchestrator.interrupts import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(e.closing_line(), flush=True)
+            return e.exit_code
+        print("interrupted (SIGINT)", file=sys.stderr)
         return 130
 
 

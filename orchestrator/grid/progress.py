@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ray import tune
 
-from orchestrator import tracking
+from orchestrator import interrupts, tracking
 from orchestrator.grid.trial import trial_folder
 
 
@@ -32,6 +32,11 @@ class GridProgress(tune.Callback):
     def _count(self, trials) -> None:
         if self.done is None:
             self.done = self.done_before = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+
+    def on_step_begin(self, iteration, trials, **info):
+        """A signal that came before Tune could take it (while the tuner was built) stops the run now."""
+        if interrupts.STATE.signum is not None:
+            interrupts.tune_stop()
 
     def on_step_end(self, iteration, trials, **info):
         """Every ``every_s`` seconds one progress line: done / running / pending, elapsed, ETA

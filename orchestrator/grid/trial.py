@@ -66,7 +66,8 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
             **pair_labels(grid, pair)}
     params = tracking.flatten(cfg.model_dump(mode="json"))
     short = short_params(grid, pair, arm, hp, params)
-    run_id = tracking.attach_or_create(c, trial_dir, experiment_id, run_name(arm, seed, pair, short), tags)
+    run_id = tracking.attach_or_create(c, trial_dir, experiment_id, run_name(arm, seed, pair, short), tags,
+                                       reopen_finished=False)
     run = c.get_run(run_id)
     if run.info.status == "FINISHED":  # finished before an interruption Tune's state did not record
         tune.report(dict(run.data.metrics))

@@ -16,7 +16,7 @@ import time
 from ray import tune
 
 from mergenet_core.errors import MergenetError
-from orchestrator import topology, tracking
+from orchestrator import interrupts, topology, tracking
 from orchestrator.cluster.connect import ensure_ray
 from orchestrator.grid.config import GridConfig
 from orchestrator.grid.progress import GridProgress, quiet_console
@@ -158,15 +158,62 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
     quiet_console(verbose=verbose, local_ray=local_ray)
     # the driver's Ray loggers at WARNING: no "Started a local Ray instance" / Tune INFO lines
     ensure_ray(address, **({} if verbose else {"logging_level": logging.WARNING}))
+    # Ctrl-C / SIGTERM: Tune stops (its own SIGINT handler off: ours asks it to stop and records
+    # the signal), then every interrupted run is marked KILLED here (orchestrator/interrupts.py)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    interrupts.install()  # after ray.init, which binds SIGTERM to sys.exit
+    stop_before, interrupts.STATE.stop = interrupts.STATE.stop, interrupts.tune_stop
+    kill_now = lambda: _kill_interrupted(c, experiment_id, parent)  # noqa: E731 - a second Ctrl-C
+    interrupts.STATE.on_second.append(kill_now)
+    _quiet_tune_interrupt_lines()
     try:
         tuner = build_tuner(grid, storage, parent, experiment_id, uri, restore=bool(resume_dir), verbose=verbose)
         results = tuner.fit()
     except BaseException as e:
-        tracking.end_run(c, parent, ok=False, reason=f"{type(e).__name__}: {e}")
-        raise
+        if interrupts.STATE.signum is None:
+            tracking.end_run(c, parent, ok=False, reason=f"{type(e).__name__}: {e}")
+            raise
+        results = None  # interrupted before Tune could take the signal
+    finally:
+        interrupts.STATE.stop = stop_before
+        interrupts.STATE.on_second.remove(kill_now)
+    if interrupts.STATE.signum is not None:
+        _kill_interrupted(c, experiment_id, parent)
+        runs = tracking.children(c, experiment_id, parent)
+        raise interrupts.Interrupted(interrupts.STATE.signum,
+                                     finished=sum(r.info.status == "FINISHED" for r in runs),
+                                     total=grid.trial_count(), resume=f"mergenet run --resume {exp_dir}")
     errors = [r for r in results if r.error is not None]
     summary = {"experiment_id": experiment_id, "parent_run_id": parent, "storage": str(exp_dir),
                "trials": len(results), "failed": len(errors)}
     tracking.end_run(c, parent, ok=not errors,
                      reason=f"{len(errors)} of {len(results)} trials failed" if errors else None)
     return summary
+
+
+def _kill_interrupted(c, experiment_id: str, parent: str) -> int:
+    """Mark KILLED every trial run the interrupt left open (RUNNING, or FAILED since the signal:
+    a trial process stopped by it), and the submission; returns how many trials."""
+    name, since = interrupts.signal_name(), (interrupts.STATE.at or 0) * 1000
+    n = 0
+    for r in tracking.children(c, experiment_id, parent):
+        if r.info.status == "RUNNING" or (r.info.status == "FAILED" and (r.info.end_time or 0) >= since):
+            tracking.kill_run(c, r.info.run_id, name)
+            n += 1
+    tracking.kill_run(c, parent, name, what=f"the grid was interrupted ({n} trials stopped)")
+    return n
+
+
+class _NoTuneResumeHint(logging.Filter):
+    """Tune's own lines on an interrupt name ``Tuner.restore``; ``mergenet run --resume`` is ours."""
+
+    DROP = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(str(record.msg).startswith(d) for d in self.DROP)
+
+
+def _quiet_tune_interrupt_lines() -> None:
+    log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _NoTuneResumeHint) for f in log.filters):
+        log.addFilter(_NoTuneResumeHint())

@@ -135,9 +135,12 @@ def git_sha() -> str:
         return "unknown"
 
 
-def attach_or_create(c: MlflowClient, folder, experiment_id: str, name: str, tags: dict[str, str]) -> str:
+def attach_or_create(c: MlflowClient, folder, experiment_id: str, name: str, tags: dict[str, str],
+                     reopen_finished: bool = True) -> str:
     """The run recorded in ``folder`` (re-opened as RUNNING), else a new one recorded there.
-    ``folder``: a local path or an :class:`orchestrator.cluster.storage.Location` (a bucket folder)."""
+    ``folder``: a local path or an :class:`orchestrator.cluster.storage.Location` (a bucket folder).
+    A FAILED or KILLED run is re-opened without its end's tags (a resumed trial is not stopped any
+    more); a FINISHED one only with ``reopen_finished`` (a trial's finished run stays finished)."""
     from orchestrator.cluster.storage import Location
 
     f = (folder if isinstance(folder, Location) else Location.parse(folder)) / RUN_ID_FILE
@@ -145,21 +148,48 @@ def attach_or_create(c: MlflowClient, folder, experiment_id: str, name: str, tag
         run_id = f.read_text().strip()
         try:
             run = c.get_run(run_id)
-            if run.info.status != "RUNNING":
+        except Exception:  # noqa: BLE001 - a stale id from another tracking server: start afresh
+            run = None
+        if run is not None:
+            status = run.info.status
+            if status in ("FAILED", "KILLED"):
+                for tag in (STOPPED_BY, "mergenet.failure_reason", "mlflow.note.content"):
+                    if tag in run.data.tags:
+                        c.delete_tag(run_id, tag)
+            if status != "RUNNING" and (status != "FINISHED" or reopen_finished):
                 c.update_run(run_id, status="RUNNING")
             return run_id
-        except Exception:  # noqa: BLE001 - a stale id from another tracking server: start afresh
-            pass
     run = c.create_run(experiment_id, run_name=name, tags=tags)
     f.write_text(run.info.run_id)  # creates the folder when local
     return run.info.run_id
 
 
+STOPPED_BY = "mergenet.stopped_by"  # scheduler (ASHA stopped it early) or interrupt(SIGINT|SIGTERM)
+
+
 def end_run(c: MlflowClient, run_id: str, ok: bool, reason: str | None = None) -> None:
+    """FINISHED, or FAILED with ``reason``. A run the driver killed on an interrupt stays KILLED
+    whatever a trial process writes afterwards (:func:`kill_run`)."""
     if reason:
         c.set_tag(run_id, "mergenet.failure_reason", reason[:5000])
         c.set_tag(run_id, "mlflow.note.content", f"FAILED: {reason[:5000]}")
     c.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+    if c.get_run(run_id).data.tags.get(STOPPED_BY, "").startswith("interrupt"):
+        c.set_terminated(run_id, status="KILLED")
+
+
+def kill_run(c: MlflowClient, run_id: str, signame: str, what: str = "interrupted") -> None:
+    """KILLED by an interrupt: the tag first (so a trial's later :func:`end_run` honours it),
+    then the state."""
+    c.set_tag(run_id, STOPPED_BY, f"interrupt({signame})")
+    c.set_tag(run_id, "mlflow.note.content", f"KILLED: {what} by {signame}; `mergenet run --resume` continues it")
+    c.set_terminated(run_id, status="KILLED")
+
+
+def children(c: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    """The child runs (trials) of a submission."""
+    return list(c.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=50000))
 
 
 def learning_curve_png(history: list[dict], path: Path, title: str = "") -> Path:
