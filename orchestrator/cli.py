@@ -451,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_code
         print("interrupted (SIGINT)", file=sys.stderr)
         return 130
+    finally:
+        from orchestrator import interrupts
+
+        interrupts.uninstall()
 
 
 if __name__ == "__main__":

@@ -68,6 +68,19 @@ def install() -> None:
     STATE.installed = True
 
 
+def uninstall() -> None:
+    """The command has ended: a signal from now on (while Ray and MLflow shut down) exits at
+    once, without a traceback from an exit hook."""
+    if STATE.installed and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _exit_now)
+        STATE.installed = False
+
+
+def _exit_now(signum: int, frame) -> None:
+    os._exit(128 + signum)
+
+
 def _handle(signum: int, frame) -> None:
     if STATE.signum is not None:  # the second signal: out now
         print(f"{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)

@@ -12,7 +12,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import CLI, cli_env, descendants, run_cli, stop_pids, tiny_grid, tiny_pair, write_yaml
+from helpers import CLI, cli_env, descendants, fmnist_task, run_cli, stop_pids, tiny_grid, tiny_pair, write_yaml
 from orchestrator import tracking
 
 
@@ -38,7 +38,9 @@ def test_killed_run_stays_killed_and_resume_reattaches_it(tmp_path):
 
 
 def _grid(tmp_path, name: str, seeds) -> tuple:
-    grid = tiny_grid(name, methods={"alone": {}}, seeds=seeds, epochs=3, steps_per_epoch=4,
+    # trials of several seconds each (2,000 images, 62 steps per epoch): the signal lands inside one
+    grid = tiny_grid(name, task=fmnist_task(train=2000, test=256), methods={"alone": {}}, seeds=seeds, epochs=3,
+                     steps_per_epoch=None,
                      max_concurrent_trials=1, resources={"cpus_per_worker": 1})
     path = write_yaml(tmp_path / "grid.yaml", grid)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -86,7 +88,7 @@ def test_interrupted_grid_is_killed_and_resumes(tmp_path, sig, code):
     path, uri = _grid(tmp_path, name, seeds=(0, 1, 2) if sig == signal.SIGINT else (0, 1))
     proc = _start(["run", path, "--no-report"], tmp_path, uri, "first.log")
     _wait_for(tmp_path, "first.log", r"\] RUNNING ", proc)
-    time.sleep(3)  # inside the first trial
+    time.sleep(1)  # inside the first trial
     os.kill(proc.pid, sig)  # the driver only, as `kill` or a terminal's Ctrl-C reach it
     try:
         rc = proc.wait(timeout=90)
@@ -124,7 +126,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     _wait_for(tmp_path, "run.log", r"\] RUNNING ", proc)
     time.sleep(2)
     os.kill(proc.pid, signal.SIGINT)
-    time.sleep(0.3)
+    time.sleep(0.05)  # while the trials are still stopping
     t0 = time.time()
     os.kill(proc.pid, signal.SIGINT)
     try:
