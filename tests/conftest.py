@@ -32,6 +32,9 @@ def ray_local(tmp_path_factory):
     """A real local Ray (4 logical CPUs so small pairs pack on 2 cores), started once."""
     import ray
 
+    # a test that ran `mergenet run` in this process may have left RAY_AUTH_MODE=token behind; the
+    # GCS started here inherits the environment, the client keeps the mode it read on import
+    os.environ.pop("RAY_AUTH_MODE", None)
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})

@@ -100,9 +100,10 @@ def test_locations_on_the_bucket_and_bad_uris(s3, tmp_path, monkeypatch):
     # through the CLI: exit 2, one line, before Ray or MLflow
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
-    # `mergenet run` sets RAY_AUTH_MODE for the local Ray it starts: undone after this test, or
-    # the session's own local Ray (conftest.ray_local) would start its GCS in token mode
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    # `mergenet run` sets RAY_AUTH_MODE (setdefault) for the local Ray it starts: set here so that
+    # it is undone after this test, or the session's own local Ray (conftest.ray_local) would
+    # start its GCS in token mode while this process's Ray client stays in the mode it read first
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     path = write_yaml(tmp_path / "bad.yaml", tiny_grid("g-bad-uri", **RAY_GRID, storage_path="ftp://host/grids"))
     assert main(["validate", str(path)]) == 2
     missing = s3["uri"]("nothing/here")
