@@ -14,6 +14,8 @@ from pathlib import Path
 
 from mergenet_core.errors import MergenetError
 
+PROG = "mergenet"  # the program's name: argparse prog= and the resume commands it prints
+
 EXIT_USAGE = 2
 
 
@@ -111,7 +113,7 @@ def cmd_train(args) -> int:
             final = Engine(cfg, out, progress=not args.quiet).run(resume=args.resume)
         except interrupts.Interrupted as e:
             e.finished, e.total, e.what = _saved_epoch(out), cfg.target.recipe.epochs, "epochs"
-            e.resume = shlex.join(["mergenet", "train", args.config, *(x for kv in args.set for x in ("--set", kv)),
+            e.resume = shlex.join([PROG, "train", args.config, *(x for kv in args.set for x in ("--set", kv)),
                                    "--out", str(out), "--resume"])
             raise
     print(json.dumps(final, indent=2))
@@ -185,7 +187,7 @@ def cmd_run(args) -> int:
                                                 again=args.reselect)
                 times["search"] = selection["wall_s"]
         except interrupts.Interrupted as e:  # sources and the search resume from the grid file itself
-            e.resume = shlex.join(["mergenet", "run", args.grid, *(x for kv in args.set for x in ("--set", kv))])
+            e.resume = shlex.join([PROG, "run", args.grid, *(x for kv in args.set for x in ("--set", kv))])
             e.what = "search trials" if e.total is not None else e.what
             raise
     from orchestrator.grid.tuner import run_grid
@@ -326,7 +328,7 @@ def cmd_stop(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mergenet", description=__doc__.splitlines()[0].replace("``", ""))
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].replace("``", ""))
     sub = p.add_subparsers(dest="cmd", required=True)
 
     v = sub.add_parser("validate", help="validate pair or grid configs (exit 2 on any error)",
