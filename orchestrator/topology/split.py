@@ -74,19 +74,16 @@ class Split(Topology):
             if req.reporter.tune_each_epoch:
                 callbacks.append(TuneReportCallback())
             callbacks.append(tracking.MlflowEpochLogger(req.reporter.uri, req.reporter.run_id))
-        if req.store is None:  # a run of its own: the Train run under OUT/ray
-            return run_pair_on_ray(cfg, req.out, plan=plan, resume=True, callbacks=callbacks,
-                                   keep_bundles=req.keep_bundles,
-                                   start_from=req.start, until_epoch=req.until_epoch)
-        if req.segment:
-            path, fs = (req.store / "segments").ray_storage()
-            return run_pair_on_ray(cfg, req.out, plan=plan, storage_path=path, storage_filesystem=fs,
-                                   name=f"seg-{req.until_epoch:04d}", callbacks=callbacks, start_from=req.start,
-                                   until_epoch=req.until_epoch, keep_bundles=req.keep_bundles)
-        path, fs = req.store.ray_storage()
-        return run_pair_on_ray(cfg, req.out, plan=plan, resume=True, storage_path=path, storage_filesystem=fs,
-                               name="train",
-                               keep_bundles=req.keep_bundles, callbacks=callbacks, start_from=req.start,
+        # where the Train run lives: OUT/ray/pair for a run of its own; a trial's folder (``train``),
+        # or per PBT segment ``segments/seg-NNNN``, which starts from its bundle and never resumes
+        path = fs = None
+        name, resume = "pair", True
+        if req.store is not None:
+            where, name = (req.store / "segments", f"seg-{req.until_epoch:04d}") if req.segment else (req.store, "train")
+            path, fs = where.ray_storage()
+            resume = not req.segment
+        return run_pair_on_ray(cfg, req.out, plan=plan, resume=resume, storage_path=path, storage_filesystem=fs,
+                               name=name, callbacks=callbacks, keep_bundles=req.keep_bundles, start_from=req.start,
                                until_epoch=req.until_epoch)
 
     def drop_bundles(self, out: Path, store: Location) -> None:
