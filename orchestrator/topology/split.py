@@ -79,7 +79,8 @@ class Split(Topology):
         path = fs = None
         name, resume = "pair", True
         if req.store is not None:
-            where, name = (req.store / "segments", f"seg-{req.until_epoch:04d}") if req.segment else (req.store, "train")
+            where, name = ((req.store / "segments", f"seg-{req.until_epoch:04d}") if req.segment
+                           else (req.store, "train"))
             path, fs = where.ray_storage()
             resume = not req.segment
         return run_pair_on_ray(cfg, req.out, plan=plan, resume=resume, storage_path=path, storage_filesystem=fs,
