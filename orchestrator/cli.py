@@ -218,13 +218,14 @@ def cmd_run(args) -> int:
                           positive=spec.positive_controls, results_md=spec.results_md, section=spec.section,
                           preamble=account)
         print(rep["console"])
-        print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}"
+        print(f"report: {rep['markdown']}  forest plot: {rep['forest']}  curves: "
+              f"{', '.join(str(p) for p in rep['curves'].values()) or '-'}  trials: {rep['parquet']}"
               + (f"  section of: {spec.results_md}" if spec.results_md else ""))
     from orchestrator import tracking
 
     uri = tracking.tracking_uri()
     ui = "" if uri.startswith(("http://", "https://")) else f"`mlflow ui --backend-store-uri {uri}`, then "
-    print(f"MLflow: {ui}{tracking.ui_url(uri, summary['experiment_id'])}")
+    print(f"MLflow: {ui}{summary['view']}")
     return 1 if summary["failed"] else 0
 
 
@@ -273,7 +274,8 @@ def cmd_report(args) -> int:
     except OSError as e:  # an unwritable --out / --results-md
         return _fail([f"report: {e.filename or ''}: {e.strerror or e}"])
     print(rep["text"])
-    print(f"report: {rep['markdown']}  heatmap: {rep['heatmap']}  trials: {rep['parquet']}")
+    print(f"report: {rep['markdown']}  forest plot: {rep['forest']}  curves: "
+          f"{', '.join(str(p) for p in rep['curves'].values()) or '-'}  trials: {rep['parquet']}")
     return 0
 
 
@@ -373,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--verbose", action="store_true", help="also print Ray Tune's status tables")
     r.set_defaults(fn=cmd_run)
 
-    rp = sub.add_parser("report", help="pair x arm tables with paired statistics, Parquet and gain heatmap")
+    rp = sub.add_parser("report", help="pair x arm tables with paired statistics, Parquet, forest plot and learning curves")
     rp.add_argument("what", help="grid YAML, grid storage folder, or MLflow experiment name")
     rp.add_argument("--out", help="output folder (default runs/reports/GRID)")
     rp.add_argument("--baseline", default="alone", metavar="ARM", help="arm every other arm is paired with (default alone)")

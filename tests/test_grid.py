@@ -118,7 +118,7 @@ def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
             alone = next(x for x in children if tags(x)["mergenet.arm"] == "alone" and tags(x)["mergenet.seed"] == seed)
             am = {m["key"]: m["value"] for m in alone["data"]["metrics"]}
             for k in ("final_test_acc", "test_acc_at_best_val"):
-                assert metrics[f"gain_vs_alone/{k}"] == pytest.approx(metrics[f"target/{k}"] - am[f"target/{k}"])
+                assert metrics[f"gain_vs_alone/{k}"] == pytest.approx(100 * (metrics[f"target/{k}"] - am[f"target/{k}"]))
         hist = api(mlflow_server, f"metrics/get-history?run_id={run_id}&metric_key=target/val_acc")["metrics"]
         assert sorted(m["step"] for m in hist) == [1, 2]
         if arm == "mergenet":
@@ -133,7 +133,8 @@ def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
         assert json.loads((folder / "pair" / "bundles.json").read_text())["last"]["epoch"] == 2
     assert combos == {(a, s) for a in ("alone", "mergenet", "mergenet_t2") for s in ("0", "1")}
     rep = {f["path"] for f in api(mlflow_server, f"artifacts/list?run_id={parent_id}&path=report").get("files", [])}
-    assert {"report/report.md", "report/trials.parquet", "report/paired.parquet", "report/gain_heatmap.png"} <= rep
+    assert {"report/report.md", "report/trials.parquet", "report/paired.parquet", "report/history.parquet",
+            "report/forest.png", "report/curves_cnn-cnn.png"} <= rep
     pm = {m["key"]: m["value"] for m in
           api(mlflow_server, f"runs/get?run_id={parent_id}")["run"]["data"].get("metrics", [])}
     assert pm["paired/mergenet_vs_alone/cnn-cnn/final/n"] == 2
@@ -141,7 +142,27 @@ def test_grid_tracked_in_mlflow_server(mlflow_server, tmp_path):
         gains = [m["value"] for x in children if tags(x)["mergenet.arm"] == "mergenet"
                  for m in x["data"]["metrics"] if m["key"] == f"gain_vs_alone/{k}"]
         assert len(gains) == 2 and pm[f"paired/mergenet_vs_alone/cnn-cnn/{kind}/mean_diff"] == pytest.approx(
-            sum(gains) / 2), (kind, gains)
+            sum(gains) / 2, abs=1e-3), (kind, gains)  # points, rounded to 0.001
+    note = tags(api(mlflow_server, f"runs/get?run_id={parent_id}")["run"])["mlflow.note.content"]
+    assert "[report.md](#/experiments/" in note and "forest.png" in note and "curves_cnn-cnn.png" in note
+
+    # the saved view the printed link opens: an experiment tag of the shape MLflow's UI restores
+    from orchestrator.tracking.view import SEARCH_FACETS, UI_FIELDS
+
+    envelope = json.loads(exp_tags["mlflow.sharedViewState.mergenet-g-server"])
+    assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])
+    assert set(state) <= set(SEARCH_FACETS) | set(UI_FIELDS)
+    assert state["searchFilter"] == f"tags.`mergenet.trial` = '1' and tags.`mlflow.parentRunId` = '{parent_id}'"
+    assert state["groupBy"] == {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "arm"}]}
+    assert state["runsHiddenMode"] == "SHOW_ALL" and state["orderByKey"] == "metrics.`target/test_acc_at_best_val`"
+    mergenet_run = next(x for x in children if tags(x)["mergenet.arm"] == "mergenet")
+    have = ({f"params.`{p['key']}`" for p in mergenet_run["data"]["params"]}
+            | {f"metrics.`{m['key']}`" for m in mergenet_run["data"]["metrics"]})
+    assert set(state["selectedColumns"]) <= have, set(state["selectedColumns"]) - have  # every column has values
+    hist = api(mlflow_server, f"metrics/get-history?run_id={mergenet_run['info']['run_id']}"
+                              "&metric_key=target/test_acc_at_best_val")["metrics"]
+    assert [m["step"] for m in hist] == [0]  # a summary: one point at step 0 (a bar in the charts)
 
     # arm vs arm: mergenet against its variant, into a RESULTS.md section
     md = tmp_path / "RESULTS.md"
@@ -312,11 +333,13 @@ def test_run_console_is_quiet_and_keeps_no_bundles(tmp_path):
     lines = r.stdout.splitlines()
     summary = lines.index("{")  # the run's JSON summary (indented: test_bucket_storage parses it)
     assert lines[0].startswith("grid g-quiet: 3 trials")
+    assert lines[1].startswith("MLflow view (trials by arm): http://127.0.0.1:5000/#/experiments/")
     state = re.compile(r"^\[\d\d:\d\d:\d\d\] (RUNNING|FINISHED|progress) ")
-    assert all(state.match(l) for l in lines[1:summary]), lines[:summary]
+    assert all(state.match(l) for l in lines[2:summary]), lines[:summary]
     assert sum(" FINISHED " in l for l in lines) == 3
     assert "## Verdict" in r.stdout and "Paired differences to `mergenet_untrained`" in r.stdout
-    assert lines[-1].startswith("MLflow: ") and "workflowType=machine_learning" in lines[-1]
+    assert lines[-1].startswith("MLflow: ") and lines[-1].endswith(
+        "runs?viewStateShareKey=mergenet-g-quiet&workflowType=machine_learning")  # the saved view, nothing else
     assert len(lines) <= 100  # 3 trials: ~10 state and progress lines, the summary, ~70 lines of report
     trials = tmp_path / "runs" / "grids" / "g-quiet" / "trials"
     assert len(list(trials.iterdir())) == 3

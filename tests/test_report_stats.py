@@ -148,9 +148,9 @@ def test_search_axes_pair_with_the_same_hyperparameters():
     assert f.loc["lr=0.01", "diffs"] == pytest.approx([-0.02] * 3)
     assert f.loc["lr=0.01", "excludes_zero"] is True
     d = paired.per_trial_diffs(df, "alone")
-    got = d[d["arm"] == "mergenet"]["diff_vs_alone/target/final_test_acc"]
-    assert got.tolist() == pytest.approx([0.01, -0.02] * 3)
-    assert d[d["arm"] == "alone"]["diff_vs_alone/target/final_test_acc"].isna().all()
+    got = d[d["arm"] == "mergenet"]["gain_vs_alone/final_test_acc"]  # points
+    assert got.tolist() == pytest.approx([1.0, -2.0] * 3)
+    assert d[d["arm"] == "alone"]["gain_vs_alone/final_test_acc"].isna().all()
 
 
 def test_write_section_replaces_only_its_own_section(tmp_path):
@@ -216,8 +216,9 @@ def test_report_on_mlflow_runs(tmp_path, monkeypatch):
     trials = pd.read_parquet(rep["parquet"])
     assert trials["param.recipe.optimizer.lr"].tolist() == [0.05] * 9  # hyperparameters as (numeric) columns
     m = trials[trials["arm"] == "mergenet"].sort_values("seed")
-    assert m["diff_vs_alone/target/final_test_acc"].tolist() == pytest.approx([0.02, 0.02, 0.01])
-    assert m["diff_vs_mergenet_untrained/target/final_test_acc"].tolist() == pytest.approx([0.01, 0.02, 0.0])
+    # the per-seed gain in points, under the name of the same number on the MLflow run
+    assert m["gain_vs_alone/final_test_acc"].tolist() == pytest.approx([2.0, 2.0, 1.0])
+    assert m["gain_vs_mergenet_untrained/final_test_acc"].tolist() == pytest.approx([1.0, 2.0, 0.0])
     pt = pd.read_parquet(rep["paired"])
     assert set(zip(pt["arm"], pt["baseline"])) == {("mergenet", "alone"), ("mergenet_untrained", "alone"),
                                                    ("mergenet", "mergenet_untrained")}
@@ -225,15 +226,17 @@ def test_report_on_mlflow_runs(tmp_path, monkeypatch):
 
     pm = c.get_run(parent).data.metrics
     key = "paired/mergenet_vs_alone/r18-mbv2/final"
-    assert pm[f"{key}/mean_diff"] == pytest.approx(1 / 60) and pm[f"{key}/n"] == 3
+    assert pm[f"{key}/mean_diff"] == 1.667 and pm[f"{key}/n"] == 3  # points, rounded to 0.001
     assert pm[f"{key}/excludes_zero"] == 1
-    assert pm[f"{key}/mde"] == pytest.approx(paired.mde_paired(math.sqrt(1 / 3) / 100, 3)) and pm[f"{key}/n_needed"] == 5
+    assert pm[f"{key}/mde"] == round(100 * paired.mde_paired(math.sqrt(1 / 3) / 100, 3), 3) and pm[f"{key}/n_needed"] == 5
     assert pm["paired/mergenet_vs_mergenet_untrained/r18-mbv2/final/excludes_zero"] == 0
     arts = {f.path for f in c.list_artifacts(parent, "report")}
-    assert {"report/report.md", "report/trials.parquet", "report/paired.parquet", "report/gain_heatmap.png"} <= arts
+    assert {"report/report.md", "report/trials.parquet", "report/paired.parquet", "report/history.parquet",
+            "report/forest.png", "report/forest.json"} <= arts
     child = c.get_run(runs[("mergenet", 0)]).data.metrics
-    assert child["gain_vs_alone/final_test_acc"] == pytest.approx(0.02)
-    assert child["gain_vs_alone/test_acc_at_best_val"] == pytest.approx(0.02)
+    assert child["gain_vs_alone/final_test_acc"] == pytest.approx(2.0)  # points
+    assert child["gain_vs_alone/test_acc_at_best_val"] == pytest.approx(2.0)
+    assert c.get_metric_history(runs[("mergenet", 0)], "gain_vs_alone/final_test_acc")[0].step == 0
     assert "gain_vs_alone/final_test_acc" not in c.get_run(runs[("alone", 0)]).data.metrics
 
     section = md_path.read_text()
@@ -269,7 +272,7 @@ def test_report_without_alone_arm_still_writes_the_means(tmp_path, monkeypatch):
         c.log_batch(r, metrics=[Metric("target/final_test_acc", 0.5, 0, 1)])
         c.set_terminated(r, "FINISHED")
     rep = make_report("g-noalone", tmp_path / "out")
-    assert "50.00 ± 0.00 (n=2)" in rep["text"] and "No `alone` arm" in rep["text"] and rep["heatmap"] is None
+    assert "50.00 ± 0.00 (n=2)" in rep["text"] and "No `alone` arm" in rep["text"] and rep["forest"] is None
     with pytest.raises(Exception, match="no arm 'ctl'"):
         make_report("g-noalone", tmp_path / "out", controls=["ctl"])
 
@@ -387,3 +390,86 @@ def test_verdicts_count_only_where_a_positive_control_is_shown():
     assert out["seen"]["word"] == "transfer shown"
     assert out["blind"]["word"] == out["failed"]["word"] == "cannot measure"
     assert out["blind"]["verdict"].startswith("cannot measure (no positive control shown; the arm alone: transfer shown")
+
+
+def test_report_pictures_follow_the_verdicts(tmp_path, monkeypatch):
+    """The forest plot draws the verdicts' numbers (best-validation epoch, each comparison's
+    interval and detectable effect, coloured by the verdict); the learning curves and
+    history.parquet come from the trials' metrics.jsonl; trials.parquet has ids, times, the
+    config hash and real booleans; the parent run's description carries the verdicts."""
+    import json
+
+    from mlflow.entities import Metric, Param
+
+    from orchestrator import tracking
+    from orchestrator.tracking import figures
+    from orchestrator.tracking.report import make_report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    c = tracking.client()
+    exp = tracking.ensure_experiment(c, "g-pics")
+    parent = c.create_run(exp, run_name="sub", tags={"mergenet.kind": "submission"}).info.run_id
+    # best-val test accuracy per seed: transplant clearly above alone; mergenet above alone but not above its control
+    acc = {"alone": [0.60, 0.70, 0.65], "transplant": [0.70, 0.79, 0.76], "mergenet": [0.62, 0.72, 0.66],
+           "mergenet_untrained": [0.61, 0.69, 0.67]}
+    for arm, values in acc.items():
+        for seed, v in enumerate(values):
+            tid = f"t_{arm}_{seed}"
+            tags = {"mlflow.parentRunId": parent, "mergenet.trial": "1", "mergenet.pair": "p", "mergenet.arm": arm,
+                    "mergenet.method": arm.split("_")[0], "mergenet.seed": str(seed), "mergenet.trial_id": tid,
+                    "mergenet.config_hash": f"h{arm}{seed}", "mergenet.git_sha": "abc",
+                    "mergenet.target": "cnn@fmnist"}
+            r = c.create_run(exp, run_name=f"{arm} s{seed}", tags=tags).info.run_id
+            c.log_batch(r, metrics=[Metric("target/final_test_acc", v, 0, 0),
+                                    Metric("target/test_acc_at_best_val", v, 0, 0)],
+                        params=[Param("seed", str(seed)), Param("source.freeze", "True" if arm != "alone" else "None"),
+                                Param("target.options.bias", "False")])
+            c.set_terminated(r, "FINISHED")
+            pair = tmp_path / "runs" / "grids" / "g-pics" / "trials" / tid / "pair"
+            pair.mkdir(parents=True)
+            hist = [{"epoch": e, "target/val_acc": v * e / 3, "target/test_acc": v * e / 3 - 0.01} for e in (1, 2, 3)]
+            (pair / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist))
+    c.set_terminated(parent, "FINISHED")
+
+    rep = make_report("g-pics", tmp_path / "out", controls=["mergenet_untrained"], positive=["transplant"],
+                      verdict=[("mergenet", "mergenet_untrained")])
+    rows = rep["forest_rows"]
+    assert [(r["arm"], r["baseline"]) for r in rows] == [
+        ("mergenet", "alone"), ("mergenet", "mergenet_untrained"), ("mergenet_untrained", "alone"),
+        ("transplant", "alone")]
+    verdict = {v["arm"]: v["word"] for v in rep["verdicts"]}["mergenet"]
+    assert verdict == "not shown"
+    by = {(r["arm"], r["baseline"]): r for r in rows}
+    assert by[("mergenet", "alone")]["state"] == by[("mergenet", "mergenet_untrained")]["state"] == verdict
+    assert by[("transplant", "alone")]["state"] == "positive control shown"
+    assert by[("mergenet_untrained", "alone")]["state"] == "includes 0"
+    for (arm, base), r in by.items():  # the numbers of the paired table at the verdict's epoch, in points
+        t = rep["tables"][base]
+        row = t[(t["arm"] == arm) & (t["epoch"] == "best_val")].iloc[0]
+        assert (r["mean"], r["low"], r["high"], r["mde"]) == pytest.approx(
+            (100 * row["mean_diff"], 100 * row["ci_low"], 100 * row["ci_high"], 100 * row["mde"]))
+        assert r["colour"] == figures.COLOURS[r["state"]] and r["epoch"] == "best_val"
+    assert json.loads((tmp_path / "out" / "forest.json").read_text())[0]["arm"] == "mergenet"
+    assert rep["forest"].stat().st_size > 10_000
+
+    history = pd.read_parquet(rep["history"])
+    assert len(history) == 12 * 3 and set(history["epoch"]) == {1, 2, 3}
+    assert {"run_id", "trial_id", "pair", "arm", "seed", "target/val_acc"} <= set(history.columns)
+    curves = figures.curve_data(history, "p")
+    val = curves["transplant"]["target/val_acc"]
+    assert val["mean"].tolist() == pytest.approx([sum(acc["transplant"]) / 3 * e / 3 for e in (1, 2, 3)])
+    assert val["n"].tolist() == [3, 3, 3] and rep["curves"]["p"].stat().st_size > 10_000
+
+    trials = pd.read_parquet(rep["parquet"])
+    assert str(trials["start_time"].dtype).startswith("datetime64") and trials["end_time"].notna().all()
+    assert trials["trial_id"].str.startswith("t_").all() and (trials["parent_run_id"] == parent).all()
+    assert (trials["git_sha"] == "abc").all() and trials["config_hash"].str.startswith("h").all()
+    assert trials["param.target.options.bias"].dtype == "boolean" and not trials["param.target.options.bias"].any()
+    freeze = trials.set_index("arm")["param.source.freeze"]
+    assert freeze.dtype == "boolean" and freeze["alone"].isna().all() and freeze["mergenet"].all()
+    assert "gain_vs_alone/test_acc_at_best_val" in trials and not [k for k in trials if k.startswith("logged/")]
+    assert (pd.read_parquet(rep["paired"])["level"] == 0.95).all()
+
+    note = c.get_run(parent).data.tags["mlflow.note.content"]
+    assert "12 finished / 12 trials" in note and "p · mergenet: not shown" in note and "transplant vs `alone`: shown" in note

@@ -63,7 +63,7 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
     tags = {"mlflow.parentRunId": parent_run_id, tracking.TRIAL_TAG: "1", "mergenet.grid": grid.grid,
             "mergenet.pair": pair, "mergenet.arm": arm, "mergenet.method": grid.method_of(arm),
             "mergenet.seed": str(seed), "mergenet.trial_id": ctx.get_trial_id(), "mergenet.git_sha": sha,
-            **pair_labels(grid, pair)}
+            "mergenet.config_hash": config_hash(cfg), **pair_labels(grid, pair)}
     params = tracking.flatten(cfg.model_dump(mode="json"))
     short = short_params(grid, pair, arm, hp, params)
     run_id = tracking.attach_or_create(c, trial_dir, experiment_id, run_name(arm, seed, pair, short), tags,
@@ -86,7 +86,8 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
         else:
             final = topo.run(cfg, topology.RunRequest(out, trial_dir, keep_bundles=grid.bundles_while_running,
                                                       reporter=reporter))
-        tracking.log_metrics(c, run_id, final, step=int(final.get("epochs", 0)))
+        # the run's summary at step 0: MLflow draws a metric logged once as a bar, not a dot on a line
+        tracking.log_metrics(c, run_id, final, step=0)
         placement = json.loads((out / PLACEMENT).read_text()) if (out / PLACEMENT).exists() else []
         for w in placement:
             c.set_tag(run_id, f"mergenet.node.{w['role']}{w['role_rank']}", w["node_id"])
@@ -104,6 +105,14 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
     finally:
         if trial_dir.local is None:
             shutil.rmtree(work, ignore_errors=True)  # the private scratch folder (tempfile.mkdtemp)
+
+
+def config_hash(cfg) -> str:
+    """12 hex digits of the SHA-256 of the trial's whole config (seed included) as JSON with
+    sorted keys: the same config gives the same hash in any grid (the report's ``config_hash``)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def short_params(grid: GridConfig, pair: str, arm: str, hp: dict, config_params: dict[str, str]) -> dict[str, str]:

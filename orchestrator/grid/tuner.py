@@ -19,6 +19,7 @@ from mergenet_core.errors import MergenetError
 from orchestrator import interrupts, topology, tracking
 from orchestrator.cluster.connect import ensure_ray
 from orchestrator.grid.config import GridConfig
+from orchestrator.tracking import view
 from orchestrator.grid.progress import GridProgress, quiet_console
 from orchestrator.grid.trial import trial_fn
 from orchestrator.cluster.storage import Location
@@ -152,8 +153,11 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
         {"mergenet.grid": grid.grid, "mergenet.git_sha": tracking.git_sha(), "mergenet.kind": "submission"})
     (exp_dir / PARENT_FILE).write_text(parent)
     tracking.log_params(c, parent, tracking.flatten(grid.model_dump(mode="json")))
+    key = view.write_view(c, experiment_id, grid.grid, parent, baseline=grid.report.baseline,
+                          several_pairs=len(grid.pairs) > 1)  # the link below opens on the answer
+    link = view.view_url(uri, experiment_id, key)
     print(f"grid {grid.grid}: {grid.trial_count()} trials; MLflow {uri} experiment {experiment_id} "
-          f"run {parent}; storage {exp_dir}", flush=True)
+          f"run {parent}; storage {exp_dir}\nMLflow view (trials by arm): {link}", flush=True)
     local_ray = not (address or os.environ.get("RAY_ADDRESS"))
     quiet_console(verbose=verbose, local_ray=local_ray)
     # the driver's Ray loggers at WARNING: no "Started a local Ray instance" / Tune INFO lines
@@ -185,7 +189,7 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
                                      total=grid.trial_count(), resume=f"mergenet run --resume {exp_dir}")
     errors = [r for r in results if r.error is not None]
     summary = {"experiment_id": experiment_id, "parent_run_id": parent, "storage": str(exp_dir),
-               "trials": len(results), "failed": len(errors)}
+               "trials": len(results), "failed": len(errors), "view": link}
     tracking.end_run(c, parent, ok=not errors,
                      reason=f"{len(errors)} of {len(results)} trials failed" if errors else None)
     return summary

@@ -77,20 +77,6 @@ def ensure_experiment(c: MlflowClient, name: str) -> str:
     return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
-def ui_url(uri: str, experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI link that opens a grid's trial runs as a model-training runs table, best
-    target test accuracy first. MLflow 3.17's UI picks GenAI or model training with a global
-    switch (``workflowType``, remembered by the browser, GenAI by default), no longer from the
-    experiment's ``mlflow.experimentKind`` tag, so the link names it. ``ui``: where the UI runs
-    (``mlflow ui`` for a local store; a tracking server is its own UI)."""
-    from urllib.parse import quote
-
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else ui
-    query = {"workflowType": "machine_learning", "searchFilter": f"tags.`{TRIAL_TAG}` = '1'",
-             "orderByKey": "metrics.`target/final_test_acc`", "orderByAsc": "false"}
-    return f"{base}/#/experiments/{experiment_id}/runs?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in query.items())
-
-
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
     """Nested mapping -> ``{"a.b.c": "value"}`` with values cut to MLflow's 500 characters."""
     out: dict[str, str] = {}

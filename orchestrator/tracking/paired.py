@@ -223,13 +223,19 @@ def paired_table(df: pd.DataFrame, baseline: str = "alone", arms: list[str] | No
     return pd.DataFrame(rows, columns=COLUMNS).astype({"excludes_zero": object})
 
 
+def gain_column(baseline: str, metric: str) -> str:
+    """The per-trial gain's name, the same in ``trials.parquet`` and on the MLflow child run:
+    ``gain_vs_alone/test_acc_at_best_val`` (points)."""
+    return f"gain_vs_{baseline}/{metric.split('/')[-1]}"
+
+
 def per_trial_diffs(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """``df`` plus, per metric, the trial's difference to ``baseline`` at the same seed (and the
-    same ``hp.*`` values when the baseline has them): columns ``diff_vs_<baseline>/<metric>``."""
+    same ``hp.*`` values when the baseline has them), in points: columns :func:`gain_column`."""
     out = df.copy()
     cols = hp_columns(df)
     for metric in METRICS.values():
-        col = f"diff_vs_{baseline}/{metric}"
+        col = gain_column(baseline, metric)
         out[col] = math.nan
         done = _done(df, metric)
         for pair, g in done.groupby("pair"):
@@ -239,7 +245,7 @@ def per_trial_diffs(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
             for idx, row in g[g["arm"] != baseline].iterrows():
                 by_seed = _baseline_by_seed(base, {c: row[c] for c in cols}, cols, metric)
                 if by_seed and row["seed"] in by_seed:
-                    out.loc[idx, col] = float(row[metric]) - float(by_seed[row["seed"]])
+                    out.loc[idx, col] = 100 * (float(row[metric]) - float(by_seed[row["seed"]]))
     return out
 
 

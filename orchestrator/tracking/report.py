@@ -2,35 +2,42 @@
 
 Reads the trials (MLflow child runs) of a grid's latest submission and writes
 
-- ``trials.parquet``: one row per trial — its final metrics, every config parameter as a
-  column (``hp.*`` for the search axes, ``param.*`` for the rest) and its per-seed difference
-  to the baseline arm (``diff_vs_<arm>/<metric>``);
+- ``trials.parquet``: one row per trial — its ids (run, parent run, Tune trial), start and end
+  time (UTC), git sha, ``config_hash``, its summary metrics, every config parameter as a column
+  (``hp.*`` for the search axes, ``param.*`` for the rest; numbers and booleans as such) and its
+  per-seed gain over each baseline arm in points (``gain_vs_<arm>/<metric>``, the name of the
+  same number on the trial's MLflow run);
+- ``history.parquet``: one row per trial and epoch, every per-epoch metric, from the trials'
+  ``metrics.jsonl`` (the grid's folder, else the run's artifact);
 - ``paired.parquet``: the paired statistics (:mod:`orchestrator.tracking.paired`) — per pair × arm,
   the mean difference to the baseline arm at the same seed with a 95 % Student-t interval,
   ``n`` and whether the interval excludes 0, the minimum detectable effect (``mde``, power 0.8)
   and the seeds needed to detect ``--effect`` points (``n_needed``); final epoch and
   best-validation epoch; against ``alone`` by default and against every ``--control`` arm;
 - ``report.md``: the pair × arm table (mean ± std) and the paired tables;
-- ``gain_heatmap.png``: pairs (by name) × arms, the mean paired gain with its interval, grey
-  where there is nothing to compare;
+- ``forest.png`` (and ``forest.json``, what it drew): the verdicts' numbers as a forest plot
+  (:mod:`orchestrator.tracking.figures`); ``curves_<pair>.png``: per pair, every arm's learning
+  curves with seed bands;
 
-logs them and the paired numbers (as metrics) to the submission's parent run, and each
-trial's gain over the baseline to its child run. ``--results-md`` writes the same tables as a
+logs them and the paired numbers (as metrics, in points) to the submission's parent run, writes
+the verdicts and links to the pictures into its description, and logs each trial's gain over
+the baseline (points, step 0) to its child run. ``--results-md`` writes the same tables as a
 named section of a Markdown file (``docs/RESULTS.md``).
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 
 import pandas as pd
 
 from mergenet_core.errors import MergenetError
-from orchestrator.tracking import paired
+from orchestrator.tracking import figures, paired
 from orchestrator import tracking
 
 METRICS = tuple(paired.METRICS.values())
-HEATMAP = "gain_heatmap.png"
 
 
 def resolve_experiment(c, what: str) -> tuple[str, str, str | None]:
@@ -110,11 +117,19 @@ def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None
 
 
 def _numeric(col: pd.Series) -> pd.Series:
-    """A parameter column as numbers when every value is one (MLflow params are strings)."""
+    """A parameter column as numbers when every value is one, as booleans when every value is
+    ``True``/``False`` (``None``: missing), ``None`` strings as missing (MLflow params are strings)."""
+    col = col.where(col != "None", None)
+    if col.dropna().isin(["True", "False"]).all() and col.notna().any():
+        return col.map({"True": True, "False": False}).astype("boolean")
     try:
         return pd.to_numeric(col)
     except (ValueError, TypeError):
         return col
+
+
+def _utc(ms: int | None):
+    return pd.Timestamp(ms, unit="ms", tz="UTC") if ms else pd.NaT
 
 
 def trials_frame(c, experiment_id: str, parent: str | None) -> pd.DataFrame:
@@ -128,10 +143,13 @@ def trials_frame(c, experiment_id: str, parent: str | None) -> pd.DataFrame:
     for r in runs:
         t, m = r.data.tags, r.data.metrics
         method = t.get("mergenet.method")
-        row = {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+        row = {"run_id": r.info.run_id, "parent_run_id": t.get("mlflow.parentRunId"),
+               "trial_id": t.get("mergenet.trial_id"), "run_name": r.info.run_name, "status": r.info.status,
                "pair": t.get("mergenet.pair"), "arm": t.get("mergenet.arm") or method, "method": method,
                "seed": int(t.get("mergenet.seed", -1)), "source": t.get("mergenet.source"),
-               "target": t.get("mergenet.target")}
+               "target": t.get("mergenet.target"), "start_time": _utc(r.info.start_time),
+               "end_time": _utc(r.info.end_time), "git_sha": t.get("mergenet.git_sha"),
+               "config_hash": t.get("mergenet.config_hash")}
         for k, v in r.data.params.items():
             row[k if k.startswith("hp.") else f"param.{k}"] = v
         row.update(m)
@@ -258,90 +276,97 @@ def paired_markdown(table: pd.DataFrame, labels: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def gain_heatmap(table: pd.DataFrame, path: Path, labels: dict[str, str], epoch: str = "final") -> Path | None:
-    """Pairs (by name) × arms: the mean paired gain over the baseline in points, annotated with
-    its 95 % interval and n; cells with nothing to compare are grey (white would read as "no
-    gain")."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    t = table[table["epoch"] == epoch]
-    if t.empty:
-        return None
-    baseline = t["baseline"].iloc[0]
-    t = t.assign(col=[f"{a}\n({h})" if h else a for a, h in zip(t["arm"], t["hp"])])
-    pairs = sorted(labels)
-    cols = list(dict.fromkeys(t["col"]))
-    val = np.full((len(pairs), len(cols)), np.nan)
-    text = [["no data"] * len(cols) for _ in pairs]
-    for _, r in t.iterrows():
-        i, j = pairs.index(r["pair"]), cols.index(r["col"])
-        if r["n"] == 0:
-            continue
-        val[i, j] = 100 * r["mean_diff"]
-        ci = paired.fmt_ci(r["ci_low"], r["ci_high"])
-        text[i][j] = f"{100 * r['mean_diff']:+.2f}\n{ci}\nn={r['n']}" + (" *" if r["excludes_zero"] else "")
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.8 + 1.7 * len(cols)), 1.6 + 0.9 * len(pairs)))
-    finite = np.abs(val[~np.isnan(val)])
-    lim = max(1e-9, float(finite.max())) if finite.size else 1.0
-    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#c8c8c8")
-    im = ax.imshow(np.ma.masked_invalid(val), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
-    ax.set_xticks(range(len(cols)), cols, fontsize=8)
-    ax.set_yticks(range(len(pairs)), [labels[p].replace(" (", "\n(") for p in pairs], fontsize=7)
-    for i in range(len(pairs)):
-        for j in range(len(cols)):
-            dark = not np.isnan(val[i, j]) and abs(val[i, j]) > 0.6 * lim
-            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7,
-                    color="#555555" if np.isnan(val[i, j]) else "white" if dark else "black")
-    kind = "final epoch" if epoch == "final" else "best-validation epoch"
-    ax.set_title(f"gain over {baseline} at the same seed (target test acc, {kind}, points)\n"
-                 "mean [95 % t-interval], * = excludes 0; grey = nothing to compare", fontsize=8)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _metric_key(*parts: str) -> str:
     """An MLflow-safe metric key (letters, digits, ``_ - . / : space``)."""
     return "/".join(re.sub(r"[^\w.\- :]", "_", p) for p in parts if p)
 
 
 def log_paired(c, parent: str, table: pd.DataFrame) -> None:
-    """The paired numbers as parent-run metrics:
+    """The paired numbers as parent-run metrics, in points rounded to 0.001 (the report's unit):
     ``paired/<arm>_vs_<baseline>/<pair>[/<hp>]/<final|best_val>/<mean_diff|ci_low|ci_high|n|excludes_zero|mde|n_needed>``
-    (accuracy fractions like the trial metrics; ``excludes_zero`` 1/0, absent when n < 2, like
-    ``mde`` and ``n_needed``; ``n_needed`` also when beyond :data:`paired.N_MAX`)."""
+    (``excludes_zero`` 1/0, absent when n < 2, like ``mde`` and ``n_needed``; ``n_needed`` also
+    when beyond :data:`paired.N_MAX`)."""
     metrics = {}
     for _, r in table.iterrows():
         base = _metric_key("paired", f"{r['arm']}_vs_{r['baseline']}", r["pair"], r["hp"].replace(", ", "_"),
                            r["epoch"])
         metrics[f"{base}/n"] = r["n"]
-        for k in ("mean_diff", "ci_low", "ci_high", "mde", "n_needed"):
+        for k in ("mean_diff", "ci_low", "ci_high", "mde"):
             if k in r and not pd.isna(r[k]) and abs(r[k]) != float("inf"):
-                metrics[f"{base}/{k}"] = r[k]
+                metrics[f"{base}/{k}"] = round(100 * r[k], 3)
+        if "n_needed" in r and not pd.isna(r["n_needed"]) and r["n_needed"] != float("inf"):
+            metrics[f"{base}/n_needed"] = r["n_needed"]
         if r["excludes_zero"] is not None:
             metrics[f"{base}/excludes_zero"] = int(bool(r["excludes_zero"]))
     tracking.log_metrics(c, parent, metrics, step=0)
 
 
 def log_trial_gains(c, df: pd.DataFrame, baseline: str) -> None:
-    """Each trial's own difference to the baseline at its seed, on its child run:
-    ``gain_vs_<baseline>/final_test_acc`` and ``gain_vs_<baseline>/test_acc_at_best_val``
-    (skipped when the run already holds the same value)."""
+    """Each trial's own gain over the baseline at its seed, in points, on its child run at step
+    0 (:func:`paired.gain_column`: ``gain_vs_<baseline>/final_test_acc`` and
+    ``gain_vs_<baseline>/test_acc_at_best_val``; skipped when the run already holds the value)."""
     for _, r in df.iterrows():
         out = {}
         for metric in METRICS:
-            v = r.get(f"diff_vs_{baseline}/{metric}")
-            key = _metric_key(f"gain_vs_{baseline}", metric.split("/")[-1])
-            if v is not None and not pd.isna(v) and r.get(key) != v:
+            key = paired.gain_column(baseline, metric)
+            v = r.get(key)
+            if v is not None and not pd.isna(v) and r.get(f"logged/{key}") != v:
                 out[key] = float(v)
         if out:
             tracking.log_metrics(c, r["run_id"], out, step=0)
+
+
+def history_frame(c, df: pd.DataFrame, folder) -> pd.DataFrame:
+    """One row per trial and epoch from each trial's ``metrics.jsonl``: in the grid's folder
+    (``trials/<trial id>/pair/``), else the copy logged to its MLflow run (one download per
+    trial, no metric-history query)."""
+    import json
+    import tempfile
+
+    from mergenet_core.io import METRICS as HISTORY
+
+    frames = []
+    for _, r in df.iterrows():
+        f = folder / "trials" / str(r.get("trial_id")) / "pair" / HISTORY if r.get("trial_id") else None
+        text = f.read_text() if f is not None and f.exists() else None
+        if text is None:  # e.g. the report runs where the grid's folder is not
+            if HISTORY not in {a.path for a in c.list_artifacts(r["run_id"])}:
+                continue  # a trial that failed before its end logged none
+            with tempfile.TemporaryDirectory() as tmp:
+                os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per trial
+                text = Path(c.download_artifacts(r["run_id"], HISTORY, tmp)).read_text()
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if rows:
+            frames.append(pd.DataFrame(rows).assign(run_id=r["run_id"], trial_id=r.get("trial_id"),
+                                                    pair=r["pair"], arm=r["arm"], seed=r["seed"],
+                                                    status=r["status"]))
+    if not frames:
+        return pd.DataFrame(columns=["run_id", "trial_id", "pair", "arm", "seed", "status", "epoch"])
+    h = pd.concat(frames, ignore_index=True)
+    first = ["run_id", "trial_id", "pair", "arm", "seed", "status", "epoch"]
+    return h[first + [c for c in h.columns if c not in first]].sort_values(["pair", "arm", "seed", "epoch"],
+                                                                          kind="stable").reset_index(drop=True)
+
+
+def description(name: str, experiment_id: str, parent: str, verdicts: list[dict], positive: list[dict],
+                pictures: list[str], finished: int, total: int) -> str:
+    """The parent run's description (Markdown in the UI): the verdicts, the positive controls and
+    links to the report and its pictures."""
+    from orchestrator.tracking.view import run_url
+
+    lines = [f"**{name}**: {finished} finished / {total} trials. "
+             f"[report.md]({run_url(experiment_id, parent, 'report/report.md')})"
+             + "".join(f" · [{p}]({run_url(experiment_id, parent, 'report/' + p)})" for p in pictures)]
+    if positive:
+        lines += ["", "Positive controls (best-validation epoch, points):", *paired.positive_control_lines(positive)]
+    if verdicts:
+        lines += ["", "Verdicts (best-validation epoch, points):", *paired.verdict_lines(verdicts)]
+    return "\n".join(lines)
+
+
+def report_safe(name: str) -> str:
+    """A pair's name as a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 def section_name(title: str) -> str:
@@ -471,20 +496,25 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     for ctl in controls:
         tables[ctl] = paired.paired_table(df, ctl, arms=[a for a in sorted(arms) if a not in (baseline, ctl)],
                                           effect=eff)
+    df = df.rename(columns={c: f"logged/{c}" for c in df.columns if c.startswith("gain_vs_")})
     for base in tables:
         df = paired.per_trial_diffs(df, base)
     table = pd.concat(tables.values(), ignore_index=True) if tables else paired.paired_table(df.iloc[0:0])
 
-    parquet, paired_parquet = out / "trials.parquet", out / "paired.parquet"
-    df.to_parquet(parquet, index=False)
+    folder = _grid_folder(what, name, grid_file)
+    history = history_frame(c, df, folder)
+    parquet, paired_parquet, history_parquet = out / "trials.parquet", out / "paired.parquet", out / "history.parquet"
+    df.drop(columns=[c for c in df.columns if c.startswith("logged/")]).to_parquet(parquet, index=False)
     table.to_parquet(paired_parquet, index=False)
+    history.to_parquet(history_parquet, index=False)
+    finished = int((df["status"] == "FINISHED").sum())
     intro = (f"MLflow experiment `{name}` ({experiment_id}), submission run `{parent}`; "
-             f"{(df['status'] == 'FINISHED').sum()} finished / {len(df)} trials.\n")
+             f"{finished} finished / {len(df)} trials.\n")
     setting = setting_lines(c, name, parent, grid_file)
     if setting:
         intro += "\n" + "\n".join(setting) + "\n"
     if preamble is None:  # what `mergenet run` recorded of itself (wall times, the search's winner)
-        acct = _grid_folder(what, name, grid_file) / RUN_ACCOUNT
+        acct = folder / RUN_ACCOUNT
         preamble = acct.read_text() if acct.exists() else None
     if preamble:
         intro += "\n" + preamble.strip() + "\n"
@@ -494,22 +524,39 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     pos = paired.positive_controls(df, baseline, list(positive), effect=eff) if positive and baseline in arms else []
     verdicts = (paired.transfer_verdicts(df, baseline, list(verdict), effect=eff, positive=pos, gated=bool(positive))
                 if verdict else [])
+    labels = pair_labels(df)
+    # the pictures: the verdicts' numbers (best-validation epoch), the learning curves per pair
+    rows = figures.forest_rows(tables, verdicts, pos, labels)
+    forest = figures.forest_plot(rows, out / figures.FOREST,
+                                 f"{name}: each arm against `{baseline}` and against its control, same seed")
+    (out / "forest.json").write_text(json.dumps(rows, indent=1, default=float))
+    curves = {}
+    for pair in sorted(labels):
+        png, _ = figures.learning_curves(history[history["status"] == "FINISHED"], pair, labels[pair],
+                                         out / f"curves_{report_safe(pair)}.png")
+        if png is not None:
+            curves[pair] = png
+    pictures = ([forest.name] if forest else []) + [p.name for p in curves.values()]
     md.write_text("\n".join([f"# {name}: pair × arm\n", intro,
-                             *report_sections(df, tables, verdicts=verdicts, positive=pos)]) + "\n")
-    heat = gain_heatmap(tables[baseline], out / HEATMAP, pair_labels(df)) if baseline in tables else None
+                             *([f"![forest plot]({forest.name})\n"] if forest else []),
+                             *report_sections(df, tables, verdicts=verdicts, positive=pos),
+                             *(f"\n![learning curves, {p}]({png.name})" for p, png in curves.items())]) + "\n")
     if results_md:
         body = "\n".join([intro, *report_sections(df, tables, level=3, verdicts=verdicts, positive=pos)])
         write_section(results_md, section or name, body)
     if parent:
-        for f in (parquet, paired_parquet, md, heat):
+        for f in (parquet, paired_parquet, history_parquet, md, forest, out / "forest.json", *curves.values()):
             if f is not None:
                 c.log_artifact(parent, str(f), artifact_path="report")
         log_paired(c, parent, table)
+        c.set_tag(parent, "mlflow.note.content",
+                  description(name, experiment_id, parent, verdicts, pos, pictures, finished, len(df)))
     log_trial_gains(c, df, baseline)
     console = "\n".join([f"# {name}: pair × arm\n", intro,
                          *report_sections(df, tables, verdicts=verdicts, positive=pos, console=True),
                          f"(final-epoch accuracies and transfer diagnostics: {md})"])
-    return {"markdown": md, "parquet": parquet, "paired": paired_parquet, "heatmap": heat, "text": md.read_text(),
+    return {"markdown": md, "parquet": parquet, "paired": paired_parquet, "history": history_parquet,
+            "forest": forest, "forest_rows": rows, "curves": curves, "text": md.read_text(),
             "console": console,
             "tables": tables,
             "verdicts": [{k: v[k] for k in ("pair", "arm", "control", "verdict", "word", "mde", "rules_out_above")}
