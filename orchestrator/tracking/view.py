@@ -56,7 +56,9 @@ def view_state(parent_run_id: str, baseline: str = "alone", several_pairs: bool 
         "searchFilter": f"tags.`{tracking.TRIAL_TAG}` = '1' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
         "orderByKey": column("metrics", SUMMARY[0]), "orderByAsc": False, "startTime": "ALL",
         "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
-        "selectedColumns": cols, "columnOrder": cols, "columnWidths": {},
+        # wide enough for the metric names and arm names like `mergenet_untrained`
+        "selectedColumns": cols, "columnOrder": cols,
+        "columnWidths": {c: 190 if c.startswith("metrics.") else 60 if c.endswith("`seed`") else 150 for c in cols},
         "runsHiddenMode": "SHOW_ALL",
         "groupBy": {"aggregateFunction": "average", "groupByKeys": keys}, "groupsExpanded": {},
         "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "chartsSearchFilter": "test_acc",
