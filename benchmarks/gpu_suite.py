@@ -527,12 +527,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="cuda_path,throughput,packing")
     ap.add_argument("--steps", type=int, default=30, help="timed pair steps per throughput row")
     ap.add_argument("--pack-seconds", type=float, default=12.0, help="timed seconds per packing level")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="write the section of a stored result (a GPU run's JSON) into --out, and stop")
     ap.add_argument("--packing-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--device", help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--start-file", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.render:  # no torch needed: the section of a result fetched from the GPU machine
+        res = json.loads(Path(args.render).read_text())
+        write_section(Path(args.out or ROOT / "docs" / "BENCHMARKS.md"), markdown(res))
+        return 0
     check_requirements()
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))

@@ -46,6 +46,12 @@ def test_dry_run_runs_every_part_on_cpu_and_imports_no_ray_mlflow_or_transformer
     assert any("bf16" in s for s in skipped) and any("role streams" in s for s in skipped)
     text = md.read_text()
     assert "old" not in text and text.endswith("tail\n") and "## GPU suite" in text and "dry run" in text
+    # a stored result (as fetched back from the GPU machine) renders the same section, without torch
+    again = tmp_path / "AGAIN.md"
+    r = subprocess.run([sys.executable, str(SUITE), "--render", str(out), "--out", str(again)], cwd=tmp_path,
+                       env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert again.read_text().strip() == text[text.index("<!-- gpu_suite:start"):text.index("tail")].strip()
 
 
 def test_missing_packages_are_listed_with_the_fetch_line_not_a_traceback(tmp_path):
