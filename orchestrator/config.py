@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt, ValidationInfo, field_validator
 
 from mergenet_core.config import checks
 from mergenet_core.config import ExperimentConfig, Strict
@@ -25,6 +25,10 @@ class RayPairSpec(Strict):
     source_workers: PositiveInt = 1
     target_workers: PositiveInt = 1
     use_gpu: bool = False
+    gpus_per_worker: PositiveFloat | None = Field(
+        None, description="use_gpu: GPUs per role worker (default 1); a fraction shares one GPU between "
+                          "workers or trials (0.5: two per GPU, 0.25: four), above 1 a whole number; the "
+                          "inline topology's trial process takes this many")
     cpus_per_worker: PositiveFloat = 1.0
     worker_resources: dict[str, PositiveFloat] = Field(
         default_factory=dict, description="extra (custom) Ray resources per worker, e.g. {accel_slot: 1}")
@@ -38,6 +42,22 @@ class RayPairSpec(Strict):
                             "workers + adapter actor; inline = the whole pair in the Tune trial process; auto = "
                             "split when the pair asks for GPUs, several workers per role, spread placement or "
                             "custom worker resources, else inline")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpus(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is None:
+            return v
+        if not info.data.get("use_gpu"):
+            raise ValueError("needs use_gpu: true")
+        if v > 1 and v != int(v):
+            raise ValueError(f"{v:g}: above 1 GPU a worker takes whole GPUs (1, 2, ...); fractions only below 1")
+        return v
+
+    @property
+    def worker_gpus(self) -> float:
+        """GPUs each role worker (or an inline trial's process) asks Ray for: 0 without ``use_gpu``."""
+        return (self.gpus_per_worker or 1.0) if self.use_gpu else 0.0
 
     @field_validator("topology")
     @classmethod

@@ -81,6 +81,18 @@ def plan_pair(cfg: PairConfig, deep: bool = True) -> PairPlan:
     return PairPlan(layout, not where.apart, spec, pair.steps_per_epoch, method.config_warnings(pair.roles))
 
 
+def worker_bundle(cfg: PairConfig) -> dict[str, float]:
+    """What each role worker asks Ray for (Ray Train's ``resources_per_worker``: one bundle per
+    worker in the worker group's placement group, strategy ``ray.placement``): its CPUs, its
+    custom resources and, with ``ray.use_gpu``, ``ray.worker_gpus`` GPUs (1, or the
+    ``ray.gpus_per_worker`` fraction that packs several workers on one GPU)."""
+    rs = cfg.ray
+    bundle = {"CPU": rs.cpus_per_worker, **rs.worker_resources}
+    if rs.use_gpu:
+        bundle["GPU"] = rs.worker_gpus
+    return bundle
+
+
 def preflight(cfg: PairConfig, address: str | None = None, deep: bool = True) -> PairPlan:
     plan = plan_pair(cfg, deep=deep)
     ensure_ray(address)
@@ -157,7 +169,7 @@ def run_pair_on_ray(cfg: PairConfig, out_dir: str | Path, address: str | None = 
             cfg.model_dump_json(), plan.exchange_spec, plan.steps_per_epoch)
         (out / "pids").mkdir(parents=True, exist_ok=True)
         (out / "pids" / "adapter.pid").write_text(str(ray.get(actor.pid.remote())))
-    per_worker = {"CPU": rs.cpus_per_worker, **rs.worker_resources}
+    per_worker = worker_bundle(cfg)
     trainer = TorchTrainer(
         pair_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "out_dir": str(out), "layout": plan.layout,

@@ -27,16 +27,23 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+#: GPUs the session's local Ray declares (none exists: placement is what is tested)
+DECLARED_GPUS = 2
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """A real local Ray (4 logical CPUs so small pairs pack on 2 cores), started once."""
+    """A real local Ray (4 logical CPUs so small pairs pack on 2 cores), started once. It declares
+    2 GPUs (:data:`DECLARED_GPUS`) so that GPU placement is tested on a CPU machine
+    (tests/test_gpu_placement.py): Ray only counts them and sets ``CUDA_VISIBLE_DEVICES`` for the
+    tasks that ask; nothing that asks for no GPU changes, and no test here runs CUDA code."""
     import ray
 
     # a test that ran `mergenet run` in this process may have left RAY_AUTH_MODE=token behind; the
     # GCS started here inherits the environment, the client keeps the mode it read on import
     os.environ.pop("RAY_AUTH_MODE", None)
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
+        ray.init(address="local", num_cpus=4, num_gpus=DECLARED_GPUS, object_store_memory=512 * 1024**2, include_dashboard=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()

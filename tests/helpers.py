@@ -229,8 +229,8 @@ def step_metrics(data: dict, out: str | Path) -> dict[str, list[dict]]:
         take(k)
         rec: dict[str, float] = {"epoch": pair.epoch, "step": k}
         for name, role in pair.roles.items():
-            rec[f"{name}/loss_sum"] = role.stats["loss"]
-            rec[f"{name}/correct"] = role.stats["correct"]
+            rec[f"{name}/loss_sum"] = float(role.stats["loss"])  # kept on the device between epochs
+            rec[f"{name}/correct"] = int(role.stats["correct"])
             rec[f"{name}/state_sum"] = sum(float(v.double().sum()) for v in role.model.state_dict().values())
         steps.append(rec)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..config import ExperimentConfig
 from ..io.outputs import RunOutputs
 from .loop import BEST, CHECKPOINT, FINAL, METRICS, PairLoop, PairState, load_bundle, save_bundle  # noqa: F401
@@ -29,7 +31,8 @@ class Engine:
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
                  on_epoch: Callable[[dict], None] | None = None,
-                 on_checkpoint: Callable[[Path, dict], None] | None = None, keep_bundles: str = "last"):
+                 on_checkpoint: Callable[[Path, dict], None] | None = None, keep_bundles: str = "last",
+                 role_streams: bool = False):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.progress = progress
@@ -38,10 +41,14 @@ class Engine:
         self.keep_bundles = keep_bundles
         self.device = resolve_device(cfg.device)
         self.pair = PairState.build(cfg, devices={n: self.device for n in ("source", "target")})
+        #: ``role_streams`` (CUDA only; ``benchmarks/gpu_suite.py`` measures it): each role's part
+        #: of a step on its own CUDA stream (``take_step(streams=)``); ignored on a CPU
+        self.streams = ({n: torch.cuda.Stream(self.device) for n in self.pair.roles}
+                        if role_streams and self.device.type == "cuda" else None)
 
     # ---------------------------------------------------------------- Host
     def step(self, step: int) -> None:
-        take_step(self.pair, step)
+        take_step(self.pair, step, streams=self.streams)
 
     def gather(self, local: dict) -> dict:
         return local

@@ -136,10 +136,18 @@ class Role:
         return loss, logits.float()
 
     def record(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        self.stats["loss"] += float(loss.detach()) * len(y)
-        self.stats["correct"] += int((logits.detach().argmax(1) == y).sum())
-        self.stats["n"] += len(y)
+        """Add one step's loss and hits to the epoch's sums, kept on the role's device (float64
+        / int64: the same sums as Python floats, in the same order) so that a step never waits
+        for the device; they become numbers in :meth:`take_epoch_stats` / :meth:`state_dict`."""
+        n = len(y)
+        self.stats["loss"] = self.stats["loss"] + loss.detach().double() * n
+        self.stats["correct"] = self.stats["correct"] + (logits.detach().argmax(1) == y).sum()
+        self.stats["n"] += n
         self.stats["steps"] += 1
+
+    def _stats_numbers(self) -> dict:
+        s = self.stats
+        return {**s, "loss": float(s["loss"]), "correct": int(s["correct"])}
 
     def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -154,7 +162,8 @@ class Role:
         self.scheduler.step()
 
     def take_epoch_stats(self) -> dict[str, float]:
-        s, n = self.stats, max(1, self.stats["n"])
+        s = self._stats_numbers()
+        n = max(1, s["n"])
         out = {"train_loss": s["loss"] / n, "train_acc": s["correct"] / n} if s["n"] else {}
         self.stats = {"loss": 0.0, "correct": 0, "n": 0, "steps": 0}
         return out
@@ -183,7 +192,7 @@ class Role:
             **self.rng.state_dict(),
             "aug": self.aug.get_state(),
             # train loss/accuracy accumulated since the last evaluation (eval_every > 1)
-            "stats": dict(self.stats),
+            "stats": self._stats_numbers(),
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -17,6 +17,7 @@ act at named points of the step. Order inside one step:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,11 +46,19 @@ def step_roles(pair: "PairState", hosted: tuple[str, ...] | None = None) -> dict
             if n in pair.roles and (hosted is None or n in hosted)}
 
 
-def take_step(pair: "PairState", step: int, hosted: tuple[str, ...] | None = None) -> None:
-    """Optimisation step ``step`` of the pair's roles (``hosted``: only these)."""
+def take_step(pair: "PairState", step: int, hosted: tuple[str, ...] | None = None,
+              streams: dict[str, "torch.cuda.Stream"] | None = None) -> None:
+    """Optimisation step ``step`` of the pair's roles (``hosted``: only these).
+
+    ``streams`` (CUDA, one process hosting several roles; ``Engine(role_streams=True)``): each
+    role's part of the step (batch, forward, backward, optimiser step and the method's hooks after
+    them) is queued on that role's own CUDA stream, so the device may overlap the roles' kernels.
+    Each role stream first waits for the work queued before it (``before_step``: MergeNet's
+    write of the generated matrix), and the caller's stream waits for every role stream at the
+    end, so what follows the step sees it complete. Without CUDA: no effect."""
     roles = step_roles(pair, hosted)
     pair.method.before_step(step, roles)
-    _train(pair.method, step, roles)
+    _train(pair.method, step, roles, streams)
 
 
 def train_roles(pair: "PairState", step: int, hosted: tuple[str, ...] | None = None) -> None:
@@ -72,17 +81,34 @@ def _update(m: "Method", step: int, role: "Role", outs: dict[str, Forward]) -> N
     role.apply_step()
 
 
-def _train(m: "Method", step: int, roles: dict[str, "Role"]) -> None:
+def _on_stream(streams: dict | None, name: str):
+    """A context queueing this role's work on its own CUDA stream (after the work queued so far
+    on the current stream); a null context without streams."""
+    s = (streams or {}).get(name)
+    if s is None:
+        return contextlib.nullcontext()
+    s.wait_stream(torch.cuda.current_stream(s.device))
+    return torch.cuda.stream(s)
+
+
+def _join(streams: dict | None) -> None:
+    for s in (streams or {}).values():
+        torch.cuda.current_stream(s.device).wait_stream(s)
+
+
+def _train(m: "Method", step: int, roles: dict[str, "Role"], streams: dict | None = None) -> None:
     decl = m.roles(m.options)
     trained = set(decl.trained)
     if decl.shared_batch is None:
         for name, role in roles.items():
-            if name in trained:
-                with role.rng_scope():
-                    role.model.train()
-                    x, y = role.next_batch()
-                    _update(m, step, role, {name: _forward(role, x, y)})
-            m.after_step(step, role)
+            with _on_stream(streams, name):
+                if name in trained:
+                    with role.rng_scope():
+                        role.model.train()
+                        x, y = role.next_batch()
+                        _update(m, step, role, {name: _forward(role, x, y)})
+                m.after_step(step, role)
+        _join(streams)
         return
     owner = roles[decl.shared_batch]
     owner.model.train(owner.name in trained)

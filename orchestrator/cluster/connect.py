@@ -91,10 +91,7 @@ def check_resources(cfg: PairConfig, plan: PairPlan) -> None:
             problems.append(ConfigError(f"ray.worker_resources.{res}", f"the pair needs {need:g} '{res}' but the "
                                                                       f"cluster has {total.get(res, 0):g}"))
     if rs.use_gpu:
-        need_gpu = plan.num_workers + (rs.adapter.num_gpus if plan.exchange_spec is not None else 0)
-        if need_gpu > total.get("GPU", 0) + 1e-9:
-            problems.append(ConfigError("ray.use_gpu", f"the pair needs {need_gpu:g} GPUs (one per worker) but the "
-                                                       f"cluster has {total.get('GPU', 0):g}"))
+        problems += _gpu_problems(rs, plan, total)
     if not problems:
         return
     if os.environ.get(RESOURCE_CHECK_ENV, "strict").lower() != "warn":
@@ -102,3 +99,24 @@ def check_resources(cfg: PairConfig, plan: PairPlan) -> None:
     for p in problems:
         print(f"warning: {p} now; waiting for the autoscaler to add nodes "
               f"({RESOURCE_CHECK_ENV}=strict refuses instead)", file=sys.stderr, flush=True)
+
+
+def _gpu_problems(rs, plan: PairPlan, total: dict) -> list[ConfigError]:
+    """The pair's GPUs against the cluster's: the whole pair (workers x ``ray.worker_gpus`` + the
+    adapter actor's), one worker against the largest node (a worker never spans nodes), and under
+    ``STRICT_PACK`` the worker group against the largest node."""
+    per, field = rs.worker_gpus, "ray.gpus_per_worker" if rs.gpus_per_worker is not None else "ray.use_gpu"
+    adapter = rs.adapter.num_gpus if plan.exchange_spec is not None else 0
+    need = plan.num_workers * per + adapter
+    have = total.get("GPU", 0)
+    how = f"{plan.num_workers} workers x {per:g}" + (f" + {adapter:g} for the adapter" if adapter else "")
+    if need > have + 1e-9:
+        return [ConfigError(field, f"the pair needs {need:g} GPUs ({how}) but the cluster has {have:g}")]
+    node_max = max((n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if per > node_max + 1e-9:
+        return [ConfigError(field, f"one worker needs {per:g} GPUs but the largest node has {node_max:g}")]
+    workers = plan.num_workers * per  # the worker group's placement group (the actor is apart)
+    if rs.placement == "STRICT_PACK" and workers > node_max + 1e-9:
+        return [ConfigError("ray.placement", f"STRICT_PACK puts the workers' {workers:g} GPUs on one node "
+                                             f"but the largest node has {node_max:g}")]
+    return []

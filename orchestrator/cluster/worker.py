@@ -150,7 +150,8 @@ def pair_worker(config: dict) -> None:
     (out / "pids").mkdir(parents=True, exist_ok=True)
     (out / "pids" / f"{me}{role_rank}.pid").write_text(str(os.getpid()))
     where = {"role": me, "role_rank": role_rank, "world_rank": rank, "pid": os.getpid(),
-             "node_id": ray.get_runtime_context().get_node_id(), "device": str(device)}
+             "node_id": ray.get_runtime_context().get_node_id(), "device": str(device),
+             "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
     placement = [None] * len(layout)
     if distributed:
         dist.all_gather_object(placement, where)

@@ -94,6 +94,8 @@ class ResourcesSpec(_Strict):
 
     cpus_per_worker: float = Field(0.5, gt=0)
     use_gpu: bool = False
+    gpus_per_worker: float | None = Field(None, gt=0, description="use_gpu: GPUs per role worker / inline trial "
+                                                                  "(default 1; 0.5: two per GPU); ray.gpus_per_worker")
     adapter_num_cpus: float = Field(0.0, ge=0)
     adapter_num_gpus: float = Field(0.0, ge=0)
     trial_driver_cpus: float = Field(0.01, gt=0, description="the Tune function that starts the pair's trainer")
@@ -260,6 +262,7 @@ class GridConfig(_Strict):
             "target": p.target,
             "method": {"name": method, "options": opts},
             "ray": {"cpus_per_worker": r.cpus_per_worker, "use_gpu": r.use_gpu,
+                    **({"gpus_per_worker": r.gpus_per_worker} if r.gpus_per_worker is not None else {}),
                     "adapter": {"num_cpus": r.adapter_num_cpus, "num_gpus": r.adapter_num_gpus}},
         })
         if not uses_source(method):  # e.g. alone: no source model to build

@@ -45,8 +45,8 @@ class Inline(Topology):
     def resources(self, cfg: PairConfig, driver_cpus: float) -> list[dict]:
         """The trial process trains the pair, so it holds the pair's CPUs (or its GPU)."""
         need = {"CPU": cfg.ray.cpus_per_worker}
-        if cfg.ray.use_gpu:
-            need["GPU"] = 1
+        if cfg.ray.use_gpu:  # ray.gpus_per_worker < 1: several inline trials share one GPU
+            need["GPU"] = cfg.ray.worker_gpus
         return [need]
 
     def run(self, cfg: PairConfig, req: RunRequest) -> dict:

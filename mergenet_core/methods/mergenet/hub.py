@@ -88,7 +88,8 @@ class AdapterHub:
         """
         t0 = time.perf_counter()
         out: dict[str, Tensor | None] = {}
-        with self.rng.scope():
+        bf16 = self.opts.adapter.precision == "bf16" and self.device.type == "cuda"
+        with self.rng.scope(), torch.autocast(self.device.type if bf16 else "cpu", torch.bfloat16, enabled=bf16):
             for lid, (x, y, *metric) in inputs.items():
                 ad = self.adapters[lid]
                 ad.train()
@@ -105,6 +106,7 @@ class AdapterHub:
                 else:
                     snap = None
                     new = ad(x, y, **kw)
+                new = new.float()  # bf16 autocast: the matrix written stays fp32 (a no-op in fp32)
                 if not torch.isfinite(new).all():
                     self.bad_streak[lid] += 1
                     self._epoch["skipped"] += 1

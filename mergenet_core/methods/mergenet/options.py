@@ -58,6 +58,9 @@ class AdapterOptions(_Opts):
     ffn_dropout: float = Field(0.2, ge=0, lt=1)
     generate_dropout: bool = Field(True, description="dropout active when generating the written weights "
                                                      "(false: attention and FFN dropout off)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the adapter's forward (generate) under bf16 autocast on a CUDA device "
+                            "(parameters, optimiser and the written matrix stay fp32; fp32 on a CPU)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     grad_clip: float = Field(50.0, gt=0)
