@@ -291,7 +291,8 @@ def _stop_and_recover(tmp_path, victim: str, after_epoch: int, uninterrupted: li
     return figures
 
 
-def test_pair_recovers_from_a_stopped_worker_and_matches_the_uninterrupted_run(ray_local, tmp_path, uninterrupted):
+def test_pair_recovers_from_a_stopped_worker_and_matches_the_uninterrupted_run(ray_local, tmp_path,
+                                                                              uninterrupted):
     """SIGSTOP of the target's worker mid-epoch: the source, which never waits for the target
     inside an epoch, blocks in the epoch's gather; it finds the target's heartbeat missing and
     exits, Ray Train restarts the group (killing the stopped worker) from the last checkpoint."""

@@ -9,8 +9,8 @@ actor) runs a :class:`Watchdog` thread that, every ``ray.hang.interval_s``:
   key-value store (it works across nodes and does not depend on the adapter actor);
 - reads the other workers' beats: a worker whose beat has not changed for longer than the
   deadline has stopped (a stopped process stops all its threads);
-- world rank 0 pings the adapter actor (a threaded actor answers while other calls wait in it):
-  a ping unanswered for longer than the deadline means the actor is stuck;
+- pings the adapter actor, if the pair has one (a threaded actor answers while other calls wait
+  in it): a ping unanswered for longer than the deadline means the actor is stuck;
 - checks its own blocking adapter call (``get``, ``feedback``, ``begin``...): one that waited longer
   than the deadline means the peer it waits for or the actor makes no progress, even if both
   still beat.
@@ -19,7 +19,7 @@ The deadline is ``max(floor_s, step_multiple x the slowest worker's mean step ti
 worker publishes its own), so slow pairs get proportionally more patience and a loaded machine
 never trips it below the floor. A worker that finds a hang writes one line to its stderr and a
 ``hang`` event (``events.jsonl``); if the adapter actor is the one stuck it kills it (it restarts:
-``max_restarts=-1``) and waits for the new one to answer; a silent peer on its own node it
+``max_restarts=-1``; the next attempt's first call waits for it); a silent peer on its own node it
 ``SIGKILL`` s; then it exits (:data:`HUNG_EXIT`). Ray Train sees a dead worker, exactly as after a
 ``SIGKILL``, and restarts the worker group from the last checkpoint; shutting the old group down
 kills every old worker, so a stopped one on another node dies too (``ray.kill`` ends a stopped
@@ -82,7 +82,6 @@ class Watchdog:
         self.spec, self.run, self.rank, self.world, self.out = spec, run, rank, world, out
         self.role, self.role_rank, self.name = role, role_rank, f"{role}{role_rank}"
         self.actor = None       # the adapter actor's handle, once known (set by the worker)
-        self.ping = rank == 0   # who pings the actor
         self._steps: deque[float] = deque(maxlen=50)
         self._call: tuple[str, float] | None = None
         self._stop = threading.Event()
@@ -170,60 +169,40 @@ class Watchdog:
                 if ages.age(r, now) > limit:
                     who = f"{p['worker']} (pid {p['pid']})" if p else f"world rank {r}"
                     self._hang(f"worker {who} sent no heartbeat for {ages.age(r, now):.1f} s", limit, peer=p)
-            call = self._call
-            if call is not None and now - call[1] > limit:
-                self._hang(f"its adapter call '{call[0]}' waited {now - call[1]:.1f} s", limit, check_actor=True)
-            if self.ping and self.actor is not None:
+            if self.actor is not None:  # a threaded actor answers while other calls wait in it
                 if ping is None:
                     ping = (self.actor.pid.remote(), now)
                 elif ray.wait([ping[0]], timeout=0)[0]:
                     ping = None  # answered (or failed: a dead actor is Ray's own fault path)
-                elif now - ping[1] > limit:
-                    self._hang(f"the adapter actor did not answer a ping for {now - ping[1]:.1f} s", limit,
-                               actor_hung=True)
+            ping_age = now - ping[1] if ping is not None else 0.0
+            if ping_age > limit:
+                self._hang(f"the adapter actor did not answer a ping for {ping_age:.1f} s", limit, actor_hung=True)
+            call = self._call
+            if call is not None and now - call[1] > limit:
+                # the actor stuck too (a ping unanswered for most of the wait), or a peer behind it
+                self._hang(f"its adapter call '{call[0]}' waited {now - call[1]:.1f} s", limit,
+                           actor_hung=ping_age > limit / 2)
 
-    def _actor_answers(self, timeout: float) -> bool:
-        try:
-            ray.get(self.actor.pid.remote(), timeout=timeout)
-            return True
-        except ray.exceptions.GetTimeoutError:
-            return False
-        except Exception:  # noqa: BLE001 - dead or restarting: not stuck
-            return True
-
-    def _hang(self, reason: str, limit: float, actor_hung: bool = False, check_actor: bool = False,
-              peer: dict | None = None) -> None:
+    def _hang(self, reason: str, limit: float, actor_hung: bool = False, peer: dict | None = None) -> None:
         from orchestrator.cluster.worker import _mark
 
-        if self.actor is not None and check_actor and not actor_hung:
-            actor_hung = not self._actor_answers(timeout=min(limit, 10.0))
         line = (f"mergenet: hang: {reason} (deadline {limit:.1f} s, ray.hang)"
-                + ("; the adapter actor does not answer: restarting it" if actor_hung else "")
+                + ("; restarting the adapter actor" if actor_hung else "")
                 + f"; {self.name} exits so that Ray Train restarts the pair from its last checkpoint")
         print(line, file=sys.stderr, flush=True)
         _mark(self.out, "hang", self.role, self.role_rank, -1, reason=reason)
         if actor_hung:
-            self._restart_actor(limit)
+            # ray.kill ends a stopped process too (after Ray's ~5 s grace); the actor restarts
+            # (max_restarts=-1) while Ray Train restarts the workers, whose first call waits for it
+            try:
+                ray.kill(self.actor, no_restart=False)
+            except Exception:  # noqa: BLE001
+                pass
         if peer is not None and peer.get("node") == self._node:
             # the stopped peer on this node: kill it now (as a SIGKILLed worker, Ray's tested path)
             # rather than leave it to the group's shutdown (a 5 s wait for its answer, then ray.kill)
             _kill_ray_worker(peer.get("pid"))
         os._exit(HUNG_EXIT)
-
-    def _restart_actor(self, limit: float) -> None:
-        """Kill the stuck adapter actor (``ray.kill`` ends a stopped process too) and wait until its
-        restart answers, so the next attempt's first call finds it up."""
-        try:
-            ray.kill(self.actor, no_restart=False)
-        except Exception:  # noqa: BLE001
-            return
-        end = time.monotonic() + max(limit, 30.0)
-        while time.monotonic() < end:
-            try:
-                ray.get(self.actor.pid.remote(), timeout=5)
-                return
-            except Exception:  # noqa: BLE001 - still restarting
-                time.sleep(0.5)
 
 
 def _kill_ray_worker(pid) -> None:

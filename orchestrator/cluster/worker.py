@@ -117,6 +117,17 @@ class RoleWorkerHost:
             _mark(self.out, "reported", self.me, self.role_rank, pair.epoch)
 
 
+def _begin(actor, attempt: str, proxy: RayExchange) -> None:
+    """Start attempt ``attempt`` in the adapter actor, waiting for an actor that is restarting
+    (the previous attempt found it stuck and killed it); the watchdog bounds the wait."""
+    with proxy.waiting("begin"):
+        while True:
+            try:
+                return ray.get(actor.begin.remote(attempt))
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(0.5)
+
+
 def pair_worker(config: dict) -> None:
     """Ray Train worker: one role (or the whole pair when co-located) running the core loop."""
     import ray.train
@@ -182,8 +193,7 @@ def pair_worker(config: dict) -> None:
             # updates) and starts from the initial adapter state, then takes the checkpoint's
             box = [uuid.uuid4().hex if rank == 0 else None]
             if rank == 0:
-                with proxy.waiting("begin"):
-                    ray.get(actor.begin.remote(box[0]))
+                _begin(actor, box[0], proxy)
                 if state is not None:
                     proxy.attempt = box[0]
                     method.load_state_dict(state["method"])
