@@ -19,6 +19,29 @@ class AdapterPlacement(Strict):
     num_gpus: float = Field(0.0, ge=0, description="fractional GPUs for the adapter actor")
 
 
+class HangSpec(Strict):
+    """Hang detection in the split topology (docs/RELIABILITY.md, "Hung peers"): every worker
+    beats every ``interval_s``; a worker whose peer stopped beating, whose adapter actor stopped
+    answering, or whose own adapter call has waited longer than the deadline
+    ``max(floor_s, step_multiple x the slowest measured step time)`` exits, and Ray Train restarts
+    the pair from its last checkpoint as after a killed worker."""
+
+    enabled: bool = True
+    floor_s: PositiveFloat = Field(
+        20.0, description="never declare a hang sooner (a loaded machine may stall a process this long)")
+    step_multiple: PositiveFloat = Field(
+        10.0, description="deadline in measured step times (the slowest worker's mean step) when above the floor")
+    interval_s: PositiveFloat = Field(1.0, description="heartbeat and check period")
+
+    @field_validator("interval_s")
+    @classmethod
+    def _interval_below_floor(cls, v: float, info) -> float:
+        floor = info.data.get("floor_s")
+        if floor is not None and v * 2 > floor:
+            raise ValueError(f"{v} is more than half of floor_s ({floor}): a beat could miss the deadline")
+        return v
+
+
 class RayPairSpec(Strict):
     """How a pair runs on Ray (``mergenet train --ray`` and grids); ignored by the engine."""
 
@@ -36,6 +59,7 @@ class RayPairSpec(Strict):
     mode: Literal["sync", "async"] = "sync"
     staleness: PositiveInt = Field(1, description="async: adapter output at most this many transfers old")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
+    hang: HangSpec = Field(default_factory=HangSpec)
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     topology: str = Field(
         "auto", description="grids: a registered topology (orchestrator/topology/): split = Ray Train role "

@@ -133,6 +133,28 @@ def _root_cause(e: BaseException) -> str:
     return short(lines[-1] if lines else type(e).__name__, 200)
 
 
+def _last_hang(out: Path) -> str | None:
+    """The reason of the last hang a worker found (``events.jsonl``): a worker that finds one
+    exits, so Ray's own error only says that it died."""
+    try:
+        lines = (out / "events.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    hangs = [e for e in map(json.loads, filter(None, lines)) if e.get("event") == "hang"]
+    return f"hang: {hangs[-1]['reason']} (ray.hang)" if hangs else None
+
+
+def _forget_beats(run: str) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    from orchestrator.cluster.watchdog import NAMESPACE, key_prefix
+
+    try:
+        _internal_kv_del(key_prefix(run), del_by_prefix=True, namespace=NAMESPACE)
+    except Exception:  # noqa: BLE001 - best effort: a few bytes in the GCS
+        pass
+
+
 def run_pair_on_ray(cfg: PairConfig, out_dir: str | Path, address: str | None = None, resume: bool = False,
                     plan: PairPlan | None = None, storage_path: str | None = None, name: str = "pair",
                     callbacks: list | None = None, start_from: str | Path | Checkpoint | None = None,
@@ -169,11 +191,14 @@ def run_pair_on_ray(cfg: PairConfig, out_dir: str | Path, address: str | None = 
             cfg.model_dump_json(), plan.exchange_spec, plan.steps_per_epoch)
         (out / "pids").mkdir(parents=True, exist_ok=True)
         (out / "pids" / "adapter.pid").write_text(str(ray.get(actor.pid.remote())))
+    # hang detection (orchestrator/cluster/watchdog.py): needs someone to wait for, a peer or the actor
+    watch = uuid.uuid4().hex if rs.hang.enabled and (plan.num_workers > 1 or actor is not None) else None
     per_worker = worker_bundle(cfg)
     trainer = TorchTrainer(
         pair_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "out_dir": str(out), "layout": plan.layout,
                            "co_located": plan.co_located, "actor": actor_name, "namespace": namespace,
+                           "watch": watch,
                            "until_epoch": until_epoch, "keep_bundles": keep_bundles,
                            "steps_per_epoch": plan.steps_per_epoch,
                            "start_from": (Checkpoint(path=start_from.path, filesystem=start_from.filesystem)
@@ -193,10 +218,12 @@ def run_pair_on_ray(cfg: PairConfig, out_dir: str | Path, address: str | None = 
         if type(e).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise
         raise MergenetError(f"pair {cfg.name}: training failed after {rs.max_failures} restart(s) "
-                            f"(ray.max_failures): {_root_cause(e)}") from None
+                            f"(ray.max_failures): {_last_hang(out) or _root_cause(e)}") from None
     finally:
         if actor is not None:
             ray.kill(actor)
+        if watch is not None:
+            _forget_beats(watch)
     with result.checkpoint.as_directory() as d:
         history = load_bundle(Path(d) / BUNDLE)["history"]
         placement = json.loads((Path(d) / PLACEMENT).read_text()) if (Path(d) / PLACEMENT).exists() else None

@@ -231,6 +231,84 @@ def test_every_kill_point_recovers(ray_local, tmp_path, uninterrupted, victim, a
     _kill_and_recover(tmp_path, victim, after_epoch, uninterrupted)
 
 
+#: fast hang detection for the test (the defaults: floor 20 s, beat 1 s; docs/RELIABILITY.md)
+FAST_HANG = {"floor_s": 5.0, "interval_s": 0.5}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_and_recover(tmp_path, victim: str, after_epoch: int, uninterrupted: list[dict], hang: dict) -> dict:
+    """Train the pair on Ray, SIGSTOP ``victim`` (``source0``, ``target0`` or ``adapter``) in the
+    middle of epoch ``after_epoch + 1`` and check: the hang is found, the stopped process is
+    killed by the restart, the pair finishes within 60 s of the stop and every metric equals the
+    uninterrupted run. Returns the measured figures."""
+    cfg = mergenet_cfg(recipe=KILL_RECIPE, source=BIGGER, target=BIGGER, ray={"hang": hang})
+    out = tmp_path / victim
+    t0 = time.time()
+    t, box = _run_in_thread(cfg, out)
+    _wait_for_events(out, "reported", after_epoch)
+    time.sleep(0.5)  # > the controller's poll: epoch `after_epoch` registered, the next one training
+    pid = int((out / "pids" / f"{victim}.pid").read_text())
+    stopped_at = time.time()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t.join(timeout=240)
+        assert not t.is_alive(), "pair did not finish after the stop"
+        assert "error" not in box, box.get("error")
+        done_at = time.time()
+        deadline = time.time() + 15  # ray.kill ends a stopped process after Ray's grace period
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pid), "the stopped process outlived the restart"
+    finally:
+        if _alive(pid):  # never leave a stopped process behind
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+    events = _events(out)
+    hangs = [e for e in events if e["event"] == "hang" and e["t"] > stopped_at]
+    assert hangs, "no worker reported the hang"
+    restarts = [e for e in events if e["event"] == "started" and e["t"] > stopped_at]
+    assert restarts, "no worker restarted"
+    restart_s = min(e["t"] for e in restarts) - stopped_at
+    assert restart_s < 60, restart_s
+    hist = read_metrics(out)
+    assert [r["epoch"] for r in hist] == [1, 2, 3, 4]
+    assert all(r["adapter/transfers"] == 12 for r in hist)
+    assert_same_metrics(uninterrupted, hist, tol=1e-5)
+    first_after = [e["t"] for e in events if e["event"] == "reported" and e["t"] > stopped_at]
+    figures = {"victim": victim, "after_epoch": after_epoch, "hang": hang,
+               "detected_s": round(min(e["t"] for e in hangs) - stopped_at, 2),
+               "detected_by": sorted({e["worker"] for e in hangs}), "reason": hangs[0]["reason"],
+               "restart_s": round(restart_s, 2), "resumed_from_epoch": min(e["epoch"] for e in restarts),
+               "next_checkpoint_s": round(first_after[0] - stopped_at, 2) if first_after else None,
+               "finished_s": round(done_at - stopped_at, 1), "wall_s": round(done_at - t0, 1)}
+    print("HANG RECOVERY", figures)
+    return figures
+
+
+def test_pair_recovers_from_a_stopped_worker_and_matches_the_uninterrupted_run(ray_local, tmp_path,
+                                                                              uninterrupted):
+    """SIGSTOP of the target's worker mid-epoch: the source, which never waits for the target
+    inside an epoch, blocks in the epoch's gather; it finds the target's heartbeat missing and
+    exits, Ray Train restarts the group (killing the stopped worker) from the last checkpoint."""
+    _stop_and_recover(tmp_path, "target0", 1, uninterrupted, FAST_HANG)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim, hang", [
+    ("source0", FAST_HANG),  # the target waits in its adapter get: heartbeat and call deadline
+    ("adapter", FAST_HANG),  # the actor is killed and restarted by the worker that finds it stuck
+    ("source0", {}),         # the default deadline (floor 20 s)
+], ids=["source0", "adapter", "source0-default-deadline"])
+def test_every_stopped_process_recovers(ray_local, tmp_path, uninterrupted, victim, hang):
+    _stop_and_recover(tmp_path, victim, 1, uninterrupted, hang)
+
+
 def _cli(*args, cwd):
     return helpers.run_cli(*args, cwd=cwd, env={"MERGENET_RAY_DASHBOARD": "0"}, timeout=240)
 

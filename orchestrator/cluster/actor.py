@@ -8,6 +8,7 @@ attempt left survives (docs/RELIABILITY.md)."""
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import ray
 import torch
@@ -105,9 +106,17 @@ class RayExchange:
     attempt id the actor was started with (:meth:`AdapterActor.begin`)."""
 
     def __init__(self, actor, leader: bool, group=None, leader_rank: int = 0, sync: bool = True,
-                 attempt: str = ""):
+                 attempt: str = "", watch=None):
         self.actor, self.leader, self.group, self.leader_rank, self.sync = actor, leader, group, leader_rank, sync
         self.attempt = attempt
+        self.watch = watch  # the worker's Watchdog: a blocking call past its deadline is a hang
+
+    def waiting(self, what: str):
+        return self.watch.waiting(what) if self.watch is not None else nullcontext()
+
+    def _wait(self, what: str, ref):
+        with self.waiting(what):
+            return ray.get(ref)
 
     def put(self, step: int, mats: dict) -> None:
         if self.leader:
@@ -119,7 +128,7 @@ class RayExchange:
     def get(self, step: int, role: str):
         box = [None]
         if self.leader:
-            box[0] = ray.get(self.actor.get.remote(self.attempt, step, role))
+            box[0] = self._wait(f"get step {step}", self.actor.get.remote(self.attempt, step, role))
         if self.group is not None:
             dist.broadcast_object_list(box, src=self.leader_rank, group=self.group)
         return box[0]
@@ -130,13 +139,13 @@ class RayExchange:
             ref = self.actor.feedback.remote(self.attempt, gen_step, keys, epoch,
                                              *[grads[k].detach().cpu() for k in keys])
             if self.sync:
-                ray.get(ref)
+                self._wait(f"feedback step {gen_step}", ref)
 
     def take_epoch_metrics(self) -> dict:
-        return ray.get(self.actor.take_epoch_metrics.remote(self.attempt))
+        return self._wait("take_epoch_metrics", self.actor.take_epoch_metrics.remote(self.attempt))
 
     def state_dict(self) -> dict:
-        return ray.get(self.actor.state_dict.remote(self.attempt))
+        return self._wait("state_dict", self.actor.state_dict.remote(self.attempt))
 
     def load_state_dict(self, state: dict) -> None:
-        ray.get(self.actor.load_state_dict.remote(self.attempt, state))
+        self._wait("load_state_dict", self.actor.load_state_dict.remote(self.attempt, state))

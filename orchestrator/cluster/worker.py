@@ -21,6 +21,7 @@ from mergenet_core.io.outputs import RunOutputs
 from mergenet_core.training.loop import PairLoop, PairState, load_bundle, numeric, save_bundle
 from mergenet_core.training.step import take_step
 from orchestrator.cluster.actor import RayExchange, _to_cpu
+from orchestrator.cluster.watchdog import Watchdog
 from orchestrator.config import PairConfig
 
 
@@ -40,12 +41,12 @@ def _grad_sync(group, size: int):
     return sync
 
 
-def _mark(out: Path, what: str, role: str, role_rank: int, epoch: int) -> None:
+def _mark(out: Path, what: str, role: str, role_rank: int, epoch: int, **extra) -> None:
     """Append one timestamped event line (``events.jsonl``; fault-recovery timing and tests)."""
     try:
         with (out / "events.jsonl").open("a") as f:
             f.write(json.dumps({"t": time.time(), "event": what, "worker": f"{role}{role_rank}",
-                                "pid": os.getpid(), "epoch": epoch}) + "\n")
+                                "pid": os.getpid(), "epoch": epoch, **extra}) + "\n")
     except OSError:
         pass
 
@@ -56,8 +57,8 @@ class RoleWorkerHost:
     target's leader) leads: it assembles records and reports bundles as Ray Train checkpoints."""
 
     def __init__(self, pair: PairState, me: str, rank: int, role_leader: bool,
-                 world: int, out: Path, placement: list, role_rank: int):
-        self.pair, self.me = pair, me
+                 world: int, out: Path, placement: list, role_rank: int, watch: Watchdog | None = None):
+        self.pair, self.me, self.watch = pair, me, watch
         self.lead, self.role_leader = rank == 0, role_leader
         self.distributed = world > 1
         self.world, self.out, self.placement, self.role_rank = world, out, placement, role_rank
@@ -65,7 +66,10 @@ class RoleWorkerHost:
         self._checkpoint = None
 
     def step(self, step: int) -> None:
+        t0 = time.perf_counter()
         take_step(self.pair, step)  # the roles built here: its own, or the co-located pair
+        if self.watch is not None:
+            self.watch.stepped(time.perf_counter() - t0)
 
     def gather(self, local: dict) -> dict | None:
         # role states travel with the records: whether a bundle is due is known only on the lead
@@ -113,6 +117,17 @@ class RoleWorkerHost:
             _mark(self.out, "reported", self.me, self.role_rank, pair.epoch)
 
 
+def _begin(actor, attempt: str, proxy: RayExchange) -> None:
+    """Start attempt ``attempt`` in the adapter actor, waiting for an actor that is restarting
+    (the previous attempt found it stuck and killed it); the watchdog bounds the wait."""
+    with proxy.waiting("begin"):
+        while True:
+            try:
+                return ray.get(actor.begin.remote(attempt))
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(0.5)
+
+
 def pair_worker(config: dict) -> None:
     """Ray Train worker: one role (or the whole pair when co-located) running the core loop."""
     import ray.train
@@ -130,61 +145,69 @@ def pair_worker(config: dict) -> None:
     role_rank = ranks[me].index(rank)
     leader = role_rank == 0
     device = ray.train.torch.get_device()
+    watch = None
+    if config.get("watch"):  # from the start: a peer may stop while this one builds or restores
+        watch = Watchdog(cfg.ray.hang, config["watch"], rank, len(layout), me, role_rank, out).start()
+    try:
+        names = None if config["co_located"] else (me,)
+        pair = PairState.build(cfg, role_names=names, devices={"source": device, "target": device},
+                               steps_per_epoch=config.get("steps_per_epoch"))
+        method = pair.method
+        if not config["co_located"]:
+            role = pair.roles[me]
+            if len(ranks[me]) > 1:
+                role.shard = (role_rank, len(ranks[me]))
+                role.grad_sync = _grad_sync(groups[me], len(ranks[me]))
+        actor = proxy = None
+        if config.get("actor"):
+            actor = ray.get_actor(config["actor"], namespace=config["namespace"])
+            group = groups.get(me) if len(ranks[me]) > 1 else None
+            proxy = RayExchange(actor, leader, group, ranks[me][0], sync=cfg.ray.mode == "sync", watch=watch)
+            method.attach(proxy)
+            if watch is not None:
+                watch.actor = actor
 
-    names = None if config["co_located"] else (me,)
-    pair = PairState.build(cfg, role_names=names, devices={"source": device, "target": device},
-                           steps_per_epoch=config.get("steps_per_epoch"))
-    method = pair.method
-    if not config["co_located"]:
-        role = pair.roles[me]
-        if len(ranks[me]) > 1:
-            role.shard = (role_rank, len(ranks[me]))
-            role.grad_sync = _grad_sync(groups[me], len(ranks[me]))
-    actor = proxy = None
-    if config.get("actor"):
-        actor = ray.get_actor(config["actor"], namespace=config["namespace"])
-        group = groups.get(me) if len(ranks[me]) > 1 else None
-        proxy = RayExchange(actor, leader, group, ranks[me][0], sync=cfg.ray.mode == "sync")
-        method.attach(proxy)
-
-    (out / "pids").mkdir(parents=True, exist_ok=True)
-    (out / "pids" / f"{me}{role_rank}.pid").write_text(str(os.getpid()))
-    where = {"role": me, "role_rank": role_rank, "world_rank": rank, "pid": os.getpid(),
-             "node_id": ray.get_runtime_context().get_node_id(), "device": str(device),
-             "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
-    placement = [None] * len(layout)
-    if distributed:
-        dist.all_gather_object(placement, where)
-    else:
-        placement = [where]
-    if rank == 0:
-        RunOutputs(out).placement(placement)
-
-    ckpt = ray.train.get_checkpoint()  # this run's own latest (after a restart), else the start bundle
-    if ckpt is None and config.get("start_from"):
-        start = config["start_from"]  # a local/shared folder, or a Checkpoint in bucket storage
-        ckpt = start if isinstance(start, Checkpoint) else Checkpoint.from_directory(start)
-    state = None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_bundle(Path(d) / BUNDLE)
-        pair.load_state_dict(state, method=proxy is None and rank == 0)
-    if proxy is not None:
-        # a new attempt: the actor drops whatever a killed attempt left (pending inputs, outputs,
-        # updates) and starts from the initial adapter state, then takes the checkpoint's
-        box = [uuid.uuid4().hex if rank == 0 else None]
-        if rank == 0:
-            ray.get(actor.begin.remote(box[0]))
-            if state is not None:
-                proxy.attempt = box[0]
-                method.load_state_dict(state["method"])
+        (out / "pids").mkdir(parents=True, exist_ok=True)
+        (out / "pids" / f"{me}{role_rank}.pid").write_text(str(os.getpid()))
+        where = {"role": me, "role_rank": role_rank, "world_rank": rank, "pid": os.getpid(),
+                 "node_id": ray.get_runtime_context().get_node_id(), "device": str(device),
+                 "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
+        placement = [None] * len(layout)
         if distributed:
-            dist.broadcast_object_list(box, src=0)
-        proxy.attempt = box[0]
-    if distributed:
-        dist.barrier()  # the actor holds the restored exchange before anyone transfers
-    _mark(out, "started", me, role_rank, pair.epoch)
+            dist.all_gather_object(placement, where)
+        else:
+            placement = [where]
+        if rank == 0:
+            RunOutputs(out).placement(placement)
 
-    host = RoleWorkerHost(pair, me, rank, leader, len(layout), out, placement, role_rank)
-    PairLoop(host, keep_bundles=config.get("keep_bundles", "last_and_best"), until_epoch=config.get("until_epoch"),
-             outputs=RunOutputs(out) if rank == 0 else None).run()
+        ckpt = ray.train.get_checkpoint()  # this run's own latest (after a restart), else the start bundle
+        if ckpt is None and config.get("start_from"):
+            start = config["start_from"]  # a local/shared folder, or a Checkpoint in bucket storage
+            ckpt = start if isinstance(start, Checkpoint) else Checkpoint.from_directory(start)
+        state = None
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                state = load_bundle(Path(d) / BUNDLE)
+            pair.load_state_dict(state, method=proxy is None and rank == 0)
+        if proxy is not None:
+            # a new attempt: the actor drops whatever a killed attempt left (pending inputs, outputs,
+            # updates) and starts from the initial adapter state, then takes the checkpoint's
+            box = [uuid.uuid4().hex if rank == 0 else None]
+            if rank == 0:
+                _begin(actor, box[0], proxy)
+                if state is not None:
+                    proxy.attempt = box[0]
+                    method.load_state_dict(state["method"])
+            if distributed:
+                dist.broadcast_object_list(box, src=0)
+            proxy.attempt = box[0]
+        if distributed:
+            dist.barrier()  # the actor holds the restored exchange before anyone transfers
+        _mark(out, "started", me, role_rank, pair.epoch)
+
+        host = RoleWorkerHost(pair, me, rank, leader, len(layout), out, placement, role_rank, watch)
+        PairLoop(host, keep_bundles=config.get("keep_bundles", "last_and_best"), until_epoch=config.get("until_epoch"),
+                 outputs=RunOutputs(out) if rank == 0 else None).run()
+    finally:
+        if watch is not None:
+            watch.stop()  # a "done" beat: its peers no longer watch it
