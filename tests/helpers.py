@@ -36,6 +36,12 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
     "resnet50": {"width": 8, "blocks": [1, 1, 1, 1]},
     "mobilenetv2": {"width_mult": 0.25},
 }
+#: two-tower models (image+text): a tiny CNN image tower and a 1-layer untrained MiniLM-L3 text tower
+TINY_TOWERS: dict[str, Any] = {"image": {"name": "cnn", "options": {"channels": [8, 16], "hidden": 32}},
+                               "text": {"name": "minilm_l3", "options": {"pretrained": False, "num_layers": 1}},
+                               "dim": 32}
+TINY_MODELS["vqa"] = {**TINY_TOWERS, "hidden": 32}
+TINY_MODELS["retrieval"] = dict(TINY_TOWERS)
 
 # A small Fashion-MNIST task: 28x28 grey, a few hundred training images.
 TINY_TASK: dict[str, Any] = {

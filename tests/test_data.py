@@ -194,7 +194,8 @@ def test_option_validation():
         build_task("fashion_mnist", {"colour": True}, seed=0)
     with pytest.raises(ValidationError):
         build_task("fashion_mnist", {"val_fraction": 1.5}, seed=0)
-    assert {TASKS.get(n).meta["modality"] for n in TASKS.names()} == {"image", "text"}
+    assert {TASKS.get(n).meta["modality"] for n in TASKS.names()} == {"image", "text", "image_question",
+                                                                      "image_caption"}
 
 
 def test_every_task_and_model_names_a_registered_modality():

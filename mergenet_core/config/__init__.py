@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
@@ -79,6 +79,11 @@ class RoleSpec(Strict):
     model: ModelSpec
     task: TaskSpec
     init_from: InitFrom | None = Field(None, description="start from trained weights (loaded weights_only)")
+    train: list[Annotated[str, Field(min_length=1, max_length=300)]] | None = Field(
+        None, min_length=1,
+        description="only these parameters train (the rest of the model is frozen): parameter names or "
+                    "module prefixes, '*' matching within a name (e.g. [classifier, features.2.conv.weight]); "
+                    "each must match a parameter. A method's own parameters (MergeNet's learned factors) train")
     recipe: Recipe | None = Field(None, description="filled from the top-level recipe, deep-merged with this role's overrides")
 
 

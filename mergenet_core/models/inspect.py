@@ -2,7 +2,7 @@
 
 :func:`describe` gives every named parameter a role from its module type, its name
 (BERT patterns) and two class attributes our models carry: ``classifier_name`` (the final
-linear; fallback: the last ``nn.Linear``) and ``last_stage_prefixes`` (name prefixes of the
+linear, or None for a model without one; fallback where absent: the last ``nn.Linear``) and ``last_stage_prefixes`` (name prefixes of the
 last stage of a conv trunk). :func:`suggest_pairs` pairs source and target weights by role.
 """
 from __future__ import annotations
@@ -40,9 +40,8 @@ class ParamInfo:
 
 
 def _classifier_name(model: nn.Module) -> str | None:
-    name = getattr(model, "classifier_name", None)
-    if name:
-        return name
+    if hasattr(model, "classifier_name"):  # None: the model has no classifier (retrieval)
+        return model.classifier_name or None
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
 
@@ -111,6 +110,9 @@ _RULES = [
     # classifiers have no normalisation after them: writes rescale the logits directly
     (("classifier",), ("classifier",), "classifier -> classifier (unnormalised target)"),
 ]
+#: the rules that cross modalities (text -> image, image -> text); not used with a two-tower model,
+#: whose image layers take image layers and whose text layers take text layers
+_CROSS = {1, 2}
 
 
 def _ranked(infos: list[ParamInfo], roles: tuple[str, ...]) -> list[ParamInfo]:
@@ -121,12 +123,17 @@ def _ranked(infos: list[ParamInfo], roles: tuple[str, ...]) -> list[ParamInfo]:
 
 
 def suggest_pairs(source: nn.Module, target: nn.Module, k: int = 5) -> list[tuple[str, str, str]]:
-    """Up to ``k`` (source name, target name, reason) pairs, each name used at most once."""
+    """Up to ``k`` (source name, target name, reason) pairs, each name used at most once. With a
+    two-tower model (``tower_prefixes``) on either side, no rule crosses modalities: conv layers
+    pair with its image tower, attention / feed-forward layers with its text tower."""
     src, tgt = describe(source), describe(target)
     pairs: list[tuple[str, str, str]] = []
     used_s: set[str] = set()
     used_t: set[str] = set()
-    for s_roles, t_roles, reason in _RULES:
+    towers = hasattr(source, "tower_prefixes") or hasattr(target, "tower_prefixes")
+    for i, (s_roles, t_roles, reason) in enumerate(_RULES):
+        if towers and i in _CROSS:
+            continue
         ss = [p for p in _ranked(src, s_roles) if p.name not in used_s]
         # targets with a normalisation layer after them first (stable within each group)
         ts = sorted((p for p in _ranked(tgt, t_roles) if p.name not in used_t), key=lambda p: not p.normalised)

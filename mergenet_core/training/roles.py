@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ExperimentConfig, Recipe, RoleSpec
-from ..data import BatchStream, Modality, TaskData, build_task, get_modality, iter_eval
+from ..data import BatchStream, Modality, TaskData, build_task, get_modality
 from ..errors import ConfigError
 from ..models import build_model
 from .optim import RngStream, param_groups, reapply_hparams, schedule_lambda
@@ -126,13 +125,14 @@ class Role:
         return x, y.to(self.device, non_blocking=True)
 
     def loss(self, x, y, params: dict | None = None):
-        """Forward + cross-entropy; ``params`` overrides parameters via ``functional_call``."""
+        """Forward + the modality's loss (cross-entropy on class logits); ``params`` overrides
+        parameters via ``functional_call``."""
         with self.autocast():
             if params:
                 logits = torch.func.functional_call(self.model, params, (x,), strict=False)
             else:
                 logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.recipe.label_smoothing)
+            loss = self.modality.loss(logits.float(), y, self.recipe.label_smoothing)
         return loss, logits.float()
 
     def record(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -141,7 +141,7 @@ class Role:
         for the device; they become numbers in :meth:`take_epoch_stats` / :meth:`state_dict`."""
         n = len(y)
         self.stats["loss"] = self.stats["loss"] + loss.detach().double() * n
-        self.stats["correct"] = self.stats["correct"] + (logits.detach().argmax(1) == y).sum()
+        self.stats["correct"] = self.stats["correct"] + self.modality.hits(logits, y)
         self.stats["n"] += n
         self.stats["steps"] += 1
 
@@ -170,17 +170,10 @@ class Role:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
+        """``{split}_{name}`` for each of the modality's ``metric_names`` (``loss``, ``acc``;
+        retrieval adds its recalls)."""
         self.model.eval()
-        data = getattr(self.task, split)
-        loss_sum, correct, n = 0.0, 0, 0
-        for x, y in iter_eval(data, self.recipe.eval_batch_size):
-            x = self.modality.prepare(x, self.task.info, self.device, train=False, channels_last=self.channels_last)
-            y = y.to(self.device)
-            loss, logits = self.loss(x, y)
-            loss_sum += float(loss) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
-        return {f"{split}_loss": loss_sum / max(1, n), f"{split}_acc": correct / max(1, n)}
+        return {f"{split}_{k}": v for k, v in self.modality.evaluate(self, getattr(self.task, split)).items()}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -213,6 +206,39 @@ class Role:
         reapply_hparams(self.optimizer, self.scheduler, o.lr, o.weight_decay)
 
 
+def _matches(param: str, pattern: str) -> bool:
+    from fnmatch import fnmatchcase
+
+    return param == pattern or param.startswith(pattern + ".") or fnmatchcase(param, pattern)
+
+
+def apply_train_only(model: nn.Module, patterns: list[str] | None, role: str) -> None:
+    """``RoleSpec.train``: freeze every parameter none of ``patterns`` names (a name, a module
+    prefix, or an ``fnmatch`` pattern); a pattern that names no parameter is a ConfigError at
+    ``{role}.train.{i}``."""
+    if patterns is None:
+        return
+    names = [n for n, _ in model.named_parameters()]
+    for i, pat in enumerate(patterns):
+        if not any(_matches(n, pat) for n in names):
+            from ..errors import short
+
+            raise ConfigError(f"{role}.train.{i}", f"'{short(pat)}' names no parameter of the {role} model "
+                                                  f"(e.g. {', '.join(names[:2])}, ...; mergenet pairs lists them)")
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(_matches(n, pat) for pat in patterns))
+
+
+def _build(name: str, builder, model: str, options, info):
+    """A role's model; its errors name the role's field (``target.model.options.image.name``)."""
+    try:
+        return builder(model, options, info)
+    except ConfigError as e:
+        if e.field.startswith("model."):
+            raise ConfigError(f"{name}.{e.field}", e.problem) from None
+        raise
+
+
 def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = None,
                load_init: bool = True) -> Role:
     """Load the role's task and build its model, seeded per (experiment seed, role); then load
@@ -228,11 +254,12 @@ def build_role(name: str, cfg: ExperimentConfig, device: torch.device | None = N
 
         if "pretrained" in MODELS.get(spec.model.name).options.model_fields:
             options = {**options, "pretrained": False}  # untrained: no downloaded/packaged weights either
-    model = build_model(spec.model.name, options, task.info)
+    model = _build(name, build_model, spec.model.name, options, task.info)
     if spec.init_from is not None and load_init:
         from ..io.init_weights import apply_init
 
         apply_init(model, spec.init_from, name, f"{name}.init_from")
+    apply_train_only(model, spec.train, name)
     try:
         stream = BatchStream(task.train, spec.recipe.batch_size, seed=derive_seed(cfg.seed, name, "data"))
     except ConfigError as e:  # name the role's field, not a bare "batch_size"
@@ -271,11 +298,12 @@ def build_weightless_role(name: str, cfg: ExperimentConfig, load_init: bool = Tr
     options = spec.model.options
     if not load_init and "pretrained" in MODELS.get(spec.model.name).options.model_fields:
         options = {**options, "pretrained": False}  # an untrained control role (as build_role)
-    model = build_model_shapes(spec.model.name, options, shape.info)
+    model = _build(name, build_model_shapes, spec.model.name, options, shape.info)
     if spec.init_from is not None and load_init:
         from ..io.init_weights import check_init
 
         check_init(model, spec.init_from, name, f"{name}.init_from")
+    apply_train_only(model, spec.train, name)
     batch, cap = spec.recipe.batch_size, spec.recipe.steps_per_epoch
     if batch < 1 or shape.train == 0 or batch > shape.train:  # data.stream.BatchStream (drop_last)
         raise ConfigError(f"{name}.recipe.batch_size",

@@ -411,13 +411,24 @@ EPOCH_METRICS = ("epoch", "step", "time/train_s", "time/epoch_s")
 ROLE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
 
 
+def role_metrics(cfg: PairConfig, role: str) -> tuple[str, ...]:
+    """A role's evaluation numbers: :data:`ROLE_METRICS` for a classification task; the val/test
+    numbers are its task's modality's ``metric_names`` (retrieval adds its recalls)."""
+    from mergenet_core.data import TASKS, get_modality
+
+    task = cfg.role(role).task.name
+    modality = TASKS.get(task).meta.get("modality") if task in TASKS else None
+    names = get_modality(modality).metric_names if modality else ("loss", "acc")
+    return ("train_loss", "train_acc", *(f"{s}_{n}" for s in ("val", "test") for n in names))
+
+
 def reported_metrics(cfg: PairConfig) -> tuple[set[str], set[str]]:
     """(metrics the trial reports every epoch, metrics it reports only on evaluation epochs)."""
     from mergenet_core.config.checks import method_roles
     from mergenet_core.methods import METHODS
 
     every = set(EPOCH_METRICS)
-    evals = {f"{r}/{k}" for r in method_roles(cfg).trained for k in ROLE_METRICS}
+    evals = {f"{r}/{k}" for r in method_roles(cfg).trained for k in role_metrics(cfg, r)}
     every |= set(METHODS.get(cfg.method.name).fn.epoch_metric_names)
     if cfg.target.recipe.eval_every == 1:
         every |= evals

@@ -117,6 +117,11 @@ class MergeNet(Method):
                     self.enc[(role, param)] = make_encoding(
                         roles[role].model, param, mode, lp.rank, lp.alpha,
                         field=f"method.options.layer_pairs.{link.index}.{side}", align=lp.align)
+            if link.receiver in roles:  # a written weight that stays dense must train (the exact rule's gradient)
+                p = dict(roles[link.receiver].model.named_parameters()).get(link.receiver_param)
+                if p is not None and not p.requires_grad and link.receiver not in frozen:
+                    raise ConfigError(f"{link.receiver}.train", f"'{link.receiver_param}' is written by "
+                                      f"layer_pairs.{link.index} but does not train; add it to {link.receiver}.train")
 
     def config_warnings(self, roles: dict) -> list[str]:
         """An unscaled write (``output_scale: none``) in svd or learned mode (docs/METHOD.md,
