@@ -31,7 +31,7 @@ class HangSpec(Strict):
         20.0, description="never declare a hang sooner (a loaded machine may stall a process this long)")
     step_multiple: PositiveFloat = Field(
         10.0, description="deadline in measured step times (the slowest worker's mean step) when above the floor")
-    interval_s: PositiveFloat = Field(1.0, description="heartbeat and check period")
+    interval_s: PositiveFloat = Field(1.0, validate_default=True, description="heartbeat and check period")
 
     @field_validator("interval_s")
     @classmethod

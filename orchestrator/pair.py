@@ -35,7 +35,7 @@ from pathlib import Path
 import ray
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from mergenet_core.errors import ConfigError, MergenetError
 from mergenet_core.io import PLACEMENT
@@ -206,6 +206,9 @@ def run_pair_on_ray(cfg: PairConfig, out_dir: str | Path, address: str | None = 
                                           str(start_from) if start_from else None)},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=rs.use_gpu,
                                      resources_per_worker=per_worker, placement_strategy=rs.placement),
+        # NCCL (Ray Train's choice with GPUs) refuses two ranks on one GPU: a fraction of a GPU per
+        # worker uses gloo (small objects and gradient all-reduces; gloo handles CUDA tensors)
+        torch_config=TorchConfig(backend="gloo") if rs.use_gpu and rs.worker_gpus < 1 else None,
         run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=rs.max_failures), callbacks=callbacks or None,
                              checkpoint_config=_checkpoint_config(keep_bundles),

@@ -170,7 +170,7 @@ def test_write_section_replaces_only_its_own_section(tmp_path):
 def test_report_on_mlflow_runs(tmp_path, monkeypatch):
     """The whole report from trial runs in a real MLflow (sqlite): trials.parquet with
     hyperparameter columns and per-seed differences, paired.parquet, report.md, parent-run
-    metrics and artifacts, child-run gains, a RESULTS.md section and the heatmap."""
+    metrics and artifacts, child-run gains, a RESULTS.md section and the forest plot."""
     from mlflow.entities import Metric, Param
 
     from orchestrator import tracking

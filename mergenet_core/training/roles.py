@@ -214,7 +214,7 @@ def _matches(param: str, pattern: str) -> bool:
 
 def apply_train_only(model: nn.Module, patterns: list[str] | None, role: str) -> None:
     """``RoleSpec.train``: freeze every parameter none of ``patterns`` names (a name, a module
-    prefix, or an ``fnmatch`` pattern); a pattern that names no parameter is a ConfigError at
+    prefix, or an ``fnmatch`` pattern; a parameter the model froze itself stays frozen); a pattern that names no parameter is a ConfigError at
     ``{role}.train.{i}``."""
     if patterns is None:
         return
@@ -225,8 +225,9 @@ def apply_train_only(model: nn.Module, patterns: list[str] | None, role: str) ->
 
             raise ConfigError(f"{role}.train.{i}", f"'{short(pat)}' names no parameter of the {role} model "
                                                   f"(e.g. {', '.join(names[:2])}, ...; mergenet pairs lists them)")
-    for n, p in model.named_parameters():
-        p.requires_grad_(any(_matches(n, pat) for pat in patterns))
+    for n, p in model.named_parameters():  # only freezes: what the model froze itself stays frozen
+        if not any(_matches(n, pat) for pat in patterns):
+            p.requires_grad_(False)
 
 
 def _build(name: str, builder, model: str, options, info):

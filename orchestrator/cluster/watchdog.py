@@ -177,8 +177,13 @@ class Watchdog:
             ping_age = now - ping[1] if ping is not None else 0.0
             if ping_age > limit:
                 self._hang(f"the adapter actor did not answer a ping for {ping_age:.1f} s", limit, actor_hung=True)
+            # a call's wait counts only once every worker has measured a step: a peer's first step
+            # (lazy init, autotuning, a big model on CPU) may take far longer than the ones after
+            # it; until then the heartbeats and the actor ping still find a stopped process
+            measured = self.step_s() > 0 and len(peers) == self.world - 1 and all(
+                p.get("step_s", 0.0) > 0 or p.get("done") for p in peers.values())
             call = self._call
-            if call is not None and now - call[1] > limit:
+            if call is not None and measured and now - call[1] > limit:
                 # the actor stuck too (a ping unanswered for most of the wait), or a peer behind it
                 self._hang(f"its adapter call '{call[0]}' waited {now - call[1]:.1f} s", limit,
                            actor_hung=ping_age > limit / 2)

@@ -108,11 +108,13 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
 
 
 def config_hash(cfg) -> str:
-    """12 hex digits of the SHA-256 of the trial's whole config (seed included) as JSON with
-    sorted keys: the same config gives the same hash in any grid (the report's ``config_hash``)."""
+    """12 hex digits of the SHA-256 of the trial's config as JSON with sorted keys, seed included
+    and its ``name`` (``GRID.PAIR.ARM.sSEED``) left out: the same config gives the same hash in
+    any grid and under any arm name (the report's ``config_hash``)."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+    data = cfg.model_dump(mode="json", exclude={"name"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def short_params(grid: GridConfig, pair: str, arm: str, hp: dict, config_params: dict[str, str]) -> dict[str, str]:

@@ -5,8 +5,8 @@ Reads the trials (MLflow child runs) of a grid's latest submission and writes
 - ``trials.parquet``: one row per trial — its ids (run, parent run, Tune trial), start and end
   time (UTC), git sha, ``config_hash``, its summary metrics, every config parameter as a column
   (``hp.*`` for the search axes, ``param.*`` for the rest; numbers and booleans as such) and its
-  per-seed gain over each baseline arm in points (``gain_vs_<arm>/<metric>``, the name of the
-  same number on the trial's MLflow run);
+  per-seed gain over each baseline arm in points (``gain_vs_<arm>/<metric>``; the gain over
+  the main baseline is logged under the same name to the trial's MLflow run);
 - ``history.parquet``: one row per trial and epoch, every per-epoch metric, from the trials'
   ``metrics.jsonl`` (the grid's folder, else the run's artifact);
 - ``paired.parquet``: the paired statistics (:mod:`orchestrator.tracking.paired`) — per pair × arm,
@@ -119,11 +119,11 @@ def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None
 def _numeric(col: pd.Series) -> pd.Series:
     """A parameter column as numbers when every value is one, as booleans when every value is
     ``True``/``False`` (``None``: missing), ``None`` strings as missing (MLflow params are strings)."""
-    col = col.where(col != "None", None)
-    if col.dropna().isin(["True", "False"]).all() and col.notna().any():
-        return col.map({"True": True, "False": False}).astype("boolean")
+    known = col.where(col != "None", None)
+    if known.dropna().isin(["True", "False"]).all() and known.notna().any():
+        return known.map({"True": True, "False": False}).astype("boolean")
     try:
-        return pd.to_numeric(col)
+        return pd.to_numeric(known)
     except (ValueError, TypeError):
         return col
 
@@ -158,8 +158,13 @@ def trials_frame(c, experiment_id: str, parent: str | None) -> pd.DataFrame:
         raise MergenetError("report: the grid has no trial runs yet")
     df = pd.DataFrame(rows)
     for col in df.columns:
-        if col.startswith(("hp.", "param.")):
+        if col.startswith("param."):
             df[col] = _numeric(df[col])
+        elif col.startswith("hp."):  # a search axis keeps `None` as a value of its own (its label)
+            try:
+                df[col] = pd.to_numeric(df[col])
+            except (ValueError, TypeError):
+                pass
     return df.sort_values(["pair", "arm", "seed"]).reset_index(drop=True)
 
 
@@ -348,6 +353,10 @@ def history_frame(c, df: pd.DataFrame, folder) -> pd.DataFrame:
                                                                           kind="stable").reset_index(drop=True)
 
 
+#: below MLflow's 8,000-character cap on a tag's value (``mlflow.note.content``)
+DESCRIPTION_MAX = 7500
+
+
 def description(name: str, experiment_id: str, parent: str, verdicts: list[dict], positive: list[dict],
                 pictures: list[str], finished: int, total: int) -> str:
     """The parent run's description (Markdown in the UI): the verdicts, the positive controls and
@@ -361,7 +370,10 @@ def description(name: str, experiment_id: str, parent: str, verdicts: list[dict]
         lines += ["", "Positive controls (best-validation epoch, points):", *paired.positive_control_lines(positive)]
     if verdicts:
         lines += ["", "Verdicts (best-validation epoch, points):", *paired.verdict_lines(verdicts)]
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    if len(text) > DESCRIPTION_MAX:  # MLflow caps a tag's value: the rest is in report.md
+        text = text[:DESCRIPTION_MAX - 80].rsplit("\n", 1)[0] + "\n\n… (cut: the whole list is in report.md)"
+    return text
 
 
 def report_safe(name: str) -> str:
