@@ -33,6 +33,7 @@ MALFORMED = [
     ("hang-beat-slower-than-floor", tiny_pair(ray={"hang": {"floor_s": 4, "interval_s": 3}}), [],
      "ray.hang.interval_s"),
     ("hang-zero-floor", tiny_pair(), ["ray.hang.floor_s=0"], "ray.hang.floor_s"),
+    ("hang-floor-below-default-beat", tiny_pair(ray={"hang": {"floor_s": 1}}), [], "ray.hang.interval_s"),
     ("negative-lr", tiny_pair(recipe={"optimizer": {"lr": -0.1}}), [], "recipe.optimizer.lr"),
     ("role-recipe-wrong-type", tiny_pair(target={"recipe": {"batch_size": "big"}}), [],
      "target.recipe.batch_size"),
