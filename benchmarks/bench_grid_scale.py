@@ -220,6 +220,10 @@ def render(record: dict) -> str:
     lines = ["## Grid scale (`benchmarks/bench_grid_scale.py`)", "",
              *bu.machine_lines(record["machine"], record["load_start"], record["load_end"], record["waited"],
                                record["threshold"]), "",
+             *[f"- a later sitting ({x['machine']['date']}, git {x['machine']['git']}, `{x['machine']['command']}`): "
+               f"load average at start {x['load_start'][0]:.2f}, at end {x.get('load_end', [float('nan')])[0]:.2f}"
+               for x in record.get("sittings", [])[1:]],
+             "",
              f"One tiny pair (CNN → CNN, 256 Fashion-MNIST training images, 2 epochs × 2 steps) × `alone`, "
              f"`mergenet` × N/2 seeds, {record['concurrent']} trials at a time on a local Ray with 2 CPUs; "
              "`mergenet run --no-report`, then `mergenet report`.", "",
@@ -262,6 +266,8 @@ def main() -> int:
     p.add_argument("--out", default=str(bu.ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(bu.ROOT / "benchmarks" / "results" / "bench_grid_scale.json"))
     p.add_argument("--render-json", default=None, help="only rewrite the section from a --json dump")
+    p.add_argument("--merge", action="store_true",
+                   help="add to the runs already in --json (a run of the same N and backend is replaced)")
     args = p.parse_args()
     if args.render_json:
         bu.show(json.loads(Path(args.render_json).read_text()), render, args.out, SECTION, HEADER)
@@ -271,11 +277,21 @@ def main() -> int:
     runs = []
     record = {"machine": bu.machine_record(), "load_start": load_start, "waited": waited,
               "threshold": args.wait_load, "concurrent": args.concurrent, "runs": runs}
+    if args.merge and Path(args.json).exists():  # an earlier sitting's runs; its machine lines stay
+        old = json.loads(Path(args.json).read_text())
+        record = {**old, "runs": runs, "sittings": [*old.get("sittings", [{k: old[k] for k in (
+            "machine", "load_start", "load_end", "waited") if k in old}])]}
+        runs += [r for r in old["runs"] if (r["n"], r["backend"]) not in
+                 {(n, b) for n in set(args.sizes) | set(args.server_sizes or []) for b in args.backends}]
+        record["sittings"].append({"machine": bu.machine_record(), "load_start": load_start, "waited": waited})
     todo = [(n, b) for n in sorted(set(args.sizes) | set(args.server_sizes or [])) for b in args.backends
             if n in (args.server_sizes or args.sizes if b == "server" else args.sizes)]
     for n, backend in todo:
         runs.append(one(n, backend, args.concurrent, args.keep))
-        record.update(load_end=bu.loadavg(), wall_s=time.time() - t0)
+        if "sittings" in record:  # the first sitting's machine lines stay as they were
+            record["sittings"][-1].update(load_end=bu.loadavg(), wall_s=time.time() - t0)
+        else:
+            record.update(load_end=bu.loadavg(), wall_s=time.time() - t0)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1, default=str))  # partial results survive
     bu.publish(record, render, args, SECTION, HEADER, print)
