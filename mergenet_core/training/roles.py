@@ -214,8 +214,8 @@ def _matches(param: str, pattern: str) -> bool:
 
 def apply_train_only(model: nn.Module, patterns: list[str] | None, role: str) -> None:
     """``RoleSpec.train``: freeze every parameter none of ``patterns`` names (a name, a module
-    prefix, or an ``fnmatch`` pattern; a parameter the model froze itself stays frozen); a pattern that names no parameter is a ConfigError at
-    ``{role}.train.{i}``."""
+    prefix, or an ``fnmatch`` pattern; a parameter the model froze itself stays frozen); a
+    pattern that names no parameter is a ConfigError at ``{role}.train.{i}``."""
     if patterns is None:
         return
     names = [n for n, _ in model.named_parameters()]
