@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _sections import git_rev, write_section  # noqa: E402,F401  (stdlib only; gpu_suite.py uses them too)
 
 #: one intra-op thread per process: on a shared 2-core box torch's OpenMP pool stalls
 #: badly under oversubscription; the Ray workers (1 CPU each) get 1 thread from Ray anyway
@@ -50,18 +53,6 @@ def ram_gib() -> float:
     except OSError:
         pass
     return float("nan")
-
-
-def git_rev() -> str:
-    """Commit and whether the work tree has uncommitted changes (read-only git calls)."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return f"{rev}{' + uncommitted changes' if dirty else ''}" if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def machine_record() -> dict:
@@ -144,22 +135,6 @@ def publish(record: dict, render, args, name: str, header: str, log) -> None:
         Path(args.json).write_text(json.dumps(record, indent=1, default=str))
     show(record, render, args.out, name, header)
     log(f"wrote {args.out} (section {name}) in {record['wall_s'] / 60:.1f} min")
-
-
-def write_section(path: str | Path, name: str, body: str, header: str) -> None:
-    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``
-    (append the markers if missing; create the file with ``header`` if missing)."""
-    path = Path(path)
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else header.rstrip() + "\n"
-    if start in text and end in text and text.index(start) < text.index(end):
-        a, b = text.index(start), text.index(end) + len(end)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:

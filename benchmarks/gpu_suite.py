@@ -41,6 +41,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _sections import git_rev, write_section  # noqa: E402  (stdlib only: no environment defaults)
 WHEELS = ROOT / "benchmarks" / "gpu_wheels"
 SITE = WHEELS / "site"  # the wheels unpacked (also git-ignored)
 #: import name -> distribution, for what the suite needs beyond the standard library
@@ -52,7 +54,7 @@ BANNED = ("ray", "mlflow", "transformers")
 FETCH = ("pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 "
          "--implementation cp -d benchmarks/gpu_wheels pydantic==2.14.4 pydantic-core==2.50.5 "
          "annotated-types==0.8.0 typing-extensions==4.16.0 typing-inspection==0.4.5 PyYAML==6.0.4")
-MARK = ("<!-- gpu_suite:start -->", "<!-- gpu_suite:end -->")
+SECTION = "gpu_suite"  # docs/BENCHMARKS.md's <!-- gpu_suite:start/end --> markers
 #: the stated equality tolerance of two runs of one config (docs/RELIABILITY.md: 1e-5)
 TOL = 1e-5
 #: "a pair" for pairs per hour: a run of this many pair steps (e.g. 20 epochs x 50 steps)
@@ -455,7 +457,7 @@ def machine(device) -> dict:
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = [MARK[0], "## GPU suite (`benchmarks/gpu_suite.py`)", "",
+    lines = ["## GPU suite (`benchmarks/gpu_suite.py`)", "",
              f"- date: {res['date']}; git: {res['git']}; command: `{res['command']}`",
              f"- machine: " + (f"{m['gpu']} ({m['gpu_memory_gib']} GiB)" if "gpu" in m else "no GPU")
              + f", {m['cpus']} CPUs; "
@@ -494,29 +496,7 @@ def markdown(res: dict) -> str:
         lines += ["", f"Throughput stops rising after {p['stops_rising_after']} process(es).", ""]
     if res["skipped"]:
         lines += ["Skipped: " + "; ".join(res["skipped"]), ""]
-    lines.append(MARK[1])
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    if MARK[0] in text and MARK[1] in text:
-        head, rest = text.split(MARK[0], 1)
-        text = head + section + rest.split(MARK[1], 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (rev or "unknown") + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.render:  # no torch needed: the section of a result fetched from the GPU machine
         res = json.loads(Path(args.render).read_text())
-        write_section(Path(args.out or ROOT / "docs" / "BENCHMARKS.md"), markdown(res))
+        write_section(Path(args.out or ROOT / "docs" / "BENCHMARKS.md"), SECTION, markdown(res), "# Benchmarks\n")
         return 0
     check_requirements()
     if str(ROOT) not in sys.path:
@@ -572,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(res, indent=2, default=str))
     print(f"gpu_suite: result {out}", flush=True)
     if args.out:
-        write_section(Path(args.out), markdown(res))
+        write_section(Path(args.out), SECTION, markdown(res), "# Benchmarks\n")
         print(f"gpu_suite: section written to {args.out}", flush=True)
     return 1 if res["imported_banned"] else 0
 
