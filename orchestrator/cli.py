@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.interrupts import Interrupted
 
         if isinstance(e, Interrupted):
+            _quiet_ray_before_closing()
             print(e.closing_line(), flush=True)
             return e.exit_code
         print("interrupted (SIGINT)", file=sys.stderr)
@@ -459,6 +460,19 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator import interrupts
 
         interrupts.uninstall()
+
+
+def _quiet_ray_before_closing() -> None:
+    """Disconnect from Ray before the closing line: Ray forwards what its worker processes print
+    to this console from a thread, and a trial process stopped by the interrupt may still print
+    (a fatal-error dump as Tune force-kills it). After ``ray.shutdown`` nothing more is forwarded,
+    so the closing line is the last line (and a local Ray started here is gone, as at exit)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - the closing line and exit code matter more
+            pass
 
 
 if __name__ == "__main__":

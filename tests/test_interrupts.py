@@ -73,6 +73,21 @@ def _cleanup(proc) -> None:
         pass
 
 
+def _wait_for_trial_run(uri: str, name: str, proc, timeout: float = 120) -> None:
+    """Until a trial's MLflow run is RUNNING (Tune says RUNNING before the trial process has
+    opened its run: a signal then would find no trial run to mark KILLED)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if any(r.info.status == "RUNNING" for r in _runs(uri, name)[0]):
+                return
+        except Exception:  # noqa: BLE001 - the experiment or the database not there yet
+            pass
+        time.sleep(0.3)
+    _cleanup(proc)
+    raise AssertionError("no RUNNING trial run")
+
+
 def _runs(uri: str, name: str):
     c = MlflowClient(uri)
     exp = c.get_experiment_by_name(name)
@@ -88,7 +103,7 @@ def test_interrupted_grid_is_killed_and_resumes(tmp_path, sig, code):
     path, uri = _grid(tmp_path, name, seeds=(0, 1, 2) if sig == signal.SIGINT else (0, 1))
     proc = _start(["run", path, "--no-report"], tmp_path, uri, "first.log")
     _wait_for(tmp_path, "first.log", r"\] RUNNING ", proc)
-    time.sleep(1)  # inside the first trial
+    _wait_for_trial_run(uri, name, proc)  # inside the first trial: its MLflow run is open
     os.kill(proc.pid, sig)  # the driver only, as `kill` or a terminal's Ctrl-C reach it
     try:
         rc = proc.wait(timeout=90)
@@ -124,7 +139,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     path, uri = _grid(tmp_path, "g-int-twice", seeds=(0, 1))
     proc = _start(["run", path, "--no-report"], tmp_path, uri, "run.log")
     _wait_for(tmp_path, "run.log", r"\] RUNNING ", proc)
-    time.sleep(2)
+    _wait_for_trial_run(uri, "g-int-twice", proc)
     os.kill(proc.pid, signal.SIGINT)
     time.sleep(0.05)  # while the trials are still stopping
     t0 = time.time()
