@@ -517,6 +517,16 @@ def test_self_transfer_inside_one_model():
     assert sorted(ex.feedbacks) == [0, 1]
 
 
+def test_self_transfer_shuffled_control_scrambles_the_provider_layer():
+    pair = build(pair_opts(source="hidden.weight", target="classifier.weight", self_transfer=True,
+                           control="shuffled_source"), source=None)
+    m = pair.method
+    y = m.enc[("target", "hidden.weight")].read()
+    seen = m._control(m.links[0], y)
+    assert seen.shape == y.shape and not torch.equal(seen, y)
+    assert torch.equal(torch.sort(seen.flatten()).values, torch.sort(y.flatten()).values)  # a permutation
+
+
 def test_cross_modal_text_source_into_conv_target():
     text = {"name": "rotten_tomatoes", "options": {"train_subset": 200, "test_subset": 50, "max_length": 32}}
     src_param = "bert.encoder.layer.0.attention.output.dense.weight"

@@ -208,9 +208,12 @@ def test_control_combinations_are_rejected():
     with pytest.raises(ValueError, match="control"):
         MergeNetOptions.model_validate({"layer_pairs": [{"source": "a", "target": "b"}],
                                         "control": "untrained_source", "direction": "both"})
-    with pytest.raises(ValueError, match="control"):
+    with pytest.raises(ValueError, match="control: 'untrained_source' needs a separate source"):
         MergeNetOptions.model_validate({"layer_pairs": [{"source": "a", "target": "b"}],
-                                        "control": "noise_source", "self_transfer": True})
+                                        "control": "untrained_source", "self_transfer": True})
+    for c in ("shuffled_source", "noise_source"):  # self-transfer's negative controls: the provider scrambled
+        MergeNetOptions.model_validate({"layer_pairs": [{"source": "a", "target": "b"}],
+                                        "control": c, "self_transfer": True})
 
 
 # --------------------------------------------------------------------------- the authors' adapter

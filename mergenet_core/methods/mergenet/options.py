@@ -114,7 +114,8 @@ class MergeNetOptions(_Opts):
     control: Literal["none", "untrained_source", "shuffled_source", "noise_source"] = Field(
         "none", description="negative controls: untrained_source (the source at its seed's init, frozen), "
                             "shuffled_source (source factor rows and columns permuted at every transfer), "
-                            "noise_source (source factor replaced by Gaussian noise of the same RMS)")
+                            "noise_source (source factor replaced by Gaussian noise of the same RMS); with "
+                            "self_transfer the provider layer of the target is scrambled the same way")
     max_bad_transfers: PositiveInt = Field(3, description="consecutive non-finite outputs before the run fails")
 
     @model_validator(mode="before")
@@ -135,8 +136,10 @@ class MergeNetOptions(_Opts):
             raise ValueError("freeze_source: a frozen source cannot receive transfers (direction: both)")
         if self.self_transfer and self.freeze_source:
             raise ValueError("freeze_source: self_transfer has no separate source")
-        if self.control != "none" and self.self_transfer:
-            raise ValueError(f"control: '{self.control}' needs a separate source (self_transfer is on)")
+        if self.control == "untrained_source" and self.self_transfer:  # shuffled / noise: the provider layer's
+            # factors are permuted or replaced by noise, whichever model holds it
+            raise ValueError("control: 'untrained_source' needs a separate source (self_transfer is on; "
+                             "shuffled_source or noise_source scramble the provider layer)")
         if self.control == "untrained_source" and self.direction == "both":
             raise ValueError("control: the untrained source is frozen and cannot receive transfers (direction: both)")
         return self
