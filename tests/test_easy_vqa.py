@@ -6,6 +6,7 @@ body), wrong modality pairings rejected at validation with one line naming the f
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +200,14 @@ def test_pairs_rank_two_tower_layers_within_their_modality():
         assert pairs and all(t.startswith(prefix) for _, t in pairs), pairs
     pairs = suggest_pairs(vqa, ret)
     assert pairs and all(s.split(".")[0] == t.split(".")[0] for s, t, _ in pairs), pairs
+
+
+def test_reports_name_recall_where_acc_is_recall():
+    """A retrieval target's `acc` is image->text recall@1: the report and the summary say so."""
+    from orchestrator.grid.config import load_grid
+    from orchestrator.tracking.report import score_name
+
+    study = Path(__file__).resolve().parents[1] / "experiments" / "study"
+    assert score_name(load_grid(study / "e_vqa_retrieval.yaml", deep=False)) == "image→text recall@1"
+    assert score_name(load_grid(study / "e_cross_modal_image.yaml", deep=False)) == "accuracy"
+    assert score_name(None) == "accuracy"

@@ -30,6 +30,7 @@ class Modality:
 
     name: str = ""
     title: str = ""  # plain description of the input
+    score: str = "accuracy"  # what ``acc`` is for this modality (reports name it so)
 
     def example_info(self, num_classes: int) -> TaskInfo:
         """A stand-in task of this modality, to build a model without data (``mergenet pairs``)."""
@@ -172,6 +173,7 @@ class ImageCaption(_ImageText):
 
     name = "image_caption"
     title = "an image and a caption (uint8 image [N, C, H, W] + token ids and mask [N, L])"
+    score = "image→text recall@1"
     augment = False
     metric_names = ("loss", "acc", "recall1", "recall5", "recall1_t2i", "recall5_t2i")
 

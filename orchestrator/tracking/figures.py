@@ -81,7 +81,7 @@ def forest_rows(tables: dict[str, pd.DataFrame], verdicts: list[dict], positive:
     return rows
 
 
-def forest_plot(rows: list[dict], path: Path, title: str) -> Path | None:
+def forest_plot(rows: list[dict], path: Path, title: str, score: str = "accuracy") -> Path | None:
     """Draw :func:`forest_rows` (``None`` when there is nothing to compare)."""
     if not rows:
         return None
@@ -106,7 +106,7 @@ def forest_plot(rows: list[dict], path: Path, title: str) -> Path | None:
     ax.set_yticks(ys, [f"{r['pair']}{' (' + r['hp'] + ')' if r['hp'] else ''} · {r['arm']} vs {r['baseline']}"
                        for r in rows], fontsize=7.5)
     ax.set_ylim(-0.7, n - 0.3)
-    ax.set_xlabel("paired difference, target test accuracy at the best-validation epoch (points)", fontsize=8)
+    ax.set_xlabel(f"paired difference, target test {score} at the best-validation epoch (points)", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.text(0.01, 0.995, title + "\n● mean, line: 95 % t-interval over seeds, ◇: minimum detectable effect "
              "(power 0.8); colour: the verdict (green shown, red harmful, grey not shown, orange cannot measure; "
@@ -131,7 +131,8 @@ def curve_data(history: pd.DataFrame, pair: str, metrics=("target/val_acc", "tar
     return out
 
 
-def learning_curves(history: pd.DataFrame, pair: str, label: str, path: Path) -> tuple[Path | None, dict]:
+def learning_curves(history: pd.DataFrame, pair: str, label: str, path: Path,
+                    score: str = "accuracy") -> tuple[Path | None, dict]:
     """One figure for one pair: every arm's validation (solid) and test (dashed) accuracy, mean
     over seeds with a ± 1 sd band, in %."""
     data = curve_data(history, pair)
@@ -152,7 +153,7 @@ def learning_curves(history: pd.DataFrame, pair: str, label: str, path: Path) ->
             ax.fill_between(s["epoch"], 100 * s["mean"] - sd, 100 * s["mean"] + sd, color=col, alpha=0.12, lw=0)
     ax.set_xlabel("epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("target accuracy (%)")
+    ax.set_ylabel(f"target {score} (%)")
     ax.set_title(f"{label}\nmean over seeds, band ± 1 sd; solid validation, dashed test", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)

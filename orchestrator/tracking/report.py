@@ -76,13 +76,11 @@ def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None
     import json
 
     from mergenet_core.data import task_title
-    from orchestrator.grid.config import GridConfig, uses_source
-    from orchestrator.cluster.storage import Location
+    from orchestrator.grid.config import uses_source
 
     out = []
-    f = Location.parse(grid_file) if grid_file else Location.parse("runs/grids") / name / "mergenet_grid.json"
-    if f.exists():
-        g = GridConfig.model_validate_json(f.read_text())
+    g = stored_grid(name, grid_file)
+    if g is not None:
         for p in g.pairs:
             t = g.trial_dict(p.name, next(iter(g.methods)), g.seeds[0])
             # the pair's own source: an arm that overrides it (a transplant's donor) says so below
@@ -114,6 +112,30 @@ def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None
             out.append(f"- wall time of the submission (`mergenet run`, MLflow parent run start → end): "
                        f"{(info.end_time - info.start_time) / 60000:.1f} min")
     return out
+
+
+def score_name(grid) -> str:
+    """What the targets' ``acc`` is in ``grid`` (a :class:`GridConfig`, or None): "accuracy", or
+    the modality's own measure (a retrieval target's ``acc`` is image→text recall@1); a grid
+    mixing them says both."""
+    from mergenet_core.data import TASKS, get_modality
+
+    scores = set()
+    for p in (grid.pairs if grid is not None else []):
+        task = grid.trial_dict(p.name, next(iter(grid.methods)), grid.seeds[0])["target"]["task"]["name"]
+        scores.add(get_modality(TASKS.get(task).meta.get("modality", "image")).score if task in TASKS else "accuracy")
+    if len(scores) <= 1:
+        return scores.pop() if scores else "accuracy"
+    return "accuracy (" + ", ".join(sorted(scores - {"accuracy"})) + " for retrieval targets)"
+
+
+def stored_grid(name: str, grid_file: str | Path | None = None):
+    """The grid's stored config (``runs/grids/NAME/mergenet_grid.json`` or ``grid_file``), or None."""
+    from orchestrator.cluster.storage import Location
+    from orchestrator.grid.config import GridConfig
+
+    f = Location.parse(grid_file) if grid_file else Location.parse("runs/grids") / name / "mergenet_grid.json"
+    return GridConfig.model_validate_json(f.read_text()) if f.exists() else None
 
 
 def _numeric(col: pd.Series) -> pd.Series:
@@ -418,10 +440,11 @@ def write_section(path: str | Path, title: str, body: str) -> str:
 
 def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: int = 2,
                     verdicts: list[dict] | None = None, positive: list[dict] | None = None,
-                    console: bool = False) -> list[str]:
+                    console: bool = False, score: str = "accuracy") -> list[str]:
     """The Markdown body: positive controls and verdicts (when asked for), arm means, then one
     paired table per comparison. ``console``: what ``mergenet run`` prints -- without the
-    final-epoch accuracies and the transfer diagnostics, which only the file has."""
+    final-epoch accuracies and the transfer diagnostics, which only the file has. ``score``: what
+    the targets' ``acc`` is (:func:`score_name`)."""
     h = "#" * level
     labels = pair_labels(df)
     baseline = next(iter(tables), "alone")
@@ -434,7 +457,7 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
                   *paired.positive_control_lines(positive), ""]
     if verdicts:
         parts += [f"\n{h} Verdict\n",
-                  "On the target test accuracy at each run's best-validation epoch (points, mean paired "
+                  f"On the target test {score} at each run's best-validation epoch (points, mean paired "
                   "difference with its 95 % interval). *Transfer shown*: the interval lies above 0 both "
                   f"against `{baseline}` and against the arm's negative control; *harmful*: the interval "
                   f"against `{baseline}` lies below 0; otherwise *not shown*. *Detectable*: the smallest "
@@ -443,14 +466,14 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
                   "the upper end of the interval.\n",
                   *paired.verdict_lines(verdicts), ""]
     if paired.hp_columns(df) and "target/best_val_acc" in df:
-        parts += [f"\n{h} Best validation accuracy (choose hyperparameters here, never on test)\n",
-                  "Target accuracy on the validation split at each run's best-validation epoch, in %, "
+        parts += [f"\n{h} Best validation {score} (choose hyperparameters here, never on test)\n",
+                  f"Target {score} on the validation split at each run's best-validation epoch, in %, "
                   "mean ± sample std over seeds, per arm and search-axis value.\n",
                   markdown_table(df, "target/best_val_acc", baseline), ""]
-    for metric, title in ((METRICS[0], "Target test accuracy at the final epoch"),
-                          (METRICS[1], "Target test accuracy at the best-validation epoch")):
+    for metric, title in ((METRICS[0], f"Target test {score} at the final epoch"),
+                          (METRICS[1], f"Target test {score} at the best-validation epoch")):
         if metric in df and not (console and metric == METRICS[0]):
-            parts += [f"\n{h} {title}\n", "Accuracy in %, mean ± sample std over seeds (n = seeds).\n",
+            parts += [f"\n{h} {title}\n", f"{score[0].upper() + score[1:]} in %, mean ± sample std over seeds (n = seeds).\n",
                       markdown_table(df, metric, baseline), ""]
     if not tables:
         parts += [f"\n_No `{baseline}` arm: no paired differences._\n"]
@@ -467,8 +490,8 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
     for base, table in tables.items():
         parts += [f"\n{h} Paired differences to `{base}` (same seed)\n",
                   f"Δ = arm − `{base}` at the same pair and seed (same data subset, initialisation and batch "
-                  "order), target test accuracy in points; mean over seeds with a 95 % Student-t interval "
-                  "(n − 1 degrees of freedom). \"best-val\": test accuracy at each run's best-validation epoch. "
+                  f"order), target test {score} in points; mean over seeds with a 95 % Student-t interval "
+                  f"(n − 1 degrees of freedom). \"best-val\": test {score} at each run's best-validation epoch. "
                   "MDE: the minimum detectable effect, the smallest true Δ the two-sided paired t-test (α = 0.05) "
                   "finds with probability 0.8 at this n and sd (noncentral t); seeds for E points: the n "
                   "that finds a true Δ of E points with probability 0.8 at this sd (– where n < 2).\n",
@@ -535,6 +558,9 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     intro = (f"MLflow experiment `{name}` ({experiment_id}), submission run `{parent}`; "
              f"{finished} finished / {len(df)} trials.\n")
     setting = setting_lines(c, name, parent, grid_file)
+    score = score_name(stored_grid(name, grid_file))
+    if score != "accuracy":
+        setting.append(f"- the targets' accuracy columns (`acc`) read **{score}** here")
     if setting:
         intro += "\n" + "\n".join(setting) + "\n"
     if preamble is None:  # what `mergenet run` recorded of itself (wall times, the search's winner)
@@ -552,21 +578,22 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     # the pictures: the verdicts' numbers (best-validation epoch), the learning curves per pair
     rows = figures.forest_rows(tables, verdicts, pos, labels)
     forest = figures.forest_plot(rows, out / figures.FOREST,
-                                 f"{name}: each arm against `{baseline}` and against its control, same seed")
+                                 f"{name}: each arm against `{baseline}` and against its control, same seed",
+                                 score=score)
     (out / "forest.json").write_text(json.dumps(rows, indent=1, default=float))
     curves = {}
     for pair in sorted(labels):
         png, _ = figures.learning_curves(history[history["status"] == "FINISHED"], pair, labels[pair],
-                                         out / f"curves_{report_safe(pair)}.png")
+                                         out / f"curves_{report_safe(pair)}.png", score=score)
         if png is not None:
             curves[pair] = png
     pictures = ([forest.name] if forest else []) + [p.name for p in curves.values()]
     md.write_text("\n".join([f"# {name}: pair × arm\n", intro,
                              *([f"![forest plot]({forest.name})\n"] if forest else []),
-                             *report_sections(df, tables, verdicts=verdicts, positive=pos),
+                             *report_sections(df, tables, verdicts=verdicts, positive=pos, score=score),
                              *(f"\n![learning curves, {p}]({png.name})" for p, png in curves.items())]) + "\n")
     if results_md:
-        body = "\n".join([intro, *report_sections(df, tables, level=3, verdicts=verdicts, positive=pos)])
+        body = "\n".join([intro, *report_sections(df, tables, level=3, verdicts=verdicts, positive=pos, score=score)])
         write_section(results_md, section or name, body)
     if parent:
         for f in (parquet, paired_parquet, history_parquet, md, forest, out / "forest.json", *curves.values()):
@@ -577,7 +604,7 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
                   description(name, experiment_id, parent, verdicts, pos, pictures, finished, len(df)))
     log_trial_gains(c, df, baseline)
     console = "\n".join([f"# {name}: pair × arm\n", intro,
-                         *report_sections(df, tables, verdicts=verdicts, positive=pos, console=True),
+                         *report_sections(df, tables, verdicts=verdicts, positive=pos, console=True, score=score),
                          f"(final-epoch accuracies and transfer diagnostics: {md})"])
     return {"markdown": md, "parquet": parquet, "paired": paired_parquet, "history": history_parquet,
             "forest": forest, "forest_rows": rows, "curves": curves, "text": md.read_text(),

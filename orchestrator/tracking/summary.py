@@ -32,7 +32,7 @@ def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
     """(table rows, notes) of one grid; a grid never run gives one row saying so."""
     from mergenet_core.data import task_title
     from orchestrator.grid.config import load_grid
-    from orchestrator.tracking.report import RUN_ACCOUNT, resolve_experiment, trials_frame
+    from orchestrator.tracking.report import RUN_ACCOUNT, resolve_experiment, score_name, trials_frame
 
     grid = load_grid(path, deep=False)
     label = f"`{Path(path).name}`"
@@ -82,6 +82,9 @@ def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
             f"{opts.get('train_subset', 'all')} training examples, {rec.get('epochs', '?')} epochs; "
             f"{len(grid.seeds)} verdict seeds {grid.seeds}; {(df['status'] == 'FINISHED').sum()} of {len(df)} "
             f"trials finished")
+    score = score_name(grid)
+    if score != "accuracy":
+        note += f"; its Δ and accuracies read **{score}**"
     info = c.get_run(parent).info if parent else None
     if info is not None and info.end_time and info.start_time:
         note += f"; verdict grid {(info.end_time - info.start_time) / 60000:.1f} min"
