@@ -50,8 +50,6 @@ def resolve_experiment(c, what: str) -> tuple[str, str, str | None]:
     p = Path(what)
     folder = Location.parse(what) if "://" in what or p.is_dir() else None
     if folder is not None and (folder / "mergenet_grid.json").exists():
-        import json
-
         name = json.loads((folder / "mergenet_grid.json").read_text())["grid"]
         f = folder / "mlflow_parent_run_id"
         parent = f.read_text().strip() if f.exists() else None
@@ -73,8 +71,6 @@ def setting_lines(c, name: str, parent: str | None, grid_file: str | Path | None
     """What the grid ran, from its stored config (``runs/grids/NAME/mergenet_grid.json`` or
     ``grid_file``): per pair the source and target (model, data set named plainly, options,
     ``init_from``), the recipe, seeds and arms; and the submission's wall time from MLflow."""
-    import json
-
     from mergenet_core.data import task_title
     from orchestrator.grid.config import uses_source
 
@@ -359,7 +355,6 @@ def history_frame(c, df: pd.DataFrame, folder) -> pd.DataFrame:
     """One row per trial and epoch from each trial's ``metrics.jsonl``: in the grid's folder
     (``trials/<trial id>/pair/``), else the copy logged to its MLflow run (one download per
     trial, no metric-history query)."""
-    import json
     import tempfile
 
     from mergenet_core.io import METRICS as HISTORY
