@@ -37,9 +37,9 @@ def test_killed_run_stays_killed_and_resume_reattaches_it(tmp_path):
     assert c.get_run(run).info.status == "RUNNING"
 
 
-def _grid(tmp_path, name: str, seeds) -> tuple:
+def _grid(tmp_path, name: str, seeds, epochs: int = 3) -> tuple:
     # trials of several seconds each (2,000 images, 62 steps per epoch): the signal lands inside one
-    grid = tiny_grid(name, task=fmnist_task(train=2000, test=256), methods={"alone": {}}, seeds=seeds, epochs=3,
+    grid = tiny_grid(name, task=fmnist_task(train=2000, test=256), methods={"alone": {}}, seeds=seeds, epochs=epochs,
                      steps_per_epoch=None,
                      max_concurrent_trials=1, resources={"cpus_per_worker": 1})
     path = write_yaml(tmp_path / "grid.yaml", grid)
@@ -100,7 +100,9 @@ def _runs(uri: str, name: str):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_grid_is_killed_and_resumes(tmp_path, sig, code):
     name = f"g-int-{sig.name.lower()}"
-    path, uri = _grid(tmp_path, name, seeds=(0, 1, 2) if sig == signal.SIGINT else (0, 1))
+    # 8 epochs: the signalled trial cannot finish inside Tune's stop window (up to 10 s before its
+    # process is force-killed), where it would rightly end FINISHED and leave nothing KILLED
+    path, uri = _grid(tmp_path, name, seeds=(0, 1, 2) if sig == signal.SIGINT else (0, 1), epochs=8)
     proc = _start(["run", path, "--no-report"], tmp_path, uri, "first.log")
     _wait_for(tmp_path, "first.log", r"\] RUNNING ", proc)
     _wait_for_trial_run(uri, name, proc)  # inside the first trial: its MLflow run is open
@@ -132,7 +134,7 @@ def test_interrupted_grid_is_killed_and_resumes(tmp_path, sig, code):
     c = MlflowClient(uri)
     for t in trials:
         assert tracking.STOPPED_BY not in t.data.tags
-        assert sorted(m.step for m in c.get_metric_history(t.info.run_id, "target/val_acc")) == [1, 2, 3]
+        assert sorted(m.step for m in c.get_metric_history(t.info.run_id, "target/val_acc")) == list(range(1, 9))
 
 
 def test_second_ctrl_c_exits_at_once(tmp_path):
