@@ -37,6 +37,20 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float((a.flatten().double() @ b.flatten().double()) / (na * nb))
 
 
+def scramble_entries(y: torch.Tensor, seed: int) -> torch.Tensor:
+    """``y`` with its entries moved by one fixed permutation over all ``P * Q`` positions
+    (``control: shuffled_source``): the same values (same distribution and RMS), no row or column
+    structure. A permutation of rows and one of columns would not do: the adapter reads the source
+    as attention keys and values without positions, so permuting its rows permutes tokens (no
+    effect) and permuting its columns equals permuting the input columns of ``fc_k``/``fc_v``,
+    whose initialisation is i.i.d. -- the real arm under another adapter initialisation
+    (docs/METHOD.md, "Controls"). An entry permutation mixes values across rows and columns, so
+    no relabelling of the adapter's weights undoes it."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(y.numel(), generator=g).to(y.device)
+    return y.reshape(-1)[perm].reshape(y.shape)
+
+
 def _adapter_error(e: ValueError) -> ConfigError:
     """An adapter the options cannot build (e.g. more heads than its width), as a config error."""
     field = ("method.options.adapter.heads" if "heads" in str(e) else
@@ -252,11 +266,8 @@ class MergeNet(Method):
         c = self.options.control
         if c in ("none", "untrained_source") or link.reverse:
             return y
-        if c == "shuffled_source":  # one fixed permutation of rows and of columns per link
-            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "shuffle", link.id))
-            rows = torch.randperm(y.shape[0], generator=g)
-            cols = torch.randperm(y.shape[1], generator=g)
-            return y[rows][:, cols]
+        if c == "shuffled_source":
+            return scramble_entries(y, derive_seed(self.cfg.seed, "shuffle", link.id))
         g = self._noise.get(link.id)
         if g is None:
             g = self._noise[link.id] = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "noise", link.id))

@@ -113,7 +113,8 @@ class MergeNetOptions(_Opts):
     self_transfer: bool = Field(False, description="both parameters live in the target model")
     control: Literal["none", "untrained_source", "shuffled_source", "noise_source"] = Field(
         "none", description="negative controls: untrained_source (the source at its seed's init, frozen), "
-                            "shuffled_source (source factor rows and columns permuted at every transfer), "
+                            "shuffled_source (the source factor's entries moved by one fixed permutation over all "
+                            "its positions at every transfer: same values, no structure), "
                             "noise_source (source factor replaced by Gaussian noise of the same RMS); with "
                             "self_transfer the provider layer of the target is scrambled the same way")
     max_bad_transfers: PositiveInt = Field(3, description="consecutive non-finite outputs before the run fails")
