@@ -280,18 +280,30 @@ def cmd_report(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from orchestrator.tracking.report import write_section
     from orchestrator.tracking.summary import summary_markdown
 
     try:
         text = summary_markdown(args.grids)
     except MergenetError as e:
         return _fail([str(e)])
+    return _print_section(args, text)
+
+
+def _print_section(args, text: str) -> int:
+    """Print a command-written section, and write it into ``--results-md`` when given."""
+    from orchestrator.tracking.report import write_section
+
     print(text)
     if args.results_md:
         write_section(args.results_md, args.section, text)
         print(f"section '{args.section}' of {args.results_md}")
     return 0
+
+
+def cmd_overlap(args) -> int:
+    from orchestrator.grid.overlap import overlap_markdown
+
+    return _print_section(args, overlap_markdown(args.grids))
 
 
 # --------------------------------------------------------------------------- cluster jobs (orchestrator.cluster.submit)
@@ -399,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--results-md", metavar="PATH", help="also write it as a section of this Markdown file")
     sm.add_argument("--section", default="Does knowledge move? The study ladder (summary)", metavar="TITLE")
     sm.set_defaults(fn=cmd_summary)
+
+    ov = sub.add_parser("overlap", help="count the targets' validation/test examples each grid's donors trained on")
+    ov.add_argument("grids", nargs="+", metavar="GRID.yaml")
+    ov.add_argument("--results-md", metavar="PATH", help="also write it as a section of this Markdown file")
+    ov.add_argument("--section", default="Donors and the targets' validation examples", metavar="TITLE")
+    ov.set_defaults(fn=cmd_overlap)
 
     addr_help = "Ray job server (default: RAY_API_SERVER_ADDRESS, or http://127.0.0.1:8265 = an SSH tunnel)"
     sb = sub.add_parser("submit", help="run a grid on a Ray cluster as a Ray job (ships this directory)")

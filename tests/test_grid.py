@@ -232,6 +232,10 @@ def test_interrupted_grid_resumes_without_duplicate_runs(mlflow_server, tmp_path
     ({"scheduler": {"name": "asha", "metric": "target/val_accuracy"}}, "scheduler.metric"),
     ({"scheduler": {"name": "asha", "metric": "source/val_acc"}}, "scheduler.metric"),  # alone trains no source
     ({"report": {"effect_points": 0}}, "report.effect_points"),  # "seeds needed" for a gain of 0 points
+    # a deciding metric that reads the test split (issue 33): refused, the field named
+    ({"scheduler": {"name": "asha", "metric": "target/test_acc"}}, "scheduler.metric"),
+    ({"select": {"arms": {"alone": []}, "seeds": [9], "metric": "target/test_acc_at_best_val",
+                 "search": {"recipe.optimizer.lr": {"grid": [0.01, 0.1]}}}}, "select.metric"),
 ])
 def test_malformed_grid_rejected_before_ray(tmp_path, change, needle):
     grid = tiny_grid("g-bad", **RAY_GRID)

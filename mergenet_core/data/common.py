@@ -16,7 +16,7 @@ TEST_SEED = 0
 TEST_FRACTION = 0.2
 
 # Salts so that the subset, validation and epoch streams of one run seed are independent.
-SALT_TRAIN_SUBSET, SALT_VAL, SALT_TEST_SUBSET, SALT_TEST_CARVE = 1, 2, 3, 4
+SALT_TRAIN_SUBSET, SALT_VAL, SALT_TEST_SUBSET, SALT_TEST_CARVE, SALT_VAL_POOL = 1, 2, 3, 4, 5
 
 
 class SplitOptions(BaseModel):
@@ -27,6 +27,11 @@ class SplitOptions(BaseModel):
     ``val_size`` the whole subset trains and validation is drawn from the rest of the training set.
     ``test_subset`` keeps that many test examples, drawn with a fixed seed so that every
     run of an experiment is scored on the same items.
+    ``val_pool`` reserves that many training examples, drawn with a fixed seed (the same for every
+    run seed, model and role): validation is drawn (by seed, ``val_size`` of them, or all) from
+    the pool only, and training examples never come from it. A donor and its targets that give
+    the same ``val_pool`` are disjoint by construction: no donor trains on any target's
+    validation (or test) examples.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -36,6 +41,10 @@ class SplitOptions(BaseModel):
     val_size: int | None = Field(None, gt=0, description="validation = this many examples drawn (by seed, "
                                                         "stratified) from the training examples outside "
                                                         "train_subset; overrides val_fraction")
+    val_pool: int | None = Field(None, gt=0, description="a fixed, seed-independent pool of this many training "
+                                                          "examples reserved for validation: training never draws "
+                                                          "from it, validation (val_size of them, or all) only from "
+                                                          "it; give donors and targets the same val_pool")
     train_subset: int | None = Field(None, gt=0)
     test_subset: int | None = Field(None, gt=0)
     root: str | None = None
@@ -88,6 +97,8 @@ def make_splits(
     train: Split, test: Split, opts: SplitOptions, seed: int
 ) -> tuple[Split, Split, Split]:
     """Apply ``train_subset``, carve validation from train by seed, apply ``test_subset``."""
+    if opts.val_pool is not None:
+        return _pooled_splits(train, test, opts, seed)
     pool = take_subset(train.y, opts.train_subset, generator(seed, SALT_TRAIN_SUBSET))
     if opts.val_size is not None:  # low-data target: validation from the examples it never trains on
         rest = torch.ones(len(train.y), dtype=torch.bool)
@@ -111,12 +122,46 @@ def make_splits(
             split_of(test.x, test.y, te_idx))
 
 
+def val_pool_indices(y: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reserved pool, the rest) of an official training set: a fixed, stratified draw that
+    depends on nothing but ``size`` and the labels."""
+    _check_pool(len(y), size)
+    order = stratified_order(y, generator(TEST_SEED, SALT_VAL_POOL))
+    return torch.sort(order[:size]).values, torch.sort(order[size:]).values
+
+
+def _check_pool(n_train: int, size: int, val_size: int | None = None) -> None:
+    from ..errors import ConfigError
+
+    if size >= n_train:
+        raise ConfigError("val_pool", f"{size} reserved validation examples leave none of the "
+                                      f"{n_train} training examples to train on")
+    if val_size is not None and val_size > size:
+        raise ConfigError("val_size", f"{val_size} validation examples requested from a val_pool of {size}")
+
+
+def _pooled_splits(train: Split, test: Split, opts: SplitOptions, seed: int) -> tuple[Split, Split, Split]:
+    """``val_pool``: validation by seed from the fixed pool, the training subset by seed from the rest."""
+    _check_pool(len(train.y), opts.val_pool, opts.val_size)
+    reserved, rest = val_pool_indices(train.y, opts.val_pool)
+    tr_idx = rest[take_subset(train.y[rest], opts.train_subset, generator(seed, SALT_TRAIN_SUBSET))]
+    val_idx = reserved[take_subset(train.y[reserved], opts.val_size, generator(seed, SALT_VAL))]
+    te_idx = take_subset(test.y, opts.test_subset, generator(TEST_SEED, SALT_TEST_SUBSET))
+    return (split_of(train.x, train.y, tr_idx), split_of(train.x, train.y, val_idx),
+            split_of(test.x, test.y, te_idx))
+
+
 def split_sizes(n_train: int, n_test: int, opts: SplitOptions) -> tuple[int, int, int]:
     """(train, val, test) sizes that :func:`make_splits` gives for an official train set of
     ``n_train`` and a test set of ``n_test`` examples, computed without the data (fast
     validation); raises the same :class:`ConfigError` for an impossible ``val_size``."""
-    pool = n_train if opts.train_subset is None else min(opts.train_subset, n_train)
     test = n_test if opts.test_subset is None else min(opts.test_subset, n_test)
+    if opts.val_pool is not None:
+        _check_pool(n_train, opts.val_pool, opts.val_size)
+        rest = n_train - opts.val_pool
+        train = rest if opts.train_subset is None else min(opts.train_subset, rest)
+        return train, opts.val_size or opts.val_pool, test
+    pool = n_train if opts.train_subset is None else min(opts.train_subset, n_train)
     if opts.val_size is not None:
         if opts.val_size > n_train - pool:
             from ..errors import ConfigError

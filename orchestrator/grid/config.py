@@ -13,10 +13,10 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
 
 from mergenet_core.config import ConfigErrors, apply_overrides, deep_merge, format_validation_error, read_yaml
 from orchestrator.config import PairConfig, parse_config
@@ -73,9 +73,21 @@ class Axis(_Strict):
         return self.grid[v] if isinstance(self.grid, dict) and isinstance(v, str) and v in self.grid else v
 
 
+def _never_test(metric: str) -> str:
+    """A metric that decides anything (a scheduler's, a search's) must not read the test split."""
+    if "test" in re.split(r"[/_.\-]", metric.lower()):
+        raise ValueError(f"'{short(metric, 60)}' is a test metric; selection and scheduling read the validation "
+                         "split only (e.g. target/val_acc, target/best_val_acc)")
+    return metric
+
+
+#: a metric that selects or schedules trials: anything but a test metric
+DecidingMetric = Annotated[str, AfterValidator(_never_test)]
+
+
 class SchedulerSpec(_Strict):
     name: Literal["fifo", "asha", "pbt"] = "fifo"
-    metric: str = "target/val_acc"
+    metric: DecidingMetric = "target/val_acc"
     mode: Literal["max", "min"] = "max"
     grace_period: PositiveInt = Field(1, description="asha: epochs before a trial can be stopped")
     reduction_factor: float = Field(2.0, gt=1)
@@ -142,7 +154,7 @@ class SelectSpec(_Strict):
                                                                  "configuration it wins (its controls)")
     search: dict[str, Axis] = Field(min_length=1, description="dotted pair-config field -> axis")
     seeds: list[int] = Field(min_length=1, description="search seeds; none of them a verdict seed (`seeds`)")
-    metric: str = Field("target/best_val_acc", pattern=r"^[a-z_]+/[a-z_]*val[a-z_]*$",
+    metric: DecidingMetric = Field("target/best_val_acc", pattern=r"^[a-z_]+/[a-z_]*val[a-z_]*$",
                         description="a validation metric (never test): mean over the search seeds decides")
     mode: Literal["max", "min"] = "max"
     num_samples: PositiveInt = Field(1, description="samples of the random axes")
@@ -356,6 +368,10 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
     except ValidationError as e:
         raise ConfigErrors(format_validation_error(e)) from None
     grid = _resolve_sources(grid, data)
+    if warnings is not None and grid.sources:
+        from orchestrator.grid.overlap import donor_warnings
+
+        warnings.extend(donor_warnings(grid, *grid.source_plan()))
     if deep:
         lines: list[str] = []
         checked_layers: set[tuple[str, str, str]] = set()
