@@ -376,3 +376,28 @@ def test_restricted_unpickler_admits_numpy_and_plain_containers(tmp_path):
     (tmp_path / "cut").write_bytes(pickle.dumps(d)[:40])
     with pytest.raises(DataMissingError, match="not a readable data pickle"):
         load_data_pickle(tmp_path / "cut")
+
+
+def test_val_pool_reserves_a_fixed_pool_that_only_validation_draws_from():
+    from mergenet_core.data import build_task, probe_task
+    from mergenet_core.errors import ConfigError
+
+    opts = {"train_subset": 500, "val_pool": 2000, "val_size": 300, "test_subset": 100}
+    runs = [build_task("fashion_mnist", opts, seed=s) for s in (0, 1)]
+    donor = build_task("fashion_mnist", {**opts, "train_subset": 20000, "val_size": 100}, seed=9)
+    key = lambda x: bytes(x.numpy().tobytes())  # noqa: E731
+    trained = {key(x) for x in donor.train.x} | {key(x) for r in runs for x in r.train.x}
+    pool = set()
+    for r in runs:
+        assert (len(r.train), len(r.val), len(r.test)) == (500, 300, 100)
+        assert torch.bincount(r.val.y).tolist() == [30] * 10
+        assert not any(key(x) in trained for x in r.val.x)  # no model trains on a validation example
+        pool |= {key(x) for x in r.val.x}
+    assert runs[0].val.y.shape == runs[1].val.y.shape and not torch.equal(runs[0].val.x, runs[1].val.x)
+    assert len(pool) <= 600  # both drawn from one pool of 2,000 by seed
+    assert probe_task("fashion_mnist", opts).val == 300
+    for bad, field in (({**opts, "val_size": 2500}, "val_size"), ({**opts, "val_pool": 60000}, "val_pool")):
+        with pytest.raises(ConfigError, match=field):
+            build_task("fashion_mnist", bad, seed=0)
+        with pytest.raises(ConfigError, match=field):
+            probe_task("fashion_mnist", bad)

@@ -130,3 +130,42 @@ def test_sources_in_dotted_arm_overrides_are_resolved(tmp_path):
     grid = load_grid(write_yaml(tmp_path / "g.yaml", g), deep=False)
     folder = grid.source_plan()[1]["donor"]
     assert grid.trial_config("cnn-cnn", "transplant", 0).source.init_from.path == str(folder)
+
+
+# --------------------------------------------------------------------------- donors and validation examples
+
+
+def _pooled(task: dict, pool: int | None) -> dict:
+    t = copy.deepcopy(task)
+    t["options"].pop("val_pool", None)
+    if pool is not None:
+        t["options"]["val_pool"] = pool
+    return t
+
+
+@pytest.mark.parametrize("pool", [None, 200])
+def test_overlap_counts_the_donors_training_examples_among_the_targets_validation(tmp_path, capsys, pool):
+    """Without a shared ``val_pool`` the donor (96 examples of 60,000) may train on a target's
+    validation examples and validation warns, naming the field; with one the two are disjoint by
+    construction: no warning, and `mergenet overlap` counts 0 (by content)."""
+    g = _grid(tmp_path, seeds=[0, 1, 2])
+    big = {"name": "fashion_mnist", "options": {"train_subset": 30000, "val_size": 100, "test_subset": 32}}
+    g["sources"]["donor"]["target"]["task"] = _pooled(big, pool)  # a donor that sees half the training set
+    for role in ("source", "target"):
+        g["pairs"][0][role]["task"] = _pooled(TASK, pool)
+    path = write_yaml(tmp_path / "g.yaml", g)
+    assert main(["validate", str(path)]) == 0
+    warned = [l for l in capsys.readouterr().err.splitlines() if "val_pool" in l]
+    assert bool(warned) == (pool is None), warned
+    if warned:
+        assert "sources.donor.target.task.options.val_pool" in warned[0]
+    out = tmp_path / "R.md"
+    assert main(["overlap", str(path), "--results-md", str(out)]) == 0
+    row = next(l for l in out.read_text().splitlines() if l.startswith("| `g.yaml`"))
+    val, test = [c.strip() for c in row.split("|")[6:8]]
+    assert test == "0 of 32"
+    if pool is None:  # about half of 32 validation examples: 30,000 of 60,000 trained
+        lo, hi = map(int, val.split(" of ")[0].split("–"))
+        assert 5 <= lo <= hi <= 27 and val.endswith("of 32")
+    else:
+        assert val == "0 of 32"
