@@ -283,7 +283,7 @@ def cmd_summary(args) -> int:
     from orchestrator.tracking.summary import summary_markdown
 
     try:
-        text = summary_markdown(args.grids)
+        text = summary_markdown(args.grids, (args.results_md, args.section) if args.results_md else None)
     except MergenetError as e:
         return _fail([str(e)])
     return _print_section(args, text)

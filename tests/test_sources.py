@@ -148,7 +148,8 @@ def test_overlap_counts_the_donors_training_examples_among_the_targets_validatio
     """Without a shared ``val_pool`` the donor (96 examples of 60,000) may train on a target's
     validation examples and validation warns, naming the field; with one the two are disjoint by
     construction: no warning, and `mergenet overlap` counts 0 (by content)."""
-    g = _grid(tmp_path, seeds=[0, 1, 2])
+    g = _grid(tmp_path)
+    g["seeds"] = [0, 1, 2]
     big = {"name": "fashion_mnist", "options": {"train_subset": 30000, "val_size": 100, "test_subset": 32}}
     g["sources"]["donor"]["target"]["task"] = _pooled(big, pool)  # a donor that sees half the training set
     for role in ("source", "target"):

@@ -114,3 +114,35 @@ def test_report_names_each_pairs_own_source_not_a_transplant_donor(tmp_path):
     source = next(l for l in lines if ", source: " in l)
     assert "`resnet18`" in source and "r18w16_fmnist_20k" in source, source
     assert any("per-arm settings" in l and "mobilenetv2" in l for l in lines)
+
+
+def test_summary_carries_over_a_setting_this_store_never_ran(tmp_path, monkeypatch):
+    """A setting whose MLflow records are not in this store keeps the rows the summary section
+    held for it, marked carried over; a comparison against a `shuffled_source` arm is marked
+    uninformative (the former row/column shuffle); a setting with no such rows reads 'not run yet'."""
+    from helpers import mergenet_arm, tiny_grid, write_yaml
+    from orchestrator.tracking.report import write_section
+    from orchestrator.tracking.summary import summary_markdown
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    arms = {"alone": {}, "mergenet_cotrained": mergenet_arm(),
+            "mergenet_shuffled": {"method": "mergenet", **mergenet_arm(), "control": "shuffled_source"}}
+    old = write_yaml(tmp_path / "b.yaml", tiny_grid("g-old", methods=arms))
+    new = write_yaml(tmp_path / "z.yaml", tiny_grid("g-never", methods={"alone": {}}))
+    md, title = tmp_path / "RESULTS.md", "Summary"
+    write_section(md, title, "intro\n\n| setting | arm | a | b | c | verdict |\n|---|---|---|---|---|---|\n"
+                  "| `b.yaml` | `mergenet_cotrained` | +0.1 [-0.5, +0.7] | -0.3 [-0.9, +0.3] (`mergenet_shuffled`) | 0.8 "
+                  "| **not shown** (secondary) |\n| `b.yaml` | `mergenet_shuffled` | +0.2 [-0.7, +0.9] | – | 1.0 | "
+                  "negative control |\n\n- `b.yaml` (`g-old`): 8 seeds; 72 of 72 trials finished\n")
+    text = summary_markdown([old, new], (str(md), title))
+    rows = [l for l in text.splitlines() if l.startswith("| `b.yaml` |")]
+    assert len(rows) == 2 and "−" not in rows[0]
+    assert rows[0].split(" | ")[3].endswith("(`mergenet_shuffled`) — uninformative: the former row/column shuffle "
+                                            "(docs/METHOD.md, Controls)")
+    assert rows[1].endswith("negative control (the former shuffle: uninformative) |")
+    assert "- `b.yaml` (`g-old`): 8 seeds; 72 of 72 trials finished" in text
+    assert "`b.yaml`: rows carried over" in text
+    assert "| `z.yaml` | – | – | – | – | not run yet" in text
+    write_section(md, title, text)  # carried again: marked once
+    again = summary_markdown([old, new], (str(md), title))
+    assert again.count("uninformative: the former") == 1 and again.count("rows carried over") == 1

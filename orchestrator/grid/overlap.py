@@ -64,12 +64,33 @@ def donor_warnings(grid, configs: dict, dirs: dict) -> list[str]:
     return lines
 
 
-def _hashes(x: torch.Tensor | dict[str, torch.Tensor]) -> list[bytes]:
-    """One content digest per example (a dict: its fields' rows, in key order)."""
-    parts = [x[k] for k in sorted(x)] if isinstance(x, dict) else [x]
-    rows = [p.reshape(p.shape[0], -1).contiguous().numpy() for p in parts]
-    return [hashlib.blake2b(b"".join(r[i].tobytes() for r in rows), digest_size=16).digest()
-            for i in range(rows[0].shape[0])]
+#: fields that carry no example content of their own (identical across many examples)
+NOT_CONTENT = {"attention_mask", "token_type_ids"}
+
+
+def _fields(x) -> dict[str, torch.Tensor]:
+    """An example batch's content fields by name: a plain image tensor is ``image``, a plain token
+    tensor ``input_ids``; images held by reference are materialised."""
+    if not isinstance(x, dict):
+        x = {"image" if x.dim() == 4 else "input_ids": x}
+    return {k: v if isinstance(v, torch.Tensor) else v.to("cpu") for k, v in x.items() if k not in NOT_CONTENT}
+
+
+def _hashes(x) -> dict[str, list[bytes]]:
+    """Per content field, one digest per example (so a donor trained on images alone is found in
+    a target whose examples pair those images with questions)."""
+    out = {}
+    for k, v in _fields(x).items():
+        rows = v.reshape(v.shape[0], -1).contiguous().numpy()
+        out[k] = [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows]
+    return out
+
+
+def _count(target: dict[str, list[bytes]], donor: dict[str, set[bytes]]) -> int:
+    """Target examples any of whose content fields the donor trained on."""
+    shared = [k for k in target if k in donor]
+    n = len(next(iter(target.values()))) if target else 0
+    return sum(any(target[k][i] in donor[k] for k in shared) for i in range(n))
 
 
 def _overlap_rows(grid, configs: dict, dirs: dict) -> list[dict]:
@@ -86,15 +107,16 @@ def _overlap_rows(grid, configs: dict, dirs: dict) -> list[dict]:
     for key, arms in groups.items():
         pair, name, _ = key
         donor = configs[name]
-        seen = set(_hashes(build_task(donor.target.task.name, donor.target.task.options, donor.seed).train.x))
+        donor_x = build_task(donor.target.task.name, donor.target.task.options, donor.seed).train
+        seen = {k: set(v) for k, v in _hashes(donor_x.x).items()}
         task = cfgs[key].target.task
         val, test = [], []
         for seed in seeds:
             data = build_task(task.name, task.options, seed)
-            val.append((sum(h in seen for h in _hashes(data.val.x)), len(data.val)))
-            test.append((sum(h in seen for h in _hashes(data.test.x)), len(data.test)))
+            val.append((_count(_hashes(data.val.x), seen), len(data.val)))
+            test.append((_count(_hashes(data.test.x), seen), len(data.test)))
         rows.append({"pair": pair, "donor": name, "arms": arms, "data": task_title(task.name),
-                     "donor_train": len(seen), "seeds": seeds, "val": val, "test": test})
+                     "donor_train": len(donor_x), "seeds": seeds, "val": val, "test": test})
     return rows
 
 
@@ -112,7 +134,8 @@ def overlap_markdown(paths: list[str]) -> str:
 
     lines = [f"*Written by `mergenet overlap {' '.join(paths)}`*. For each donor that a grid's trials load "
              "(`init_from: sources:NAME`): how many of the target's validation and test examples the donor "
-             "trained on, found by content (every example hashed), min–max over the grid's verdict and "
+             "trained on, found by content (each content field of every example hashed: an example counts when "
+             "any of its fields, e.g. its image, is one the donor trained on), min–max over the grid's verdict and "
              "search seeds. Pretrained weights shipped in packages (MiniLM) are not covered: their corpora "
              "are not ours to check.", "",
              "| grid | pair | donor (its training examples) | arms | target data | target validation examples in the "

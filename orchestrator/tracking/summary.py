@@ -19,31 +19,43 @@ from orchestrator.cluster.storage import Location
 
 
 def _cell(r) -> str:
-    if r is None or r.get("excludes_zero") is None:
+    if r is None or (r.get("excludes_zero") is None and not r.get("identical")):
         return "–"
-    return f"{paired.fmt_points(r['mean_diff'])} {paired.fmt_ci(r['ci_low'], r['ci_high'])}"
+    return paired.fmt_diff(r)
 
 
 def _mde(r) -> str:
     return "–" if r is None or r.get("excludes_zero") is None else f"{paired.fmt_mde(r['mde'])}"
 
 
-def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
-    """(table rows, notes) of one grid; a grid never run gives one row saying so."""
+def setting_rows(path: str | Path, carried_from: tuple[str, str] | None = None) -> tuple[list[list[str]], list[str]]:
+    """(table rows, notes) of one grid; a grid never run gives one row saying so, or, with
+    ``carried_from`` (the Markdown file and section this summary is written to), the rows that
+    section held for it (``orchestrator/tracking/carried.py``)."""
     from mergenet_core.data import task_title
     from orchestrator.grid.config import load_grid
-    from orchestrator.tracking.report import RUN_ACCOUNT, resolve_experiment, score_name, trials_frame
+    from orchestrator.tracking.report import RUN_ACCOUNT, at_common_epoch, resolve_experiment, score_name, trials_frame
 
     grid = load_grid(path, deep=False)
     label = f"`{Path(path).name}`"
-    c = tracking.existing_client()
-    if c.get_experiment_by_name(grid.grid) is None:
-        return [[label, "–", "–", "–", "–", f"not run yet (`mergenet run {path}`)"]], []
+    try:
+        c = tracking.existing_client()
+    except MergenetError:  # no store here at all: every setting is carried over or not run
+        c = None
+    if c is None or c.get_experiment_by_name(grid.grid) is None:
+        from orchestrator.tracking.carried import carried_rows
+
+        shuffled = {a for a, o in grid.methods.items() if o.get("control") == "shuffled_source"}
+        kept = carried_rows(label, *carried_from, shuffled) if carried_from else None
+        return kept or ([[label, "–", "–", "–", "–", f"not run yet (`mergenet run {path}`)"]], [])
     experiment_id, name, parent = resolve_experiment(c, grid.grid)
     try:
         df = trials_frame(c, experiment_id, parent)
     except MergenetError:
         return [[label, "–", "–", "–", "–", "no finished trial yet"]], []
+    folder = Location.parse(grid.storage_path or "runs/grids")
+    score = score_name(grid)
+    df, stops = at_common_epoch(c, df, folder / grid.grid, score=score)
     spec = grid.report
     base = spec.baseline
     pos = paired.positive_controls(df, base, spec.positive_controls) if spec.positive_controls else []
@@ -60,12 +72,13 @@ def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
         if arm == base:
             continue
         r = best[best["arm"] == arm]
-        r = r.iloc[0] if len(r) else None
         v = by_arm.get(arm)
+        r = v["vs_baseline"] if v is not None else r.iloc[0] if len(r) else None  # a verdict's: its seed set
         if arm in shown:
             word = "positive control: **shown**" if shown[arm] else "positive control: **not shown**"
         elif v is not None:
-            word = f"**{v['word']}**" + (" (primary)" if arm == primary else " (secondary)")
+            word = f"**{v['word']}**" + (" (primary)" if arm == primary else " (secondary)") + (
+                f"; {v['failure']}" if v["failure"] else "")
         elif arm in controls:
             word = "negative control"
         else:
@@ -82,13 +95,11 @@ def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
             f"{opts.get('train_subset', 'all')} training examples, {rec.get('epochs', '?')} epochs; "
             f"{len(grid.seeds)} verdict seeds {grid.seeds}; {(df['status'] == 'FINISHED').sum()} of {len(df)} "
             f"trials finished")
-    score = score_name(grid)
     if score != "accuracy":
         note += f"; its Δ and accuracies read **{score}**"
     info = c.get_run(parent).info if parent else None
     if info is not None and info.end_time and info.start_time:
         note += f"; verdict grid {(info.end_time - info.start_time) / 60000:.1f} min"
-    folder = Location.parse(grid.storage_path or "runs/grids")
     if grid.select is not None:
         from orchestrator.grid.select import load_selection
 
@@ -101,24 +112,28 @@ def setting_rows(path: str | Path) -> tuple[list[list[str]], list[str]]:
     if acct.exists():
         first = acct.read_text().split("\n\n", 1)[0].strip()
         note += f". {first}"
-    return rows, [note]
+    return rows, [note, *stops]
 
 
-def summary_markdown(paths: list[str | Path]) -> str:
+def summary_markdown(paths: list[str | Path], carried_from: tuple[str, str] | None = None) -> str:
     head = ["setting", "arm", "Δ vs `alone` (points, 95 % CI)", "Δ vs its control", "detectable (MDE vs `alone`)",
             "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     notes = []
     for p in paths:
-        rows, n = setting_rows(p)
+        rows, n = setting_rows(p, carried_from)
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         notes += n
     intro = ("*Written by `mergenet summary " + " ".join(str(p) for p in paths) + "`* from each setting's latest "
-             "submission in MLflow. Test accuracy at each run's best-validation epoch; Δ = the arm minus `alone` "
+             "submission in MLflow (a setting this store never ran keeps the rows this section held for it, "
+             "marked carried over in its note). Test accuracy at each run's best-validation epoch; Δ = the arm minus `alone` "
              "at the same seed (same data subset, initialisation and batch order), mean over seeds with a 95 % "
-             "Student-t interval. *Transfer shown*: both intervals (vs `alone`, vs the arm's control) above 0; "
+             "Student-t interval; a verdict's two Δ on one seed set, where the arm, `alone` and the control all "
+             "finished (an arm that failed where they finished is named at its verdict). *Transfer shown*: both "
+             "intervals (vs `alone`, vs the arm's control) above 0; "
              "*cannot measure*: no positive control of the setting is shown, so the setting cannot see a known "
-             "effect; *detectable*: the smallest true gain the paired test finds with probability 0.8. The first "
+             "effect; *" + paired.UNDETERMINED + "*: every seed gave the same Δ, so there is no interval; "
+             "*detectable*: the smallest true gain the paired test finds with probability 0.8. The first "
              "verdict of each setting is its primary comparison, declared in its file before it ran; the rest "
              "are secondary and not corrected for multiplicity.")
     return "\n".join([intro, "", *lines, "", *(f"- {n}" for n in notes)])
