@@ -98,24 +98,25 @@ def test_paired_table_pairs_by_seed_not_by_mean():
     t = paired.paired_table(df, "alone")
     m = t[(t["arm"] == "mergenet") & (t["epoch"] == "final")].iloc[0]
     assert m["n"] == 5 and m["seeds"] == [0, 1, 2, 3, 4]
+    # the same +1 point at every seed: no spread, so no interval and no power (not a zero-width "shown")
     assert m["mean_diff"] == pytest.approx(0.01) and m["sd_diff"] == pytest.approx(0, abs=1e-12)
-    assert m["ci_low"] == pytest.approx(0.01) and m["excludes_zero"] is True
+    assert m["identical"] and m["excludes_zero"] is None and math.isnan(m["ci_low"]) and math.isnan(m["ci_high"])
     b = t[(t["arm"] == "mergenet") & (t["epoch"] == "best_val")].iloc[0]
-    assert b["mean_diff"] == pytest.approx(0) and b["excludes_zero"] is False
+    assert b["mean_diff"] == pytest.approx(0) and b["identical"] and b["excludes_zero"] is None  # 0 at every seed
     k = t[(t["arm"] == "kd") & (t["epoch"] == "final")].iloc[0]
     assert k["n"] == 2 and k["seeds"] == [0, 1] and k["diffs"] == pytest.approx([0.02, -0.01])
     assert k["mean_diff"] == pytest.approx(0.005)
     half = 12.706205 * math.sqrt(((0.015) ** 2 * 2) / 1) / math.sqrt(2)  # t(0.975, 1) = 12.706205
     assert (k["ci_low"], k["ci_high"]) == (pytest.approx(0.005 - half), pytest.approx(0.005 + half))
     assert list(t["arm"].unique()) == ["mergenet", "kd"]  # mergenet first, baseline not compared to itself
-    # power: sd ≈ 0 (identical differences) -> MDE ≈ 0, 2 seeds suffice for 1 point; kd from its sd at n = 2
-    assert m["mde"] == pytest.approx(0, abs=1e-9) and m["n_needed"] == 2
+    # power: identical differences -> no MDE and no seeds needed; kd from its sd at n = 2
+    assert math.isnan(m["mde"]) and math.isnan(m["n_needed"]) and not k["identical"]
     assert (m["level"], m["power"], m["effect"]) == (0.95, 0.8, 0.01)
     sd_k = 0.015 * math.sqrt(2)
     assert k["mde"] == pytest.approx(paired.mde_paired(sd_k, 2)) and k["n_needed"] == paired.n_needed(0.01, sd_k)
     assert paired.power_paired(k["mde"], sd_k, 2) == pytest.approx(0.8, abs=1e-6)
     t2 = paired.paired_table(df, "alone", effect=0.05)
-    assert (t2["effect"] == 0.05).all() and (t2["n_needed"] <= t["n_needed"]).all()
+    assert (t2["effect"] == 0.05).all() and (t2["n_needed"].dropna() <= t["n_needed"].dropna()).all()
     single = paired.paired_table(_trials([("p", "alone", 0, 0.5, 0.5), ("p", "kd", 0, 0.6, 0.6)]), "alone")
     assert single["mde"].isna().all() and single["n_needed"].isna().all()  # n = 1: no sd, no power
 
@@ -146,7 +147,7 @@ def test_search_axes_pair_with_the_same_hyperparameters():
     f = t[t["epoch"] == "final"].set_index("hp")
     assert f.loc["lr=0.001", "diffs"] == pytest.approx([0.01] * 3)
     assert f.loc["lr=0.01", "diffs"] == pytest.approx([-0.02] * 3)
-    assert f.loc["lr=0.01", "excludes_zero"] is True
+    assert f.loc["lr=0.01", "identical"] and f.loc["lr=0.01", "excludes_zero"] is None  # -2 at every seed
     d = paired.per_trial_diffs(df, "alone")
     got = d[d["arm"] == "mergenet"]["gain_vs_alone/final_test_acc"]  # points
     assert got.tolist() == pytest.approx([1.0, -2.0] * 3)
@@ -473,3 +474,183 @@ def test_report_pictures_follow_the_verdicts(tmp_path, monkeypatch):
 
     note = c.get_run(parent).data.tags["mlflow.note.content"]
     assert "12 finished / 12 trials" in note and "p · mergenet: not shown" in note and "transplant vs `alone`: shown" in note
+
+
+def test_identical_differences_are_undetermined():
+    """Every seed giving the same difference has no spread: the comparison reads *undetermined
+    (identical differences)*, with no interval and no MDE, and no verdict is *shown* on it."""
+    from orchestrator.tracking.report import paired_markdown
+
+    base = [0.60, 0.70, 0.65, 0.62]
+    rows = [("p", "alone", s, b, b) for s, b in enumerate(base)]
+    rows += [("p", "same", s, b + 0.02, b + 0.02) for s, b in enumerate(base)]  # +2 points at every seed
+    rows += [("p", "jitter", s, b + 0.02 + 0.001 * s, b + 0.02 + 0.001 * s) for s, b in enumerate(base)]
+    rows += [("p", "relabelled", s, b + 0.02 + 0.001 * s, b + 0.02 + 0.001 * s) for s, b in enumerate(base)]
+    df = _trials(rows)
+    t = paired.paired_table(df, "alone")
+    same = t[(t["arm"] == "same") & (t["epoch"] == "best_val")].iloc[0]
+    assert same["identical"] and same["excludes_zero"] is None and same["mean_diff"] == pytest.approx(0.02)
+    assert all(math.isnan(same[k]) for k in ("ci_low", "ci_high", "mde", "n_needed"))
+    assert paired.verdict(same) == paired.UNDETERMINED == "undetermined (identical differences)"
+    text = paired_markdown(t, {})
+    assert "| p | same | 4 | +2.00 (identical differences) | undetermined (identical differences) |" in text
+    got = {(v["arm"], v["control"]): v for v in paired.transfer_verdicts(
+        df, "alone", [("same", "jitter"), ("jitter", "relabelled"), ("jitter", "same")])}
+    # against the baseline: undetermined, whatever the control says
+    assert got[("same", "jitter")]["word"] == paired.UNDETERMINED and math.isnan(got[("same", "jitter")]["mde"])
+    # above `alone`, but identical to its control (a control that is the arm relabelled): not shown on it
+    assert got[("jitter", "relabelled")]["verdict"] == paired.UNDETERMINED
+    line = paired.verdict_lines([got[("jitter", "relabelled")]])[0]
+    assert "vs `relabelled` +0.00 (identical differences) (n = 4)" in line
+    assert got[("jitter", "same")]["word"] == "not shown"  # a real interval against a control that includes 0
+    pos = paired.positive_controls(df, "alone", ["same"])
+    assert pos[0]["shown"] is None and "not shown (identical differences)" in paired.positive_control_lines(pos)[0]
+
+
+def _mlflow_grid(tmp_path, monkeypatch, name: str, trials: list[dict]):
+    """A submission of trial runs in a real MLflow (sqlite) under ``tmp_path`` (the working
+    directory): each trial a dict with ``pair``, ``arm``, ``seed``, ``best`` (the test accuracy
+    at the best-validation epoch, also the final one) and optionally ``status`` (FAILED: ended
+    through :func:`tracking.end_run` with ``reason``), ``hp`` (search-axis params), ``tags`` and
+    ``history`` (its ``metrics.jsonl`` in the grid's folder). Returns the client."""
+    import json
+
+    from mlflow.entities import Metric, Param
+
+    from orchestrator import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    c = tracking.client()
+    exp = tracking.ensure_experiment(c, name)
+    parent = c.create_run(exp, run_name="sub", tags={"mergenet.kind": "submission"}).info.run_id
+    for i, t in enumerate(trials):
+        tid = f"t{i}"
+        tags = {"mlflow.parentRunId": parent, "mergenet.trial": "1", "mergenet.pair": t["pair"],
+                "mergenet.arm": t["arm"], "mergenet.method": t["arm"].split("_")[0], "mergenet.seed": str(t["seed"]),
+                "mergenet.trial_id": tid, "mergenet.target": "cnn@fmnist", **t.get("tags", {})}
+        r = c.create_run(exp, run_name=f"{t['arm']} s{t['seed']}", tags=tags).info.run_id
+        c.log_batch(r, params=[Param("seed", str(t["seed"]))] + [Param(f"hp.{k}", str(v)) for k, v in
+                                                                 t.get("hp", {}).items()])
+        if t.get("status", "FINISHED") == "FINISHED":
+            c.log_batch(r, metrics=[Metric(m, t["best"], 0, 0) for m in paired.METRICS.values()])
+        tracking.end_run(c, r, ok=t.get("status", "FINISHED") == "FINISHED", reason=t.get("reason"))
+        if "history" in t:
+            pair = tmp_path / "runs" / "grids" / name / "trials" / tid / "pair"
+            pair.mkdir(parents=True)
+            (pair / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in t["history"]))
+    c.set_terminated(parent, "FINISHED")
+    return c
+
+
+def test_verdict_rests_on_one_seed_set_and_names_what_it_left_out(tmp_path, monkeypatch):
+    """The three comparisons of a verdict use the seeds where the arm, `alone` and the control
+    all finished; each seed left out is listed with its reason (the run's failure reason), and
+    the arm failing where the other two finished is said in the verdict -- in the report, in
+    what it returns and in the summary table."""
+    from helpers import mergenet_arm, tiny_grid, write_yaml
+    from orchestrator.tracking.report import make_report
+    from orchestrator.tracking.summary import setting_rows
+
+    base = [0.60, 0.70, 0.65, 0.62, 0.68, 0.66]
+    trials = [{"pair": "cnn-cnn", "arm": "alone", "seed": s, "best": b} for s, b in enumerate(base)]
+    trials += [{"pair": "cnn-cnn", "arm": "mergenet", "seed": s, "best": b + 0.02 + 0.001 * s} for s, b in
+               enumerate(base) if s != 3]
+    trials += [{"pair": "cnn-cnn", "arm": "mergenet", "seed": 3, "best": 0, "status": "FAILED",
+                "reason": "Traceback ...\nValueError: non-finite adapter outputs at step 12"}]
+    trials += [{"pair": "cnn-cnn", "arm": "mergenet_untrained", "seed": s, "best": b + 0.001 * (s % 2)}
+               for s, b in enumerate(base) if s != 5]
+    trials += [{"pair": "cnn-cnn", "arm": "mergenet_untrained", "seed": 5, "best": 0, "status": "FAILED",
+                "reason": "RuntimeError: out of memory"}]
+    _mlflow_grid(tmp_path, monkeypatch, "g-seeds", trials)
+    rep = make_report("g-seeds", tmp_path / "out", controls=["mergenet_untrained"],
+                      verdict=[("mergenet", "mergenet_untrained")])
+    v = rep["verdicts"][0]
+    assert v["seeds"] == [0, 1, 2, 4] and v["arm_failed"] == [3]
+    assert sorted(v["left_out"]) == [(3, "mergenet", "FAILED (ValueError: non-finite adapter outputs at step 12)"),
+                                     (5, "mergenet_untrained", "FAILED (RuntimeError: out of memory)")]
+    assert v["word"] == "transfer shown"
+    assert v["verdict"].endswith("; `mergenet` failed at 1 of the 5 seeds where `alone` and `mergenet_untrained` "
+                                 "finished (seed 3)")
+    line = next(l for l in rep["text"].splitlines() if l.startswith("- **cnn-cnn · mergenet: "))
+    assert line.count("(n = 4, ") == 3, line  # all three comparisons on the same four seeds
+    assert line.endswith("On seeds 0, 1, 2, 4; left out: seed 3: `mergenet` FAILED (ValueError: non-finite adapter "
+                         "outputs at step 12); seed 5: `mergenet_untrained` FAILED (RuntimeError: out of memory).")
+    # the paired table against `alone` keeps every seed mergenet shares with it (it is no verdict)
+    t = rep["tables"]["alone"]
+    assert t[(t["arm"] == "mergenet") & (t["epoch"] == "best_val")].iloc[0]["seeds"] == [0, 1, 2, 4, 5]
+
+    grid = tiny_grid("g-seeds", methods={"alone": {}, "mergenet": mergenet_arm(), "mergenet_untrained": {
+        "method": "mergenet", **mergenet_arm(), "control": "untrained_source"}}, seeds=list(range(6)),
+                     report={"controls": ["mergenet_untrained"], "verdicts": ["mergenet:mergenet_untrained"]})
+    rows, _ = setting_rows(write_yaml(tmp_path / "g-seeds.yaml", grid))
+    row = next(r for r in rows if r[1] == "`mergenet`")
+    on_four = paired.paired_row({s: base[s] + 0.02 + 0.001 * s for s in (0, 1, 2, 4)}, dict(enumerate(base)))
+    assert row[2] == paired.fmt_diff(on_four) and on_four["n"] == 4  # Δ vs alone: the verdict's seeds, not 5
+    assert row[5] == ("**transfer shown** (primary); `mergenet` failed at 1 of the 5 seeds where `alone` and "
+                      "`mergenet_untrained` finished (seed 3)")
+
+
+def test_positive_control_gates_the_verdicts_of_its_own_search_point(tmp_path, monkeypatch):
+    """A grid with search axes: the positive control at the verdict's own search point gates it
+    (pair `p`: shown at lr=0.01, not at lr=0.1); where the positive control is not searched
+    (pair `q`: only the arm and its control carry the axis), the pair's gates every point."""
+    from orchestrator.tracking.report import make_report
+
+    base = [0.60, 0.70, 0.65, 0.62]
+    trials = []
+    for pair, lrs, searched in (("p", (0.01, 0.1), {"alone", "transplant", "mergenet", "mergenet_untrained"}),
+                                ("q", (0.01,), {"mergenet", "mergenet_untrained"})):
+        for lr in lrs:
+            for s, b in enumerate(base):
+                gain = {"alone": 0.0, "mergenet": 0.03 + 0.001 * s, "mergenet_untrained": 0.001 * (s % 2),
+                        "transplant": 0.05 + 0.001 * s if lr == 0.01 else 0.01 * (-1) ** s}
+                for arm, g in gain.items():
+                    if arm not in searched and lr != lrs[0]:
+                        continue  # an unsearched arm runs once per seed
+                    trials.append({"pair": pair, "arm": arm, "seed": s, "best": b + g,
+                                   "hp": {"recipe.optimizer.lr": lr} if arm in searched else {}})
+    _mlflow_grid(tmp_path, monkeypatch, "g-search", trials)
+    rep = make_report("g-search", tmp_path / "out", positive=["transplant"],
+                      verdict=[("mergenet", "mergenet_untrained")])
+    assert {(v["pair"], v["shown"]) for v in rep["positive_controls"]} == {
+        ("p (lr=0.01)", True), ("p (lr=0.1)", False), ("q", True)}
+    assert {v["pair"]: v["word"] for v in rep["verdicts"]} == {
+        "p (lr=0.01)": "transfer shown", "p (lr=0.1)": "cannot measure", "q (lr=0.01)": "transfer shown"}
+
+
+def test_scheduler_stopped_trials_are_compared_at_a_common_epoch(tmp_path, monkeypatch):
+    """A trial a scheduler stopped early (ASHA; FINISHED, `mergenet.stopped_at_epoch`) is neither
+    compared at its own last epoch against full-budget trials nor left out: every comparison of
+    its pair is at the last epoch all the pair's finished trials reached, read from their
+    per-epoch histories, and the report says so."""
+    from orchestrator import tracking
+    from orchestrator.tracking.report import make_report
+
+    base = [0.60, 0.70, 0.65]
+
+    def history(b, gain, epochs):  # validation best at the last epoch; test rises 1 point an epoch
+        return [{"epoch": e, "step": 3 * e, "target/val_acc": 0.5 + 0.1 * e, "target/test_acc": b + gain + 0.01 * e}
+                for e in range(1, epochs + 1)]
+
+    trials = []
+    for s, b in enumerate(base):
+        for arm, gain in (("alone", 0.0), ("mergenet", 0.02 + 0.001 * s)):
+            stopped = arm == "mergenet" and s == 1
+            epochs = 2 if stopped else 3
+            trials.append({"pair": "p", "arm": arm, "seed": s, "best": b + gain + 0.01 * epochs,
+                           "history": history(b, gain, epochs),
+                           "tags": {tracking.STOPPED_BY: "scheduler", tracking.STOPPED_AT: "2"} if stopped else {}})
+    _mlflow_grid(tmp_path, monkeypatch, "g-stopped", trials)
+    rep = make_report("g-stopped", tmp_path / "out")
+    t = rep["tables"]["alone"]
+    for kind in ("final", "best_val"):  # at epoch 2 for every trial: the gain alone, seed by seed
+        r = t[(t["arm"] == "mergenet") & (t["epoch"] == kind)].iloc[0]
+        assert r["seeds"] == [0, 1, 2] and r["diffs"] == pytest.approx([0.02, 0.021, 0.022])
+    trials_pq = pd.read_parquet(rep["parquet"])
+    assert (trials_pq["compared_at_epoch"] == 2).all()
+    assert trials_pq["target/final_test_acc"].tolist() == pytest.approx(
+        [b + g + 0.02 for b in base for g in (0.0,)] + [b + 0.02 + 0.001 * s + 0.02 for s, b in enumerate(base)])
+    assert ("pair `p`: the scheduler stopped 1 of its 6 finished trials before the recipe's last epoch "
+            "(`mergenet` s1 at epoch 2); every comparison of this pair is at epoch 2") in rep["text"]
+    assert "nothing to pair" not in rep["text"]

@@ -1,8 +1,8 @@
 """What ``mergenet run`` shows and guarantees while a grid runs: one console line per trial state
 change and a progress line (:class:`GridProgress`, a Tune callback that also ends every MLflow
-child run FINISHED or FAILED with the reason, even when a scheduler stops a trial or a trial
-process dies), and the console settings that keep Ray's own output to warnings
-(:func:`quiet_console`)."""
+child run FINISHED or FAILED with the reason, even when a scheduler stops a trial -- a normal
+end, FINISHED -- or a trial process dies), and the console settings that keep Ray's own output
+to warnings (:func:`quiet_console`)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 from ray import tune
 
 from orchestrator import interrupts, tracking
-from orchestrator.grid.trial import trial_folder
+from orchestrator.grid.trial import end_stopped, trial_folder
 
 
 class GridProgress(tune.Callback):
@@ -83,15 +83,21 @@ class GridProgress(tune.Callback):
         self._close(trial, ok=False, reason=reason or "trial failed")
 
     def _close(self, trial, ok: bool, reason: str | None) -> None:
-        f = trial_folder(self.grid_dir, trial.trial_id) / tracking.RUN_ID_FILE  # Location: local or bucket
+        """The end of a run its trial left open: FAILED with the reason, or -- a trial Tune
+        stopped for its scheduler -- FINISHED (:func:`end_stopped`). A stop for an interrupt is
+        left to :func:`orchestrator.grid.tuner.run_grid`, which marks the run KILLED."""
+        folder = trial_folder(self.grid_dir, trial.trial_id)  # Location: local or bucket
+        f = folder / tracking.RUN_ID_FILE
         if not f.exists():
             return
         c = tracking.client(self.uri)
         run_id = f.read_text().strip()
-        if c.get_run(run_id).info.status == "RUNNING":
-            if ok:
-                c.set_tag(run_id, "mergenet.stopped_by", "scheduler")
-            tracking.end_run(c, run_id, ok=ok, reason=reason)
+        if c.get_run(run_id).info.status != "RUNNING":
+            return
+        if not ok:
+            tracking.end_run(c, run_id, ok=False, reason=reason)
+        elif interrupts.STATE.signum is None:
+            end_stopped(c, run_id, folder)
 
 
 def _mmss(seconds: float) -> str:

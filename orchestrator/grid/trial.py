@@ -20,8 +20,9 @@ from pathlib import Path
 from ray import tune
 
 from mergenet_core.config import deep_merge
-from mergenet_core.io import PAIR_OUTPUTS, PLACEMENT
-from mergenet_core.io.outputs import RunOutputs
+from mergenet_core.io import CONFIG, CURVE, FINAL, METRICS, PAIR_OUTPUTS, PLACEMENT
+from mergenet_core.io.outputs import RunOutputs, summarise
+from mergenet_core.training.loop import numeric
 from orchestrator import topology, tracking
 from orchestrator.grid.config import GridConfig
 from orchestrator.cluster.storage import Location, scratch_dir
@@ -86,8 +87,6 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
         else:
             final = topo.run(cfg, topology.RunRequest(out, trial_dir, keep_bundles=grid.bundles_while_running,
                                                       reporter=reporter))
-        # the run's summary at step 0: MLflow draws a metric logged once as a bar, not a dot on a line
-        tracking.log_metrics(c, run_id, final, step=0)
         placement = json.loads((out / PLACEMENT).read_text()) if (out / PLACEMENT).exists() else []
         for w in placement:
             c.set_tag(run_id, f"mergenet.node.{w['role']}{w['role_rank']}", w["node_id"])
@@ -96,15 +95,64 @@ def trial_fn(config: dict, grid_json: str, parent_run_id: str, experiment_id: st
             RunOutputs(out).no_bundles()
         tracking.learning_curve_png(RunOutputs(out).read_history(), out / "learning_curve.png", title=cfg.name)
         (trial_dir / "pair").upload(out, list(PAIR_OUTPUTS))  # nothing to do when the folder is local
-        for name in ("config.json", "final.json", "metrics.jsonl", "learning_curve.png"):
-            c.log_artifact(run_id, str(out / name))
+        log_outputs(c, run_id, out, final)
         tracking.end_run(c, run_id, ok=True)
     except BaseException as e:
-        tracking.end_run(c, run_id, ok=False, reason=f"{type(e).__name__}: {e}")
+        if not tune_ended(e):  # a stop or a pause: the driver records which (end_stopped)
+            tracking.end_run(c, run_id, ok=False, reason=f"{type(e).__name__}: {e}")
         raise
     finally:
         if trial_dir.local is None:
             shutil.rmtree(work, ignore_errors=True)  # the private scratch folder (tempfile.mkdtemp)
+
+
+def tune_ended(e: BaseException) -> bool:
+    """Tune ends a function trial that a scheduler stops (ASHA) or pauses (PBT) with
+    ``SystemExit(0)`` at the trial's next report. That is no failure, and only the driver knows
+    which it was (a stopped trial completes there: :func:`end_stopped`; a paused one resumes)."""
+    return isinstance(e, SystemExit) and e.code in (0, None)
+
+
+def log_outputs(c, run_id: str, out: Path, final: dict) -> None:
+    """The pair's summary on its run (at step 0: MLflow draws a metric logged once as a bar, not
+    a dot on a line) and its output files that exist."""
+    tracking.log_metrics(c, run_id, final, step=0)
+    for name in (CONFIG, FINAL, METRICS, CURVE):
+        if (out / name).exists():
+            c.log_artifact(run_id, str(out / name))
+
+
+def end_stopped(c, run_id: str, folder: Location) -> None:
+    """End the run of a trial that Tune stopped before its function returned: a scheduler's
+    decision (ASHA stops a trial at a rung, and every trial at the recipe's last epoch), a normal
+    end. The run ends FINISHED with the summary of the epochs the trial ran (``final.json``
+    written, the outputs logged, the epochs the trial had no time to log added); when the trial
+    stopped before the recipe's last epoch -- or its outputs cannot be read here (a bucket's
+    trial uploads them at its end) -- it is tagged ``mergenet.stopped_by = scheduler`` and
+    ``mergenet.stopped_at_epoch``. The report compares such trials at a common epoch
+    (:func:`orchestrator.tracking.report.at_common_epoch`)."""
+    out = (folder / "pair").local
+    history = RunOutputs(out).read_history() if out is not None else []
+    last = history[-1]["epoch"] if history else None
+    if history:
+        _log_missing_epochs(c, run_id, history)
+        log_outputs(c, run_id, out, RunOutputs(out).finish(summarise(history)))
+    config = out / CONFIG if history else None
+    budget = json.loads(config.read_text())["target"]["recipe"]["epochs"] if config and config.exists() else None
+    if last is None or budget is None or last < budget:
+        c.set_tag(run_id, tracking.STOPPED_BY, "scheduler")
+        if last is not None:
+            c.set_tag(run_id, tracking.STOPPED_AT, str(last))
+    tracking.end_run(c, run_id, ok=True)
+
+
+def _log_missing_epochs(c, run_id: str, history: list[dict]) -> None:
+    """The epoch records the run lacks (an inline trial logs an epoch once its bundle is saved;
+    a stop in between leaves that epoch out)."""
+    logged = {m.step for m in c.get_metric_history(run_id, "time/epoch_s")}
+    for r in history:
+        if r["epoch"] not in logged:
+            tracking.log_metrics(c, run_id, numeric(r), step=int(r["epoch"]))
 
 
 def config_hash(cfg) -> str:

@@ -139,7 +139,7 @@ def attach_or_create(c: MlflowClient, folder, experiment_id: str, name: str, tag
         if run is not None:
             status = run.info.status
             if status in ("FAILED", "KILLED"):
-                for tag in (STOPPED_BY, "mergenet.failure_reason", "mlflow.note.content"):
+                for tag in (STOPPED_BY, STOPPED_AT, "mergenet.failure_reason", "mlflow.note.content"):
                     if tag in run.data.tags:
                         c.delete_tag(run_id, tag)
             if status != "RUNNING" and (status != "FINISHED" or reopen_finished):
@@ -151,6 +151,7 @@ def attach_or_create(c: MlflowClient, folder, experiment_id: str, name: str, tag
 
 
 STOPPED_BY = "mergenet.stopped_by"  # scheduler (ASHA stopped it early) or interrupt(SIGINT|SIGTERM)
+STOPPED_AT = "mergenet.stopped_at_epoch"  # the last epoch of a trial a scheduler stopped early
 
 
 def end_run(c: MlflowClient, run_id: str, ok: bool, reason: str | None = None) -> None:

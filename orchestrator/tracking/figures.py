@@ -22,8 +22,9 @@ from orchestrator.tracking import paired
 FOREST = "forest.png"
 #: verdict word (or CI state for rows without a verdict) -> colour
 COLOURS = {"transfer shown": "#1a9850", "harmful": "#d73027", "not shown": "#7f7f7f",
-           "cannot measure": "#e08214", "not shown (too few paired seeds)": "#bdbdbd",
+           "cannot measure": "#e08214", paired.TOO_FEW: "#bdbdbd", paired.UNDETERMINED: "#bdbdbd",
            "above 0": "#2166ac", "below 0": "#d73027", "includes 0": "#7f7f7f", "n < 2": "#bdbdbd",
+           "identical differences": "#bdbdbd",
            "positive control shown": "#2166ac", "positive control not shown": "#e08214"}
 
 
@@ -37,6 +38,8 @@ def _plt():
 
 
 def _ci_state(r) -> str:
+    if r.get("identical"):
+        return "identical differences"
     if r["excludes_zero"] is None:
         return "n < 2"
     return "includes 0" if not r["excludes_zero"] else "above 0" if r["mean_diff"] > 0 else "below 0"
@@ -46,24 +49,22 @@ def forest_rows(tables: dict[str, pd.DataFrame], verdicts: list[dict], positive:
                 labels: dict[str, str], epoch: str = "best_val") -> list[dict]:
     """The rows the forest plot draws, in order: per pair (by name), per arm, the comparison
     against the first table's baseline, then, for an arm with a verdict, against the control the
-    verdict names. ``state``: the row's verdict word where a verdict covers the pair and
-    arm (on both of its comparisons), the positive control's state for a positive-control arm,
-    else where its interval lies. Values in points."""
+    verdict names -- a verdict's two comparisons as the verdict has them (on its one seed set).
+    ``state``: the row's verdict word where a verdict covers the pair and arm (on both of its
+    comparisons), the positive control's state for a positive-control arm, else where its
+    interval lies. Values in points."""
     word = {(v["pair"], v["arm"]): v["word"] for v in verdicts}
     pos = {(v["pair"], v["arm"]): v["shown"] for v in positive}
-    controls = {(v["pair"], v["arm"]): v["control"] for v in verdicts}
+    own = {(v["pair"], v["arm"]): [v["vs_baseline"], v["vs_control"]] for v in verdicts}
     rows = []
-    frames = [t[t["epoch"] == epoch].assign(key=lambda d: [p if not h else f"{p} ({h})"
-                                                           for p, h in zip(d["pair"], d["hp"])])
-              for t in tables.values()]
-    if not frames:
+    if not tables:
         return rows
-    first = frames[0]
+    first = next(iter(tables.values()))
+    first = first[first["epoch"] == epoch].assign(key=lambda d: [p if not h else f"{p} ({h})"
+                                                                 for p, h in zip(d["pair"], d["hp"])])
     for _, r in first.sort_values(["pair", "arm", "hp"], kind="stable").iterrows():
         key = (r["key"], r["arm"])
-        comps = [r] + [x for f in frames[1:] for _, x in f[(f["key"] == r["key"]) & (f["arm"] == r["arm"])].iterrows()
-                       if x["baseline"] == controls.get(key)]
-        for x in comps:
+        for x in own.get(key, [r]):
             if x["n"] == 0:
                 continue
             if key in word:
@@ -77,7 +78,7 @@ def forest_rows(tables: dict[str, pd.DataFrame], verdicts: list[dict], positive:
                          "arm": r["arm"], "baseline": x["baseline"], "epoch": epoch, "n": int(x["n"]),
                          "mean": 100 * x["mean_diff"], "low": 100 * x["ci_low"], "high": 100 * x["ci_high"],
                          "mde": 100 * mde if mde is not None and not pd.isna(mde) else math.nan,
-                         "state": state, "colour": COLOURS[state]})
+                         "identical": bool(x.get("identical")), "state": state, "colour": COLOURS[state]})
     return rows
 
 
@@ -98,7 +99,8 @@ def forest_plot(rows: list[dict], path: Path, title: str, score: str = "accuracy
         ax.plot([r["mean"]], [y], "o", color=r["colour"], ms=6)
         if not math.isnan(r["mde"]):
             ax.plot([r["mde"]], [y], "D", mfc="none", mec=r["colour"], ms=5)
-        ci = paired.fmt_ci(r["low"] / 100, r["high"] / 100) if finite else "[n < 2]"
+        ci = paired.fmt_ci(r["low"] / 100, r["high"] / 100) if finite else (
+            "[identical differences]" if r.get("identical") else "[n < 2]")
         mde = f"MDE {r['mde']:.2f}" if not math.isnan(r["mde"]) else "MDE –"
         ax.text(1.02, y, f"{r['mean']:+.2f} {ci}  n={r['n']}  {mde}  {r['state']}", transform=ax.get_yaxis_transform(),
                 va="center", fontsize=7.5, color=r["colour"])
@@ -109,7 +111,8 @@ def forest_plot(rows: list[dict], path: Path, title: str, score: str = "accuracy
     ax.set_xlabel(f"paired difference, target test {score} at the best-validation epoch (points)", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.text(0.01, 0.995, title + "\n● mean, line: 95 % t-interval over seeds, ◇: minimum detectable effect "
-             "(power 0.8); colour: the verdict (green shown, red harmful, grey not shown, orange cannot measure; "
+             "(power 0.8); colour: the verdict (green shown, red harmful, grey not shown, orange cannot measure, "
+             "light grey no interval; "
              "blue: a positive control shown)", fontsize=8, va="top", wrap=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

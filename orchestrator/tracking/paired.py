@@ -16,6 +16,12 @@ Trials are rows of the report's trial table (``pair``, ``arm``, ``seed``, ``stat
 metric columns, and ``hp.*`` columns when a grid has search axes). A trial of a grid with search
 axes is paired with the baseline trial at the same seed *and* the same ``hp.*`` values; when the
 baseline arm has exactly one trial per seed (its hyperparameters do not vary), that trial.
+
+Per-seed differences that are all the same (within :data:`IDENTICAL`) have no spread to
+measure: such a comparison has no interval and no power (``identical``) and reads
+*undetermined (identical differences)*. A transfer verdict (:func:`transfer_verdicts`) rests
+on one seed set -- where the arm, the baseline and the control all finished -- and names every
+seed it leaves out with its reason.
 """
 from __future__ import annotations
 
@@ -27,14 +33,20 @@ import pandas as pd
 METRICS = {"final": "target/final_test_acc", "best_val": "target/test_acc_at_best_val"}
 
 COLUMNS = ["pair", "arm", "hp", "baseline", "epoch", "metric", "n", "seeds", "diffs", "arm_mean", "baseline_mean",
-           "mean_diff", "sd_diff", "ci_low", "ci_high", "excludes_zero", "level", "power", "mde", "effect",
-           "n_needed"]
+           "mean_diff", "sd_diff", "ci_low", "ci_high", "excludes_zero", "identical", "level", "power", "mde",
+           "effect", "n_needed"]
 
 #: the power every report asks for, and the default effect (accuracy fraction: 1 point) for "seeds needed"
 POWER = 0.8
 EFFECT = 0.01
 #: n_needed gives up here and returns inf
 N_MAX = 1_000_000
+#: per-seed differences (accuracy fractions) whose range is below this are identical: the same
+#: number up to float rounding (an accuracy's own resolution is 1 / test examples)
+IDENTICAL = 1e-9
+#: what a comparison (and a verdict resting on it) reads when every paired difference is the same
+UNDETERMINED = "undetermined (identical differences)"
+TOO_FEW = "not shown (too few paired seeds)"
 
 
 def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float, float]:
@@ -140,10 +152,16 @@ def n_needed(effect: float, sd: float, alpha: float = 0.05, power: float = POWER
 
 
 def excludes_zero(low: float, high: float) -> bool | None:
-    """True/False when the interval exists, None when it does not (n < 2)."""
+    """True/False when the interval exists, None when it does not (n < 2, identical differences)."""
     if math.isnan(low) or math.isnan(high):
         return None
     return bool(low > 0 or high < 0)
+
+
+def identical(diffs: list[float]) -> bool:
+    """At least 2 differences, all the same (within :data:`IDENTICAL`): no spread, so no interval
+    and no power (a zero-width interval would call any such mean shown)."""
+    return len(diffs) >= 2 and max(diffs) - min(diffs) <= IDENTICAL
 
 
 def hp_columns(df: pd.DataFrame) -> list[str]:
@@ -161,19 +179,45 @@ def _done(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return df[(df["status"] == "FINISHED") & df[metric].notna()]
 
 
-def _baseline_by_seed(base: pd.DataFrame, row_hp: dict, cols: list[str], metric: str) -> dict[int, float] | None:
-    """seed -> the baseline's value for a group with hyperparameters ``row_hp``; None when the
-    baseline cannot be matched unambiguously."""
+def _matching(base: pd.DataFrame, row_hp: dict, cols: list[str]) -> pd.DataFrame | None:
+    """The trials of ``base`` (one arm at one pair) that pair with a trial of hyperparameters
+    ``row_hp``: those with the same ``hp.*`` values, else -- the arm not searched -- all of them;
+    None when that leaves more than one trial per seed (no unambiguous match)."""
     if cols:
         same = base
         for c in cols:
             v = row_hp.get(c)
             same = same[same[c].isna()] if pd.isna(v) else same[same[c] == v]
         if len(same) and not same["seed"].duplicated().any():
-            return dict(zip(same["seed"], same[metric]))
-    if base["seed"].duplicated().any():
-        return None
-    return dict(zip(base["seed"], base[metric]))
+            return same
+    return None if base["seed"].duplicated().any() else base
+
+
+def _baseline_by_seed(base: pd.DataFrame, row_hp: dict, cols: list[str], metric: str) -> dict[int, float] | None:
+    """seed -> the baseline's value for a group with hyperparameters ``row_hp``; None when the
+    baseline cannot be matched unambiguously."""
+    same = _matching(base, row_hp, cols)
+    return None if same is None else dict(zip(same["seed"], same[metric]))
+
+
+def paired_row(arm_by_seed: dict[int, float], base_by_seed: dict[int, float], level: float = 0.95,
+               power: float = POWER, effect: float = EFFECT, **keys) -> dict:
+    """One comparison over the seeds both hold: ``keys`` (``pair``, ``arm``, ``hp``,
+    ``baseline``, ``epoch``, ``metric``) and the statistics of :func:`paired_table`'s rows."""
+    alpha = 1 - level
+    seeds = sorted(int(x) for x in set(arm_by_seed) & set(base_by_seed))
+    diffs = [float(arm_by_seed[x]) - float(base_by_seed[x]) for x in seeds]
+    mean, sd, low, high = t_interval(diffs, level)
+    same = identical(diffs)
+    if same:
+        low = high = math.nan
+    return {**keys, "n": len(diffs), "seeds": seeds, "diffs": diffs,
+            "arm_mean": sum(float(arm_by_seed[x]) for x in seeds) / len(seeds) if seeds else math.nan,
+            "baseline_mean": sum(float(base_by_seed[x]) for x in seeds) / len(seeds) if seeds else math.nan,
+            "mean_diff": mean, "sd_diff": sd, "ci_low": low, "ci_high": high,
+            "excludes_zero": excludes_zero(low, high), "identical": same, "level": level, "power": power,
+            "mde": math.nan if same else mde_paired(sd, len(diffs), alpha, power), "effect": effect,
+            "n_needed": math.nan if same else n_needed(effect, sd, alpha, power)}
 
 
 def paired_table(df: pd.DataFrame, baseline: str = "alone", arms: list[str] | None = None,
@@ -185,8 +229,8 @@ def paired_table(df: pd.DataFrame, baseline: str = "alone", arms: list[str] | No
     and ``n_needed`` (:func:`n_needed`: seeds to detect ``effect`` at ``power``), with the
     ``level``, ``power`` and ``effect`` used. Differences, ``mde`` and ``effect`` are in accuracy
     units (fractions), like the metrics. ``mde`` and ``n_needed`` are NaN where there is no sd
-    (n < 2); with sd 0 they are 0 and 2. Arms without a matched baseline seed get n = 0."""
-    alpha = 1 - level
+    (n < 2) and, like the interval, where the differences are :func:`identical` (``identical``
+    True). Arms without a matched baseline seed get n = 0."""
     cols = hp_columns(df)
     rows = []
     for kind, metric in METRICS.items():
@@ -206,20 +250,10 @@ def paired_table(df: pd.DataFrame, baseline: str = "alone", arms: list[str] | No
                     by_seed = _baseline_by_seed(base, hp, cols, metric)
                     if by_seed is None:
                         continue
-                    ga = ga[ga["seed"].isin(list(by_seed))].sort_values("seed")
-                    seeds = [int(s) for s in ga["seed"]]
-                    diffs = [float(v) - float(by_seed[s]) for s, v in zip(seeds, ga[metric])]
-                    mean, sd, low, high = t_interval(diffs, level)
-                    rows.append({
-                        "pair": pair, "arm": arm, "hp": hp_label(hp, cols), "baseline": baseline, "epoch": kind,
-                        "metric": metric, "n": len(diffs), "seeds": seeds, "diffs": diffs,
-                        "arm_mean": float(ga[metric].mean()) if len(ga) else math.nan,
-                        "baseline_mean": float(sum(by_seed[s] for s in seeds) / len(seeds)) if seeds else math.nan,
-                        "mean_diff": mean, "sd_diff": sd, "ci_low": low, "ci_high": high,
-                        "excludes_zero": excludes_zero(low, high), "level": level, "power": power,
-                        "mde": mde_paired(sd, len(diffs), alpha, power), "effect": effect,
-                        "n_needed": n_needed(effect, sd, alpha, power)})
-    # object: True / False, or None where there is no interval (n < 2)
+                    rows.append(paired_row(dict(zip(ga["seed"], ga[metric])), by_seed, level, power, effect,
+                                           pair=pair, arm=arm, hp=hp_label(hp, cols), baseline=baseline,
+                                           epoch=kind, metric=metric))
+    # object: True / False, or None where there is no interval (n < 2, identical differences)
     return pd.DataFrame(rows, columns=COLUMNS).astype({"excludes_zero": object})
 
 
@@ -260,12 +294,22 @@ def fmt_ci(low: float, high: float) -> str:
     return f"[{100 * low:+.2f}, {100 * high:+.2f}]"
 
 
-def verdict(excl: bool | None, mean: float) -> str:
-    if excl is None:
+def fmt_diff(r) -> str:
+    """A comparison's mean difference and interval in points: ``+1.23 [+0.20, +2.26]``, or its
+    missing interval's reason (``– (n < 2)``, ``(identical differences)``)."""
+    ci = "(identical differences)" if r.get("identical") else fmt_ci(r["ci_low"], r["ci_high"])
+    return f"{fmt_points(r['mean_diff'])} {ci}"
+
+
+def verdict(r) -> str:
+    """Whether a comparison's interval excludes 0 (a paired table's row)."""
+    if r.get("identical"):
+        return UNDETERMINED
+    if r["excludes_zero"] is None:
         return "n < 2"
-    if not excl:
+    if not r["excludes_zero"]:
         return "no (CI includes 0)"
-    return "yes, above 0" if mean > 0 else "yes, below 0"
+    return "yes, above 0" if r["mean_diff"] > 0 else "yes, below 0"
 
 
 def fmt_mde(x: float) -> str:
@@ -281,17 +325,28 @@ def fmt_n(x: float) -> str:
 
 
 def positive_controls(df: pd.DataFrame, baseline: str, arms: list[str], effect: float = EFFECT) -> list[dict]:
-    """Per pair and positive-control arm (an arm whose gain over ``baseline`` must exist, e.g. a
-    whole-model ``transplant`` from a trained donor): its paired row at the best-validation epoch
-    and ``shown`` -- True when the 95 % interval lies above 0, None without an interval. A
-    setting's transfer verdicts count only where one of its positive controls is shown."""
+    """Per pair (and search point) and positive-control arm (an arm whose gain over ``baseline``
+    must exist, e.g. a whole-model ``transplant`` from a trained donor): its paired row at the
+    best-validation epoch and ``shown`` -- True when the 95 % interval lies above 0, None without
+    an interval (too few seeds, identical differences). ``pair`` is the label (``p (lr=0.01)``),
+    ``pair_name`` and ``hp`` its parts. A setting's transfer verdicts count only where one of its
+    positive controls is shown (:func:`positive_gate`)."""
     out = []
     table = paired_table(df, baseline, arms=list(arms), effect=effect)
     for _, r in table[table["epoch"] == "best_val"].iterrows():
         shown = None if r["excludes_zero"] is None else bool(r["ci_low"] > 0)
-        out.append({"pair": r["pair"] if not r["hp"] else f"{r['pair']} ({r['hp']})", "arm": r["arm"],
-                    "baseline": baseline, "shown": shown, "row": r})
+        out.append({"pair": r["pair"] if not r["hp"] else f"{r['pair']} ({r['hp']})", "pair_name": r["pair"],
+                    "hp": r["hp"], "arm": r["arm"], "baseline": baseline, "shown": shown, "row": r})
     return out
+
+
+def positive_gate(positive: list[dict], pair: str, hp: str) -> bool | None:
+    """Whether a positive control of ``pair`` is shown for a verdict at search point ``hp`` (its
+    label): those at the same search point, else the pair's unsearched ones; None when the pair
+    has none of them."""
+    rows = [v for v in positive if v["pair_name"] == pair]
+    same = [v for v in rows if v["hp"] == hp] or [v for v in rows if v["hp"] == ""]
+    return any(bool(v["shown"]) for v in same) if same else None
 
 
 def positive_control_lines(controls: list[dict]) -> list[str]:
@@ -299,21 +354,110 @@ def positive_control_lines(controls: list[dict]) -> list[str]:
     lines = []
     for v in controls:
         r = v["row"]
-        word = {True: "shown", False: "not shown", None: "not shown (too few paired seeds)"}[v["shown"]]
+        word = {True: "shown", False: "not shown",
+                None: "not shown (identical differences)" if r.get("identical") else TOO_FEW}[v["shown"]]
         lines.append(f"- **{v['pair']} · {v['arm']} vs `{v['baseline']}`: {word}** — "
-                     f"{fmt_points(r['mean_diff'])} {fmt_ci(r['ci_low'], r['ci_high'])} (n = {r['n']}, "
-                     f"detectable ≥ {fmt_mde(r['mde'])})")
+                     f"{fmt_diff(r)} (n = {r['n']}, detectable ≥ {fmt_mde(r['mde'])})")
     return lines
+
+
+def _why_not(rows: pd.DataFrame | None, metric: str) -> tuple[str, str] | None:
+    """Why an arm gives no value at a seed: ``(kind, text)`` -- kind ``failed`` (the trial failed,
+    or finished without the metric) or ``missing`` (no trial, still running, interrupted);
+    None when it gives one."""
+    if rows is None:
+        return "missing", "several trials per seed (no unambiguous match)"
+    if rows.empty:
+        return "missing", "no trial"
+    r = rows.iloc[0]
+    if r["status"] == "FINISHED":
+        if metric in r and not pd.isna(r[metric]):
+            return None
+        return "failed", "finished without a result"
+    if r["status"] == "FAILED":
+        reason = r.get("failure_reason")
+        reason = reason.strip().splitlines() if isinstance(reason, str) else []
+        return "failed", "FAILED" + (f" ({reason[-1][:160]})" if reason else "")
+    return "missing", str(r["status"])
+
+
+def _seed_values(rows: pd.DataFrame | None, metric: str) -> dict[int, float]:
+    done = _done(rows, metric) if rows is not None else None
+    return {} if done is None else dict(zip(done["seed"], done[metric]))
+
+
+def _verdict_groups(df: pd.DataFrame, arm: str, others: tuple[str, str], cols: list[str]):
+    """``(pair, hp, {arm: its trials})`` per pair and search point of ``arm``: its trials of every
+    status there and the ``others``' (baseline, control) matched to them as in :func:`paired_table`."""
+    for pair, g in df[df["arm"] == arm].groupby("pair", sort=True):
+        at = df[df["pair"] == pair]
+        for _, ga in (g.groupby(cols, dropna=False, sort=True) if cols else [((), g)]):
+            hp = {c: ga.iloc[0][c] for c in cols}
+            yield pair, hp_label(hp, cols), {arm: ga, **{o: _matching(at[at["arm"] == o], hp, cols) for o in others}}
+
+
+def _word(b: dict, c: dict) -> str:
+    """The verdict on the comparisons against the baseline (``b``) and the control (``c``), both
+    on the same seeds."""
+    if b["n"] < 2:
+        return TOO_FEW
+    if b["identical"]:
+        return UNDETERMINED
+    if b["ci_high"] < 0:
+        return "harmful"
+    if b["ci_low"] > 0:
+        return UNDETERMINED if c["identical"] else "transfer shown" if c["ci_low"] > 0 else "not shown"
+    return "not shown"
+
+
+def _seed_list(seeds) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(x) for x in seeds)
+
+
+def _one_verdict(pair: str, hp: str, trials: dict, baseline: str, control: str, effect: float) -> dict:
+    """The verdict of the first arm of ``trials`` at one pair and search point, on the seeds
+    where it, ``baseline`` and ``control`` all finished."""
+    metric = METRICS["best_val"]
+    arm = next(iter(trials))
+    vals = {a: _seed_values(t, metric) for a, t in trials.items()}
+    common = set(vals[arm]) & set(vals[baseline]) & set(vals[control])
+
+    def row(a, b):
+        return paired_row({x: v for x, v in vals[a].items() if x in common}, vals[b], effect=effect,
+                          pair=pair, arm=a, hp=hp, baseline=b, epoch="best_val", metric=metric)
+
+    b, c, cb = row(arm, baseline), row(arm, control), row(control, baseline)
+    seeds = sorted(set().union(*(set(t["seed"]) for t in trials.values() if t is not None)) - common)
+    why = {(int(x), a): w for x in seeds for a, t in trials.items()
+           if (w := _why_not(None if t is None else t[t["seed"] == x], metric))}
+    both = set(vals[baseline]) & set(vals[control])
+    failed = sorted(x for (x, a), (kind, _) in why.items() if a == arm and kind == "failed" and x in both)
+    word = _word(b, c)
+    text = word if word in (TOO_FEW, UNDETERMINED) else f"{word} (detectable: ≥ {fmt_mde(b['mde'])} points" + (
+        f"; rules out gains above {fmt_points(b['ci_high'])})" if word == "not shown" else ")")
+    failure = (f"`{arm}` failed at {len(failed)} of the {len(both)} seeds where `{baseline}` and `{control}` "
+               f"finished ({_seed_list(failed)})") if failed else ""
+    return {"pair": pair if not hp else f"{pair} ({hp})", "pair_name": pair, "hp": hp, "arm": arm,
+            "control": control, "baseline": baseline, "word": word,
+            "verdict": text + (f"; {failure}" if failure else ""), "failure": failure, "arm_failed": failed,
+            "seeds": sorted(int(x) for x in common), "left_out": [(x, a, w[1]) for (x, a), w in why.items()],
+            "mde": math.nan if word in (TOO_FEW, UNDETERMINED) else float(b["mde"]),
+            "rules_out_above": math.nan if word in (TOO_FEW, UNDETERMINED) else float(b["ci_high"]),
+            "vs_baseline": b, "vs_control": c, "control_vs_baseline": cb}
 
 
 def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, str]],
                       effect: float = EFFECT, positive: list[dict] | None = None,
                       gated: bool = False) -> list[dict]:
-    """For each ``(arm, control)`` and pair, on the test accuracy at the best-validation epoch (the
-    primary number; never selected on test): ``transfer shown`` when the arm's 95 % interval
-    against ``baseline`` and against ``control`` both lie above 0; ``harmful`` when its interval
-    against ``baseline`` lies below 0; ``not shown`` otherwise (or without intervals:
-    ``not shown (too few paired seeds)``).
+    """For each ``(arm, control)`` and pair (and search point of the arm), on the test accuracy at
+    the best-validation epoch (the primary number; never selected on test), over one seed set --
+    the seeds where the arm, ``baseline`` and ``control`` all finished (``seeds``), for all three
+    comparisons (arm vs ``baseline``, arm vs ``control``, ``control`` vs ``baseline``):
+    ``transfer shown`` when the arm's 95 % interval against ``baseline`` and against ``control``
+    both lie above 0; ``harmful`` when its interval against ``baseline`` lies below 0;
+    ``undetermined (identical differences)`` when a comparison that decides has identical
+    per-seed differences (no interval); ``not shown`` otherwise (or ``not shown (too few paired
+    seeds)`` below 2 common seeds).
 
     ``word`` is that word; ``verdict`` is the word followed by what the comparison against
     ``baseline`` could detect: ``not shown (detectable: ≥ 2.31 points; rules out gains above
@@ -322,62 +466,55 @@ def transfer_verdicts(df: pd.DataFrame, baseline: str, checks: list[tuple[str, s
     ``harmful (detectable: ≥ …)``. ``mde`` and ``rules_out_above`` hold those two numbers
     (fractions; NaN without an interval). ``effect`` (fraction) sets the rows' ``n_needed``.
 
+    ``left_out``: ``(seed, arm, why)`` for every seed outside the set and every one of the three
+    arms that gave no value there (``FAILED (reason)`` from the run's ``mergenet.failure_reason``,
+    ``no trial``, ``RUNNING``, ...). Where the arm failed at seeds at which ``baseline`` and
+    ``control`` finished (``arm_failed``), ``failure`` says so and ends ``verdict``: a failure of
+    the arm is a result about the arm, never paired away in silence.
+
     ``positive`` (:func:`positive_controls`): where a pair has positive controls and none is
-    shown, the instrument has not shown it can see a known effect there, so the verdict is
-    ``cannot measure (no positive control shown; ...)`` whatever the arm's own intervals say.
-    ``gated`` (positive-control arms were declared): a pair with no positive-control row at all
-    (its positive-control trials all failed or are missing) counts as not shown."""
-    seen: dict[str, bool] = {}
-    for v in positive or []:
-        seen[v["pair"]] = seen.get(v["pair"], False) or bool(v["shown"])
+    shown (:func:`positive_gate`: the same search point, else the pair's unsearched ones), the
+    instrument has not shown it can see a known effect there, so the verdict is ``cannot measure
+    (no positive control shown; ...)`` whatever the arm's own intervals say. ``gated``
+    (positive-control arms were declared): a pair with no positive-control row at all (its
+    positive-control trials all failed or are missing) counts as not shown."""
+    cols = hp_columns(df)
     out = []
     for arm, control in checks:
-        vs_base = paired_table(df, baseline, arms=[arm], effect=effect)
-        vs_ctl = paired_table(df, control, arms=[arm], effect=effect)
-        ctl_base = paired_table(df, baseline, arms=[control], effect=effect)
-        keys = sorted({(p, h) for t in (vs_base, vs_ctl) for p, h in zip(t["pair"], t["hp"])})
-        for pair, hp in keys:
-            def row(t, hp=hp):  # the same pair and the same search-axis values
-                r = t[(t["pair"] == pair) & (t["epoch"] == "best_val")]
-                same = r[r["hp"] == hp]
-                r = same if len(same) else r[r["hp"] == ""] if (r["hp"] == "").any() else same
-                return r.iloc[0] if len(r) else None
-            b, c, cb = row(vs_base), row(vs_ctl), row(ctl_base)
-            mde = upper = math.nan
-            if b is None or c is None or b["excludes_zero"] is None or c["excludes_zero"] is None:
-                word = text = "not shown (too few paired seeds)"
-            else:
-                mde, upper = float(b["mde"]), float(b["ci_high"])
-                if b["ci_high"] < 0:
-                    word = "harmful"
-                elif b["ci_low"] > 0 and c["ci_low"] > 0:
-                    word = "transfer shown"
-                else:
-                    word = "not shown"
-                text = f"{word} (detectable: ≥ {fmt_mde(mde)} points"
-                text += f"; rules out gains above {fmt_points(upper)})" if word == "not shown" else ")"
-            label = pair if not hp else f"{pair} ({hp})"
-            if (gated or label in seen) and not seen.get(label, False):
-                word, text = "cannot measure", f"cannot measure (no positive control shown; the arm alone: {text})"
-            out.append({"pair": pair if not hp else f"{pair} ({hp})", "arm": arm, "control": control,
-                        "baseline": baseline, "verdict": text, "word": word, "mde": mde, "rules_out_above": upper,
-                        "vs_baseline": b, "vs_control": c, "control_vs_baseline": cb})
+        for pair, hp, trials in _verdict_groups(df, arm, (baseline, control), cols):
+            v = _one_verdict(pair, hp, trials, baseline, control, effect)
+            shown = positive_gate(positive or [], pair, hp)
+            if (gated or shown is not None) and not shown:
+                v["word"] = "cannot measure"
+                v["verdict"] = f"cannot measure (no positive control shown; the arm alone: {v['verdict']})"
+            out.append(v)
     return out
 
 
+def left_out_text(v: dict) -> str:
+    """The seeds a verdict leaves out, each with why: ``seed 3: `mergenet` FAILED (…); seed 4:
+    `alone` no trial``."""
+    by: dict[int, list[str]] = {}
+    for x, a, why in v["left_out"]:
+        by.setdefault(x, []).append(f"`{a}` {why}")
+    return "; ".join(f"seed {x}: " + ", ".join(w) for x, w in sorted(by.items()))
+
+
 def verdict_lines(verdicts: list[dict]) -> list[str]:
-    """One Markdown bullet per (pair, arm): the verdict (with what it could detect) and the
-    intervals behind it, each with its n and minimum detectable effect (points)."""
+    """One Markdown bullet per (pair, arm): the verdict (with what it could detect, and the arm's
+    failures), the intervals behind it, each with its n and minimum detectable effect (points), the
+    seeds they share and the seeds left out with why."""
     lines = []
     for v in verdicts:
         def part(r, what):
-            if r is None:
-                return f"{what}: –"
             mde = r.get("mde", math.nan)
             det = "" if mde is None or math.isnan(mde) else f", detectable ≥ {fmt_mde(mde)}"
-            return f"{what} {fmt_points(r['mean_diff'])} {fmt_ci(r['ci_low'], r['ci_high'])} (n = {r['n']}{det})"
+            return f"{what} {fmt_diff(r)} (n = {r['n']}{det})"
+        left = left_out_text(v)
         lines.append(f"- **{v['pair']} · {v['arm']}: {v['verdict']}** — "
                      + "; ".join([part(v["vs_baseline"], f"vs `{v['baseline']}`"),
                                   part(v["vs_control"], f"vs `{v['control']}`"),
-                                  part(v["control_vs_baseline"], f"control `{v['control']}` vs `{v['baseline']}`")]))
+                                  part(v["control_vs_baseline"], f"control `{v['control']}` vs `{v['baseline']}`")])
+                     + f". On {_seed_list(v['seeds']) if v['seeds'] else 'no seed'}"
+                     + (f"; left out: {left}" if left else "") + ".")
     return lines

@@ -151,8 +151,10 @@ def _utc(ms: int | None):
 
 
 def trials_frame(c, experiment_id: str, parent: str | None) -> pd.DataFrame:
-    """One row per trial: ids, pair, arm (the grid's ``methods`` key), method, seed, status,
-    every metric, and every parameter (``hp.*`` search axes as logged, the rest as ``param.*``)."""
+    """One row per trial: ids, pair, arm (the grid's ``methods`` key), method, seed, status, its
+    end's tags (``failure_reason``; ``stopped_by``, ``stopped_at``: the last epoch of a trial a
+    scheduler stopped early), every metric, and every parameter (``hp.*`` search axes as logged,
+    the rest as ``param.*``)."""
     flt = f"tags.`{tracking.TRIAL_TAG}` = '1'"
     if parent:
         flt += f" and tags.`mlflow.parentRunId` = '{parent}'"
@@ -167,7 +169,8 @@ def trials_frame(c, experiment_id: str, parent: str | None) -> pd.DataFrame:
                "seed": int(t.get("mergenet.seed", -1)), "source": t.get("mergenet.source"),
                "target": t.get("mergenet.target"), "start_time": _utc(r.info.start_time),
                "end_time": _utc(r.info.end_time), "git_sha": t.get("mergenet.git_sha"),
-               "config_hash": t.get("mergenet.config_hash")}
+               "config_hash": t.get("mergenet.config_hash"), "failure_reason": t.get("mergenet.failure_reason"),
+               "stopped_by": t.get(tracking.STOPPED_BY), "stopped_at": float(t.get(tracking.STOPPED_AT) or "nan")}
         for k, v in r.data.params.items():
             row[k if k.startswith("hp.") else f"param.{k}"] = v
         row.update(m)
@@ -280,8 +283,7 @@ def paired_markdown(table: pd.DataFrame, labels: dict[str, str]) -> str:
         def cell(r):
             if r is None:
                 return "–", "–"
-            return (f"{paired.fmt_points(r['mean_diff'])} {paired.fmt_ci(r['ci_low'], r['ci_high'])}",
-                    paired.verdict(r["excludes_zero"], r["mean_diff"]))
+            return paired.fmt_diff(r), paired.verdict(r)
 
         def power_cells(r):
             if r is None:
@@ -382,6 +384,46 @@ def history_frame(c, df: pd.DataFrame, folder) -> pd.DataFrame:
                                                                           kind="stable").reset_index(drop=True)
 
 
+def _summary_at(history: pd.DataFrame, epoch: int) -> dict[str, float]:
+    """A trial's summary (:func:`mergenet_core.io.outputs.summarise`) over its epochs up to ``epoch``."""
+    from mergenet_core.io.outputs import summarise
+
+    rows = history[history["epoch"] <= epoch].to_dict("records")
+    return summarise([{k: v for k, v in r.items() if not (isinstance(v, float) and v != v)} for r in rows])
+
+
+def at_common_epoch(c, df: pd.DataFrame, folder, history: pd.DataFrame | None = None,
+                    score: str = "accuracy") -> tuple[pd.DataFrame, list[str]]:
+    """Compare trials that a scheduler stopped early (``stopped_at``) honestly: in each pair with
+    such a finished trial, every finished trial's summary metrics (the compared ones among them)
+    are re-read from its per-epoch history (``history``, else :func:`history_frame`) at the pair's
+    *common epoch* -- the last epoch all its finished trials reached -- and ``compared_at_epoch``
+    is set. Leaving the stopped trials out instead would keep the ones the scheduler judged best.
+    A finished trial without a history there has no value (its verdicts list it). Returns the
+    frame and one note per such pair."""
+    early = df[(df["status"] == "FINISHED") & df["stopped_at"].notna()] if "stopped_at" in df else df.iloc[0:0]
+    if early.empty:
+        return df, []
+    out, notes = df.copy(), []
+    rows = out[(out["status"] == "FINISHED") & out["pair"].isin(set(early["pair"]))]
+    h = history if history is not None else history_frame(c, rows, folder)
+    for pair, g in rows.groupby("pair", sort=True):
+        hist = {run: x for run, x in h[h["run_id"].isin(g["run_id"])].groupby("run_id")}
+        epoch = int(min(x["epoch"].max() for x in hist.values())) if hist else 0
+        for idx, run in zip(g.index, g["run_id"]):
+            summary = _summary_at(hist[run], epoch) if run in hist else {}
+            for m in {*METRICS, *summary} & set(out.columns):
+                out.loc[idx, m] = summary.get(m, float("nan"))
+            out.loc[idx, "compared_at_epoch"] = epoch
+        stopped = early[early["pair"] == pair]
+        notes.append(f"pair `{pair}`: the scheduler stopped {len(stopped)} of its {len(g)} finished trials before "
+                     "the recipe's last epoch (" + ", ".join(f"`{a}` s{x} at epoch {int(e)}" for a, x, e in zip(
+                         stopped["arm"], stopped["seed"], stopped["stopped_at"])) + f"); every comparison of this "
+                     f"pair is at epoch {epoch}, the last epoch all of them reached: test {score} at epoch {epoch} "
+                     f"(\"final\") and at the best-validation epoch up to it")
+    return out, notes
+
+
 #: below MLflow's 8,000-character cap on a tag's value (``mlflow.note.content``)
 DESCRIPTION_MAX = 7500
 
@@ -453,12 +495,15 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
     if verdicts:
         parts += [f"\n{h} Verdict\n",
                   f"On the target test {score} at each run's best-validation epoch (points, mean paired "
-                  "difference with its 95 % interval). *Transfer shown*: the interval lies above 0 both "
-                  f"against `{baseline}` and against the arm's negative control; *harmful*: the interval "
-                  f"against `{baseline}` lies below 0; otherwise *not shown*. *Detectable*: the smallest "
-                  f"true gain over `{baseline}` the paired t-test finds with probability 0.8 at these "
-                  "seeds and this seed-to-seed sd (minimum detectable effect); *rules out gains above*: "
-                  "the upper end of the interval.\n",
+                  "difference with its 95 % interval), all three comparisons of a verdict on one seed set: the "
+                  f"seeds where the arm, `{baseline}` and the control all finished (the others are listed with "
+                  "why; an arm that failed where the other two finished is named in the verdict). *Transfer "
+                  f"shown*: the interval lies above 0 both against `{baseline}` and against the arm's negative "
+                  f"control; *harmful*: the interval against `{baseline}` lies below 0; *{paired.UNDETERMINED}*: "
+                  "every seed gave the same difference in a comparison that decides, so there is no interval; "
+                  f"otherwise *not shown*. *Detectable*: the smallest true gain over `{baseline}` the paired "
+                  "t-test finds with probability 0.8 at these seeds and this seed-to-seed sd (minimum "
+                  "detectable effect); *rules out gains above*: the upper end of the interval.\n",
                   *paired.verdict_lines(verdicts), ""]
     if paired.hp_columns(df) and "target/best_val_acc" in df:
         parts += [f"\n{h} Best validation {score} (choose hyperparameters here, never on test)\n",
@@ -489,7 +534,8 @@ def report_sections(df: pd.DataFrame, tables: dict[str, pd.DataFrame], level: in
                   f"(n − 1 degrees of freedom). \"best-val\": test {score} at each run's best-validation epoch. "
                   "MDE: the minimum detectable effect, the smallest true Δ the two-sided paired t-test (α = 0.05) "
                   "finds with probability 0.8 at this n and sd (noncentral t); seeds for E points: the n "
-                  "that finds a true Δ of E points with probability 0.8 at this sd (– where n < 2).\n",
+                  "that finds a true Δ of E points with probability 0.8 at this sd (– where n < 2, and where "
+                  f"every seed's Δ is the same: *{paired.UNDETERMINED}*, no interval).\n",
                   paired_markdown(table, labels), ""]
     return parts
 
@@ -525,6 +571,10 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     c = tracking.existing_client()  # reading: never creates an empty mlflow.db
     experiment_id, name, parent = resolve_experiment(c, what)
     df = trials_frame(c, experiment_id, parent)
+    folder = _grid_folder(what, name, grid_file)
+    history = history_frame(c, df, folder)
+    score = score_name(stored_grid(name, grid_file))
+    df, stops = at_common_epoch(c, df, folder, history, score)
     arms = set(df["arm"])
     # a grid without `alone` still gets its means table; an arm asked for by name must exist
     for a in (((baseline,) if baseline != "alone" else ()) + tuple(controls) + tuple(positive)
@@ -543,8 +593,6 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
         df = paired.per_trial_diffs(df, base)
     table = pd.concat(tables.values(), ignore_index=True) if tables else paired.paired_table(df.iloc[0:0])
 
-    folder = _grid_folder(what, name, grid_file)
-    history = history_frame(c, df, folder)
     parquet, paired_parquet, history_parquet = out / "trials.parquet", out / "paired.parquet", out / "history.parquet"
     df.drop(columns=[c for c in df.columns if c.startswith("logged/")]).to_parquet(parquet, index=False)
     table.to_parquet(paired_parquet, index=False)
@@ -552,8 +600,7 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
     finished = int((df["status"] == "FINISHED").sum())
     intro = (f"MLflow experiment `{name}` ({experiment_id}), submission run `{parent}`; "
              f"{finished} finished / {len(df)} trials.\n")
-    setting = setting_lines(c, name, parent, grid_file)
-    score = score_name(stored_grid(name, grid_file))
+    setting = setting_lines(c, name, parent, grid_file) + [f"- {n}" for n in stops]
     if score != "accuracy":
         setting.append(f"- the targets' accuracy columns (`acc`) read **{score}** here")
     if setting:
@@ -605,6 +652,7 @@ def make_report(what: str, out_dir: str | Path | None = None, baseline: str = "a
             "forest": forest, "forest_rows": rows, "curves": curves, "text": md.read_text(),
             "console": console,
             "tables": tables,
-            "verdicts": [{k: v[k] for k in ("pair", "arm", "control", "verdict", "word", "mde", "rules_out_above")}
+            "verdicts": [{k: v[k] for k in ("pair", "arm", "control", "verdict", "word", "mde", "rules_out_above",
+                                            "seeds", "left_out", "arm_failed")}
                          for v in verdicts],
             "positive_controls": [{k: v[k] for k in ("pair", "arm", "baseline", "shown")} for v in pos]}
