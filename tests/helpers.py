@@ -345,3 +345,22 @@ def stop_tree(roots: list[int], marker: str | None = None) -> None:
     if marker:
         pids |= descendants(sorted(pids_with(marker)))
     stop_pids(pids)
+
+
+def provider_inputs(pair, transfers: int, link: str = "0") -> list:
+    """Step a built MergeNet pair ``transfers`` times and return the provider matrix the adapter
+    was given at each transfer (what a negative control feeds it)."""
+    from mergenet_core.training.step import take_step
+
+    m, seen = pair.method, []
+    orig_put = m.exchange.put
+
+    def put(step, mats):
+        if (link, "y") in mats:
+            seen.append(mats[(link, "y")].clone())
+        orig_put(step, mats)
+
+    m.exchange.put = put
+    for step in range(transfers):
+        take_step(pair, step)
+    return seen

@@ -16,12 +16,11 @@ import copy
 import pytest
 import torch
 
-from helpers import mergenet_options, tiny_pair
+from helpers import mergenet_options, provider_inputs, tiny_pair
 from mergenet_core.config import deep_merge
 from mergenet_core.methods.mergenet.adapter import ParameterAdapter
 from mergenet_core.methods.mergenet.method import scramble_entries
 from mergenet_core.training.engine import PairState
-from mergenet_core.training.step import take_step
 from orchestrator.config import parse_config
 
 
@@ -125,18 +124,8 @@ def _provider_inputs(control: str | None, transfers: int = 2, donor: str | None 
     if donor:
         cfg["source"]["init_from"] = donor
     pair = PairState.build(parse_config(cfg))
-    m, seen = pair.method, []
-    orig_put = m.exchange.put
-
-    def put(step, mats):
-        if ("0", "y") in mats:
-            seen.append(mats[("0", "y")].clone())
-        orig_put(step, mats)
-
-    m.exchange.put = put
-    for step in range(transfers):
-        take_step(pair, step)
-    return seen, m.enc[("target" if one else "source", provider)].read()
+    seen = provider_inputs(pair, transfers)
+    return seen, pair.method.enc[("target" if one else "source", provider)].read()
 
 
 @pytest.mark.parametrize("control,opts", [

@@ -22,7 +22,6 @@ from mergenet_core.errors import ConfigError
 from mergenet_core.lowrank import (canonical_signs, make_encoding, procrustes_align, row_cosine,
                                    truncated_svd_factors)
 from mergenet_core.methods.mergenet import AdapterOptions, MergeNetOptions
-from mergenet_core.training.step import take_step
 from orchestrator.cli import main
 
 
@@ -158,20 +157,8 @@ def test_untrained_source_control_is_frozen_at_its_seed_init_and_ignores_init_fr
 
 def _provider_inputs(control: str, transfers: int = 3):
     pair = PairState.build(parse_config(_mergenet_pair(control=control, freeze_source=True)))
-    m = pair.method
-    seen = []
-    orig_put = m.exchange.put
-
-    def put(step, mats):  # record what the adapter is given as the source matrix
-        if ("0", "y") in mats:
-            seen.append(mats[("0", "y")].clone())
-        orig_put(step, mats)
-
-    m.exchange.put = put
-    for step in range(transfers):
-        take_step(pair, step)
-    raw = m.enc[("source", "features.1.conv.weight")].read()
-    return seen, raw
+    seen = helpers.provider_inputs(pair, transfers)  # what the adapter is given as the source matrix
+    return seen, pair.method.enc[("source", "features.1.conv.weight")].read()
 
 
 def test_shuffled_source_moves_every_entry_by_one_fixed_permutation():
