@@ -367,11 +367,11 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
         grid = GridConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigErrors(format_validation_error(e)) from None
-    grid = _resolve_sources(grid, data)
+    grid, plan = _resolve_sources(grid, data)
     if warnings is not None and grid.sources:
         from orchestrator.grid.overlap import donor_warnings
 
-        warnings.extend(donor_warnings(grid, *grid.source_plan()))
+        warnings.extend(donor_warnings(grid, *plan))
     if deep:
         lines: list[str] = []
         checked_layers: set[tuple[str, str, str]] = set()
@@ -407,9 +407,10 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
     return grid
 
 
-def _resolve_sources(grid: GridConfig, data: dict) -> GridConfig:
+def _resolve_sources(grid: GridConfig, data: dict) -> tuple[GridConfig, tuple[dict, dict]]:
     """``init_from: sources:NAME`` everywhere in the grid -> the source's cache folder; the
-    untrained ones are registered for fast validation (``orchestrator/grid/sources.py``)."""
+    untrained ones are registered for fast validation (``orchestrator/grid/sources.py``); also returns the
+    plan (configs, folders), so that callers need not compute it again."""
     from orchestrator.grid import sources
 
     configs, dirs = grid.source_plan() if grid.sources else ({}, {})
@@ -420,7 +421,7 @@ def _resolve_sources(grid: GridConfig, data: dict) -> GridConfig:
     if lines:
         raise ConfigErrors(lines)
     sources.plan(configs, dirs)
-    return GridConfig.model_validate({**rest, "sources": grid.sources}) if dirs else grid
+    return (GridConfig.model_validate({**rest, "sources": grid.sources}) if dirs else grid), (configs, dirs)
 
 
 EPOCH_METRICS = ("epoch", "step", "time/train_s", "time/epoch_s")

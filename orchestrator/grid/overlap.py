@@ -25,7 +25,7 @@ def _init_path(role) -> str | None:
     return None if role is None or role.init_from is None else str(role.init_from.path)
 
 
-def _donors(grid, configs: dict, dirs: dict) -> dict[tuple[str, str], tuple[str, Any]]:
+def _donors(grid, dirs: dict) -> dict[tuple[str, str], tuple[str, Any]]:
     """(pair, arm) -> (donor name, the trial config of the first seed) for every trial whose
     source starts from a declared source."""
     by_dir = {str(d): name for name, d in dirs.items()}
@@ -49,7 +49,7 @@ def _task_key(task) -> tuple[str, str | None]:
 def donor_warnings(grid, configs: dict, dirs: dict) -> list[str]:
     """One line per (pair, donor) whose donor may train on the target's validation examples."""
     lines, seen = [], set()
-    for (pair, arm), (name, cfg) in _donors(grid, configs, dirs).items():
+    for (pair, arm), (name, cfg) in _donors(grid, dirs).items():
         donor = configs[name].target.task
         target = cfg.target.task
         if _task_key(donor) != _task_key(target) or (pair, name) in seen:
@@ -99,7 +99,7 @@ def _overlap_rows(grid, configs: dict, dirs: dict) -> list[dict]:
     seeds = list(grid.seeds) + [s for s in (grid.select.seeds if grid.select else []) if s not in grid.seeds]
     groups: dict[tuple, list[str]] = {}
     cfgs = {}
-    for (pair, arm), (name, cfg) in _donors(grid, configs, dirs).items():
+    for (pair, arm), (name, cfg) in _donors(grid, dirs).items():
         key = (pair, name, json.dumps(cfg.target.task.model_dump(mode="json"), sort_keys=True))
         groups.setdefault(key, []).append(arm)
         cfgs[key] = cfg
