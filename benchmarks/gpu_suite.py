@@ -415,7 +415,9 @@ def part_packing(args, device, tmp: Path, skipped: list[str]) -> dict:
                 raise RuntimeError(f"packing {n}: a worker failed or never became ready")
             time.sleep(0.05)
         start_at = time.time() + 0.5
-        ctl.write_text(str(start_at))
+        part = ctl.with_suffix(".part")  # written whole, then renamed: a worker never reads it half-written
+        part.write_text(str(start_at))
+        part.replace(ctl)
         for p in procs:
             if p.wait(timeout=seconds + 600) != 0:
                 raise RuntimeError(f"packing {n}: a worker exited with {p.returncode}")

@@ -37,6 +37,25 @@ def test_killed_run_stays_killed_and_resume_reattaches_it(tmp_path):
     assert c.get_run(run).info.status == "RUNNING"
 
 
+
+def test_a_run_whose_id_was_never_recorded_is_found_by_its_folder(tmp_path):
+    """A process killed between creating its run and writing the run's id into its folder (seen in
+    CI with a bucket folder) left a second run of the same trial on resume."""
+    from orchestrator.cluster.storage import Location
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.create_experiment("e")
+    folder = tmp_path / "trial"
+    where = str(Location.parse(folder))
+    orphan = c.create_run(exp, run_name="t", tags={tracking.FOLDER_TAG: where}).info.run_id
+    assert tracking.attach_or_create(c, folder, exp, "t", {}) == orphan
+    assert (folder / tracking.RUN_ID_FILE).read_text() == orphan
+    # a run of the folder that holds something is an earlier run of a folder since emptied: kept apart
+    c.log_param(orphan, "seed", "0")
+    (folder / tracking.RUN_ID_FILE).unlink()
+    fresh = tracking.attach_or_create(c, folder, exp, "t", {})
+    assert fresh != orphan and c.get_run(fresh).data.tags[tracking.FOLDER_TAG] == where
+
 def _grid(tmp_path, name: str, seeds, epochs: int = 3) -> tuple:
     # trials of several seconds each (2,000 images, 62 steps per epoch): the signal lands inside one
     grid = tiny_grid(name, task=fmnist_task(train=2000, test=256), methods={"alone": {}}, seeds=seeds, epochs=epochs,

@@ -23,6 +23,7 @@ from ray.train import UserCallback
 MAX_PARAM_CHARS = 500
 CHUNK = 100
 TRIAL_TAG = "mergenet.trial"
+FOLDER_TAG = "mergenet.folder"  # where a run's id is recorded: found again if the record was never written
 RUN_ID_FILE = "mlflow_run_id"
 
 
@@ -129,25 +130,42 @@ def attach_or_create(c: MlflowClient, folder, experiment_id: str, name: str, tag
     more); a FINISHED one only with ``reopen_finished`` (a trial's finished run stays finished)."""
     from orchestrator.cluster.storage import Location
 
-    f = (folder if isinstance(folder, Location) else Location.parse(folder)) / RUN_ID_FILE
+    loc = folder if isinstance(folder, Location) else Location.parse(folder)
+    f = loc / RUN_ID_FILE
+    run = None
     if f.exists():
-        run_id = f.read_text().strip()
         try:
-            run = c.get_run(run_id)
+            run = c.get_run(f.read_text().strip())
         except Exception:  # noqa: BLE001 - a stale id from another tracking server: start afresh
             run = None
+    if run is None:
+        run = _orphan(c, experiment_id, loc)
         if run is not None:
-            status = run.info.status
-            if status in ("FAILED", "KILLED"):
-                for tag in (STOPPED_BY, STOPPED_AT, "mergenet.failure_reason", "mlflow.note.content"):
-                    if tag in run.data.tags:
-                        c.delete_tag(run_id, tag)
-            if status != "RUNNING" and (status != "FINISHED" or reopen_finished):
-                c.update_run(run_id, status="RUNNING")
-            return run_id
-    run = c.create_run(experiment_id, run_name=name, tags=tags)
+            f.write_text(run.info.run_id)
+    if run is not None:
+        run_id, status = run.info.run_id, run.info.status
+        if status in ("FAILED", "KILLED"):
+            for tag in (STOPPED_BY, STOPPED_AT, "mergenet.failure_reason", "mlflow.note.content"):
+                if tag in run.data.tags:
+                    c.delete_tag(run_id, tag)
+        if status != "RUNNING" and (status != "FINISHED" or reopen_finished):
+            c.update_run(run_id, status="RUNNING")
+        return run_id
+    run = c.create_run(experiment_id, run_name=name, tags={**tags, FOLDER_TAG: str(loc)})
     f.write_text(run.info.run_id)  # creates the folder when local
     return run.info.run_id
+
+
+def _orphan(c: MlflowClient, experiment_id: str, loc):
+    """A run of ``loc`` created by a process killed before it recorded the run's id there: it names
+    the folder in a tag and holds nothing yet (no params, no metrics). A run that holds something
+    is an earlier run of a folder since emptied, and stays as it is."""
+    where = str(loc).replace("'", "\\'")
+    for run in c.search_runs([experiment_id], f"tags.`{FOLDER_TAG}` = '{where}'",
+                             order_by=["attributes.start_time DESC"], max_results=20):
+        if not run.data.params and not run.data.metrics:
+            return run
+    return None
 
 
 STOPPED_BY = "mergenet.stopped_by"  # scheduler (ASHA stopped it early) or interrupt(SIGINT|SIGTERM)
