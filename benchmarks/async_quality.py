@@ -3,7 +3,7 @@
     python benchmarks/async_quality.py [--quick] [--out docs/RESULTS.md]
 
 The small benchmark pair (ResNet-18 width 16 -> MobileNetV2 x0.35 on Fashion-MNIST, the
-offline CIFAR stand-in) trained on a local Ray by :func:`orchestrator.pair.run_pair_on_ray`
+offline CIFAR stand-in) trained on a local Ray by :func:`orchestrator.topology.split.driver.run_pair_on_ray`
 (1 source + 1 target worker, 1 CPU each) with ``ray.mode`` sync, async staleness 1 and
 async staleness 2, seeds 0, 1, 2 (seed by seed, the mode order rotated per seed so that
 drift in the machine's load hits every mode alike). Writes mean ± std of the target's test
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     import ray
 
     from orchestrator.config import parse_config
-    from orchestrator.pair import run_pair_on_ray
+    from orchestrator.topology.split.driver import run_pair_on_ray
 
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="async_quality-") as work:

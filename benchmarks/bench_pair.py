@@ -5,15 +5,15 @@
 Everything is measured in this one process run on this machine, and written as one Markdown
 section between ``<!-- bench_pair:start -->`` and ``<!-- bench_pair:end -->`` of ``--out``:
 
-1. **Exchange round trip.** A real local Ray and an :class:`orchestrator.cluster.actor.AdapterActor`
+1. **Exchange round trip.** A real local Ray and an :class:`orchestrator.topology.split.actor.AdapterActor`
    for several link shapes; from the caller's side, through the workers' own proxy
-   (:class:`orchestrator.cluster.actor.RayExchange`, sync mode): put(A_s) + put(A_t) + get(A'_t) +
+   (:class:`orchestrator.topology.split.actor.RayExchange`, sync mode): put(A_s) + put(A_t) + get(A'_t) +
    feedback(∂), median and p90 over N repetitions, with the adapter's own compute
    (``generate``/``update``) reported by the hub, and the same protocol against an *echo*
    actor that does no compute (the transport floor).
 2. **Pair step time.** The same small pair trained for a fixed number of steps by the
    single-process :class:`mergenet_core.training.engine.Engine` and by
-   :func:`orchestrator.pair.run_pair_on_ray` (1 source + 1 target worker, 1 CPU each).
+   :func:`orchestrator.topology.split.driver.run_pair_on_ray` (1 source + 1 target worker, 1 CPU each).
    Per-step time = ``time/train_s`` / steps of each epoch (no Ray start-up, no evaluation),
    median over the epochs after the first (warm-up).
 3. **Transfer overhead.** ``overhead = (t_with - t_without) / t_with`` where ``t_without``
@@ -137,7 +137,7 @@ def _q(xs, q):
 
 def bench_exchange(sizes, reps_for, log) -> list[dict]:
     from orchestrator.config import parse_config
-    from orchestrator.cluster.actor import AdapterActor, RayExchange
+    from orchestrator.topology.split.actor import AdapterActor, RayExchange
 
     rows = []
     for label, shape_t, shape_s in sizes:
@@ -146,7 +146,7 @@ def bench_exchange(sizes, reps_for, log) -> list[dict]:
         cfg = parse_config(bu.pair_config(t_cycle=1, epochs=1, steps_per_epoch=10**6))
         log(f"exchange: {label} {shape_t} <- {shape_s}: {warmup} + {reps} round trips")
         actor = AdapterActor.options(max_concurrency=16, num_cpus=0).remote(
-            cfg.model_dump_json(), {"0": (tuple(shape_t), tuple(shape_s))}, 10**6)
+            cfg, {"0": (tuple(shape_t), tuple(shape_s))}, 10**6)
         try:
             ray.get(actor.begin.remote("bench"))  # an attempt: what rank 0 of a pair starts first
             proxy = RayExchange(actor, leader=True, sync=True, attempt="bench")
@@ -228,7 +228,7 @@ def run_engine(cfg_dict: dict, out: Path) -> list[dict]:
 
 def run_ray(cfg_dict: dict, out: Path) -> list[dict]:
     from orchestrator.config import parse_config
-    from orchestrator.pair import run_pair_on_ray
+    from orchestrator.topology.split.driver import run_pair_on_ray
 
     run_pair_on_ray(parse_config(cfg_dict), out)
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
@@ -525,7 +525,7 @@ def run_widths(args, log) -> dict:
 def _put_style() -> str:
     import inspect
 
-    from orchestrator.cluster.actor import RayExchange
+    from orchestrator.topology.split.actor import RayExchange
 
     return "`ray.put`" if "ray.put(" in inspect.getsource(RayExchange.put) else "direct arguments"
 

@@ -90,7 +90,7 @@ def adapter_sizes() -> dict:
     quickstart's `mergenet` arm, seed 0, built on CPU after the timed run: sizes, not timings)."""
     from mergenet_core.io.init_weights import validating
     from mergenet_core.training.loop import PairState
-    from orchestrator.grid.config import load_grid
+    from orchestrator.grid.load import load_grid
 
     grid = load_grid(bu.ROOT / "experiments" / "quickstart.yaml")
     out = {}

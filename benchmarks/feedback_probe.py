@@ -162,7 +162,7 @@ def main() -> int:
     import json
 
     Path(args.json).write_text(json.dumps(rec, indent=1, default=str))
-    from orchestrator.tracking.report import write_section
+    from orchestrator.tracking.publish import write_section
 
     write_section(args.out, "Learning signal, measured", render(rec))
     print(render(rec))

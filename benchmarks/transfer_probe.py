@@ -65,7 +65,7 @@ ARMS = {
 
 def study_configs(seed: int) -> tuple[dict, Path]:
     """The study's pair config (``alone`` trial dict) and its donor's folder (trained if missing)."""
-    from orchestrator.grid.config import load_grid
+    from orchestrator.grid.load import load_grid
     from orchestrator.grid.sources import train_missing
 
     grid = load_grid(STUDY, deep=False)
@@ -253,7 +253,7 @@ def main() -> int:
     rec["wall_s"] = time.perf_counter() - t0
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rec, indent=1, default=str))
-    from orchestrator.tracking.report import write_section
+    from orchestrator.tracking.publish import write_section
 
     write_section(args.out, "Why MergeNet's writes lose where a transplant gains", render(rec))
     print(render(rec))

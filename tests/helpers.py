@@ -364,3 +364,51 @@ def provider_inputs(pair, transfers: int, link: str = "0") -> list:
     for step in range(transfers):
         take_step(pair, step)
     return seen
+
+
+def import_graph(package: str) -> dict[str, set[str]]:
+    """Every import inside ``package`` (module level, inside functions and under ``TYPE_CHECKING``)."""
+    import ast
+
+    mods = {}
+    for f in (ROOT / package).rglob("*.py"):
+        name = ".".join(f.relative_to(ROOT).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = f
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        pkg = m if f.name == "__init__.py" else m.rpartition(".")[0]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = pkg
+                for _ in range(max(0, node.level - 1)):
+                    base = base.rpartition(".")[0]
+                tgt = (base + ("." + node.module if node.module else "")) if node.level else (node.module or "")
+                names = [tgt] + [f"{tgt}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            edges[m] |= {n for n in names if n in mods and n != m}
+        text = f.read_text()
+        if f.name == "__init__.py" and ("iter_modules" in text or 'import_module(f"{__name__}.' in text):
+            # imports every submodule (registries that find their modules by themselves)
+            edges[m] |= {n for n in mods if n.rpartition(".")[0] == m}
+    return edges
+
+
+def assert_no_import_cycle(package: str) -> None:
+    edges = import_graph(package)
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(edges[m]):
+            assert state.get(n) != 1, "import cycle: " + " -> ".join(path + [m, n])
+            if n not in state:
+                visit(n, path + [m])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [])
+

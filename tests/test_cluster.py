@@ -316,7 +316,7 @@ def _gpu_pair_and_plan():
     (built without data: only the worker count and the adapter matter to the check)."""
     from helpers import mergenet_options, tiny_pair
     from orchestrator.config import parse_config
-    from orchestrator.pair import PairPlan
+    from orchestrator.topology.split.plan import PairPlan
 
     cfg = parse_config(tiny_pair("mergenet", mergenet_options(),
                                  ray={"use_gpu": True, "cpus_per_worker": 0.5, "worker_resources": {"accel": 1}}))
@@ -327,7 +327,8 @@ def test_resource_shortfall_is_refused_on_a_local_ray(ray_local, monkeypatch):
     """A Ray started in this process (like a plain `mergenet run` without --address) has no
     autoscaler: a pair it cannot hold is refused."""
     from mergenet_core.errors import ConfigError
-    from orchestrator.cluster.connect import RESOURCE_CHECK_ENV, check_resources
+    from orchestrator.cluster.connect import RESOURCE_CHECK_ENV
+    from orchestrator.topology.split.plan import check_resources
 
     monkeypatch.delenv(RESOURCE_CHECK_ENV, raising=False)
     cfg, plan = _gpu_pair_and_plan()
@@ -342,7 +343,8 @@ import ray
 from ray.cluster_utils import Cluster
 from test_cluster import _gpu_pair_and_plan
 from mergenet_core.errors import ConfigError
-from orchestrator.cluster.connect import check_resources, ensure_ray
+from orchestrator.cluster.connect import ensure_ray
+from orchestrator.topology.split.plan import check_resources
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
                                                           "object_store_memory": 100 * 1024 ** 2})

@@ -112,7 +112,7 @@ def test_vqa_and_retrieval_train_and_evaluate(tmp_path):
         assert 0.0 <= rec[f"target/test_{k}"] <= 1.0
     assert rec["target/test_acc"] == rec["target/test_recall1"] <= rec["target/test_recall5"]
     from orchestrator.config import parse_config as parse_pair
-    from orchestrator.grid.config import reported_metrics
+    from orchestrator.grid.load import reported_metrics
 
     assert "target/val_recall5" in reported_metrics(parse_pair(_pair("retrieval", CAP_TASK)))[0]
 
@@ -204,8 +204,8 @@ def test_pairs_rank_two_tower_layers_within_their_modality():
 
 def test_reports_name_recall_where_acc_is_recall():
     """A retrieval target's `acc` is image->text recall@1: the report and the summary say so."""
-    from orchestrator.grid.config import load_grid
-    from orchestrator.tracking.report import score_name
+    from orchestrator.grid.load import load_grid
+    from orchestrator.tracking.records import score_name
 
     study = Path(__file__).resolve().parents[1] / "experiments" / "study"
     assert score_name(load_grid(study / "e_vqa_retrieval.yaml", deep=False)) == "image→text recall@1"

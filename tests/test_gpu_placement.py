@@ -1,8 +1,8 @@
 """GPU placement on a CPU machine: the session's local Ray declares GPUs it does not have
 (``conftest.DECLARED_GPUS``), and Ray's own scheduler places what our code asks for: the split
-topology's worker bundles (:func:`orchestrator.pair.worker_bundle`, Ray Train's
+topology's worker bundles (:func:`orchestrator.topology.split.plan.worker_bundle`, Ray Train's
 ``resources_per_worker`` in a placement group of ``ray.placement``), an inline trial's bundle
-(:func:`orchestrator.grid.tuner.trial_resources`), and the preflight that refuses a pair asking
+(:func:`orchestrator.grid.tuner.trial_resources`, from each trial's resolved spec), and the preflight that refuses a pair asking
 for more GPUs than exist. No CUDA code runs (NCCL and CUDA need real GPUs: the GPU suite,
 ``benchmarks/gpu_suite.py``, runs the core there)."""
 from __future__ import annotations
@@ -24,10 +24,10 @@ def _pair(**ray):
 
 
 def _plan(cfg, workers: int | None = None):
-    from orchestrator.pair import PairPlan
-    from orchestrator.topology.split import Split
+    from orchestrator.topology.split.plan import PairPlan
+    from orchestrator.topology.split.plan import worker_layout
 
-    layout = Split.layout(cfg, cfg_roles(cfg)) if workers is None else ["target"] * workers
+    layout = worker_layout(cfg, cfg_roles(cfg)) if workers is None else ["target"] * workers
     return PairPlan(layout, False, {"link": None}, 1)
 
 
@@ -72,7 +72,7 @@ def gpu_ids_of():
 def test_split_topology_gives_source_and_target_different_gpus(gpu_ids_of):
     """``use_gpu``: one whole GPU per role worker, so the target (world rank 0) and the source get
     different GPU ids, under PACK (the default: both on this one node) as under SPREAD."""
-    from orchestrator.pair import worker_bundle
+    from orchestrator.topology.split.plan import worker_bundle
     from orchestrator.topology import choose
 
     cfg = _pair(use_gpu=True)
@@ -90,7 +90,7 @@ def test_split_topology_gives_source_and_target_different_gpus(gpu_ids_of):
 def test_fractional_gpus_per_role_share_one_gpu(gpu_ids_of):
     """``ray.gpus_per_worker: 0.5``: each role worker holds half a GPU, so a packed pair's two
     workers share one GPU id, and two such pairs fill the 2 declared GPUs exactly."""
-    from orchestrator.pair import worker_bundle
+    from orchestrator.topology.split.plan import worker_bundle
 
     cfg = _pair(use_gpu=True, gpus_per_worker=0.5, placement="STRICT_PACK")
     bundle = worker_bundle(cfg)
@@ -109,13 +109,15 @@ def test_several_inline_trials_per_gpu_are_scheduled_as_asked(tmp_path):
     import ray
     from ray.util.placement_group import remove_placement_group
 
-    from orchestrator.grid.config import load_grid
+    from orchestrator.grid.load import load_grid
+    from orchestrator.grid.spec import resolve_all
     from orchestrator.grid.tuner import trial_resources
 
     g = tiny_grid("gpu-pack", ray={"topology": "inline"})
     g["resources"] = {"use_gpu": True, "gpus_per_worker": 0.5, "cpus_per_worker": 0.1}
     grid = load_grid(write_yaml(tmp_path / "grid.yaml", g), deep=False)
-    pgf = trial_resources(grid)({"pair": "cnn-cnn", "method": "alone", "seed": 0})
+    specs = resolve_all(grid)  # each trial resolved once, its resources with it
+    pgf = trial_resources(specs)({"trial": specs["cnn-cnn/alone/s0"].tune_config()})
     assert pgf.bundles == [{"CPU": 0.1, "GPU": 0.5}]
     per_gpu = round(1 / 0.5)
     groups = [pgf.to_placement_group() for _ in range(DECLARED_GPUS * per_gpu + 1)]
@@ -141,11 +143,12 @@ def test_several_inline_trials_per_gpu_are_scheduled_as_asked(tmp_path):
      f"has {DECLARED_GPUS}"),
 ])
 def test_a_pair_asking_for_more_gpus_than_exist_is_refused_in_one_line(monkeypatch, ray_section, line):
-    """The preflight every Ray pair passes before any worker starts (``orchestrator.pair.preflight``,
+    """The preflight every Ray pair passes before any worker starts (``orchestrator.topology.split.driver.preflight``,
     after the config's validation) refuses it on a Ray started here: one ``field: problem`` line
     (the CLI prints it and exits 2)."""
     from mergenet_core.errors import ConfigError
-    from orchestrator.cluster.connect import RESOURCE_CHECK_ENV, check_resources
+    from orchestrator.cluster.connect import RESOURCE_CHECK_ENV
+    from orchestrator.topology.split.plan import check_resources
 
     monkeypatch.delenv(RESOURCE_CHECK_ENV, raising=False)
     cfg = _pair(**ray_section)
@@ -155,7 +158,8 @@ def test_a_pair_asking_for_more_gpus_than_exist_is_refused_in_one_line(monkeypat
 
 
 def test_pairs_that_fit_pass_the_preflight(monkeypatch):
-    from orchestrator.cluster.connect import RESOURCE_CHECK_ENV, check_resources
+    from orchestrator.cluster.connect import RESOURCE_CHECK_ENV
+    from orchestrator.topology.split.plan import check_resources
 
     monkeypatch.delenv(RESOURCE_CHECK_ENV, raising=False)
     for ray_section in ({"use_gpu": True}, {"use_gpu": True, "gpus_per_worker": 0.5, "target_workers": 3},

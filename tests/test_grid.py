@@ -268,7 +268,7 @@ def test_quickstart_design_validates_without_warnings(capsys):
     control; `mergenet validate` prints no warning (every target layer written is followed by a
     normalisation layer, writes keep the layer's scale)."""
     from orchestrator.cli import main
-    from orchestrator.grid.config import load_grid
+    from orchestrator.grid.load import load_grid
     from orchestrator.topology import choose
 
     path = ROOT / "experiments" / "quickstart.yaml"

@@ -30,7 +30,7 @@ def test_auto_topology(ray, expected):
 def test_inline_grid_trials_equal_the_engine_and_are_tracked(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.grid.config import load_grid
+    from orchestrator.grid.load import load_grid
 
     grid = tiny_grid("g-inline", epochs=2, steps_per_epoch=3,
                      target_model={"name": "cnn", "options": {"channels": [8, 16], "hidden": 16}},

@@ -201,7 +201,8 @@ def test_sync_ray_equals_engine(ray_local, tmp_path, method):
     """On Ray the engine's metrics: roles that may run apart in their own Ray Train workers
     (and the method's exchange in an actor), other methods co-located in one worker."""
     from orchestrator.config import parse_config as parse_pair
-    from orchestrator.pair import plan_pair, run_pair_on_ray
+    from orchestrator.topology.split.driver import run_pair_on_ray
+    from orchestrator.topology.split.plan import plan_pair
 
     data = {**CASES[method], "ray": {"cpus_per_worker": 0.5}}
     cfg = parse_pair(data)
@@ -227,35 +228,6 @@ def test_metrics_equal_recorded(tmp_path, case):
     assert_same_metrics(want["epochs"], got["epochs"], tol=1e-6)
 
 
-def _core_import_graph() -> dict[str, set[str]]:
-    """Every import inside ``mergenet_core`` (module level and inside functions)."""
-    import ast
-
-    root = helpers.ROOT
-    mods = {}
-    for f in (root / "mergenet_core").rglob("*.py"):
-        name = ".".join(f.relative_to(root).with_suffix("").parts)
-        mods[name.removesuffix(".__init__")] = f
-    edges: dict[str, set[str]] = {m: set() for m in mods}
-    for m, f in mods.items():
-        pkg = m if f.name == "__init__.py" else m.rpartition(".")[0]
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = pkg
-                for _ in range(max(0, node.level - 1)):
-                    base = base.rpartition(".")[0]
-                tgt = (base + ("." + node.module if node.module else "")) if node.level else (node.module or "")
-                names = [tgt] + [f"{tgt}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            edges[m] |= {n for n in names if n in mods and n != m}
-        if f.name == "__init__.py" and "iter_modules" in f.read_text():  # imports every submodule
-            edges[m] |= {n for n in mods if n.rpartition(".")[0] == m}
-    return edges
-
-
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_fast_validation_accepts_every_case(method):
     """The method's ``setup`` and ``ready`` on the weightless models (``mergenet validate``
@@ -267,20 +239,7 @@ def test_fast_validation_accepts_every_case(method):
 
 
 def test_core_has_no_import_cycle():
-    edges = _core_import_graph()
-    state: dict[str, int] = {}
-
-    def visit(m: str, path: list[str]) -> None:
-        state[m] = 1
-        for n in sorted(edges[m]):
-            assert state.get(n) != 1, "import cycle: " + " -> ".join(path + [m, n])
-            if n not in state:
-                visit(n, path + [m])
-        state[m] = 2
-
-    for m in sorted(edges):
-        if m not in state:
-            visit(m, [])
+    helpers.assert_no_import_cycle("mergenet_core")
 
 
 def test_validating_a_pair_imports_no_ray_or_mlflow(tmp_path):
@@ -320,7 +279,7 @@ def test_checkpoint_policy_is_the_same_on_every_host(ray_local, tmp_path):
     write bundles at the same epochs (the loop decides, not the host)."""
     from mergenet_core.training.engine import load_bundle
     from orchestrator.config import parse_config as parse_pair
-    from orchestrator.pair import run_pair_on_ray
+    from orchestrator.topology.split.driver import run_pair_on_ray
 
     data = tiny_pair("alone", source_model=None, checkpoint_every=2, recipe={"epochs": 5, "steps_per_epoch": 2},
                      ray={"cpus_per_worker": 0.5})
@@ -340,7 +299,7 @@ def test_weightless_plan_equals_the_full_plan(case):
     """A split grid trial plans its pair from the weightless build (orchestrator/topology/split.py):
     the same worker layout, exchange spec, steps per epoch and warnings as the full CPU build."""
     from orchestrator.config import parse_config as parse_pair
-    from orchestrator.pair import plan_pair
+    from orchestrator.topology.split.plan import plan_pair
 
     cfg = parse_pair(GOLDEN_CASES[case])
     assert plan_pair(cfg, deep=False) == plan_pair(cfg, deep=True)

@@ -26,7 +26,7 @@ def mergenet_cfg(**over):
 
 
 def test_sync_ray_pair_equals_single_process_engine(ray_local, tmp_path):
-    from orchestrator.pair import run_pair_on_ray
+    from orchestrator.topology.split.driver import run_pair_on_ray
 
     cfg = mergenet_cfg()
     threads = torch.get_num_threads()
@@ -46,7 +46,7 @@ def test_sync_ray_pair_equals_single_process_engine(ray_local, tmp_path):
 
 
 def test_async_mode_and_data_parallel_target_complete(ray_local, tmp_path):
-    from orchestrator.pair import run_pair_on_ray
+    from orchestrator.topology.split.driver import run_pair_on_ray
 
     cfg = mergenet_cfg(ray={"mode": "async", "staleness": 2, "target_workers": 2, "cpus_per_worker": 0.5})
     run_pair_on_ray(cfg, tmp_path / "async")
@@ -62,7 +62,7 @@ def test_async_mode_and_data_parallel_target_complete(ray_local, tmp_path):
 
 
 def test_colocated_baseline_runs_on_ray(ray_local, tmp_path):
-    from orchestrator.pair import run_pair_on_ray
+    from orchestrator.topology.split.driver import run_pair_on_ray
 
     cfg = parse_config(tiny_pair("dml", ray=RAY))
     final = run_pair_on_ray(cfg, tmp_path / "dml")
@@ -74,7 +74,7 @@ def test_keeps_only_the_last_and_the_best_validation_bundle(ray_local, tmp_path,
     import json
 
     from mergenet_core.training.engine import load_bundle
-    from orchestrator.pair import run_pair_on_ray
+    from orchestrator.topology.split.driver import run_pair_on_ray
 
     cfg = parse_config(tiny_pair("alone", source_model=None, recipe={"epochs": 4, "steps_per_epoch": 2}, ray=RAY))
     final = run_pair_on_ray(cfg, tmp_path / keep, keep_bundles=keep)
@@ -91,7 +91,7 @@ def test_keeps_only_the_last_and_the_best_validation_bundle(ray_local, tmp_path,
 
 
 def _run_in_thread(cfg, out):
-    from orchestrator.pair import run_pair_on_ray
+    from orchestrator.topology.split.driver import run_pair_on_ray
 
     box = {}
 
@@ -337,7 +337,7 @@ def test_bad_pair_rejected_before_any_worker(tmp_path, change, field):
 def test_ray_pair_with_trained_frozen_source_and_svd_alignment_equals_engine(ray_local, tmp_path):
     """``source.init_from`` loads in the source worker; the svd alignment state and the
     per-link diagnostics behave the same in the split topology as in the engine."""
-    from orchestrator.pair import run_pair_on_ray
+    from orchestrator.topology.split.driver import run_pair_on_ray
 
     trained = tmp_path / "trained"
     Engine(parse_config(tiny_pair("alone", source_model=None, recipe={"steps_per_epoch": 3})), trained,

@@ -264,7 +264,7 @@ def test_ray_up_local_provider_submit_and_mlflow_over_http(tmp_path):
                 sets.append("seeds=[0]")
         else:
             wd, grid_rel = ship_dir(tmp_path, tiny_grid("mn-rayup", **CLUSTER_GRID)), "experiments/grid.yaml"
-        from orchestrator.grid.config import load_grid
+        from orchestrator.grid.load import load_grid
 
         grid = load_grid(wd / grid_rel, sets, deep=False)
         grid_name = grid.grid

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from orchestrator.tracking import paired
+from orchestrator.tracking import verdicts as vd
 
 # t(0.975, df) from a printed table
 T975 = {2: 4.302653, 4: 2.776445}
@@ -155,7 +156,7 @@ def test_search_axes_pair_with_the_same_hyperparameters():
 
 
 def test_write_section_replaces_only_its_own_section(tmp_path):
-    from orchestrator.tracking.report import write_section
+    from orchestrator.tracking.publish import write_section
 
     md = tmp_path / "RESULTS.md"
     md.write_text("# Results\n\nintro\n\n<!-- other:start -->\nkeep me\n<!-- other:end -->\n")
@@ -290,16 +291,16 @@ def test_transfer_verdicts_need_the_baseline_and_the_control():
     # harmful: below alone at every seed
     rows += [("p", "bad", s, b, b - 0.03 - 0.001 * s) for s, b in enumerate(base)]
     df = _trials(rows)
-    got = paired.transfer_verdicts(
+    got = vd.transfer_verdicts(
         df, "alone", [("mergenet", "mergenet_untrained"), ("lucky", "lucky_untrained"), ("bad", "mergenet_untrained")])
     assert {x["arm"]: x["word"] for x in got} == {"mergenet": "transfer shown", "lucky": "not shown", "bad": "harmful"}
     v = {x["arm"]: x["verdict"] for x in got}
     assert v["mergenet"].startswith("transfer shown (detectable: ≥ ") and "rules out" not in v["mergenet"]
     assert v["lucky"].startswith("not shown (detectable: ≥ ") and "; rules out gains above +" in v["lucky"]
     assert v["bad"].startswith("harmful (detectable: ≥ ") and v["bad"].endswith(" points)")
-    lines = paired.verdict_lines(paired.transfer_verdicts(df, "alone", [("mergenet", "mergenet_untrained")]))
+    lines = vd.verdict_lines(vd.transfer_verdicts(df, "alone", [("mergenet", "mergenet_untrained")]))
     assert len(lines) == 1 and "transfer shown" in lines[0] and "vs `mergenet_untrained`" in lines[0]
-    one = paired.transfer_verdicts(_trials([("p", "alone", 0, 0.6, 0.6), ("p", "mergenet", 0, 0.7, 0.7),
+    one = vd.transfer_verdicts(_trials([("p", "alone", 0, 0.6, 0.6), ("p", "mergenet", 0, 0.7, 0.7),
                                             ("p", "mergenet_untrained", 0, 0.6, 0.6)]),
                                    "alone", [("mergenet", "mergenet_untrained")])
     assert one[0]["verdict"] == "not shown (too few paired seeds)" and math.isnan(one[0]["mde"])
@@ -311,19 +312,19 @@ def test_verdict_line_says_what_could_be_detected_and_what_is_ruled_out():
     rows = [("p", "alone", s, b, b) for s, b in enumerate(base)]
     rows += [("p", "mergenet", s, b, b + x) for s, (b, x) in enumerate(zip(base, d))]
     rows += [("p", "mergenet_untrained", s, b, b) for s, b in enumerate(base)]
-    v = paired.transfer_verdicts(_trials(rows), "alone", [("mergenet", "mergenet_untrained")])[0]
+    v = vd.transfer_verdicts(_trials(rows), "alone", [("mergenet", "mergenet_untrained")])[0]
     sd = math.sqrt(5e-4 / 3)
     upper = 0.005 + 3.182446 * sd / 2  # t(0.975, 3) = 3.182446 from a printed table: +2.55 points
     assert v["rules_out_above"] == pytest.approx(upper, abs=1e-6)
     assert v["mde"] == pytest.approx(paired.mde_paired(sd, 4)) and 100 * v["mde"] == pytest.approx(2.747, abs=1e-3)
     assert v["verdict"] == "not shown (detectable: ≥ 2.75 points; rules out gains above +2.55)"
-    line = paired.verdict_lines([v])[0]
+    line = vd.verdict_lines([v])[0]
     assert line.startswith("- **p · mergenet: not shown (detectable: ≥ 2.75 points; rules out gains above +2.55)** — ")
     assert "vs `alone` +0.50 [-1.55, +2.55] (n = 4, detectable ≥ 2.75)" in line
 
 
 def test_paired_markdown_has_power_columns():
-    from orchestrator.tracking.report import paired_markdown
+    from orchestrator.tracking.render import paired_markdown
 
     base = [0.60, 0.70, 0.65, 0.62]
     rows = [("p", "alone", s, b, b) for s, b in enumerate(base)]
@@ -337,7 +338,7 @@ def test_paired_markdown_has_power_columns():
 
 
 def test_diagnostics_table_lists_arms_with_transfer_metrics():
-    from orchestrator.tracking.report import diagnostics_markdown
+    from orchestrator.tracking.render import diagnostics_markdown
 
     df = _trials([("p", "alone", 0, 0.6, 0.6), ("p", "mergenet", 0, 0.6, 0.6), ("p", "mergenet", 1, 0.6, 0.6)])
     assert diagnostics_markdown(df) is None
@@ -371,8 +372,6 @@ def test_verdicts_count_only_where_a_positive_control_is_shown():
     """A pair whose positive control (transplant) is shown gets MergeNet's verdict; one whose
     positive control is not shown -- or whose positive-control trials all failed -- reads
     'cannot measure', whatever MergeNet's own intervals say."""
-    from orchestrator.tracking import paired
-
     base = [0.60, 0.62, 0.61]
     rows = []
     for pair, pc_gain, pc_status in (("seen", 0.05, "FINISHED"), ("blind", 0.0, "FINISHED"),
@@ -383,10 +382,10 @@ def test_verdicts_count_only_where_a_positive_control_is_shown():
                      (pair, "transplant", s, b + pc_gain + (0.001 * s if pc_gain else (-1) ** s * 0.01),
                       b + pc_gain + (0.001 * s if pc_gain else (-1) ** s * 0.01), pc_status)]
     df = _trials(rows)
-    pos = paired.positive_controls(df, "alone", ["transplant"])
+    pos = vd.positive_controls(df, "alone", ["transplant"])
     assert {(v["pair"], v["shown"]) for v in pos} == {("seen", True), ("blind", False)}
-    assert paired.positive_control_lines(pos)[0].startswith("- **blind · transplant vs `alone`: not shown** — ")
-    out = {v["pair"]: v for v in paired.transfer_verdicts(df, "alone", [("mergenet", "mergenet_untrained")],
+    assert vd.positive_control_lines(pos)[0].startswith("- **blind · transplant vs `alone`: not shown** — ")
+    out = {v["pair"]: v for v in vd.transfer_verdicts(df, "alone", [("mergenet", "mergenet_untrained")],
                                                           positive=pos, gated=True)}
     assert out["seen"]["word"] == "transfer shown"
     assert out["blind"]["word"] == out["failed"]["word"] == "cannot measure"
@@ -479,7 +478,7 @@ def test_report_pictures_follow_the_verdicts(tmp_path, monkeypatch):
 def test_identical_differences_are_undetermined():
     """Every seed giving the same difference has no spread: the comparison reads *undetermined
     (identical differences)*, with no interval and no MDE, and no verdict is *shown* on it."""
-    from orchestrator.tracking.report import paired_markdown
+    from orchestrator.tracking.render import paired_markdown
 
     base = [0.60, 0.70, 0.65, 0.62]
     rows = [("p", "alone", s, b, b) for s, b in enumerate(base)]
@@ -494,17 +493,17 @@ def test_identical_differences_are_undetermined():
     assert paired.verdict(same) == paired.UNDETERMINED == "undetermined (identical differences)"
     text = paired_markdown(t, {})
     assert "| p | same | 4 | +2.00 (identical differences) | undetermined (identical differences) |" in text
-    got = {(v["arm"], v["control"]): v for v in paired.transfer_verdicts(
+    got = {(v["arm"], v["control"]): v for v in vd.transfer_verdicts(
         df, "alone", [("same", "jitter"), ("jitter", "relabelled"), ("jitter", "same")])}
     # against the baseline: undetermined, whatever the control says
     assert got[("same", "jitter")]["word"] == paired.UNDETERMINED and math.isnan(got[("same", "jitter")]["mde"])
     # above `alone`, but identical to its control (a control that is the arm relabelled): not shown on it
     assert got[("jitter", "relabelled")]["verdict"] == paired.UNDETERMINED
-    line = paired.verdict_lines([got[("jitter", "relabelled")]])[0]
+    line = vd.verdict_lines([got[("jitter", "relabelled")]])[0]
     assert "vs `relabelled` +0.00 (identical differences) (n = 4)" in line
     assert got[("jitter", "same")]["word"] == "not shown"  # a real interval against a control that includes 0
-    pos = paired.positive_controls(df, "alone", ["same"])
-    assert pos[0]["shown"] is None and "not shown (identical differences)" in paired.positive_control_lines(pos)[0]
+    pos = vd.positive_controls(df, "alone", ["same"])
+    assert pos[0]["shown"] is None and "not shown (identical differences)" in vd.positive_control_lines(pos)[0]
 
 
 def _mlflow_grid(tmp_path, monkeypatch, name: str, trials: list[dict]):
@@ -654,3 +653,24 @@ def test_scheduler_stopped_trials_are_compared_at_a_common_epoch(tmp_path, monke
     assert ("pair `p`: the scheduler stopped 1 of its 6 finished trials before the recipe's last epoch "
             "(`mergenet` s1 at epoch 2); every comparison of this pair is at epoch 2") in rep["text"]
     assert "nothing to pair" not in rep["text"]
+
+
+def test_the_report_reads_every_trial_page_by_page(tmp_path):
+    """One MLflow search returns at most ``max_results`` runs: the report's read step pages through
+    all of a submission's trials (a small page here: 7 trials, 3 per call)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+    from orchestrator.tracking.records import trials_frame
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.create_experiment("paged")
+    parent = c.create_run(exp, tags={"mergenet.kind": "submission"}).info.run_id
+    for seed in range(7):
+        c.create_run(exp, tags={tracking.TRIAL_TAG: "1", "mlflow.parentRunId": parent, "mergenet.pair": "p",
+                                "mergenet.method": "alone", "mergenet.seed": str(seed)})
+    c.create_run(exp, tags={tracking.TRIAL_TAG: "1", "mergenet.pair": "p", "mergenet.method": "alone",
+                            "mergenet.seed": "99"})  # another submission's trial
+    assert sorted(trials_frame(c, exp, parent, page_size=3)["seed"]) == list(range(7))
+    assert len(tracking.children(c, exp, parent, page_size=2)) == 7
+    assert len(tracking.all_runs(c, exp, f"tags.`{tracking.TRIAL_TAG}` = '1'", page_size=1)) == 8

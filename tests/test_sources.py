@@ -11,7 +11,7 @@ import torch
 from helpers import TINY_MODELS, fmnist_task, model_spec, tiny_grid, write_yaml
 from mergenet_core.io.init_weights import PLANNED
 from orchestrator.cli import main
-from orchestrator.grid.config import load_grid
+from orchestrator.grid.load import load_grid
 from orchestrator.grid.sources import is_trained, source_key, train_missing
 
 TASK = fmnist_task(96, 32, val_fraction=None, val_size=32)

@@ -105,8 +105,8 @@ def test_former_study_source_configs_validate(path, capsys):
 def test_report_names_each_pairs_own_source_not_a_transplant_donor(tmp_path):
     """Setting (c)'s source is the trained ResNet-18; its transplant arm's donor (a MobileNetV2,
     a per-arm override) is listed with the per-arm settings, not as the pair's source."""
-    from orchestrator.grid.config import load_grid
-    from orchestrator.tracking.report import setting_lines
+    from orchestrator.grid.load import load_grid
+    from orchestrator.tracking.records import setting_lines
 
     f = tmp_path / "mergenet_grid.json"
     f.write_text(load_grid(STUDY / SETTINGS["c"], deep=False).model_dump_json())
@@ -121,7 +121,7 @@ def test_summary_carries_over_a_setting_this_store_never_ran(tmp_path, monkeypat
     held for it, marked carried over; a comparison against a `shuffled_source` arm is marked
     uninformative (the former row/column shuffle); a setting with no such rows reads 'not run yet'."""
     from helpers import mergenet_arm, tiny_grid, write_yaml
-    from orchestrator.tracking.report import write_section
+    from orchestrator.tracking.publish import write_section
     from orchestrator.tracking.summary import summary_markdown
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")

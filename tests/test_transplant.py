@@ -283,7 +283,7 @@ def test_fast_and_deep_warn_alike(tmp_path):
     """A narrower source under ``layers: all``: the skipped entries are a warning, the same
     from the weightless models as from the full build."""
     from orchestrator.config import parse_config as parse_pair
-    from orchestrator.grid.config import check_layers
+    from orchestrator.grid.load import check_layers
 
     cfg = parse_pair(tiny_pair("transplant", {"layers": "all"}, source_model=NARROW))
     fast, deep = [], []

@@ -16,7 +16,7 @@ import torch
 
 from helpers import ROOT, TINY_TASK, cli_env, mergenet_options, tiny_grid, tiny_pair, write_yaml
 from orchestrator.config import parse_config
-from orchestrator.grid.config import check_layers
+from orchestrator.grid.load import check_layers
 
 TEXT = {"name": "rotten_tomatoes", "options": {"max_length": 16, "train_subset": 64, "test_subset": 32}}
 L3 = {"name": "minilm_l3", "options": {"num_layers": 1}}

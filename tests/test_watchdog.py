@@ -2,7 +2,7 @@
 itself runs against real SIGSTOPped processes in tests/test_ray_pair.py."""
 from __future__ import annotations
 
-from orchestrator.cluster.watchdog import Ages, deadline
+from orchestrator.topology.split.watchdog import Ages, deadline
 from orchestrator.config import HangSpec
 
 

@@ -2,7 +2,7 @@
 second and without Ray, MLflow or transformers.
 
 ``mergenet validate`` runs :func:`check_pair_shapes` on every pair (and every grid trial);
-``mergenet validate --deep`` builds the whole pair instead (``orchestrator.pair.plan_pair``:
+``mergenet validate --deep`` builds the whole pair instead (``orchestrator.topology.split.plan.plan_pair``:
 data loaded and decoded, models built with their weights, layers factorised, adapters
 built). The fast check is the same build, :meth:`~mergenet_core.training.loop.PairState.build` with
 ``weightless=True``, so the two report the same first error by construction for what it can see:

@@ -5,7 +5,7 @@ Per epoch the loop evaluates every trained role on val and test, appends one JSO
 positions, RNG streams, method state) by the loop's policy. ``resume=True`` continues from the
 last bundle exactly: 2 epochs straight equal 1 + resume + 1. ``mergenet train`` and the Tune
 trials of inline pairs (``orchestrator/topology/inline.py``) run this host; the Ray pair's role workers
-(``orchestrator/cluster/worker.py``) run the same loop.
+(``orchestrator/topology/split/worker.py``) run the same loop.
 """
 from __future__ import annotations
 

@@ -1,3 +1,3 @@
-"""The Ray side of one pair: reaching Ray (:mod:`.connect`), the adapter actor and its proxy
-(:mod:`.actor`), the Ray Train worker (:mod:`.worker`). The driver that starts them is
-:func:`orchestrator.pair.run_pair_on_ray`."""
+"""What every topology and grid shares about a cluster: reaching Ray (:mod:`.connect`), local and
+bucket folders (:mod:`.storage`), Ray Jobs (:mod:`.submit`), tokens and probes (:mod:`.secrets`).
+A topology's own Ray parts live with it (``orchestrator/topology/split/``)."""

@@ -1,18 +1,9 @@
-"""Reaching Ray: the environment our workers get, attaching to (or starting) a Ray, and the
-check that the connected cluster can hold a pair now."""
+"""Reaching Ray: the environment our workers get, attaching to (or starting) a Ray."""
 from __future__ import annotations
 
 import os
-import sys
-from typing import TYPE_CHECKING
 
 import ray
-
-from mergenet_core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from orchestrator.config import PairConfig
-    from orchestrator.pair import PairPlan
 
 #: environment every Ray worker of ours gets
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -71,52 +62,3 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     else:
         init_kwargs.setdefault("include_dashboard", os.environ.get("MERGENET_RAY_DASHBOARD", "1") != "0")
         ray.init(address="local", dashboard_host="127.0.0.1", runtime_env=env, **init_kwargs)
-
-
-def check_resources(cfg: PairConfig, plan: PairPlan) -> None:
-    """Refuse a pair that the connected cluster cannot hold now — on a Ray started here. On a
-    cluster reached by address (``MERGENET_RESOURCE_CHECK=warn``, see :data:`RESOURCE_CHECK_ENV`)
-    the autoscaler may still add the nodes: print one warning line per shortfall instead (Ray
-    Train then waits for the resources)."""
-    total = ray.cluster_resources()
-    rs = cfg.ray
-    problems: list[ConfigError] = []
-    need_cpu = plan.num_workers * rs.cpus_per_worker + (rs.adapter.num_cpus if plan.exchange_spec is not None else 0)
-    if need_cpu > total.get("CPU", 0) + 1e-9:
-        problems.append(ConfigError("ray.cpus_per_worker", f"the pair needs {need_cpu:g} CPUs ({plan.num_workers} "
-                                    f"workers x {rs.cpus_per_worker:g}) but the cluster has {total.get('CPU', 0):g}"))
-    for res, amount in rs.worker_resources.items():
-        need = plan.num_workers * amount
-        if need > total.get(res, 0) + 1e-9:
-            problems.append(ConfigError(f"ray.worker_resources.{res}", f"the pair needs {need:g} '{res}' but the "
-                                                                      f"cluster has {total.get(res, 0):g}"))
-    if rs.use_gpu:
-        problems += _gpu_problems(rs, plan, total)
-    if not problems:
-        return
-    if os.environ.get(RESOURCE_CHECK_ENV, "strict").lower() != "warn":
-        raise problems[0]
-    for p in problems:
-        print(f"warning: {p} now; waiting for the autoscaler to add nodes "
-              f"({RESOURCE_CHECK_ENV}=strict refuses instead)", file=sys.stderr, flush=True)
-
-
-def _gpu_problems(rs, plan: PairPlan, total: dict) -> list[ConfigError]:
-    """The pair's GPUs against the cluster's: the whole pair (workers x ``ray.worker_gpus`` + the
-    adapter actor's), one worker against the largest node (a worker never spans nodes), and under
-    ``STRICT_PACK`` the worker group against the largest node."""
-    per, field = rs.worker_gpus, "ray.gpus_per_worker" if rs.gpus_per_worker is not None else "ray.use_gpu"
-    adapter = rs.adapter.num_gpus if plan.exchange_spec is not None else 0
-    need = plan.num_workers * per + adapter
-    have = total.get("GPU", 0)
-    how = f"{plan.num_workers} workers x {per:g}" + (f" + {adapter:g} for the adapter" if adapter else "")
-    if need > have + 1e-9:
-        return [ConfigError(field, f"the pair needs {need:g} GPUs ({how}) but the cluster has {have:g}")]
-    node_max = max((n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-    if per > node_max + 1e-9:
-        return [ConfigError(field, f"one worker needs {per:g} GPUs but the largest node has {node_max:g}")]
-    workers = plan.num_workers * per  # the worker group's placement group (the actor is apart)
-    if rs.placement == "STRICT_PACK" and workers > node_max + 1e-9:
-        return [ConfigError("ray.placement", f"STRICT_PACK puts the workers' {workers:g} GPUs on one node "
-                                             f"but the largest node has {node_max:g}")]
-    return []

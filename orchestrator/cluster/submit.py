@@ -137,7 +137,7 @@ def build_job(grid_path: str | Path, overrides: list[str] | None = None, working
               env: dict[str, str] | None = None, deep: bool = True) -> dict[str, Any]:
     """Validate the grid here and return the job's ``entrypoint``, ``runtime_env``,
     ``metadata`` and ``submission_id`` (nothing is contacted)."""
-    from orchestrator.grid.config import load_grid
+    from orchestrator.grid.load import load_grid
 
     grid = load_grid(grid_path, overrides, deep=deep)  # ConfigErrors -> exit 2 before any network use
     wd = Path(working_dir).resolve()
@@ -150,6 +150,24 @@ def build_job(grid_path: str | Path, overrides: list[str] | None = None, working
     if any(gp.is_relative_to(wd / ex.rstrip("/")) for ex in EXCLUDES if ex.endswith("/") and "*" not in ex):
         raise MergenetError(f"{grid_path}: lies in a folder that is not shipped with the job ({EXCLUDES})")
 
+    entry, storage_note = _entrypoint(grid, rel, overrides, storage_path, python)
+    env_vars = _job_env(mlflow_uri, storage_path, env)
+    check_job_env(env_vars)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return {
+        "grid": grid,
+        "entrypoint": entry,
+        "submission_id": f"mergenet-{grid.grid}-{stamp}-{os.urandom(2).hex()}",
+        "runtime_env": {"working_dir": str(wd), "excludes": list(EXCLUDES), "env_vars": env_vars},
+        "metadata": {"mergenet.grid": grid.grid, "mergenet.grid_file": rel, "mergenet.trials": str(grid.trial_count()),
+                     "mergenet.git_sha": _git_sha(wd)},
+        "mlflow": mlflow_uri or "the cluster's MLFLOW_TRACKING_URI",
+        "storage": storage_note,
+    }
+
+
+def _entrypoint(grid, rel: str, overrides: list[str] | None, storage_path: str | None, python: str):
+    """The job's command line (``mergenet run`` of the shipped grid file) and where its storage is."""
     args = [python, "-m", "orchestrator.cli", "run", rel]
     for o in overrides or []:
         args += ["--set", o]
@@ -166,7 +184,10 @@ def build_job(grid_path: str | Path, overrides: list[str] | None = None, working
         # resolved on the head by its shell: the cluster's MERGENET_STORAGE_PATH, if Ray was started with one
         entry += ' ${MERGENET_STORAGE_PATH:+--set "storage_path=$MERGENET_STORAGE_PATH"}'
         storage_note = "the cluster's MERGENET_STORAGE_PATH (else runs/grids in the job's working directory)"
+    return entry, storage_note
 
+
+def _job_env(mlflow_uri: str | None, storage_path: str | None, env: dict[str, str] | None) -> dict[str, str]:
     env_vars = {
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -180,18 +201,7 @@ def build_job(grid_path: str | Path, overrides: list[str] | None = None, working
     if storage_path:
         env_vars["MERGENET_STORAGE_PATH"] = storage_path
     env_vars.update(env or {})
-    check_job_env(env_vars)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return {
-        "grid": grid,
-        "entrypoint": entry,
-        "submission_id": f"mergenet-{grid.grid}-{stamp}-{os.urandom(2).hex()}",
-        "runtime_env": {"working_dir": str(wd), "excludes": list(EXCLUDES), "env_vars": env_vars},
-        "metadata": {"mergenet.grid": grid.grid, "mergenet.grid_file": rel, "mergenet.trials": str(grid.trial_count()),
-                     "mergenet.git_sha": _git_sha(wd)},
-        "mlflow": mlflow_uri or "the cluster's MLFLOW_TRACKING_URI",
-        "storage": storage_note,
-    }
+    return env_vars
 
 
 def check_job_env(env_vars: dict[str, str]) -> None:

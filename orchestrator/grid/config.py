@@ -3,7 +3,7 @@
 A grid YAML names the pairs (source/target model + task, and the layer pairs MergeNet and
 param_share use), the methods with their options, the seeds, search axes over any dotted
 pair-config field (``grid``, ``choice``, ``loguniform``, ``uniform``), the scheduler, the
-per-trial resources and the concurrency. :func:`load_grid` validates the grid itself and
+per-trial resources and the concurrency. :func:`orchestrator.grid.load.load_grid` validates the grid itself and
 then every trial configuration it can enumerate (random axes at their bounds), so a bad
 grid exits with code 2 before any cluster work.
 """
@@ -15,13 +15,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr,
                       field_validator, model_validator)
 
-from mergenet_core.config import ConfigErrors, apply_overrides, deep_merge, format_validation_error, read_yaml
+from mergenet_core.config import apply_overrides, deep_merge
 from orchestrator.config import PairConfig, parse_config
-from mergenet_core.errors import ConfigError, short
-from mergenet_core.io.init_weights import validating
+from mergenet_core.errors import short
 
 
 class _Strict(BaseModel):
@@ -353,147 +352,3 @@ def _yaml(v: Any) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool = True,
-              warnings: list[str] | None = None, build: bool = True) -> GridConfig:
-    """Read and validate a grid; with ``deep`` also every trial config and every pair's layers
-    (their warnings, e.g. a layer pair writing into an unnormalised layer, go to ``warnings``):
-    by building each pair (``build``, as ``mergenet run`` does), or from metadata and shapes
-    only (``build=False``: ``mergenet validate`` without ``--deep``, see :func:`check_layers`)."""
-    try:
-        data = apply_overrides(read_yaml(path), overrides or [])
-    except ConfigError as e:
-        raise ConfigErrors([str(e)]) from None
-    try:
-        grid = GridConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigErrors(format_validation_error(e)) from None
-    grid, plan = _resolve_sources(grid, data)
-    if warnings is not None and grid.sources:
-        from orchestrator.grid.overlap import donor_warnings
-
-        warnings.extend(donor_warnings(grid, *plan))
-    if deep:
-        lines: list[str] = []
-        checked_layers: set[tuple[str, str, str]] = set()
-        for pair, method, hp in grid.enumerate_checks():
-            where = f"pairs[{pair}] method[{method}]" + (f" {short(hp, 80)}" if hp else "")
-            try:
-                cfg = grid.trial_config(pair, method, grid.seeds[0], hp)
-            except ConfigErrors as e:
-                lines.extend(f"{where}: {line}" for line in e.lines)
-                continue
-            except ConfigError as e:
-                lines.append(f"{where}: {e}")
-                continue
-            # the layers once per pair, arm and layer pairs + adapter (a search may vary them)
-            opts = cfg.model_dump(mode="json")["method"]["options"]
-            key = (pair, method, json.dumps([opts.get("layer_pairs"), opts.get("adapter")], sort_keys=True))
-            if key not in checked_layers:
-                checked_layers.add(key)
-                found: list[str] = []
-                with validating():  # a source not trained yet is checked at its planned shapes
-                    lines.extend(f"{where}: {line}" for line in check_layers(cfg, found, build=build))
-                if warnings is not None:
-                    warnings.extend(f"{where}: {w}" for w in found)
-                checks = [("scheduler.metric", grid.scheduler.metric)] if grid.scheduler.name != "fifo" else []
-                if grid.select is not None and method in grid.select.arms and grid.select.scheduler.name != "fifo":
-                    checks.append(("select.scheduler.metric", grid.select.scheduler.metric))
-                for field, metric in checks:
-                    problem = check_scheduler_metric(cfg, metric)
-                    if problem:
-                        lines.append(f"{where}: {field}: {problem}")
-        if lines:
-            raise ConfigErrors(sorted(set(lines), key=lines.index))
-    return grid
-
-
-def _resolve_sources(grid: GridConfig, data: dict) -> tuple[GridConfig, tuple[dict, dict]]:
-    """``init_from: sources:NAME`` everywhere in the grid -> the source's cache folder; the
-    untrained ones are registered for fast validation (``orchestrator/grid/sources.py``); also returns the
-    plan (configs, folders), so that callers need not compute it again."""
-    from orchestrator.grid import sources
-
-    configs, dirs = grid.source_plan() if grid.sources else ({}, {})
-    rest = {k: v for k, v in data.items() if k != "sources"}
-    lines = sources.resolve_refs(rest, dirs)
-    lines += [f"sources.{name}.{line}" for name, src in grid.sources.items()
-              for line in sources.resolve_refs(src, {})]  # a source may not start from another
-    if lines:
-        raise ConfigErrors(lines)
-    sources.plan(configs, dirs)
-    return (GridConfig.model_validate({**rest, "sources": grid.sources}) if dirs else grid), (configs, dirs)
-
-
-EPOCH_METRICS = ("epoch", "step", "time/train_s", "time/epoch_s")
-ROLE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
-
-
-def role_metrics(cfg: PairConfig, role: str) -> tuple[str, ...]:
-    """A role's evaluation numbers: :data:`ROLE_METRICS` for a classification task; the val/test
-    numbers are its task's modality's ``metric_names`` (retrieval adds its recalls)."""
-    from mergenet_core.data import TASKS, get_modality
-
-    task = cfg.role(role).task.name
-    modality = TASKS.get(task).meta.get("modality") if task in TASKS else None
-    names = get_modality(modality).metric_names if modality else ("loss", "acc")
-    return ("train_loss", "train_acc", *(f"{s}_{n}" for s in ("val", "test") for n in names))
-
-
-def reported_metrics(cfg: PairConfig) -> tuple[set[str], set[str]]:
-    """(metrics the trial reports every epoch, metrics it reports only on evaluation epochs)."""
-    from mergenet_core.config.checks import method_roles
-    from mergenet_core.methods import METHODS
-
-    every = set(EPOCH_METRICS)
-    evals = {f"{r}/{k}" for r in method_roles(cfg).trained for k in role_metrics(cfg, r)}
-    every |= set(METHODS.get(cfg.method.name).fn.epoch_metric_names)
-    if cfg.target.recipe.eval_every == 1:
-        every |= evals
-    return every, evals
-
-
-def check_scheduler_metric(cfg: PairConfig, metric: str) -> str | None:
-    """A problem with the scheduler's metric for this trial (Tune fails at run time on a result
-    without it), or None."""
-    every, evals = reported_metrics(cfg)
-    if metric in every:
-        return None
-    if metric in evals:
-        return (f"'{short(metric, 40)}' is reported only every {cfg.target.recipe.eval_every} epochs "
-                "(recipe.eval_every); the scheduler needs it every epoch")
-    return (f"'{short(metric, 40)}' is not reported by this trial (it reports e.g. "
-            f"{', '.join(sorted(m for m in every if '/' in m and not m.startswith('time'))[:6])})")
-
-
-def check_layers(cfg: PairConfig, warnings: list[str] | None = None, build: bool = True) -> list[str]:
-    """Layer names, ranks, missing data, ``init_from`` files; the method's warnings are
-    appended to ``warnings``. ``build``: build the pair once on CPU (data, models, encodings,
-    adapters; data loads are cached per process); else the fast check from file metadata and
-    weightless models (:func:`mergenet_core.config.weightless.check_pair_shapes`: no Ray, no data
-    decoded, no weights), which reports the same first error for what it can see."""
-    from mergenet_core.config.checks import method_roles
-    from mergenet_core.errors import MergenetError
-    from orchestrator import topology
-
-    if not build:
-        from mergenet_core.config.weightless import check_pair_shapes
-
-        lines = check_pair_shapes(cfg, warnings)
-        if not lines:
-            try:
-                topology.choose(cfg).check(cfg, method_roles(cfg))
-            except ConfigError as e:
-                return [str(e)]
-        return lines
-    import torch
-
-    from mergenet_core.training.loop import PairState
-
-    try:
-        pair = PairState.build(cfg, devices={n: torch.device("cpu") for n in ("source", "target")})
-        topology.choose(cfg).check(cfg, method_roles(cfg))
-    except MergenetError as e:
-        return [str(e)]
-    if warnings is not None:
-        warnings.extend(pair.method.config_warnings(pair.roles))
-    return []

@@ -127,11 +127,10 @@ def _span(counts: list[tuple[int, int]]) -> str:
     return f"{lo}" + (f"–{hi}" if hi != lo else "") + f" of {size}"
 
 
-def overlap_markdown(paths: list[str]) -> str:
-    """Per grid, pair and donor: how many of the target's validation and test examples (per seed,
-    min–max over the verdict and search seeds) the donor trained on."""
-    from orchestrator.grid.config import load_grid
-
+def overlap_markdown(paths: list[str], grids: list) -> str:
+    """Per grid (``grids``: the loaded grids of the files ``paths``), pair and donor: how many of the
+    target's validation and test examples (per seed, min–max over the verdict and search seeds)
+    the donor trained on."""
     lines = [f"*Written by `mergenet overlap {' '.join(paths)}`*. For each donor that a grid's trials load "
              "(`init_from: sources:NAME`): how many of the target's validation and test examples the donor "
              "trained on, found by content (each content field of every example hashed: an example counts when "
@@ -140,8 +139,7 @@ def overlap_markdown(paths: list[str]) -> str:
              "are not ours to check.", "",
              "| grid | pair | donor (its training examples) | arms | target data | target validation examples in the "
              "donor's training set | test examples |", "|---|---|---|---|---|---|---|"]
-    for path in paths:
-        grid = load_grid(path, deep=False, build=False)
+    for path, grid in zip(paths, grids):
         configs, dirs = grid.source_plan() if grid.sources else ({}, {})
         rows = _overlap_rows(grid, configs, dirs)
         if not rows:

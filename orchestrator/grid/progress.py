@@ -106,10 +106,8 @@ def _mmss(seconds: float) -> str:
 
 
 def _short(config: dict) -> str:
-    hp = config.get("hp") or {}
-    extra = " ".join(f"{'.'.join(k.split('.')[-2:])}={v:.4g}" if isinstance(v, float)
-                     else f"{'.'.join(k.split('.')[-2:])}={v}" for k, v in hp.items())
-    return f"{config.get('pair')}/{config.get('method')}/s{config.get('seed')}" + (f" {extra}" if extra else "")
+    """The trial's key (:class:`orchestrator.grid.spec.TrialSpec`): pair, arm, seed, search values."""
+    return str((config.get("trial") or {}).get("key", "?"))
 
 
 def _error_text(trial) -> str:

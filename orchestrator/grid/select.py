@@ -130,7 +130,7 @@ def markdown(sel: dict) -> str:
 def run_selection(grid: GridConfig, address: str | None = None, verbose: bool = False,
                   again: bool = False) -> tuple[GridConfig, dict]:
     """Run (or reuse, or resume) the search; returns the verdict grid and the selection record."""
-    from orchestrator.tracking.report import trials_frame
+    from orchestrator.tracking.records import trials_frame
     from orchestrator.grid.tuner import GRID_FILE, run_grid
 
     sgrid = search_grid(grid)

@@ -16,11 +16,12 @@ import time
 from ray import tune
 
 from mergenet_core.errors import MergenetError
-from orchestrator import interrupts, topology, tracking
+from orchestrator import interrupts, tracking
 from orchestrator.cluster.connect import ensure_ray
 from orchestrator.grid.config import GridConfig
 from orchestrator.tracking import view
 from orchestrator.grid.progress import GridProgress, quiet_console
+from orchestrator.grid.spec import Submission, TrialSpec, axis, resolve_all
 from orchestrator.grid.trial import trial_fn
 from orchestrator.cluster.storage import Location
 
@@ -28,29 +29,15 @@ GRID_FILE = "mergenet_grid.json"
 PARENT_FILE = "mlflow_parent_run_id"
 
 
-def trial_resources(grid: GridConfig):
-    """Per trial: the placement-group bundles its pair's topology asks for
-    (:meth:`orchestrator.topology.Topology.resources`)."""
+def trial_resources(specs: dict[str, TrialSpec]):
+    """Per trial: the placement-group bundles its spec holds (its pair's topology asked for them
+    when the trial was resolved: :meth:`orchestrator.topology.Topology.resources`)."""
     from ray.tune import PlacementGroupFactory
 
     def resources(config: dict) -> PlacementGroupFactory:
-        try:
-            cfg = grid.trial_config(config["pair"], config["method"], config["seed"], dict(config.get("hp") or {}))
-        except Exception:  # noqa: BLE001 - validated before the grid starts; be safe on restore
-            return PlacementGroupFactory([{"CPU": grid.resources.trial_driver_cpus}])
-        return PlacementGroupFactory(topology.choose(cfg).resources(cfg, grid.resources.trial_driver_cpus))
+        return PlacementGroupFactory([dict(b) for b in specs[config["trial"]["key"]].resources])
 
     return resources
-
-
-def _axis(a, pbt: bool = False):
-    if a.grid is not None:  # a named grid: its labels (the trial config resolves them)
-        return list(a.grid) if pbt else tune.grid_search(list(a.grid))
-    if a.choice is not None:
-        return tune.choice(a.choice)
-    if a.loguniform is not None:
-        return tune.loguniform(*a.loguniform)
-    return tune.uniform(*a.uniform)
 
 
 def _scheduler(grid: GridConfig, epochs: int):
@@ -66,58 +53,42 @@ def _scheduler(grid: GridConfig, epochs: int):
         # one Tune report per segment of `perturbation_interval` epochs (see _pbt_segments)
         return PopulationBasedTraining(time_attr="training_iteration", metric=s.metric, mode=s.mode,
                                        perturbation_interval=1,
-                                       hyperparam_mutations={"hp": {k: _axis(a, pbt=True)
-                                                                    for k, a in s.hyperparam_mutations.items()}})
+                                       hyperparam_mutations={"trial": {"hp": {
+                                           k: axis(a, pbt=True) for k, a in s.hyperparam_mutations.items()}}})
     return None
 
 
-def _uniform_resources(grid: GridConfig) -> bool:
-    """Every trial asks for the same resources (Tune reuses a trial process only then)."""
-    need = trial_resources(grid)
-    seen = {repr(need({"pair": p.name, "method": arm, "seed": grid.seeds[0], "hp": {}}).bundles)
-            for p in grid.pairs for arm in grid.methods}
-    return len(seen) == 1
-
-
 def _trial_name(trial) -> str:
-    c = trial.config
-    return f"{c.get('pair')}-{c.get('method')}-s{c.get('seed')}-{trial.trial_id.split('_')[-1]}"[:80]
+    import re
+
+    return re.sub(r"[^\w.=-]", "-", trial.config["trial"]["key"])[:64] + "-" + trial.trial_id.split("_")[-1]
 
 
-def build_tuner(grid: GridConfig, storage: Location, parent_run_id: str, experiment_id: str, uri: str,
-                restore: bool = False, verbose: bool = False) -> tune.Tuner:
+def build_tuner(sub: Submission, specs: dict[str, TrialSpec], storage: Location, restore: bool = False,
+                verbose: bool = False) -> tune.Tuner:
     """``storage``: the folder holding the grid's folder (local, or a bucket URI). Ray gets a
     bucket as ``storage_path`` + ``storage_filesystem`` (the file system resolved from the URI,
     endpoint options included), so URI query parameters never have to survive Ray's path joins."""
-    grid_dir = storage / grid.grid
+    grid = sub.grid
     storage_path, storage_fs = storage.ray_storage()
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, grid_json=grid.model_dump_json(), parent_run_id=parent_run_id,
-                             experiment_id=experiment_id, uri=uri, sha=tracking.git_sha(),
-                             grid_dir=str(grid_dir)),
-        trial_resources(grid))
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, sub=sub, specs=specs), trial_resources(specs))
     if restore:
-        return tune.Tuner.restore(grid_dir.ray_storage()[0], trainable, resume_errored=True,
+        return tune.Tuner.restore(sub.folder.ray_storage()[0], trainable, resume_errored=True,
                                   storage_filesystem=storage_fs)
-    epochs = grid.trial_config(grid.pairs[0].name, next(iter(grid.methods)), grid.seeds[0]).target.recipe.epochs
-    space = {"pair": tune.grid_search([p.name for p in grid.pairs]),
-             "method": tune.grid_search(list(grid.methods)),
-             "seed": tune.grid_search(grid.seeds),
-             "hp": {**{k: _axis(a) for k, a in grid.search.items()},
-                    **{k: _axis(a, pbt=True) if a.grid is None else tune.choice(list(a.grid))
-                       for k, a in grid.scheduler.hyperparam_mutations.items() if k not in grid.search}}}
+    first = next(iter(specs.values()))
+    # one trial process serves trial after trial (no Python + torch start per trial) when every
+    # trial asks for the same resources
+    uniform = len({repr(s.resources) for s in specs.values()}) == 1
     return tune.Tuner(
         trainable,
-        param_space=space,
-        tune_config=tune.TuneConfig(num_samples=grid.num_samples, scheduler=_scheduler(grid, epochs),
+        param_space={"trial": tune.grid_search([s.tune_config() for s in specs.values()])},
+        tune_config=tune.TuneConfig(scheduler=_scheduler(grid, first.config.target.recipe.epochs),
                                     max_concurrent_trials=grid.max_concurrent_trials,
-                                    # one trial process serves trial after trial (no Python + torch
-                                    # start per trial); every trial asks for the same resources
-                                    reuse_actors=grid.scheduler.name != "pbt" and _uniform_resources(grid),
+                                    reuse_actors=grid.scheduler.name != "pbt" and uniform,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=grid.grid, storage_path=storage_path, storage_filesystem=storage_fs,
                                   failure_config=tune.FailureConfig(max_failures=grid.max_failures),
-                                  callbacks=[GridProgress(uri, grid.trial_count(), str(grid_dir))],
+                                  callbacks=[GridProgress(sub.uri, len(specs), str(sub.folder))],
                                   verbose=1 if verbose else 0),
     )
 
@@ -132,18 +103,40 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
         from orchestrator.cluster.secrets import probe_address
 
         probe_address(address or os.environ["RAY_ADDRESS"], CONNECT_TIMEOUT_S)
+    grid, exp_dir = _grid_folder(grid, resume_dir)
+    sub, link = _open_submission(grid, exp_dir, uri)
+    specs = resolve_all(grid, sub)  # every trial resolved once, here
+    quiet_console(verbose=verbose, local_ray=not (address or os.environ.get("RAY_ADDRESS")))
+    # the driver's Ray loggers at WARNING: no "Started a local Ray instance" / Tune INFO lines
+    ensure_ray(address, **({} if verbose else {"logging_level": logging.WARNING}))
+    c = tracking.client(uri)
+    results = _fit(c, sub, specs, exp_dir.parent, bool(resume_dir), verbose)
+    errors = [r for r in results if r.error is not None]
+    summary = {"experiment_id": sub.experiment_id, "parent_run_id": sub.parent_run_id, "storage": str(exp_dir),
+               "trials": len(results), "failed": len(errors), "view": link}
+    tracking.end_run(c, sub.parent_run_id, ok=not errors,
+                     reason=f"{len(errors)} of {len(results)} trials failed" if errors else None)
+    return summary
+
+
+def _grid_folder(grid: GridConfig | None, resume_dir: str | None) -> tuple[GridConfig, Location]:
+    """The grid and its folder: a resumed grid's own (its stored config), else a fresh folder
+    (an earlier submission's folder is kept under a time-stamped name)."""
     if resume_dir:
         exp_dir = Location.parse(resume_dir)
         if not (exp_dir / GRID_FILE).exists():
             raise MergenetError(f"--resume: {exp_dir} is not a mergenet grid folder (no {GRID_FILE})")
-        grid = GridConfig.model_validate_json((exp_dir / GRID_FILE).read_text())
-        storage = exp_dir.parent
-    else:
-        storage = Location.parse(grid.storage_path or "runs/grids")
-        exp_dir = storage / grid.grid
-        if (exp_dir / GRID_FILE).exists():
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            exp_dir.move_to(storage / f"{grid.grid}.{stamp}")  # keep the old submission's files
+        return GridConfig.model_validate_json((exp_dir / GRID_FILE).read_text()), exp_dir
+    storage = Location.parse(grid.storage_path or "runs/grids")
+    exp_dir = storage / grid.grid
+    if (exp_dir / GRID_FILE).exists():
+        exp_dir.move_to(storage / f"{grid.grid}.{time.strftime('%Y%m%d-%H%M%S')}")  # keep the old submission's files
+    return grid, exp_dir
+
+
+def _open_submission(grid: GridConfig, exp_dir: Location, uri: str) -> tuple[Submission, str]:
+    """The MLflow experiment and parent run (re-attached on a resume), the grid's stored config,
+    the saved MLflow view; prints where everything is."""
     c = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(c, grid.grid)
     exp_dir.mkdir()
@@ -158,41 +151,36 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
     link = view.view_url(uri, experiment_id, key)
     print(f"grid {grid.grid}: {grid.trial_count()} trials; MLflow {uri} experiment {experiment_id} "
           f"run {parent}; storage {exp_dir}\nMLflow view (trials by arm): {link}", flush=True)
-    local_ray = not (address or os.environ.get("RAY_ADDRESS"))
-    quiet_console(verbose=verbose, local_ray=local_ray)
-    # the driver's Ray loggers at WARNING: no "Started a local Ray instance" / Tune INFO lines
-    ensure_ray(address, **({} if verbose else {"logging_level": logging.WARNING}))
-    # Ctrl-C / SIGTERM: Tune stops (its own SIGINT handler off: ours asks it to stop and records
-    # the signal), then every interrupted run is marked KILLED here (orchestrator/interrupts.py)
+    return Submission(grid, exp_dir, parent, experiment_id, uri, tracking.git_sha()), link
+
+
+def _fit(c, sub: Submission, specs: dict[str, TrialSpec], storage: Location, restore: bool, verbose: bool):
+    """Tune's run of the trials. Ctrl-C / SIGTERM: Tune stops (its own SIGINT handler off: ours asks
+    it to stop and records the signal), then every interrupted run is marked KILLED here
+    (orchestrator/interrupts.py)."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     interrupts.install()  # after ray.init, which binds SIGTERM to sys.exit
     stop_before, interrupts.STATE.stop = interrupts.STATE.stop, interrupts.tune_stop
-    kill_now = lambda: _kill_interrupted(c, experiment_id, parent)  # noqa: E731 - a second Ctrl-C
+    kill_now = lambda: _kill_interrupted(c, sub.experiment_id, sub.parent_run_id)  # noqa: E731 - a second Ctrl-C
     interrupts.STATE.on_second.append(kill_now)
     _quiet_tune_interrupt_lines()
     try:
-        tuner = build_tuner(grid, storage, parent, experiment_id, uri, restore=bool(resume_dir), verbose=verbose)
-        results = tuner.fit()
+        results = build_tuner(sub, specs, storage, restore=restore, verbose=verbose).fit()
     except BaseException as e:
         if interrupts.STATE.signum is None:
-            tracking.end_run(c, parent, ok=False, reason=f"{type(e).__name__}: {e}")
+            tracking.end_run(c, sub.parent_run_id, ok=False, reason=f"{type(e).__name__}: {e}")
             raise
         results = None  # interrupted before Tune could take the signal
     finally:
         interrupts.STATE.stop = stop_before
         interrupts.STATE.on_second.remove(kill_now)
     if interrupts.STATE.signum is not None:
-        _kill_interrupted(c, experiment_id, parent)
-        runs = tracking.children(c, experiment_id, parent)
+        _kill_interrupted(c, sub.experiment_id, sub.parent_run_id)
+        runs = tracking.children(c, sub.experiment_id, sub.parent_run_id)
         raise interrupts.Interrupted(interrupts.STATE.signum,
                                      finished=sum(r.info.status == "FINISHED" for r in runs),
-                                     total=grid.trial_count(), resume=f"mergenet run --resume {exp_dir}")
-    errors = [r for r in results if r.error is not None]
-    summary = {"experiment_id": experiment_id, "parent_run_id": parent, "storage": str(exp_dir),
-               "trials": len(results), "failed": len(errors), "view": link}
-    tracking.end_run(c, parent, ok=not errors,
-                     reason=f"{len(errors)} of {len(results)} trials failed" if errors else None)
-    return summary
+                                     total=len(specs), resume=f"mergenet run --resume {sub.folder}")
+    return results
 
 
 def _kill_interrupted(c, experiment_id: str, parent: str) -> int:

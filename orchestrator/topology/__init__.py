@@ -1,6 +1,6 @@
 """Pair topologies: how one pair's two models are hosted (:class:`.base.Topology`).
 
-Every module in this folder registers one topology (``TOPOLOGIES.register("name")(cls)``) and
+Every module (or folder) here registers one topology under its own name (``TOPOLOGIES.register("name")(cls)``) and
 is found by :func:`discover`, so a new topology is one module here and nothing else changes
 (docs/ARCHITECTURE.md). ``ray.topology`` names one, or ``auto`` lets :func:`choose` pick the
 highest-priority topology whose :meth:`~.base.Topology.auto` claims the pair. Importing this
@@ -9,7 +9,8 @@ package (and its modules) imports no Ray: configs validate against the registry.
 from __future__ import annotations
 
 import importlib
-import pkgutil
+
+from orchestrator.config import topology_modules
 
 from .base import TOPOLOGIES, ReporterSpec, RunRequest, Topology
 
@@ -19,9 +20,8 @@ __all__ = ["TOPOLOGIES", "ReporterSpec", "RunRequest", "Topology", "choose", "di
 def discover() -> None:
     """Import every topology module of this folder not imported yet (also one added while a
     long-lived process, such as a reused Tune trial process, runs)."""
-    for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if m.name not in ("base", "pbt"):
-            importlib.import_module(f"{__name__}.{m.name}")
+    for name in topology_modules():
+        importlib.import_module(f"{__name__}.{name}")
 
 
 def names() -> list[str]:

@@ -37,7 +37,9 @@ class RunRequest:
     ``store``: the trial's folder in grid storage (local or a bucket; ``None`` for a run of its
     own), where bundles are mirrored or Train runs live; ``start``: a pair bundle to start from
     (a folder, or a checkpoint in storage: a PBT donor or the previous segment); ``segment``: a
-    PBT segment (runs until ``until_epoch`` from ``start``, not resumed from its own bundle)."""
+    PBT segment (runs until ``until_epoch`` from ``start``, not resumed from its own bundle);
+    ``plan``: what :meth:`Topology.plan` made of the config when the trial was resolved (``None``:
+    the topology plans here)."""
 
     out: Path
     store: Location | None = None
@@ -46,6 +48,7 @@ class RunRequest:
     keep_bundles: str = "last_and_best"
     reporter: ReporterSpec | None = None
     segment: bool = False
+    plan: Any = None
 
 
 class Topology:
@@ -63,6 +66,11 @@ class Topology:
     def auto(self, cfg: PairConfig) -> bool:
         """Whether ``auto`` may pick this topology for ``cfg``."""
         return False
+
+    def plan(self, cfg: PairConfig) -> Any:
+        """What the topology derives from ``cfg`` before it runs, made once when a grid's trial is
+        resolved (:mod:`orchestrator.grid.spec`) and handed back in :attr:`RunRequest.plan`; picklable."""
+        return None
 
     def resources(self, cfg: PairConfig, driver_cpus: float) -> list[dict]:
         """The placement-group bundles of a trial running ``cfg`` (its first bundle is the trial

@@ -38,7 +38,7 @@ def tune_start(topo: Topology, store, work: Path):
 
 
 def run_pbt(topo: Topology, cfg, *, store, work: Path, out: Path, interval: int, keep_bundles: str,
-            reporter: ReporterSpec) -> dict:
+            reporter: ReporterSpec, plan=None) -> dict:
     """Train ``cfg`` segment by segment; returns the summary of the epochs so far."""
     from ray import tune
 
@@ -50,7 +50,8 @@ def run_pbt(topo: Topology, cfg, *, store, work: Path, out: Path, interval: int,
     while epoch < cfg.target.recipe.epochs:
         until = min(cfg.target.recipe.epochs, epoch + interval)
         final = topo.run(cfg, RunRequest(out, store, start=start, until_epoch=until, segment=True,
-                                         keep_bundles=topo.segment_keep(keep_bundles), reporter=reporter))
+                                         keep_bundles=topo.segment_keep(keep_bundles), reporter=reporter,
+                                         plan=plan))
         folder = work / f"bundle-{until:04d}"
         folder.mkdir(exist_ok=True)
         start = topo.take_bundle(out, folder, store)

@@ -191,10 +191,25 @@ def kill_run(c: MlflowClient, run_id: str, signame: str, what: str = "interrupte
     c.set_terminated(run_id, status="KILLED")
 
 
-def children(c: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+#: runs per MLflow search call when reading every run of a submission
+PAGE_SIZE = 1000
+
+
+def all_runs(c: MlflowClient, experiment_id: str, filter_string: str, page_size: int = PAGE_SIZE) -> list:
+    """Every run of ``experiment_id`` that matches ``filter_string``, ``page_size`` per call (one
+    call's ``max_results`` alone would silently drop the rest of a larger grid)."""
+    out, token = [], None
+    while True:
+        page = c.search_runs([experiment_id], filter_string, max_results=page_size, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def children(c: MlflowClient, experiment_id: str, parent_run_id: str, page_size: int = PAGE_SIZE) -> list:
     """The child runs (trials) of a submission."""
-    return list(c.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              max_results=50000))
+    return all_runs(c, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'", page_size)
 
 
 def learning_curve_png(history: list[dict], path: Path, title: str = "") -> Path:

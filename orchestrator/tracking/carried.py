@@ -16,7 +16,7 @@ FORMER_SHUFFLE = "uninformative: the former row/column shuffle (docs/METHOD.md, 
 
 
 def _section_text(results_md: Path, title: str) -> str:
-    from orchestrator.tracking.report import section_name
+    from orchestrator.tracking.publish import section_name
 
     if not results_md.exists():
         return ""

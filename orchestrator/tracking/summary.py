@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mergenet_core.errors import MergenetError
 from orchestrator.tracking import paired
+from orchestrator.tracking import verdicts as vd
 from orchestrator import tracking
 from orchestrator.cluster.storage import Location
 
@@ -32,9 +33,8 @@ def setting_rows(path: str | Path, carried_from: tuple[str, str] | None = None) 
     """(table rows, notes) of one grid; a grid never run gives one row saying so, or, with
     ``carried_from`` (the Markdown file and section this summary is written to), the rows that
     section held for it (``orchestrator/tracking/carried.py``)."""
-    from mergenet_core.data import task_title
-    from orchestrator.grid.config import load_grid
-    from orchestrator.tracking.report import RUN_ACCOUNT, at_common_epoch, resolve_experiment, score_name, trials_frame
+    from orchestrator.grid.load import load_grid
+    from orchestrator.tracking.records import at_common_epoch, resolve_experiment, score_name, trials_frame
 
     grid = load_grid(path, deep=False)
     label = f"`{Path(path).name}`"
@@ -56,10 +56,17 @@ def setting_rows(path: str | Path, carried_from: tuple[str, str] | None = None) 
     folder = Location.parse(grid.storage_path or "runs/grids")
     score = score_name(grid)
     df, stops = at_common_epoch(c, df, folder / grid.grid, score=score)
+    rows = _arm_rows(grid, df, label)
+    return rows, [_setting_note(c, grid, df, label, name, parent, score, folder), *stops]
+
+
+def _arm_rows(grid, df, label: str) -> list[list[str]]:
+    """One row per arm (the baseline left out): its Δ against the baseline and its control, the
+    smallest effect it could detect, and what it is (verdict, positive or negative control)."""
     spec = grid.report
     base = spec.baseline
-    pos = paired.positive_controls(df, base, spec.positive_controls) if spec.positive_controls else []
-    verdicts = paired.transfer_verdicts(df, base, spec.verdict_pairs(), positive=pos,
+    pos = vd.positive_controls(df, base, spec.positive_controls) if spec.positive_controls else []
+    verdicts = vd.transfer_verdicts(df, base, spec.verdict_pairs(), positive=pos,
                                         gated=bool(spec.positive_controls))
     table = paired.paired_table(df, base)
     best = table[table["epoch"] == "best_val"]
@@ -85,7 +92,16 @@ def setting_rows(path: str | Path, carried_from: tuple[str, str] | None = None) 
             word = "secondary (no control)"
         ctl = f"{_cell(v['vs_control'])} (`{v['control']}`)" if v is not None else "–"
         rows.append([label, f"`{arm}`", _cell(r), ctl, _mde(r), word])
-    # the setting's budget and cost
+    return rows
+
+
+def _setting_note(c, grid, df, label: str, name: str, parent: str | None, score: str, folder) -> str:
+    """The setting's budget and cost: target, data, epochs, seeds, finished trials, wall times,
+    the search's winners."""
+    from mergenet_core.data import task_title
+    from orchestrator.tracking.records import RUN_ACCOUNT
+
+    base = grid.report.baseline
     t = grid.trial_dict(grid.pairs[0].name, base if base in grid.methods else next(iter(grid.methods)),
                         grid.seeds[0])
     task = t["target"]["task"]
@@ -112,7 +128,7 @@ def setting_rows(path: str | Path, carried_from: tuple[str, str] | None = None) 
     if acct.exists():
         first = acct.read_text().split("\n\n", 1)[0].strip()
         note += f". {first}"
-    return rows, [note, *stops]
+    return note
 
 
 def summary_markdown(paths: list[str | Path], carried_from: tuple[str, str] | None = None) -> str:

@@ -29,72 +29,28 @@ import json
 import posixpath
 import shutil
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from mergenet_core.errors import ConfigError, MergenetError
 from mergenet_core.io import PLACEMENT
 from mergenet_core.io.outputs import RunOutputs
-from mergenet_core.training.loop import KEEP_BUNDLES, PairState, load_bundle
-from orchestrator.cluster.actor import AdapterActor
-from orchestrator.cluster.connect import check_resources, ensure_ray
-from orchestrator.cluster.worker import BEST_FLAG, BUNDLE, pair_worker
+from mergenet_core.training.loop import KEEP_BUNDLES, load_bundle
+from orchestrator.cluster.connect import ensure_ray
 from orchestrator.config import PairConfig
 from orchestrator.cluster.storage import Location
-from orchestrator.topology.split import Split
 
-# --------------------------------------------------------------------------- plan
+from .actor import AdapterActor
+from .plan import PairPlan, WorkerJob, check_resources, plan_pair, worker_bundle
+from .worker import BEST_FLAG, BUNDLE, pair_worker
 
-
-@dataclass
-class PairPlan:
-    layout: list[str]            # role of each world rank
-    co_located: bool             # one worker runs every role (methods whose roles may not run apart)
-    exchange_spec: dict | None   # the method's exchange (built in the adapter actor), if its roles talk
-    steps_per_epoch: int
-    warnings: list[str] = field(default_factory=list)  # method.config_warnings (risky layer pairs)
-
-    @property
-    def num_workers(self) -> int:
-        return len(self.layout)
-
-
-def plan_pair(cfg: PairConfig, deep: bool = True) -> PairPlan:
-    """Plan the pair in this process, before any Ray worker starts: its worker layout, the
-    exchange's spec and the steps per epoch. ``deep``: build the whole pair on CPU (every config
-    error surfaces here, data and weights included); else the weightless build of fast
-    validation (data probed, models on the meta device: a grid trial whose grid was validated
-    already, and whose workers build the real pair anyway)."""
-    if deep:
-        pair = PairState.build(cfg, devices={n: torch.device("cpu") for n in ("source", "target")})
-    else:
-        pair = PairState.build(cfg, weightless=True)
-    method = pair.method
-    where = method.roles(method.options)
-    layout = Split.layout(cfg, where)
-    spec = method.exchange_spec() if where.apart else None
-    return PairPlan(layout, not where.apart, spec, pair.steps_per_epoch, method.config_warnings(pair.roles))
-
-
-def worker_bundle(cfg: PairConfig) -> dict[str, float]:
-    """What each role worker asks Ray for (Ray Train's ``resources_per_worker``: one bundle per
-    worker in the worker group's placement group, strategy ``ray.placement``): its CPUs, its
-    custom resources and, with ``ray.use_gpu``, ``ray.worker_gpus`` GPUs (1, or the
-    ``ray.gpus_per_worker`` fraction that packs several workers on one GPU)."""
-    rs = cfg.ray
-    bundle = {"CPU": rs.cpus_per_worker, **rs.worker_resources}
-    if rs.use_gpu:
-        bundle["GPU"] = rs.worker_gpus
-    return bundle
-
-
-def preflight(cfg: PairConfig, address: str | None = None, deep: bool = True) -> PairPlan:
-    plan = plan_pair(cfg, deep=deep)
+def preflight(cfg: PairConfig, address: str | None = None, deep: bool = True,
+              plan: PairPlan | None = None) -> PairPlan:
+    """The pair's plan (``plan``, else made here), Ray reached, the cluster checked to hold it."""
+    plan = plan or plan_pair(cfg, deep=deep)
     ensure_ray(address)
     check_resources(cfg, plan)
     return plan
@@ -147,7 +103,7 @@ def _last_hang(out: Path) -> str | None:
 def _forget_beats(run: str) -> None:
     from ray.experimental.internal_kv import _internal_kv_del
 
-    from orchestrator.cluster.watchdog import NAMESPACE, key_prefix
+    from .watchdog import NAMESPACE, key_prefix
 
     try:
         _internal_kv_del(key_prefix(run), del_by_prefix=True, namespace=NAMESPACE)
@@ -175,62 +131,75 @@ def run_pair_on_ray(cfg: PairConfig, out_dir: str | Path, address: str | None = 
     plan = plan or preflight(cfg, address)
     ensure_ray(address)
     storage = storage_path or str(out / "ray")
-    if not resume:
+    if not resume:  # a fresh run: no Train run of this name left to restore from
         previous = posixpath.join(storage, name)
-        (Location.parse(previous) if storage_filesystem is None
-         else Location(storage_filesystem, previous, previous)).delete()
+        where = Location(storage_filesystem, previous, previous) if storage_filesystem else Location.parse(previous)
+        where.delete()
     outputs = RunOutputs(out)
     outputs.begin(cfg, fresh=not resume)
-    rs = cfg.ray
-    actor_name = namespace = None
-    actor = None
-    if plan.exchange_spec is not None and not plan.co_located:
-        actor_name, namespace = f"mergenet-adapter-{uuid.uuid4().hex[:8]}", ray.get_runtime_context().namespace
-        actor = AdapterActor.options(name=actor_name, max_restarts=-1, max_concurrency=16,
-                                     num_cpus=rs.adapter.num_cpus, num_gpus=rs.adapter.num_gpus).remote(
-            cfg.model_dump_json(), plan.exchange_spec, plan.steps_per_epoch)
-        (out / "pids").mkdir(parents=True, exist_ok=True)
-        (out / "pids" / "adapter.pid").write_text(str(ray.get(actor.pid.remote())))
-    # hang detection (orchestrator/cluster/watchdog.py): needs someone to wait for, a peer or the actor
-    watch = uuid.uuid4().hex if rs.hang.enabled and (plan.num_workers > 1 or actor is not None) else None
-    per_worker = worker_bundle(cfg)
-    trainer = TorchTrainer(
-        pair_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "out_dir": str(out), "layout": plan.layout,
-                           "co_located": plan.co_located, "actor": actor_name, "namespace": namespace,
-                           "watch": watch,
-                           "until_epoch": until_epoch, "keep_bundles": keep_bundles,
-                           "steps_per_epoch": plan.steps_per_epoch,
-                           "start_from": (Checkpoint(path=start_from.path, filesystem=start_from.filesystem)
-                                          if hasattr(start_from, "filesystem") else
-                                          str(start_from) if start_from else None)},
-        scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=rs.use_gpu,
-                                     resources_per_worker=per_worker, placement_strategy=rs.placement),
-        # NCCL (Ray Train's choice with GPUs) refuses two ranks on one GPU: a fraction of a GPU per
-        # worker uses gloo (small objects and gradient all-reduces; gloo handles CUDA tensors)
-        torch_config=TorchConfig(backend="gloo") if rs.use_gpu and rs.worker_gpus < 1 else None,
-        run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=storage_filesystem,
-                             failure_config=FailureConfig(max_failures=rs.max_failures), callbacks=callbacks or None,
-                             checkpoint_config=_checkpoint_config(keep_bundles),
-                             # no INFO line per report/checkpoint on the console (warnings and errors stay)
-                             logging_config=LoggingConfig(log_level="WARNING")),
-    )
+    actor, actor_name = _start_actor(cfg, plan, out)
+    # hang detection (watchdog.py): needs someone to wait for, a peer or the actor
+    watch = uuid.uuid4().hex if cfg.ray.hang.enabled and (plan.num_workers > 1 or actor is not None) else None
+    job = WorkerJob(cfg, out, plan, actor_name, ray.get_runtime_context().namespace if actor else None, watch,
+                    until_epoch, keep_bundles, _start_point(start_from))
+    run_config = RunConfig(name=name, storage_path=storage, storage_filesystem=storage_filesystem,
+                           failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                           callbacks=callbacks or None, checkpoint_config=_checkpoint_config(keep_bundles),
+                           # no INFO line per report/checkpoint on the console (warnings and errors stay)
+                           logging_config=LoggingConfig(log_level="WARNING"))
     try:
-        result = trainer.fit()
+        result = _trainer(job, run_config).fit()
     except Exception as e:  # noqa: BLE001
         if type(e).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise
-        raise MergenetError(f"pair {cfg.name}: training failed after {rs.max_failures} restart(s) "
+        raise MergenetError(f"pair {cfg.name}: training failed after {cfg.ray.max_failures} restart(s) "
                             f"(ray.max_failures): {_last_hang(out) or _root_cause(e)}") from None
     finally:
         if actor is not None:
             ray.kill(actor)
         if watch is not None:
             _forget_beats(watch)
+    return _collect(result, outputs, out, keep=start_from is not None or until_epoch is not None)
+
+
+def _start_point(start_from):
+    """A checkpoint in bucket storage as Ray's ``Checkpoint``, a folder as its path, or nothing."""
+    if hasattr(start_from, "filesystem"):
+        return Checkpoint(path=start_from.path, filesystem=start_from.filesystem)
+    return str(start_from) if start_from else None
+
+
+def _start_actor(cfg: PairConfig, plan: PairPlan, out: Path):
+    """The adapter actor (when the roles run apart and talk), named so that workers find it."""
+    if plan.exchange_spec is None or plan.co_located:
+        return None, None
+    rs = cfg.ray
+    name = f"mergenet-adapter-{uuid.uuid4().hex[:8]}"
+    actor = AdapterActor.options(name=name, max_restarts=-1, max_concurrency=16, num_cpus=rs.adapter.num_cpus,
+                                 num_gpus=rs.adapter.num_gpus).remote(cfg, plan.exchange_spec, plan.steps_per_epoch)
+    (out / "pids").mkdir(parents=True, exist_ok=True)
+    (out / "pids" / "adapter.pid").write_text(str(ray.get(actor.pid.remote())))
+    return actor, name
+
+
+def _trainer(job: WorkerJob, run_config: RunConfig) -> TorchTrainer:
+    rs = job.cfg.ray
+    return TorchTrainer(
+        pair_worker, train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=job.plan.num_workers, use_gpu=rs.use_gpu,
+                                     resources_per_worker=worker_bundle(job.cfg), placement_strategy=rs.placement),
+        # NCCL (Ray Train's choice with GPUs) refuses two ranks on one GPU: a fraction of a GPU per
+        # worker uses gloo (small objects and gradient all-reduces; gloo handles CUDA tensors)
+        torch_config=TorchConfig(backend="gloo") if rs.use_gpu and rs.worker_gpus < 1 else None,
+        run_config=run_config)
+
+
+def _collect(result, outputs: RunOutputs, out: Path, keep: bool) -> dict:
+    """What rank 0 wrote, from the final checkpoint (rank 0 may be on another node); ``keep``: the
+    bundle stays in ``out`` for the caller (PBT)."""
     with result.checkpoint.as_directory() as d:
         history = load_bundle(Path(d) / BUNDLE)["history"]
         placement = json.loads((Path(d) / PLACEMENT).read_text()) if (Path(d) / PLACEMENT).exists() else None
-        if start_from is not None or until_epoch is not None:  # keep the bundle for the caller (PBT)
+        if keep:
             shutil.copy2(Path(d) / BUNDLE, out / BUNDLE)
-    # what rank 0 wrote, from the checkpoint (rank 0 may be on another node)
     return outputs.finish(history=history, kept=kept_bundles(result), placement=placement)

@@ -56,6 +56,16 @@ def deadline(floor_s: float, step_multiple: float, step_times) -> float:
     return max(floor_s, step_multiple * max(step_times, default=0.0))
 
 
+def mark(out: Path, what: str, role: str, role_rank: int, epoch: int, **extra) -> None:
+    """Append one timestamped event line (``events.jsonl``; fault-recovery timing and tests)."""
+    try:
+        with (out / "events.jsonl").open("a") as f:
+            f.write(json.dumps({"t": time.time(), "event": what, "worker": f"{role}{role_rank}",
+                                "pid": os.getpid(), "epoch": epoch, **extra}) + "\n")
+    except OSError:
+        pass
+
+
 class Ages:
     """When each peer's beat last changed (this process's monotonic clock: clocks of other
     nodes are never compared). A peer never seen counts from this watchdog's start."""
@@ -189,13 +199,11 @@ class Watchdog:
                            actor_hung=ping_age > limit / 2)
 
     def _hang(self, reason: str, limit: float, actor_hung: bool = False, peer: dict | None = None) -> None:
-        from orchestrator.cluster.worker import _mark
-
         line = (f"mergenet: hang: {reason} (deadline {limit:.1f} s, ray.hang)"
                 + ("; restarting the adapter actor" if actor_hung else "")
                 + f"; {self.name} exits so that Ray Train restarts the pair from its last checkpoint")
         print(line, file=sys.stderr, flush=True)
-        _mark(self.out, "hang", self.role, self.role_rank, -1, reason=reason)
+        mark(self.out, "hang", self.role, self.role_rank, -1, reason=reason)
         if actor_hung:
             # ray.kill ends a stopped process too (after Ray's ~5 s grace); the actor restarts
             # (max_restarts=-1) while Ray Train restarts the workers, whose first call waits for it

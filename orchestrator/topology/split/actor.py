@@ -36,10 +36,10 @@ class AdapterActor:
     touches the current adapters. So the adapter state always matches the workers' checkpoint.
     """
 
-    def __init__(self, cfg_json: str, spec: dict, steps_per_epoch: int):
+    def __init__(self, cfg: PairConfig, spec: dict, steps_per_epoch: int):
         import threading
 
-        self.cfg = PairConfig.model_validate_json(cfg_json)
+        self.cfg = cfg  # the driver's validated config, as an object
         self.spec, self.steps_per_epoch = spec, steps_per_epoch
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.attempt: str | None = None

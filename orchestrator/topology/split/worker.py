@@ -3,12 +3,12 @@
 rank 0 (the target's leader) reports each epoch's bundle as a Ray Train checkpoint."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -20,9 +20,9 @@ from mergenet_core.io import PAIR_BUNDLE as BUNDLE
 from mergenet_core.io.outputs import RunOutputs
 from mergenet_core.training.loop import PairLoop, PairState, load_bundle, numeric, save_bundle
 from mergenet_core.training.step import take_step
-from orchestrator.cluster.actor import RayExchange, _to_cpu
-from orchestrator.cluster.watchdog import Watchdog
-from orchestrator.config import PairConfig
+from .actor import RayExchange, _to_cpu
+from .plan import WorkerJob
+from .watchdog import Watchdog, mark
 
 
 #: which pair bundles (Ray Train checkpoints) a run keeps, and so writes
@@ -39,16 +39,6 @@ def _grad_sync(group, size: int):
                 dist.all_reduce(p.grad, group=group)
                 p.grad.div_(size)
     return sync
-
-
-def _mark(out: Path, what: str, role: str, role_rank: int, epoch: int, **extra) -> None:
-    """Append one timestamped event line (``events.jsonl``; fault-recovery timing and tests)."""
-    try:
-        with (out / "events.jsonl").open("a") as f:
-            f.write(json.dumps({"t": time.time(), "event": what, "worker": f"{role}{role_rank}",
-                                "pid": os.getpid(), "epoch": epoch, **extra}) + "\n")
-    except OSError:
-        pass
 
 
 class RoleWorkerHost:
@@ -114,7 +104,7 @@ class RoleWorkerHost:
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
-            _mark(self.out, "reported", self.me, self.role_rank, pair.epoch)
+            mark(self.out, "reported", self.me, self.role_rank, pair.epoch)
 
 
 def _begin(actor, attempt: str, proxy: RayExchange) -> None:
@@ -128,86 +118,129 @@ def _begin(actor, attempt: str, proxy: RayExchange) -> None:
                 time.sleep(0.5)
 
 
-def pair_worker(config: dict) -> None:
-    """Ray Train worker: one role (or the whole pair when co-located) running the core loop."""
-    import ray.train
-    import ray.train.torch
+@dataclass
+class _Seat:
+    """Where this worker sits: its world rank, role, rank in the role, the role groups."""
 
-    cfg = PairConfig.model_validate(config["experiment"])
-    out = Path(config["out_dir"])
-    layout: list[str] = config["layout"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank: int
+    me: str
+    role_rank: int
+    ranks: dict[str, list[int]]
+    groups: dict
+    distributed: bool
+
+    @property
+    def leader(self) -> bool:
+        return self.role_rank == 0
+
+
+def _seat(layout: list[str]) -> _Seat:
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
     distributed = dist.is_available() and dist.is_initialized() and len(layout) > 1
     me = layout[rank]
     ranks = {r: [i for i, x in enumerate(layout) if x == r] for r in dict.fromkeys(layout)}
     groups = {r: dist.new_group(ranks=rr) for r, rr in ranks.items()} if distributed else {}
-    role_rank = ranks[me].index(rank)
-    leader = role_rank == 0
+    return _Seat(rank, me, ranks[me].index(rank), ranks, groups, distributed)
+
+
+def pair_worker(config: dict) -> None:
+    """Ray Train worker: one role (or the whole pair when co-located) running the core loop.
+    ``config["job"]``: the :class:`~.plan.WorkerJob` the driver made (objects, nothing to parse)."""
+    import ray.train.torch
+
+    job: WorkerJob = config["job"]
+    cfg, out, layout = job.cfg, job.out, job.plan.layout
+    seat = _seat(layout)
     device = ray.train.torch.get_device()
     watch = None
-    if config.get("watch"):  # from the start: a peer may stop while this one builds or restores
-        watch = Watchdog(cfg.ray.hang, config["watch"], rank, len(layout), me, role_rank, out).start()
+    if job.watch:  # from the start: a peer may stop while this one builds or restores
+        watch = Watchdog(cfg.ray.hang, job.watch, seat.rank, len(layout), seat.me, seat.role_rank, out).start()
     try:
-        names = None if config["co_located"] else (me,)
+        names = None if job.plan.co_located else (seat.me,)
         pair = PairState.build(cfg, role_names=names, devices={"source": device, "target": device},
-                               steps_per_epoch=config.get("steps_per_epoch"))
-        method = pair.method
-        if not config["co_located"]:
-            role = pair.roles[me]
-            if len(ranks[me]) > 1:
-                role.shard = (role_rank, len(ranks[me]))
-                role.grad_sync = _grad_sync(groups[me], len(ranks[me]))
-        actor = proxy = None
-        if config.get("actor"):
-            actor = ray.get_actor(config["actor"], namespace=config["namespace"])
-            group = groups.get(me) if len(ranks[me]) > 1 else None
-            proxy = RayExchange(actor, leader, group, ranks[me][0], sync=cfg.ray.mode == "sync", watch=watch)
-            method.attach(proxy)
-            if watch is not None:
-                watch.actor = actor
-
-        (out / "pids").mkdir(parents=True, exist_ok=True)
-        (out / "pids" / f"{me}{role_rank}.pid").write_text(str(os.getpid()))
-        where = {"role": me, "role_rank": role_rank, "world_rank": rank, "pid": os.getpid(),
-                 "node_id": ray.get_runtime_context().get_node_id(), "device": str(device),
-                 "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
-        placement = [None] * len(layout)
-        if distributed:
-            dist.all_gather_object(placement, where)
-        else:
-            placement = [where]
-        if rank == 0:
-            RunOutputs(out).placement(placement)
-
-        ckpt = ray.train.get_checkpoint()  # this run's own latest (after a restart), else the start bundle
-        if ckpt is None and config.get("start_from"):
-            start = config["start_from"]  # a local/shared folder, or a Checkpoint in bucket storage
-            ckpt = start if isinstance(start, Checkpoint) else Checkpoint.from_directory(start)
-        state = None
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                state = load_bundle(Path(d) / BUNDLE)
-            pair.load_state_dict(state, method=proxy is None and rank == 0)
+                               steps_per_epoch=job.plan.steps_per_epoch)
+        proxy, actor = _attach(job, pair, seat, watch)
+        placement = _placement(out, seat, len(layout), device)
+        state = _restore(job, pair, proxy is None and seat.rank == 0)
         if proxy is not None:
-            # a new attempt: the actor drops whatever a killed attempt left (pending inputs, outputs,
-            # updates) and starts from the initial adapter state, then takes the checkpoint's
-            box = [uuid.uuid4().hex if rank == 0 else None]
-            if rank == 0:
-                _begin(actor, box[0], proxy)
-                if state is not None:
-                    proxy.attempt = box[0]
-                    method.load_state_dict(state["method"])
-            if distributed:
-                dist.broadcast_object_list(box, src=0)
-            proxy.attempt = box[0]
-        if distributed:
+            _begin_attempt(actor, proxy, pair, seat, state)
+        if seat.distributed:
             dist.barrier()  # the actor holds the restored exchange before anyone transfers
-        _mark(out, "started", me, role_rank, pair.epoch)
-
-        host = RoleWorkerHost(pair, me, rank, leader, len(layout), out, placement, role_rank, watch)
-        PairLoop(host, keep_bundles=config.get("keep_bundles", "last_and_best"), until_epoch=config.get("until_epoch"),
-                 outputs=RunOutputs(out) if rank == 0 else None).run()
+        mark(out, "started", seat.me, seat.role_rank, pair.epoch)
+        host = RoleWorkerHost(pair, seat.me, seat.rank, seat.leader, len(layout), out, placement, seat.role_rank,
+                              watch)
+        PairLoop(host, keep_bundles=job.keep_bundles, until_epoch=job.until_epoch,
+                 outputs=RunOutputs(out) if seat.rank == 0 else None).run()
     finally:
         if watch is not None:
             watch.stop()  # a "done" beat: its peers no longer watch it
+
+
+def _attach(job: WorkerJob, pair: PairState, seat: _Seat, watch: Watchdog | None):
+    """Shard the role over its workers; attach the method to the adapter actor's proxy (when the
+    roles run apart and talk)."""
+    if not job.plan.co_located:
+        role = pair.roles[seat.me]
+        n = len(seat.ranks[seat.me])
+        if n > 1:
+            role.shard = (seat.role_rank, n)
+            role.grad_sync = _grad_sync(seat.groups[seat.me], n)
+    if not job.actor:
+        return None, None
+    actor = ray.get_actor(job.actor, namespace=job.namespace)
+    group = seat.groups.get(seat.me) if len(seat.ranks[seat.me]) > 1 else None
+    proxy = RayExchange(actor, seat.leader, group, seat.ranks[seat.me][0], sync=job.cfg.ray.mode == "sync",
+                        watch=watch)
+    pair.method.attach(proxy)
+    if watch is not None:
+        watch.actor = actor
+    return proxy, actor
+
+
+def _placement(out: Path, seat: _Seat, world: int, device) -> list:
+    """Every worker's node, process and device (``placement.json``, written by world rank 0)."""
+    (out / "pids").mkdir(parents=True, exist_ok=True)
+    (out / "pids" / f"{seat.me}{seat.role_rank}.pid").write_text(str(os.getpid()))
+    where = {"role": seat.me, "role_rank": seat.role_rank, "world_rank": seat.rank, "pid": os.getpid(),
+             "node_id": ray.get_runtime_context().get_node_id(), "device": str(device),
+             "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
+    placement = [None] * world
+    if seat.distributed:
+        dist.all_gather_object(placement, where)
+    else:
+        placement = [where]
+    if seat.rank == 0:
+        RunOutputs(out).placement(placement)
+    return placement
+
+
+def _restore(job: WorkerJob, pair: PairState, with_method: bool) -> dict | None:
+    """This run's own latest bundle (after a restart), else the start bundle, else nothing."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and job.start_from:
+        start = job.start_from  # a local/shared folder, or a Checkpoint in bucket storage
+        ckpt = start if isinstance(start, Checkpoint) else Checkpoint.from_directory(start)
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        state = load_bundle(Path(d) / BUNDLE)
+    pair.load_state_dict(state, method=with_method)
+    return state
+
+
+def _begin_attempt(actor, proxy: RayExchange, pair: PairState, seat: _Seat, state: dict | None) -> None:
+    """A new attempt: the actor drops whatever a killed attempt left (pending inputs, outputs,
+    updates) and starts from the initial adapter state, then takes the checkpoint's."""
+    box = [uuid.uuid4().hex if seat.rank == 0 else None]
+    if seat.rank == 0:
+        _begin(actor, box[0], proxy)
+        if state is not None:
+            proxy.attempt = box[0]
+            pair.method.load_state_dict(state["method"])
+    if seat.distributed:
+        dist.broadcast_object_list(box, src=0)
+    proxy.attempt = box[0]

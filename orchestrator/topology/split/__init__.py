@@ -1,7 +1,8 @@
 """Topology ``split``: the pair as a Ray Train worker group (role workers) plus an adapter actor.
 
-The trial process only drives the pair's ``TorchTrainer`` (:func:`orchestrator.pair.run_pair_on_ray`;
-the workers and the actor live in :mod:`orchestrator.cluster`). ``auto`` picks it when a pair asks
+The trial process only drives the pair's ``TorchTrainer`` (:func:`.driver.run_pair_on_ray`;
+its plan in :mod:`.plan`, the Train workers in :mod:`.worker`, the adapter actor in :mod:`.actor`, hang
+detection in :mod:`.watchdog`: the whole topology lives in this folder). ``auto`` picks it when a pair asks
 for what one process cannot give: a GPU per role, several workers per role, spread placement or
 custom worker resources. A trial's Train run lives in its folder (``<trial>/train``; PBT segments
 in ``<trial>/segments/seg-NNNN``), so a restored trial resumes it.
@@ -12,10 +13,11 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mergenet_core.errors import ConfigError
 from mergenet_core.io import PAIR_BUNDLE as BUNDLE
 
-from .base import TOPOLOGIES, RunRequest, Topology
+from orchestrator.topology.base import TOPOLOGIES, RunRequest, Topology
+
+from .plan import worker_layout
 
 if TYPE_CHECKING:
     from orchestrator.config import PairConfig
@@ -33,37 +35,25 @@ class Split(Topology):
         return bool(rs.use_gpu or rs.source_workers > 1 or rs.target_workers > 1 or rs.worker_resources
                     or rs.placement in ("SPREAD", "STRICT_SPREAD"))
 
-    @staticmethod
-    def layout(cfg: PairConfig, roles) -> list[str]:
-        """The role of each Ray Train worker (world rank order) for the method's ``roles``: roles
-        that may run apart get their own workers (the target's first, so world rank 0 is the
-        target's leader); otherwise one worker hosts the whole pair."""
-        rs = cfg.ray
-        workers = {"target": rs.target_workers, "source": rs.source_workers}
-        if roles.apart:
-            for role, n in workers.items():
-                if n > 1 and role not in roles.needed:
-                    raise ConfigError(f"ray.{role}_workers", f"method '{cfg.method.name}' has no {role} role "
-                                                             f"here; set {role}_workers to 1")
-            return [r for r in ("target", "source") if r in roles.needed for _ in range(workers[r])]
-        if rs.source_workers > 1 or rs.target_workers > 1:
-            raise ConfigError("ray.target_workers", f"method '{cfg.method.name}' runs both models in one "
-                                                    "worker; set source_workers and target_workers to 1")
-        return ["target"]
-
     def check(self, cfg: PairConfig, roles) -> None:
-        self.layout(cfg, roles)
+        worker_layout(cfg, roles)
+
+    def plan(self, cfg: PairConfig):
+        """The worker layout, the exchange and the steps per epoch from the weightless build (no
+        data, no weights: the grid was validated before it started and the workers build the real pair)."""
+        from .plan import plan_pair
+
+        return plan_pair(cfg, deep=False)
 
     def resources(self, cfg: PairConfig, driver_cpus: float) -> list[dict]:
         """The trial process only drives the worker group, which Ray Train places itself."""
         return [{"CPU": driver_cpus}]
 
     def run(self, cfg: PairConfig, req: RunRequest) -> dict:
-        from orchestrator.pair import preflight, run_pair_on_ray
+        from .driver import preflight, run_pair_on_ray
 
-        # a grid's trial (``store``): the grid was validated before it started and the workers
-        # build the real pair, so the plan comes from the weightless build (no data, no weights)
-        plan = preflight(cfg, deep=req.store is None)
+        # a grid's trial brings the plan its resolution made; a run of its own plans on the full build
+        plan = preflight(cfg, deep=req.store is None, plan=req.plan)
 
         callbacks = []
         if req.reporter is not None:
