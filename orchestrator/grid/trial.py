@@ -1,10 +1,10 @@
 """The Tune trial driver of ``mergenet run``: one pair, one MLflow child run.
 
 Train V2 pattern: every trial is a Tune *function* that runs its pair through the pair's
-topology (:func:`orchestrator.topology.choose`): in this process (``inline``) or as a Ray Train
-worker group it drives (``split``); each epoch's record reaches Tune (for ASHA and the progress
-table) and the trial's MLflow child run. With PBT the pair trains segment by segment
-(:func:`orchestrator.topology.pbt.run_pbt`). The driver knows no topology by name.
+topology (its resolved spec names it): in this process (``inline``) or as a Ray Train worker group
+it drives (``split``); each epoch's record reaches Tune, whose results the driver's callbacks read
+(ASHA, the progress lines, and the MLflow logging of :mod:`orchestrator.tracking.channel`). With
+PBT the pair trains segment by segment (:func:`orchestrator.topology.pbt.run_pbt`). The driver knows no topology by name.
 
 Storage: a trial's folder (``trials/<id>``) holds its MLflow run id, the pair's outputs
 (``pair/``: :data:`mergenet_core.io.PAIR_OUTPUTS`) and its Train run. With a bucket the pair's
@@ -21,9 +21,10 @@ from ray import tune
 
 from mergenet_core.io import CONFIG, CURVE, FINAL, METRICS, PAIR_OUTPUTS, PLACEMENT
 from mergenet_core.io.outputs import RunOutputs, summarise
-from mergenet_core.training.loop import numeric
 from orchestrator import topology, tracking
+from orchestrator.tracking import figures
 from orchestrator.grid.spec import Submission, TrialSpec, for_trial
+from orchestrator.tracking.channel import REPLAYED, log_missing_epochs
 from orchestrator.cluster.storage import Location, scratch_dir
 from orchestrator.topology.pbt import run_pbt
 
@@ -60,11 +61,11 @@ def trial_fn(config: dict, sub: Submission, specs: dict[str, TrialSpec]) -> None
                                        {**spec.tags, "mergenet.trial_id": trial_id}, reopen_finished=False)
     run = c.get_run(run_id)
     if run.info.status == "FINISHED":  # finished before an interruption Tune's state did not record
-        tune.report(dict(run.data.metrics))
+        tune.report({**run.data.metrics, REPLAYED: 1})  # Tune's record only: MLflow holds it already
         return
     try:
         tracking.log_params(c, run_id, spec.params)
-        final = _run_pair(sub, spec, trial_dir, work / "pair", work, topology.ReporterSpec(sub.uri, run_id))
+        final = _run_pair(sub, spec, trial_dir, work / "pair", work)
         _finish(c, run_id, sub, spec, trial_dir, work / "pair", final)
     except BaseException as e:
         if not tune_ended(e):  # a stop or a pause: the driver records which (end_stopped)
@@ -75,17 +76,16 @@ def trial_fn(config: dict, sub: Submission, specs: dict[str, TrialSpec]) -> None
             shutil.rmtree(work, ignore_errors=True)  # the private scratch folder (tempfile.mkdtemp)
 
 
-def _run_pair(sub: Submission, spec: TrialSpec, trial_dir: Location, out: Path, work: Path,
-              reporter: topology.ReporterSpec) -> dict:
-    """The pair through its topology: whole, or PBT segment by segment."""
+def _run_pair(sub: Submission, spec: TrialSpec, trial_dir: Location, out: Path, work: Path) -> dict:
+    """The pair through its topology, each epoch reported to Tune: whole, or PBT segment by segment."""
     topo = topology.get(spec.topology)
     grid = sub.grid
     if grid.scheduler.name == "pbt":
-        return run_pbt(topo, spec.config, store=trial_dir, work=work, out=out, reporter=reporter,
+        return run_pbt(topo, spec.config, store=trial_dir, work=work, out=out,
                        interval=grid.scheduler.perturbation_interval, keep_bundles=grid.bundles_while_running,
                        plan=spec.plan)
     return topo.run(spec.config, topology.RunRequest(out, trial_dir, keep_bundles=grid.bundles_while_running,
-                                                     reporter=reporter, plan=spec.plan))
+                                                     report=True, plan=spec.plan))
 
 
 def _finish(c, run_id: str, sub: Submission, spec: TrialSpec, trial_dir: Location, out: Path, final: dict) -> None:
@@ -97,7 +97,7 @@ def _finish(c, run_id: str, sub: Submission, spec: TrialSpec, trial_dir: Locatio
     if sub.grid.keep_bundles == "none":
         topology.get(spec.topology).drop_bundles(out, trial_dir)
         RunOutputs(out).no_bundles()
-    tracking.learning_curve_png(RunOutputs(out).read_history(), out / "learning_curve.png", title=spec.config.name)
+    figures.learning_curve_png(RunOutputs(out).read_history(), out / "learning_curve.png", title=spec.config.name)
     (trial_dir / "pair").upload(out, list(PAIR_OUTPUTS))  # nothing to do when the folder is local
     log_outputs(c, run_id, out, final)
     tracking.end_run(c, run_id, ok=True)
@@ -132,7 +132,7 @@ def end_stopped(c, run_id: str, folder: Location) -> None:
     history = RunOutputs(out).read_history() if out is not None else []
     last = history[-1]["epoch"] if history else None
     if history:
-        _log_missing_epochs(c, run_id, history)
+        log_missing_epochs(c, run_id, history)
         log_outputs(c, run_id, out, RunOutputs(out).finish(summarise(history)))
     config = out / CONFIG if history else None
     budget = json.loads(config.read_text())["target"]["recipe"]["epochs"] if config and config.exists() else None
@@ -141,12 +141,3 @@ def end_stopped(c, run_id: str, folder: Location) -> None:
         if last is not None:
             c.set_tag(run_id, tracking.STOPPED_AT, str(last))
     tracking.end_run(c, run_id, ok=True)
-
-
-def _log_missing_epochs(c, run_id: str, history: list[dict]) -> None:
-    """The epoch records the run lacks (an inline trial logs an epoch once its bundle is saved;
-    a stop in between leaves that epoch out)."""
-    logged = {m.step for m in c.get_metric_history(run_id, "time/epoch_s")}
-    for r in history:
-        if r["epoch"] not in logged:
-            tracking.log_metrics(c, run_id, numeric(r), step=int(r["epoch"]))

@@ -20,6 +20,7 @@ from orchestrator import interrupts, tracking
 from orchestrator.cluster.connect import ensure_ray
 from orchestrator.grid.config import GridConfig
 from orchestrator.tracking import view
+from orchestrator.tracking.channel import MlflowEpochs
 from orchestrator.grid.progress import GridProgress, quiet_console
 from orchestrator.grid.spec import Submission, TrialSpec, axis, resolve_all
 from orchestrator.grid.trial import trial_fn
@@ -88,7 +89,8 @@ def build_tuner(sub: Submission, specs: dict[str, TrialSpec], storage: Location,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=grid.grid, storage_path=storage_path, storage_filesystem=storage_fs,
                                   failure_config=tune.FailureConfig(max_failures=grid.max_failures),
-                                  callbacks=[GridProgress(sub.uri, len(specs), str(sub.folder))],
+                                  callbacks=[GridProgress(sub.uri, len(specs), str(sub.folder)),
+                                             MlflowEpochs(sub.uri, str(sub.folder))],
                                   verbose=1 if verbose else 0),
     )
 

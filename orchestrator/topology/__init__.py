@@ -12,9 +12,9 @@ import importlib
 
 from orchestrator.config import topology_modules
 
-from .base import TOPOLOGIES, ReporterSpec, RunRequest, Topology
+from .base import TOPOLOGIES, RunRequest, Topology
 
-__all__ = ["TOPOLOGIES", "ReporterSpec", "RunRequest", "Topology", "choose", "discover", "names"]
+__all__ = ["TOPOLOGIES", "RunRequest", "Topology", "choose", "discover", "names"]
 
 
 def discover() -> None:

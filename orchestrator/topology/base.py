@@ -20,17 +20,6 @@ if TYPE_CHECKING:
 TOPOLOGIES = Registry("topology")
 
 
-@dataclass(frozen=True)
-class ReporterSpec:
-    """Where each epoch's record goes: the trial's MLflow run, and Tune (``tune_each_epoch``;
-    off in PBT, which reports once per segment with the segment's bundle). Plain data: the
-    split topology turns it into Ray Train callbacks, which run in the Train controller."""
-
-    uri: str
-    run_id: str
-    tune_each_epoch: bool = True
-
-
 @dataclass
 class RunRequest:
     """One run of a pair. ``out``: the local folder for its outputs (:mod:`mergenet_core.io`);
@@ -38,6 +27,8 @@ class RunRequest:
     own), where bundles are mirrored or Train runs live; ``start``: a pair bundle to start from
     (a folder, or a checkpoint in storage: a PBT donor or the previous segment); ``segment``: a
     PBT segment (runs until ``until_epoch`` from ``start``, not resumed from its own bundle);
+    ``report``: each epoch's record goes to Tune (a grid trial; the one channel its MLflow
+    logging, progress lines and schedulers read: :mod:`orchestrator.tracking.channel`);
     ``plan``: what :meth:`Topology.plan` made of the config when the trial was resolved (``None``:
     the topology plans here)."""
 
@@ -46,7 +37,7 @@ class RunRequest:
     start: Any = None
     until_epoch: int | None = None
     keep_bundles: str = "last_and_best"
-    reporter: ReporterSpec | None = None
+    report: bool = False
     segment: bool = False
     plan: Any = None
 

@@ -51,8 +51,8 @@ class Inline(Topology):
 
     def run(self, cfg: PairConfig, req: RunRequest) -> dict:
         on_epoch = on_saved = None
-        if req.reporter is not None:
-            on_epoch, on_saved = _reporting(req.reporter)
+        if req.report:
+            on_epoch, on_saved = _reporting()
         remote = None if req.segment or req.store is None or req.store.local is not None else req.store / "inline"
         final = run_pair_inline(cfg, req.out, on_epoch=on_epoch, on_saved=on_saved, remote=remote,
                                 keep_bundles=req.keep_bundles, start_from=req.start, until_epoch=req.until_epoch)
@@ -77,26 +77,20 @@ class Inline(Topology):
         return None  # the next segment resumes from its own checkpoint.pt
 
 
-def _reporting(spec) -> tuple[Callable, Callable]:
-    """Each epoch to Tune at once (this process is the whole pair) and to MLflow once the
-    epoch's bundle is saved: a trial killed between an epoch's end and its bundle resumes from
-    the bundle before and runs that epoch again, which would otherwise log its metrics twice."""
+def _reporting() -> tuple[Callable, Callable]:
+    """Each epoch to Tune once the epoch's bundle is saved: a trial killed between an epoch's end
+    and its bundle resumes from the bundle before and runs that epoch again, which would
+    otherwise report it twice (and log it twice to MLflow, which reads Tune's results)."""
     from ray import tune
 
-    from orchestrator import tracking
-
-    c = tracking.client(spec.uri)
     pending: list[dict] = []
 
     def on_epoch(record: dict) -> None:
-        numbers = numeric(record)
-        pending.append(numbers)
-        if spec.tune_each_epoch:
-            tune.report(numbers)
+        pending.append(numeric(record))
 
     def on_saved(record: dict) -> None:
         for numbers in pending:
-            tracking.log_metrics(c, spec.run_id, numbers, step=int(numbers["epoch"]))
+            tune.report(numbers)
         pending.clear()
 
     return on_epoch, on_saved
@@ -117,7 +111,7 @@ def run_pair_inline(cfg: PairConfig, out: Path, *, on_epoch: Callable[[dict], No
                     on_saved: Callable[[dict], None] | None = None) -> dict:
     """Train (or resume) the pair in this process; returns the engine's summary.
 
-    ``on_epoch(record)``: each epoch's record (Tune report, MLflow). ``on_saved(record)``: called
+    ``on_epoch(record)``: each epoch's record (a Tune report once saved). ``on_saved(record)``: called
     once that epoch's bundle is on disk (and mirrored): what is logged there is never logged twice
     when an interrupted trial resumes from its last bundle. ``remote``: a bucket
     folder mirroring the bundles (``checkpoint.pt``, ``best.pt``). ``start_from``: a folder

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
-from ray.train import UserCallback
 
 MAX_PARAM_CHARS = 500
 CHUNK = 100
@@ -212,40 +211,3 @@ def children(c: MlflowClient, experiment_id: str, parent_run_id: str, page_size:
     return all_runs(c, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'", page_size)
 
 
-def learning_curve_png(history: list[dict], path: Path, title: str = "") -> Path:
-    """Validation/test accuracy per epoch for source and target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for role, style in (("target", "-"), ("source", "--")):
-        for split in ("val", "test"):
-            key = f"{role}/{split}_acc"
-            pts = [(r["epoch"], r[key]) for r in history if key in r]
-            if pts:
-                ax.plot(*zip(*pts), style, marker="o", label=key)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-class MlflowEpochLogger(UserCallback):
-    """Ray Train callback: logs rank 0's per-epoch metrics to a child run (runs in the Train
-    controller; holds only strings, so it pickles)."""
-
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        m = dict(metrics[0]) if metrics else {}
-        epoch = int(m.get("epoch", 0))
-        m = {k: v for k, v in m.items() if not k.startswith("checkpoint/")}  # bundle bookkeeping
-        log_metrics(client(self.uri), self.run_id, m, step=epoch)  # epoch/step: the metrics' step, not metrics

@@ -55,3 +55,29 @@ class MlflowEpochs(Callback):
             self._client = tracking.client(self.uri)
         for record in result.get(EPOCHS) or [result]:
             tracking.log_metrics(self._client, run_id, epoch_metrics(record), step=int(record.get("epoch", 0)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        """The epochs no result of this driver carried: a trial interrupted after reporting an
+        epoch that an earlier driver never read, and resumed past it. From the trial's
+        ``metrics.jsonl`` (in its folder once it ends), after its last result was logged."""
+        import json
+
+        from mergenet_core.io import METRICS
+        from orchestrator.cluster.storage import Location
+
+        run_id = self._run(trial)
+        f = Location.parse(self.grid_folder) / "trials" / trial.trial_id / "pair" / METRICS
+        if run_id is None or not f.exists():
+            return
+        history = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        log_missing_epochs(self._client or tracking.client(self.uri), run_id, history)
+
+
+def log_missing_epochs(c, run_id: str, history: list[dict]) -> None:
+    """The epoch records the run lacks (by the steps of its ``time/epoch_s``)."""
+    from mergenet_core.training.loop import numeric
+
+    logged = {m.step for m in c.get_metric_history(run_id, "time/epoch_s")}
+    for r in history:
+        if r["epoch"] not in logged:
+            tracking.log_metrics(c, run_id, numeric(r), step=int(r["epoch"]))

@@ -164,3 +164,28 @@ def learning_curves(history: pd.DataFrame, pair: str, label: str, path: Path,
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path, data
+
+
+def learning_curve_png(history: list[dict], path: Path, title: str = "") -> Path:
+    """Validation/test accuracy per epoch for source and target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for role, style in (("target", "-"), ("source", "--")):
+        for split in ("val", "test"):
+            key = f"{role}/{split}_acc"
+            pts = [(r["epoch"], r[key]) for r in history if key in r]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -56,14 +56,10 @@ class Split(Topology):
         plan = preflight(cfg, deep=req.store is None, plan=req.plan)
 
         callbacks = []
-        if req.reporter is not None:
+        if req.report:  # each epoch's train.report on to Tune: the trial's one channel
             from ray.tune.integration.ray_train import TuneReportCallback
 
-            from orchestrator import tracking
-
-            if req.reporter.tune_each_epoch:
-                callbacks.append(TuneReportCallback())
-            callbacks.append(tracking.MlflowEpochLogger(req.reporter.uri, req.reporter.run_id))
+            callbacks.append(TuneReportCallback())
         # where the Train run lives: OUT/ray/pair for a run of its own; a trial's folder (``train``),
         # or per PBT segment ``segments/seg-NNNN``, which starts from its bundle and never resumes
         path = fs = None
