@@ -77,13 +77,13 @@ def cmd_train(args) -> int:
         from mergenet_core.io.safe_io import load_checkpoint, ray_checkpoints
 
         load_checkpoint(ray_checkpoints(out)[-1])
-    if args.ray:  # the topology code a grid's trial runs (split unless the config names another)
+    if args.ray:  # the split topology's run, the code a grid trial of that topology runs
         from orchestrator import topology
         from orchestrator.cluster.connect import ensure_ray
 
         ensure_ray(args.address)
-        topo = topology.get("split" if cfg.ray.topology == "auto" else cfg.ray.topology)
-        final = topo.run(cfg, topology.RunRequest(out))
+        # a fresh run starts in a folder prepare_run_dir emptied; --resume restores the Train run there
+        final = topology.get("split").run(cfg, topology.RunRequest(out))
     else:
         from mergenet_core.training.engine import Engine
         from orchestrator import interrupts

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mergenet_core.config import deep_merge
@@ -118,8 +118,9 @@ def resolve(grid: GridConfig, point: tuple, sub: Submission | None = None, index
             "mergenet.topology": topo.name, **pair_labels(grid, pair)}
     if sub is not None:
         tags.update({"mlflow.parentRunId": sub.parent_run_id, "mergenet.git_sha": sub.sha})
-    key = f"{pair}/{arm}/s{seed}" + "".join(f" {k}={_fmt(hp_value)}" for k, hp_value in short.items()
-                                           if k not in ("arm", "pair"))
+    # every search value (a random draw's to 4 digits: its index follows)
+    values = {k: v if index is None else _fmt(str(v)) for k, v in hp.items()}
+    key = f"{pair}/{arm}/s{seed}" + "".join(f" {k}={v}" for k, v in values.items())
     if index is not None:
         key += f" #{index}"
     return TrialSpec(key, pair, arm, seed, dict(hp), cfg, topo.name, plan,
@@ -128,6 +129,7 @@ def resolve(grid: GridConfig, point: tuple, sub: Submission | None = None, index
 
 
 def _fmt(v: str) -> str:
+    """A random draw in a trial's key: a float to 4 significant digits."""
     try:
         return f"{float(v):.4g}" if "." in v or "e" in v else v
     except ValueError:
@@ -140,7 +142,12 @@ def resolve_all(grid: GridConfig, sub: Submission | None = None) -> dict[str, Tr
     plans: dict = {}
     specs = [resolve(grid, p, sub, i if random or grid.num_samples > 1 else None, plans)
              for i, p in enumerate(points(grid))]
-    return {s.key: s for s in specs}
+    out = {s.key: s for s in specs}
+    if len(out) != len(specs):  # every search value is in the key: this would be a bug of ours
+        from mergenet_core.errors import MergenetError
+
+        raise MergenetError(f"grid {grid.grid}: {len(specs) - len(out)} trials share a key with another")
+    return out
 
 
 def for_trial(specs: dict[str, TrialSpec], tune_config: dict, sub: Submission) -> TrialSpec:
@@ -149,9 +156,7 @@ def for_trial(specs: dict[str, TrialSpec], tune_config: dict, sub: Submission) -
     hp = dict(tune_config.get("hp") or {})
     if hp == spec.hp:
         return spec
-    new = resolve(sub.grid, (spec.pair, spec.arm, spec.seed, hp), sub)
-    return TrialSpec(spec.key, *[getattr(new, f) for f in ("pair", "arm", "seed", "hp", "config", "topology", "plan",
-                                                           "resources", "tags", "params", "run_name", "plugins")])
+    return replace(resolve(sub.grid, (spec.pair, spec.arm, spec.seed, hp), sub), key=spec.key)
 
 
 def config_hash(cfg, seed: bool = True) -> str:

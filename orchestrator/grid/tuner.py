@@ -9,6 +9,7 @@ MLflow runs. Storage (``storage_path``, ``--resume``) is a local folder or a buc
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -22,11 +23,12 @@ from orchestrator.grid.config import GridConfig
 from orchestrator.tracking import view
 from orchestrator.tracking.channel import MlflowEpochs
 from orchestrator.grid.progress import GridProgress, quiet_console
-from orchestrator.grid.spec import Submission, TrialSpec, axis, resolve_all
+from orchestrator.grid.spec import Submission, TrialSpec, axis, points, resolve_all
 from orchestrator.grid.trial import trial_fn
 from orchestrator.cluster.storage import Location
 
 GRID_FILE = "mergenet_grid.json"
+TRIALS_FILE = "mergenet_trials.json"  # every trial as resolved: key, pair, arm, seed, search values, topology
 PARENT_FILE = "mlflow_parent_run_id"
 
 
@@ -107,11 +109,15 @@ def run_grid(grid: GridConfig | None, address: str | None = None, resume_dir: st
         probe_address(address or os.environ["RAY_ADDRESS"], CONNECT_TIMEOUT_S)
     grid, exp_dir = _grid_folder(grid, resume_dir)
     sub, link = _open_submission(grid, exp_dir, uri)
-    specs = resolve_all(grid, sub)  # every trial resolved once, here
-    quiet_console(verbose=verbose, local_ray=not (address or os.environ.get("RAY_ADDRESS")))
-    # the driver's Ray loggers at WARNING: no "Started a local Ray instance" / Tune INFO lines
-    ensure_ray(address, **({} if verbose else {"logging_level": logging.WARNING}))
     c = tracking.client(uri)
+    try:
+        specs = _resolve(sub, bool(resume_dir))
+        quiet_console(verbose=verbose, local_ray=not (address or os.environ.get("RAY_ADDRESS")))
+        # the driver's Ray loggers at WARNING: no "Started a local Ray instance" / Tune INFO lines
+        ensure_ray(address, **({} if verbose else {"logging_level": logging.WARNING}))
+    except Exception as e:  # noqa: BLE001 - the submission's run ends FAILED with the reason
+        tracking.end_run(c, sub.parent_run_id, ok=False, reason=f"{type(e).__name__}: {e}")
+        raise
     results = _fit(c, sub, specs, exp_dir.parent, bool(resume_dir), verbose)
     errors = [r for r in results if r.error is not None]
     summary = {"experiment_id": sub.experiment_id, "parent_run_id": sub.parent_run_id, "storage": str(exp_dir),
@@ -128,12 +134,41 @@ def _grid_folder(grid: GridConfig | None, resume_dir: str | None) -> tuple[GridC
         exp_dir = Location.parse(resume_dir)
         if not (exp_dir / GRID_FILE).exists():
             raise MergenetError(f"--resume: {exp_dir} is not a mergenet grid folder (no {GRID_FILE})")
-        return GridConfig.model_validate_json((exp_dir / GRID_FILE).read_text()), exp_dir
+        grid = GridConfig.model_validate_json((exp_dir / GRID_FILE).read_text())
+        _check_trials(exp_dir, grid)
+        return grid, exp_dir
     storage = Location.parse(grid.storage_path or "runs/grids")
     exp_dir = storage / grid.grid
     if (exp_dir / GRID_FILE).exists():
         exp_dir.move_to(storage / f"{grid.grid}.{time.strftime('%Y%m%d-%H%M%S')}")  # keep the old submission's files
     return grid, exp_dir
+
+
+def _resolve(sub: Submission, resumed: bool) -> dict[str, TrialSpec]:
+    """Every trial resolved once, here, and recorded in the grid's folder; a resumed grid's
+    trials must resolve to the keys Tune's state holds."""
+    specs = resolve_all(sub.grid, sub)
+    f = sub.folder / TRIALS_FILE
+    if resumed and [r["key"] for r in json.loads(f.read_text())] != list(specs):
+        raise MergenetError(f"--resume: the trials of {sub.folder} resolve to other keys with this mergenet than "
+                            "when it started; run the grid again")
+    rows = [{"key": t.key, "pair": t.pair, "arm": t.arm, "seed": t.seed, "hp": t.hp, "topology": t.topology}
+            for t in specs.values()]
+    f.write_text(json.dumps(rows, indent=1, default=str))
+    return specs
+
+
+def _check_trials(exp_dir: Location, grid: GridConfig) -> None:
+    """A resumed grid finds its trials by key: they must resolve here as they did when it started."""
+    f = exp_dir / TRIALS_FILE
+    if not f.exists():
+        raise MergenetError(f"{exp_dir} was started by an older mergenet (no {TRIALS_FILE}: its trials were not "
+                            "resolved once); run the grid afresh (a search: `mergenet run GRID.yaml --reselect`)")
+    stored = [(r["pair"], r["arm"], r["seed"], r["hp"]) for r in json.loads(f.read_text())]
+    here = [(p, a, s, json.loads(json.dumps(hp, default=str))) for p, a, s, hp in points(grid)]
+    if stored != here:
+        raise MergenetError(f"the trials of {exp_dir} resolve differently with this mergenet ({len(here)} here, "
+                            f"{len(stored)} when it started); run the grid afresh (a search: `--reselect`)")
 
 
 def _open_submission(grid: GridConfig, exp_dir: Location, uri: str) -> tuple[Submission, str]:

@@ -159,7 +159,9 @@ def _orphan(c: MlflowClient, experiment_id: str, loc):
     """A run of ``loc`` created by a process killed before it recorded the run's id there: it names
     the folder in a tag and holds nothing yet (no params, no metrics). A run that holds something
     is an earlier run of a folder since emptied, and stays as it is."""
-    where = str(loc).replace("'", "\\'")
+    where = str(loc)
+    if "'" in where:  # not expressible in a search filter: no re-attachment for such a folder
+        return None
     for run in c.search_runs([experiment_id], f"tags.`{FOLDER_TAG}` = '{where}'",
                              order_by=["attributes.start_time DESC"], max_results=20):
         if not run.data.params and not run.data.metrics:
