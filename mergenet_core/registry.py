@@ -29,8 +29,12 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, kind: str):
+    """``check``: called with each new :class:`Entry`; raises ``ValueError`` for a bad one (a
+    plugin's mistake surfaces where it registers, naming the entry)."""
+
+    def __init__(self, kind: str, check: Callable[[Entry], None] | None = None):
         self.kind = kind
+        self.check = check
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, options: type[BaseModel] | None = None, **meta: Any):
@@ -39,7 +43,13 @@ class Registry:
         def deco(fn):
             if name in self._entries:
                 raise ValueError(f"{self.kind} '{name}' registered twice")
-            self._entries[name] = Entry(name, fn, options or getattr(fn, "Options", NoOptions), dict(meta))
+            entry = Entry(name, fn, options or getattr(fn, "Options", NoOptions), dict(meta))
+            if not (isinstance(entry.options, type) and issubclass(entry.options, BaseModel)):
+                raise ValueError(f"{self.kind} '{name}': options must be a pydantic model class, "
+                                 f"not {entry.options!r}")
+            if self.check is not None:
+                self.check(entry)
+            self._entries[name] = entry
             return fn
 
         return deco

@@ -106,6 +106,10 @@ class ExperimentConfig(Strict):
     recipe: Recipe = Field(default_factory=Recipe)
     method: MethodSpec = Field(default_factory=MethodSpec)
     checkpoint_every: PositiveInt = Field(1, description="checkpoint every N epochs (and at the end)")
+    plugins: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(
+        default_factory=list,
+        description="modules that register models, tasks, methods or modalities: importable names, or .py files "
+                    "(relative to this config file); imported in every process that validates or builds the pair")
 
     @model_validator(mode="before")
     @classmethod
@@ -193,7 +197,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     data = read_yaml_file(path) or {}  # bounded: size, nesting, alias expansion; strict UTF-8
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: top level must be a mapping")
-    _resolve_init_paths(data, path.parent)
+    resolve_paths(data, path.parent)
     bases = data.pop("extends", None)
     if bases is None:
         return data
@@ -209,23 +213,39 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     return deep_merge(merged, data)
 
 
-def _resolve_init_paths(data: Any, base: Path) -> None:
-    """Make every ``init_from`` path in a file relative to that file (URIs and absolute paths
-    stay as they are)."""
+#: model / task options that name files: a relative one is resolved against the config file
+#: that gives it (``root`` always; the others where the file exists there, since a Hugging Face
+#: model or tokenizer may also be a name in the local cache)
+PATH_OPTIONS = {"root": True, "weights": False, "checkpoint": False, "path": False, "tokenizer": False}
+DATA_ENV = "MERGENET_DATA"
+
+
+def resolve_paths(data: Any, base: Path, _where: tuple[str, ...] = ()) -> None:
+    """Make every path a config file gives absolute, relative to ``base`` (the file's folder):
+    ``init_from``, ``plugins`` files (``.py``), and the :data:`PATH_OPTIONS` of a model's or a
+    task's ``options``. ``$MERGENET_DATA`` (or ``${MERGENET_DATA}``) at the start of a data path
+    is that variable's folder, and a relative ``root`` that is missing beside the file is looked
+    for under it. URIs and absolute paths stay as they are. Runs when a config is read (the
+    trial receives absolute paths, never a process's working directory)."""
     if isinstance(data, list):
-        for v in data:
-            _resolve_init_paths(v, base)
+        for i, v in enumerate(data):
+            resolve_paths(v, base, (*_where, str(i)))
         return
     if not isinstance(data, dict):
         return
+    in_options = len(_where) >= 2 and _where[-1] == "options" and _where[-2] in ("model", "task")
     for k, v in data.items():
         if k == "init_from":
             if isinstance(v, str):
                 data[k] = _resolve_path(v, base)
             elif isinstance(v, dict) and isinstance(v.get("path"), str):
                 v["path"] = _resolve_path(v["path"], base)
+        elif k == "plugins" and isinstance(v, list):
+            data[k] = [_resolve_path(p, base) if isinstance(p, str) and p.endswith(".py") else p for p in v]
+        elif in_options and k in PATH_OPTIONS and isinstance(v, str):
+            data[k] = _resolve_data_path(v, base, PATH_OPTIONS[k], ".".join((*_where, k)))
         else:
-            _resolve_init_paths(v, base)
+            resolve_paths(v, base, (*_where, str(k)))
 
 
 def _resolve_path(p: str, base: Path) -> str:
@@ -233,6 +253,26 @@ def _resolve_path(p: str, base: Path) -> str:
     if "://" in p or Path(p).is_absolute() or not p or p.startswith("sources:"):
         return p
     return str((base / p).resolve())
+
+
+def _resolve_data_path(p: str, base: Path, always: bool, field: str) -> str:
+    import os
+
+    for prefix in (f"${{{DATA_ENV}}}", f"${DATA_ENV}"):
+        if p.startswith(prefix):
+            root = os.environ.get(DATA_ENV)
+            if not root:
+                raise ConfigError(field, f"{short(p)}: ${DATA_ENV} is not set (export {DATA_ENV}=/folder/of/your/data)")
+            return str(Path(root, p[len(prefix):].lstrip("/")).resolve())
+    if "://" in p or Path(p).is_absolute() or not p:
+        return p
+    here = (base / p).resolve()
+    if here.exists() or (always and not os.environ.get(DATA_ENV)):
+        return str(here)
+    under = Path(os.environ.get(DATA_ENV, ""), p).resolve() if os.environ.get(DATA_ENV) else None
+    if under is not None and under.exists():
+        return str(under)
+    return str(here) if always else p
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

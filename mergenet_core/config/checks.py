@@ -14,12 +14,13 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from . import (ConfigErrors, ExperimentConfig, _drop_inherited_recipe_errors, apply_overrides,
-               format_validation_error, read_yaml)
+               format_validation_error, read_yaml, resolve_paths)
 from ..data import TASKS
 from ..data.modality import mismatch
 from ..errors import ConfigError
 from ..methods import METHODS
 from ..models import MODELS
+from ..plugins import load_plugins
 
 
 def check_registries(cfg: ExperimentConfig) -> list[str]:
@@ -55,6 +56,7 @@ def check_registries(cfg: ExperimentConfig) -> list[str]:
 
 
 def parse_config(data: dict, schema: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
+    load_config_plugins(data)
     try:
         cfg = schema.model_validate(data)
     except ValidationError as e:
@@ -62,7 +64,36 @@ def parse_config(data: dict, schema: type[ExperimentConfig] = ExperimentConfig) 
     lines = check_registries(cfg)
     if lines:
         raise ConfigErrors(lines)
+    fill_task_defaults(cfg)
     return cfg
+
+
+def load_config_plugins(data: dict) -> None:
+    """Import a config mapping's ``plugins:`` (and the installed entry points) before anything
+    looks a name up in a registry; a failing plugin is one ``plugins: ...`` line."""
+    plugins = data.get("plugins") if isinstance(data, dict) else None
+    specs = [p for p in plugins if isinstance(p, str)] if isinstance(plugins, list) else []
+    try:
+        load_plugins(specs)
+    except ConfigError as e:
+        raise ConfigErrors([str(e)]) from None
+
+
+def fill_task_defaults(cfg: ExperimentConfig) -> None:
+    """A model entry's ``task_defaults`` (options -> task options, e.g. a Hugging Face model's own
+    tokenizer) fill the role's task options the user left unset and the task's options model
+    knows; written into the config, so every process that receives it tokenises alike."""
+    for role in ("source", "target"):
+        spec = getattr(cfg, role)
+        if spec is None:
+            continue
+        defaults = MODELS.get(spec.model.name).meta.get("task_defaults")
+        if defaults is None:
+            continue
+        known = TASKS.get(spec.task.name).options.model_fields
+        for key, value in defaults(MODELS.options(spec.model.name, spec.model.options)).items():
+            if key in known and spec.task.options.get(key) is None and value is not None:
+                spec.task.options[key] = value
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None,
@@ -70,6 +101,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
     """Read, merge, override and fully validate an experiment config file."""
     try:
         data = apply_overrides(read_yaml(path), overrides or [])
+        resolve_paths(data, Path.cwd())  # what --set gave is relative to where the command runs
     except ConfigError as e:
         raise ConfigErrors([str(e)]) from None
     return parse_config(data, schema)

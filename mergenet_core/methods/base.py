@@ -37,7 +37,15 @@ from ..registry import NoOptions, Registry
 if TYPE_CHECKING:  # the config module never imports methods; no cycle at run time either
     from ..config import ExperimentConfig
 
-METHODS = Registry("method")
+
+
+def _check_entry(entry) -> None:
+    """A method is a :class:`Method` subclass (the one contract hosts call)."""
+    if not (isinstance(entry.fn, type) and issubclass(entry.fn, Method)):
+        raise ValueError(f"method '{entry.name}': {entry.fn!r} is not a subclass of mergenet_core.methods.Method")
+
+
+METHODS = Registry("method", check=_check_entry)
 
 
 @dataclass(frozen=True)

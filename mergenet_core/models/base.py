@@ -12,7 +12,20 @@ from ..data.modality import mismatch
 from ..errors import ConfigError
 from ..registry import Registry
 
-MODELS = Registry("model")
+
+
+def _check_entry(entry) -> None:
+    """A model entry declares the input it takes (``modality=``, a registered modality)."""
+    from ..data.modality import MODALITIES
+
+    if entry.meta.get("modality") not in MODALITIES:
+        raise ValueError(f"model '{entry.name}': modality= must be one of {MODALITIES.names()}, "
+                         f"not {entry.meta.get('modality')!r}")
+    if not callable(entry.fn):
+        raise ValueError(f"model '{entry.name}': {entry.fn!r} is not a builder (options, info) -> nn.Module")
+
+
+MODELS = Registry("model", check=_check_entry)
 
 
 def build_model(name: str, options: dict | BaseModel | None, info: TaskInfo) -> nn.Module:

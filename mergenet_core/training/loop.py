@@ -23,6 +23,7 @@ import torch
 from ..config.checks import method_options
 from ..config import ExperimentConfig
 from ..errors import ConfigError, short
+from ..plugins import load_plugins
 from ..methods import METHODS, Method
 from .roles import Role, build_role, build_weightless_role
 from ..io import FINAL, METRICS  # noqa: F401 (re-exported)
@@ -52,6 +53,9 @@ def numeric(record: dict) -> dict[str, float]:
 
 
 def build_method(cfg: ExperimentConfig) -> Method:
+    """The config's method, with its plugins imported first (every process that builds a pair
+    builds its method here, so a plugin's models, tasks and methods exist wherever it runs)."""
+    load_plugins(cfg.plugins)
     return METHODS.get(cfg.method.name, "method.name").fn(method_options(cfg), cfg)
 
 

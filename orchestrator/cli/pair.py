@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from mergenet_core.errors import MergenetError
+from mergenet_core.errors import ConfigError, MergenetError
 
 from .common import EXIT_USAGE, PROG, fail
 
@@ -109,16 +109,12 @@ def _saved_epoch(out: Path) -> int:
 
 
 def cmd_pairs(args) -> int:
-    from mergenet_core.data import get_modality
-    from mergenet_core.models import MODELS, build_model
     from mergenet_core.models.inspect import describe, rank_targets, suggest_pairs
 
     models = {}
-    for role, name in (("source", args.source), ("target", args.target)):
-        # built on its modality's stand-in task (no data read)
-        info = get_modality(MODELS.get(name).meta.get("modality", "image")).example_info(args.num_classes)
-        models[role] = build_model(name, {}, info)
-        rows = describe(models[role])
+    for role, (name, model) in _pair_models(args).items():
+        models[role] = model
+        rows = describe(model)
         print(f"# {role}: {name} ({sum(r.numel for r in rows):,} parameters)")
         for r in rows:
             if len(r.shape) >= 2 or args.all:
@@ -134,3 +130,41 @@ def cmd_pairs(args) -> int:
     for s, t, why in suggest_pairs(models["source"], models["target"]):
         print(f"  - {{source: {s}, target: {t}}}   # {why}")
     return 0
+
+
+def _pair_models(args) -> dict:
+    """role -> (label, model built without weights): from ``--config``'s roles on their tasks'
+    probed shapes, else the named models with their ``--*-options`` on their modality's
+    stand-in task (no data read either way)."""
+    from mergenet_core.config import ConfigErrors
+    from mergenet_core.data import get_modality, probe_task
+    from mergenet_core.io.safe_yaml import load_yaml_text
+    from mergenet_core.models import MODELS, build_model_shapes
+    from mergenet_core.plugins import load_plugins
+
+    load_plugins(args.plugin)
+    if args.config:
+        cfg = _load(args.config)
+        specs = {r: (getattr(cfg, r).model.name, getattr(cfg, r).model.options,
+                     probe_task(getattr(cfg, r).task.name, getattr(cfg, r).task.options).info)
+                 for r in ("source", "target") if getattr(cfg, r) is not None}
+        if len(specs) < 2:
+            raise ConfigErrors(["source: the config has no source model to pair"])
+    else:
+        if not (args.source and args.target):
+            raise ConfigErrors(["pairs: give SOURCE and TARGET model names, or --config PAIR.yaml"])
+        specs = {}
+        for role, name, raw in (("source", args.source, args.source_options),
+                                ("target", args.target, args.target_options)):
+            opts = load_yaml_text(raw, f"--{role}-options") if raw else {}
+            if not isinstance(opts, dict):
+                raise ConfigErrors([f"--{role}-options: a mapping, e.g. '{{name: resnet18}}'"])
+            modality = MODELS.get(name, f"{role}").meta.get("modality", "image")
+            specs[role] = (name, opts, get_modality(modality).example_info(args.num_classes))
+    out = {}
+    for role, (name, opts, info) in specs.items():
+        try:
+            out[role] = (name + (f" {opts}" if opts else ""), build_model_shapes(name, opts, info))
+        except ConfigError as e:
+            raise ConfigErrors([f"{role}.{e}"]) from None
+    return out

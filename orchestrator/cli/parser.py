@@ -42,9 +42,18 @@ def _pair_commands(sub) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
 
-    pr = sub.add_parser("pairs", help="list two models' parameters and suggest layer pairs")
-    pr.add_argument("source")
-    pr.add_argument("target")
+    pr = sub.add_parser("pairs", help="list two models' parameters and suggest layer pairs",
+                        description="Two registered models by name (with their options), or the source and target "
+                                    "of a pair config (--config), built without weights on their tasks' shapes.")
+    pr.add_argument("source", nargs="?", help="model name (e.g. resnet18, torchvision, hf)")
+    pr.add_argument("target", nargs="?", help="model name")
+    pr.add_argument("--source-options", default=None, metavar="YAML",
+                    help="the source model's options, e.g. '{name: resnet50, kwargs: {width_per_group: 32}}'")
+    pr.add_argument("--target-options", default=None, metavar="YAML", help="the target model's options")
+    pr.add_argument("--config", default=None, metavar="PAIR.yaml",
+                    help="take both models (and their tasks and plugins) from a pair config")
+    pr.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                    help="import a plugin first (repeatable; installed entry points always load)")
     pr.add_argument("--num-classes", type=int, default=10)
     pr.add_argument("--all", action="store_true", help="include 1-D parameters")
     pr.add_argument("--top", type=int, default=10, help="how many ranked target candidates to list")

@@ -187,6 +187,9 @@ class GridConfig(_Strict):
         default_factory=dict, description="NAME -> a train config (as `mergenet train` takes; method alone by "
                                           "default): models trained (or reused from cache) before the trials; "
                                           "any init_from may name one as `sources:NAME` (orchestrator/grid/sources.py)")
+    plugins: list[str] = Field(default_factory=list, description="modules or .py files (relative to the grid file) "
+                                                                 "that register models, tasks, methods or modalities: "
+                                                                 "every trial and source imports them")
     storage_path: str | None = Field(None, description="Tune/Train storage (default ./runs/grids): a local path, or "
                                                        "a bucket URI (s3://bucket/prefix, gs://...) on clusters")
 
@@ -276,6 +279,8 @@ class GridConfig(_Strict):
                     **({"gpus_per_worker": r.gpus_per_worker} if r.gpus_per_worker is not None else {}),
                     "adapter": {"num_cpus": r.adapter_num_cpus, "num_gpus": r.adapter_num_gpus}},
         })
+        if self.plugins:
+            d["plugins"] = list(dict.fromkeys([*self.plugins, *d.get("plugins", [])]))
         if not uses_source(method):  # e.g. alone: no source model to build
             d.pop("source", None)
         elif p.source is not None:
@@ -290,7 +295,7 @@ class GridConfig(_Strict):
         """The declared sources' validated configs and their cache folders."""
         from orchestrator.grid import sources
 
-        configs = sources.source_configs(self.sources)
+        configs = sources.source_configs(self.sources, self.plugins)
         return configs, sources.source_dirs(configs, self.storage_path)
 
     def trial_config(self, pair: str, arm: str, seed: int, hp: dict[str, Any] | None = None) -> PairConfig:

@@ -83,15 +83,18 @@ def sources_root(storage_path: str | None):
     return Location.parse(storage_path or "runs/grids").parent / "sources"
 
 
-def source_configs(sources: dict[str, dict]) -> dict[str, Any]:
-    """NAME -> validated pair config; ``ConfigErrors`` lines name ``sources.NAME.<field>``."""
+def source_configs(sources: dict[str, dict], plugins: list[str] = ()) -> dict[str, Any]:
+    """NAME -> validated pair config (the grid's ``plugins`` added to each); ``ConfigErrors``
+    lines name ``sources.NAME.<field>``."""
     from mergenet_core.config import ConfigErrors
     from orchestrator.config import parse_config
 
     out, lines = {}, []
     for name, data in sources.items():
         try:
-            out[name] = parse_config({"name": f"source-{name}", **data})
+            own = data.get("plugins") or []
+            extra = {"plugins": list(dict.fromkeys([*plugins, *own]))} if plugins else {}
+            out[name] = parse_config({"name": f"source-{name}", **data, **extra})
         except ConfigErrors as e:
             lines.extend(f"sources.{name}.{line}" for line in e.lines)
         except ConfigError as e:

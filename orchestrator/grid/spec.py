@@ -125,7 +125,7 @@ def resolve(grid: GridConfig, point: tuple, sub: Submission | None = None, index
         key += f" #{index}"
     return TrialSpec(key, pair, arm, seed, dict(hp), cfg, topo.name, plan,
                      tuple(topo.resources(cfg, grid.resources.trial_driver_cpus)), tags, params,
-                     run_name(arm, seed, pair, short), sub.plugins if sub is not None else ())
+                     run_name(arm, seed, pair, short), tuple(cfg.plugins))
 
 
 def _fmt(v: str) -> str:

@@ -21,6 +21,7 @@ from ray import tune
 
 from mergenet_core.io import CONFIG, CURVE, FINAL, METRICS, PAIR_OUTPUTS, PLACEMENT
 from mergenet_core.io.outputs import RunOutputs, summarise
+from mergenet_core.plugins import load_plugins
 from orchestrator import topology, tracking
 from orchestrator.tracking import figures
 from orchestrator.grid.spec import Submission, TrialSpec, for_trial
@@ -49,7 +50,9 @@ def _quiet_sigterm_exit(unraisable) -> None:
 def trial_fn(config: dict, sub: Submission, specs: dict[str, TrialSpec]) -> None:
     """Tune trial driver: one pair, one MLflow child run, from the trial's resolved spec."""
     sys.unraisablehook = _quiet_sigterm_exit
+    load_plugins(sub.plugins)  # before a PBT-mutated trial's config is parsed
     spec = for_trial(specs, config["trial"], sub)
+    load_plugins(spec.plugins)
     trial_id = tune.get_context().get_trial_id()
     trial_dir = trial_folder(sub.folder, trial_id)
     # pair outputs: straight into the trial folder when it is local, else a local scratch
