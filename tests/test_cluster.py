@@ -298,6 +298,14 @@ def test_build_job_ships_the_working_dir_and_respects_grid_storage(tmp_path):
 
     with pytest.raises(MergenetError, match="inside the shipped working directory"):
         build_job(wd / "experiments" / "grid.yaml", working_dir=wd / "orchestrator", deep=False)
+    # a plugin file travels with the job only from inside the working directory
+    (tmp_path / "outside.py").write_text("")
+    (wd / "experiments" / "inside.py").write_text("")
+    build_job(wd / "experiments" / "grid.yaml", [f"plugins=[{wd / 'experiments' / 'inside.py'}]"], working_dir=wd,
+              deep=False)
+    with pytest.raises(MergenetError, match=r"^plugins: .*outside.py lies outside the shipped working directory"):
+        build_job(wd / "experiments" / "grid.yaml", [f"plugins=[{tmp_path / 'outside.py'}]"], working_dir=wd,
+                  deep=False)
 
 
 def test_resume_job_points_mergenet_run_at_the_storage_folder(tmp_path):

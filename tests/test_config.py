@@ -170,7 +170,9 @@ def test_validate_subprocess_ok(tmp_path):
     path = write_yaml(tmp_path / "good.yaml", tiny_pair("mergenet", opts))
     proc = run_cli("validate", str(path), "--set", "method.options.t_cycle=2")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"ok: {path}"
+    note, ok = proc.stdout.strip().splitlines()  # the adapters' size stated, then ok
+    assert ok == f"ok: {path}"
+    assert note.startswith(f"note: {path}: method.options.adapter: 1 adapter(s), ") and "trainable parameters" in note
     assert proc.stderr == ""
 
 

@@ -409,7 +409,7 @@ def test_validate_warns_for_an_unnormalised_mergenet_target(tmp_path, capsys):
     path = write_yaml(tmp_path / "pair.yaml", cfg)
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr()
-    assert out.out.strip() == f"ok: {path}"
+    assert out.out.strip().splitlines()[-1] == f"ok: {path}"
     warns = [l for l in out.err.splitlines() if l.startswith("warning:")]
     assert len(warns) == 1 and "layer_pairs.0.target" in warns[0] and "classifier.weight" in warns[0]
     ok = write_yaml(tmp_path / "ok.yaml", _mergenet_pair())
@@ -484,3 +484,20 @@ def test_untrained_source_of_a_pretrained_model_is_randomly_initialised():
     # the target keeps its pretrained weights in both arms
     torch.testing.assert_close(trained.roles["target"].model.get_parameter(name),
                                ctl.roles["target"].model.get_parameter(name))
+
+
+def test_validate_states_the_adapters_size_and_refuses_what_cannot_fit(tmp_path, capsys, monkeypatch):
+    """The adapters' parameters and training memory are stated; adapters that would not fit the
+    memory of the device they train on are refused with the field named (the machine's memory
+    stands in for a GPU's here: the bytes per parameter are raised until they cannot fit)."""
+    from mergenet_core.methods.mergenet import method as mergenet_method
+
+    path = write_yaml(tmp_path / "ok.yaml", _mergenet_pair())
+    assert main(["validate", str(path)]) == 0
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note:")]
+    assert len(notes) == 1 and "method.options.adapter: 1 adapter(s), " in notes[0] and " MiB to train" in notes[0]
+    monkeypatch.setattr(mergenet_method, "ADAPTER_BYTES_PER_PARAM", 2**40)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: method.options.adapter: the adapters (")
+    assert "GiB to train but this machine's memory has" in err[0], err

@@ -7,10 +7,10 @@ by the loop below, so nothing else in the code base changes (docs/ARCHITECTURE.m
 import importlib
 import pkgutil
 
-from .base import METHODS, Method
+from .base import METHODS, Method, Note
 
 for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _m.name != "base":
         importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["METHODS", "Method"]
+__all__ = ["METHODS", "Method", "Note"]

@@ -65,6 +65,11 @@ class Roles:
     shared_batch: str | None = None
 
 
+class Note(str):
+    """A line of :meth:`Method.config_warnings` that states a fact about the config (e.g. the
+    adapters' size) rather than a risk; it stays a ``Note`` where a caller prefixes it
+    (``Note(f"{where}: {note}")``)."""
+
 class ExchangeAPI(Protocol):
     """What role processes call on a method's exchange (in-process object or a Ray proxy)."""
 
@@ -131,7 +136,8 @@ class Method:
 
     def config_warnings(self, roles: dict) -> list[str]:
         """``field: problem`` lines for settings that run but are risky (``mergenet validate``
-        prints them as warnings; exit 0)."""
+        prints them as warnings; exit 0). A :class:`Note` among them is a statement, not a
+        risk (``mergenet validate`` prints it as a note)."""
         return []
 
     def ready(self, roles: dict, steps_per_epoch: int) -> None:

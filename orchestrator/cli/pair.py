@@ -19,6 +19,7 @@ def _load(path: str, overrides: list[str] | None = None):
 
 def cmd_validate(args) -> int:
     from mergenet_core.config import ConfigErrors
+    from mergenet_core.methods import Note
 
     bad = 0
     for path in args.configs:
@@ -28,8 +29,9 @@ def cmd_validate(args) -> int:
                 print(f"{path}: building every pair (--deep: data, weights, adapters) ...", file=sys.stderr,
                       flush=True)
             load_any(path, args.set, warnings, deep=args.deep)
-            for w in warnings:
-                print(f"warning: {path}: {w}", file=sys.stderr)
+            for w in warnings:  # a method's Note states a fact (e.g. the adapters' size): on stdout
+                note = isinstance(w, Note)
+                print(f"{'note' if note else 'warning'}: {path}: {w}", file=sys.stdout if note else sys.stderr)
             print(f"ok: {path}")
         except ConfigErrors as e:
             bad += 1

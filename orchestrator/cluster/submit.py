@@ -150,6 +150,10 @@ def build_job(grid_path: str | Path, overrides: list[str] | None = None, working
     if any(gp.is_relative_to(wd / ex.rstrip("/")) for ex in EXCLUDES if ex.endswith("/") and "*" not in ex):
         raise MergenetError(f"{grid_path}: lies in a folder that is not shipped with the job ({EXCLUDES})")
 
+    for plugin in [*grid.plugins, *grid.base.get("plugins", [])]:  # shipped with the job, or refused here
+        if plugin.endswith(".py") and not Path(plugin).resolve().is_relative_to(wd):
+            raise MergenetError(f"plugins: {plugin} lies outside the shipped working directory {wd} "
+                                "(move it beside the grid, or pass --working-dir)")
     entry, storage_note = _entrypoint(grid, rel, overrides, storage_path, python)
     env_vars = _job_env(mlflow_uri, storage_path, env)
     check_job_env(env_vars)

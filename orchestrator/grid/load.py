@@ -72,7 +72,7 @@ def _check_layers_and_metrics(grid: GridConfig, cfg: PairConfig, method: str, wh
     with validating():  # a source not trained yet is checked at its planned shapes
         lines = [f"{where}: {line}" for line in check_layers(cfg, found, build=build)]
     if warnings is not None:
-        warnings.extend(f"{where}: {w}" for w in found)
+        warnings.extend(type(w)(f"{where}: {w}") for w in found)  # a method's Note stays one
     checks = [("scheduler.metric", grid.scheduler.metric)] if grid.scheduler.name != "fifo" else []
     if grid.select is not None and method in grid.select.arms and grid.select.scheduler.name != "fifo":
         checks.append(("select.scheduler.metric", grid.select.scheduler.metric))

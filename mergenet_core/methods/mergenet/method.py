@@ -17,7 +17,7 @@ import torch
 from ...errors import ConfigError, short
 from ...lowrank import make_encoding, rms
 from ...training.roles import derive_seed
-from ..base import Method, Roles
+from ..base import Method, Note, Roles
 from .exchange import Exchange
 from .hub import AdapterHub
 from .links import exact_grad, make_links
@@ -56,6 +56,28 @@ def _adapter_error(e: ValueError) -> ConfigError:
     field = ("method.options.adapter.heads" if "heads" in str(e) else
              "method.options.adapter.anchor" if "anchor" in str(e) else "method.options")
     return ConfigError(field, short(str(e), 160))
+
+
+#: fp32 weights, gradients and Adam's two moments
+ADAPTER_BYTES_PER_PARAM = 16
+
+
+def device_memory(device: torch.device, configured: str) -> tuple[str, int] | None:
+    """(what, bytes) of memory on ``device``; for the ``meta`` device of fast validation, on the
+    device the config names (None when this machine has no such device: nothing to check)."""
+    import os
+
+    if device.type == "meta":
+        cuda = configured == "cuda" or (configured == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda" if cuda else "cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(device)
+        return f"the GPU ({props.name})", int(props.total_memory)
+    if device.type == "cpu":
+        return "this machine's memory", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
 
 
 class MergeNet(Method):
@@ -144,6 +166,10 @@ class MergeNet(Method):
         from ...models.inspect import normalised_layers
 
         out, normed = [], {}
+        if self.exchange is not None and hasattr(self.exchange, "hub"):
+            n, need = self.adapter_size()
+            out.append(Note(f"method.options.adapter: {len(self.links)} adapter(s), {n:,} trainable parameters, "
+                            f"~{need / 2**20:,.0f} MiB to train (fp32 weights, gradients, Adam moments)"))
         for i, lp in enumerate(self.options.layer_pairs):
             if lp.output_scale == "none" and lp.mode in ("svd", "learned"):
                 out.append(f"method.options.layer_pairs.{i}.output_scale: 'none' with mode {lp.mode} writes the "
@@ -186,6 +212,23 @@ class MergeNet(Method):
                 self.exchange = Exchange(self.make_hub(steps_per_epoch, roles["target"].device))
             except ValueError as e:  # e.g. more heads than the adapter's width allows
                 raise _adapter_error(e) from None
+            self._check_adapter_fits(roles["target"].device)
+
+    def adapter_size(self) -> tuple[int, int]:
+        """(trainable adapter parameters over every link, bytes to train them: fp32 weights,
+        gradients and the two Adam moments); needs :meth:`ready`."""
+        n = sum(self.exchange.hub.param_counts().values())
+        return n, n * ADAPTER_BYTES_PER_PARAM
+
+    def _check_adapter_fits(self, device: torch.device) -> None:
+        """Refuse adapters that cannot train in the memory of the device they are placed on (the
+        target's; in fast validation, the one ``device`` names, when this machine has it)."""
+        budget = device_memory(device, self.cfg.device)
+        n, need = self.adapter_size()
+        if budget is not None and need > budget[1]:
+            raise ConfigError("method.options.adapter", f"the adapters ({n:,} parameters) need ~{need / 2**30:.1f} GiB "
+                              f"to train but {budget[0]} has {budget[1] / 2**30:.1f} GiB: fewer layers or heads, "
+                              "a smaller rank, or preset clean")
 
     def exchange_spec(self) -> dict:
         """The link shapes: all a process without the models needs to build the adapters."""
