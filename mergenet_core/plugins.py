@@ -60,6 +60,9 @@ def _load_entry_points() -> None:
 
 
 def _guarded(what: str, load):
+    from .models.vision import import_torchvision
+
+    import_torchvision(required=False)  # a plugin may import torchvision or transformers (models/vision.py)
     try:
         return load()
     except MergenetError as e:

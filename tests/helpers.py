@@ -412,3 +412,30 @@ def assert_no_import_cycle(package: str) -> None:
         if m not in state:
             visit(m, [])
 
+
+
+def fmnist_image_folder(root: str | Path, train_per_class: int = 20, test_per_class: int = 8,
+                        splits: tuple[str, ...] = ("train", "test")) -> Path:
+    """An image folder in the torchvision ImageFolder layout (``root/SPLIT/CLASS/*.png``) written
+    from the first Fashion-MNIST images of each class (train from its training file, the other
+    splits from its test file); returns ``root``. Written once per ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    from mergenet_core.data.images import FMNIST_CLASSES, FMNIST_ROOT, read_idx
+
+    root = Path(root)
+    if (root / splits[0]).is_dir():
+        return root
+    sets = {"train": ("train", train_per_class), "test": ("t10k", test_per_class), "val": ("t10k", test_per_class)}
+    for split in splits:
+        prefix, per_class = sets[split]
+        x = read_idx(Path(FMNIST_ROOT) / f"{prefix}-images-idx3-ubyte.gz", 0x803)
+        y = read_idx(Path(FMNIST_ROOT) / f"{prefix}-labels-idx1-ubyte.gz", 0x801)
+        skip = test_per_class if split == "val" else 0  # val and test: different test images
+        for c, name in enumerate(FMNIST_CLASSES):
+            folder = root / split / name.replace("/", "-")
+            folder.mkdir(parents=True)
+            for i in np.nonzero(y == c)[0][skip:skip + per_class]:
+                Image.fromarray(x[i]).save(folder / f"{i:05d}.png")
+    return root

