@@ -67,3 +67,44 @@ def test_a_grid_mixing_a_builtin_and_a_bring_your_own_pair_runs_and_reports(tmp_
     assert sorted((x.data.tags["mergenet.pair"], x.data.tags["mergenet.arm"]) for x in runs) == sorted(
         (p, a) for p in ("builtin", "lab-mnv2") for a in ("alone", "kd", "mergenet"))
     assert all(x.info.status == "FINISHED" and "target/test_acc" in x.data.metrics for x in runs)
+
+
+def test_a_hugging_face_pair_on_a_csv_table_trains_with_each_models_tokenizer(tmp_path):
+    """Two Transformers models from a local folder (the MiniLM package's files: one pretrained
+    classifier, one from its config alone) on a CSV of Rotten Tomatoes snippets with string labels;
+    the table is tokenised by each model's own tokenizer unless the task names one. KD, one epoch."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from mergenet_core.data.text import TextOptions, _rotten_tomatoes_raw, _rt_folder, minilm_path
+    from orchestrator.config import load_config
+
+    texts, labels = _rotten_tomatoes_raw(_rt_folder(TextOptions()))
+    lab = tmp_path / "lab"
+    (lab / "reviews").mkdir(parents=True)
+    rows = list(range(0, 400, 2))
+    t = pa.table({"review": [texts[i] for i in rows], "sentiment": ["rotten" if labels[i] else "fresh" for i in rows]})
+    pacsv.write_csv(t.slice(0, 160), lab / "reviews" / "train.csv")
+    pacsv.write_csv(t.slice(160), lab / "reviews" / "test.csv")
+    shutil.copytree(minilm_path(), lab / "models" / "minilm")
+    task = {"name": "text_table", "options": {"root": "reviews", "text_column": "review", "label_column": "sentiment",
+                                              "max_length": 32, "val_fraction": 0.25}}
+    cfg = write_yaml(lab / "pair.yaml", {
+        "name": "hf-pair", "device": "cpu",
+        "recipe": {"epochs": 1, "batch_size": 16, "steps_per_epoch": 2, "eval_batch_size": 64,
+                   "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0}},
+        "source": {"model": {"name": "hf", "options": {"path": "models/minilm", "head": "encoder"}}, "task": task},
+        "target": {"model": {"name": "hf", "options": {"path": "models/minilm", "pretrained": False}}, "task": task},
+        "method": {"name": "kd"}})
+    parsed = load_config(cfg)
+    assert parsed.target.task.options["tokenizer"] == str((lab / "models" / "minilm").resolve())  # the model's own
+    assert parsed.target.task.options["root"] == str((lab / "reviews").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run_cli("train", cfg, "--out", tmp_path / "out", "--quiet", cwd=elsewhere, timeout=600, check=0)
+    import json
+
+    final = json.loads((tmp_path / "out" / "final.json").read_text())
+    assert 0.0 <= final["target/final_test_acc"] <= 1.0 and final["steps"] == 2
