@@ -177,11 +177,13 @@ def train_missing(configs: dict[str, Any], dirs: dict[str, Path], log=print) -> 
     """Train every source whose folder holds no finished run (a local folder resumes an
     interrupted one from its last checkpoint; with bucket storage the checkpoint is uploaded only
     at the end, so an interrupted source trains again); one console line per source. Returns
-    NAME -> its ``final.json``. Two runs training the same source at once are not coordinated."""
+    NAME -> its ``final.json``. A source trains as any pair does, through the inline topology (one
+    process, resumed from its folder's checkpoint). Two runs training the same source at once are
+    not coordinated."""
     import shutil
 
-    from mergenet_core.training.engine import Engine
     from mergenet_core.io.init_weights import PLANNED
+    from orchestrator import topology
     from orchestrator.cluster.storage import Location, scratch_dir
 
     out = {}
@@ -195,9 +197,8 @@ def train_missing(configs: dict[str, Any], dirs: dict[str, Path], log=print) -> 
             work = loc.local or scratch_dir("source", name)  # a bucket: train locally, then upload
             if loc.local is None and (loc / "checkpoint.pt").exists():
                 (work / "checkpoint.pt").write_bytes((loc / "checkpoint.pt").read_bytes())
-            resume = (work / "checkpoint.pt").is_file()
             work.mkdir(parents=True, exist_ok=True)
-            final = Engine(cfg, work, progress=False).run(resume=resume)
+            final = topology.get("inline").run(cfg, topology.RunRequest(work, keep_bundles="last"))
             _slim(work / "checkpoint.pt")
             if loc.local is None:
                 loc.upload(work, [p.name for p in work.iterdir() if p.is_file()])
