@@ -108,3 +108,29 @@ def test_a_hugging_face_pair_on_a_csv_table_trains_with_each_models_tokenizer(tm
 
     final = json.loads((tmp_path / "out" / "final.json").read_text())
     assert 0.0 <= final["target/final_test_acc"] <= 1.0 and final["steps"] == 2
+
+
+def test_transplant_between_torchvision_models_copies_the_donors_layers(tmp_path):
+    """The positive control works on bring-your-own models: a torchvision ResNet-18 target takes the
+    same-named layers of a torchvision ResNet-18 donor started from a local weights file."""
+    import torch
+
+    from mergenet_core.models.vision import import_torchvision
+    from mergenet_core.training.loop import PairState
+    from orchestrator.config import parse_config
+
+    donor = import_torchvision().models.resnet18(num_classes=10)
+    torch.save(donor.state_dict(), tmp_path / "donor.pt")
+    task = {"name": "image_folder", "options": {"root": str(fmnist_image_folder(tmp_path / "fm", 6, 3)),
+                                                "image_size": 32, "workers": 0}}
+    cfg = parse_config({
+        "device": "cpu", "recipe": {"epochs": 1, "batch_size": 8, "steps_per_epoch": 1},
+        "source": {"model": {"name": "torchvision", "options": {"name": "resnet18", "weights": str(tmp_path / "donor.pt")}},
+                   "task": task},
+        "target": {"model": {"name": "torchvision", "options": {"name": "resnet18"}}, "task": task},
+        "method": {"name": "transplant", "options": {"layers": ["layer1", "layer4.1.conv2.weight"]}}})
+    pair = PairState.build(cfg)
+    target = pair.roles["target"].model.state_dict()
+    for name in ("layer1.0.conv1.weight", "layer1.1.bn2.running_var", "layer4.1.conv2.weight"):
+        assert torch.equal(target[name], donor.state_dict()[name]), name
+    assert not torch.equal(target["layer2.0.conv1.weight"], donor.state_dict()["layer2.0.conv1.weight"])
