@@ -73,6 +73,22 @@ def test_a_plugin_file_outside_the_repository_is_seen_by_every_command(tmp_path)
     r = run_cli("pairs", "cnn", "lab_net", "--plugin", cfg.parent / "lab_models.py", cwd=elsewhere, check=0)
 
 
+def test_the_installed_console_script_sees_a_plugin_from_another_directory(tmp_path):
+    """``mergenet`` as pip installed it (its console script, no checkout on PYTHONPATH)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("mergenet", path=os.path.dirname(sys.executable)) or shutil.which("mergenet")
+    if exe is None:
+        pytest.skip("mergenet is not installed in this environment (pip install -e .)")
+    cfg = _lab(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([exe, "validate", str(cfg)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith(f"ok: {cfg}"), r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("plugin, needle", [
     ("import not_a_module_anywhere\n", "ModuleNotFoundError: No module named 'not_a_module_anywhere'"),
     ("from mergenet_core.models import MODELS\n"
