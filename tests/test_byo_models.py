@@ -306,3 +306,27 @@ def test_weightless_first_keeps_real_initialisers(minilm):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split()[-1]) == pytest.approx(0.02, rel=0.1)
+
+
+def test_a_weights_file_brings_its_normalisation_unless_the_task_gives_one(tmp_path):
+    """Started from a weights file, a torchvision model's image task normalises as torchvision's
+    released weights for that builder do (ImageNet statistics); given mean/std win; a model
+    trained from scratch keeps the task's own (measured) statistics."""
+    from helpers import fmnist_image_folder
+    from mergenet_core.models.vision import import_torchvision
+    from orchestrator.config import parse_config
+
+    torch.save(import_torchvision().models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pt")
+    root = str(fmnist_image_folder(tmp_path / "fm", 4, 2))
+
+    def task_options(model_options: dict, **task: object) -> dict:
+        cfg = parse_config({"device": "cpu", "target": {
+            "model": {"name": "torchvision", "options": model_options},
+            "task": {"name": "image_folder", "options": {"root": root, "image_size": 32, **task}}}})
+        return cfg.target.task.options
+
+    weights = {"name": "resnet18", "weights": str(tmp_path / "r18.pt")}
+    assert task_options(weights)["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert task_options(weights, mean=[0.5] * 3, std=[0.2] * 3)["mean"] == [0.5] * 3
+    assert "mean" not in task_options({"name": "resnet18"})
+    assert "mean" not in task_options({**weights, "pretrained": False})

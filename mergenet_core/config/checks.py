@@ -80,9 +80,11 @@ def load_config_plugins(data: dict) -> None:
 
 
 def fill_task_defaults(cfg: ExperimentConfig) -> None:
-    """A model entry's ``task_defaults`` (options -> task options, e.g. a Hugging Face model's own
-    tokenizer) fill the role's task options the user left unset and the task's options model
-    knows; written into the config, so every process that receives it tokenises alike."""
+    """A model entry's ``task_defaults`` (options -> task options: a Hugging Face model's own
+    tokenizer, the normalisation a weights file was trained with) fill the role's task options the
+    user left unset and the task's options model knows, where the task accepts them (a 3-value
+    mean on a 1-channel task does not fill); written into the config, so every process that
+    receives it prepares data alike."""
     for role in ("source", "target"):
         spec = getattr(cfg, role)
         if spec is None:
@@ -91,26 +93,10 @@ def fill_task_defaults(cfg: ExperimentConfig) -> None:
         if defaults is None:
             continue
         known = TASKS.get(spec.task.name).options.model_fields
-        for key, value in defaults(MODELS.options(spec.model.name, spec.model.options)).items():
-            if key in known and spec.task.options.get(key) is None and value is not None:
-                spec.task.options[key] = value
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None,
-                schema: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
-    """Read, merge, override and fully validate an experiment config file."""
-    try:
-        data = apply_overrides(read_yaml(path), overrides or [])
-        resolve_paths(data, Path.cwd())  # what --set gave is relative to where the command runs
-    except ConfigError as e:
-        raise ConfigErrors([str(e)]) from None
-    return parse_config(data, schema)
-
-
-def method_options(cfg: ExperimentConfig) -> BaseModel:
-    return METHODS.options(cfg.method.name, cfg.method.options)
-
-
-def method_roles(cfg: ExperimentConfig):
-    """The method's :class:`~mergenet_core.methods.base.Roles` for this config (no method built)."""
-    return METHODS.get(cfg.method.name).fn.roles(method_options(cfg))
+        fill = {k: v for k, v in defaults(MODELS.options(spec.model.name, spec.model.options)).items()
+                if k in known and spec.task.options.get(k) is None and v is not None}
+        try:
+            TASKS.options(spec.task.name, {**spec.task.options, **fill})
+        except ValidationError:
+            continue
+        spec.task.options.update(fill)

@@ -245,7 +245,22 @@ def _torchvision_model(opts: TorchvisionOptions, info: TaskInfo, load: bool) -> 
     return _finish(model, opts.weights if opts.pretrained else None, "model.options.weights", load)
 
 
-@MODELS.register("torchvision", TorchvisionOptions, modality="image",
+def _torchvision_norm(opts: TorchvisionOptions) -> dict:
+    """The model's own preprocessing where it starts from a weights file: the normalisation of
+    torchvision's released weights for that builder (what such a file was trained with), as the
+    image task's default ``mean``/``std``; nothing for a model trained from scratch."""
+    if not (opts.weights and opts.pretrained):
+        return {}
+    with library_imports():
+        tv = import_torchvision()
+    try:
+        t = tv.models.get_model_weights(opts.name).DEFAULT.transforms()
+    except (ValueError, AttributeError, KeyError):
+        return {}
+    return {"mean": [float(v) for v in t.mean], "std": [float(v) for v in t.std]}
+
+
+@MODELS.register("torchvision", TorchvisionOptions, modality="image", task_defaults=_torchvision_norm,
                  shapes=lambda opts, info: _torchvision_model(opts, info, load=False))
 def torchvision_model(opts: TorchvisionOptions, info: TaskInfo) -> nn.Module:
     return _torchvision_model(opts, info, load=True)
@@ -279,6 +294,19 @@ def _timm_model(opts: TimmOptions, info: TaskInfo, load: bool) -> nn.Module:
     return _finish(model, opts.checkpoint if opts.pretrained else None, "model.options.checkpoint", load)
 
 
-@MODELS.register("timm", TimmOptions, modality="image", shapes=lambda opts, info: _timm_model(opts, info, load=False))
+def _timm_norm(opts: TimmOptions) -> dict:
+    """The model's own preprocessing where it starts from a checkpoint: its pretrained config's
+    ``mean``/``std`` as the image task's default normalisation."""
+    if not (opts.checkpoint and opts.pretrained):
+        return {}
+    with library_imports():
+        cfg = import_timm().models.get_pretrained_cfg(opts.name)
+    if cfg is None or not getattr(cfg, "mean", None):
+        return {}
+    return {"mean": [float(v) for v in cfg.mean], "std": [float(v) for v in cfg.std]}
+
+
+@MODELS.register("timm", TimmOptions, modality="image", task_defaults=_timm_norm,
+                 shapes=lambda opts, info: _timm_model(opts, info, load=False))
 def timm_model(opts: TimmOptions, info: TaskInfo) -> nn.Module:
     return _timm_model(opts, info, load=True)
