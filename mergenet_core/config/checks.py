@@ -100,3 +100,23 @@ def fill_task_defaults(cfg: ExperimentConfig) -> None:
         except ValidationError:
             continue
         spec.task.options.update(fill)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                schema: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
+    """Read, merge, override and fully validate an experiment config file."""
+    try:
+        data = apply_overrides(read_yaml(path), overrides or [])
+        resolve_paths(data, Path.cwd())  # what --set gave is relative to where the command runs
+    except ConfigError as e:
+        raise ConfigErrors([str(e)]) from None
+    return parse_config(data, schema)
+
+
+def method_options(cfg: ExperimentConfig) -> BaseModel:
+    return METHODS.options(cfg.method.name, cfg.method.options)
+
+
+def method_roles(cfg: ExperimentConfig):
+    """The method's :class:`~mergenet_core.methods.base.Roles` for this config (no method built)."""
+    return METHODS.get(cfg.method.name).fn.roles(method_options(cfg))
