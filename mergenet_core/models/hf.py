@@ -67,9 +67,16 @@ class HFOptions(BaseModel):
 
 
 def task_defaults(opts: HFOptions | dict) -> dict:
-    """What a text task uses by default with this model: its own tokenizer (folder or name)."""
+    """What a text task uses by default with this model: its own tokenizer, as the model's local
+    folder (``name``: its snapshot in the Hugging Face cache; none when it is not cached, which
+    the model's own build reports)."""
     opts = opts if isinstance(opts, HFOptions) else HFOptions.model_validate(opts or {})
-    return {"tokenizer": opts.path if opts.path is not None else opts.name}
+    if opts.path is not None:
+        return {"tokenizer": opts.path}
+    try:
+        return {"tokenizer": str(_folder(opts))}
+    except ConfigError:
+        return {}
 
 
 def _folder(opts: HFOptions) -> Path:

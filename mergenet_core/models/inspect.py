@@ -55,8 +55,8 @@ def normalised_layers(model: nn.Module) -> set[str]:
     Parameter-free leaves (activations, dropout, pooling) are skipped. A heuristic for
     suggesting layer pairs; it does not trace the forward pass.
     """
-    leaves = [(n, m) for n, m in model.named_modules()
-              if not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+    leaves = [(n, m) for n, m in model.named_modules()  # a norm with children (timm's BatchNormAct2d) counts
+              if (isinstance(m, _NORMS) or not list(m.children())) and any(True for _ in m.parameters(recurse=False))]
     out = set()
     for (name, mod), (_, nxt) in zip(leaves, leaves[1:]):
         if not isinstance(mod, _NORMS) and isinstance(nxt, _NORMS):
