@@ -154,3 +154,20 @@ def test_data_and_weight_paths_resolve_against_the_config_file(tmp_path, monkeyp
     # --set values are relative to where the command runs
     cfg = load_config(lab / "pair.yaml", ["target.task.options.root=lab/data/fm"])
     assert cfg.target.task.options["root"] == str((lab / "data" / "fm").resolve())
+
+
+def test_a_plugin_model_runs_in_the_split_topologys_workers_and_adapter_actor(tmp_path):
+    """``mergenet train --ray``: the source and the target in their own Ray Train workers and the
+    adapter in its actor, each a process that imports the config's plugin before it builds."""
+    from mergenet_core.config import read_yaml
+
+    cfg = _lab(tmp_path)
+    data = read_yaml(cfg)
+    data["method"] = {"name": "mergenet", "options": {"t_cycle": 1, "adapter": {"layers": 1, "heads": 2},
+                                                      "layer_pairs": [{"source": "classifier.weight",
+                                                                       "target": "classifier.weight", "rank": 2}]}}
+    data["ray"] = {"topology": "split", "cpus_per_worker": 0.5}
+    cfg = write_yaml(cfg, data)
+    run_cli("train", cfg, "--ray", "--out", tmp_path / "out", "--quiet", cwd=tmp_path, timeout=600, check=0)
+    final = json.loads((tmp_path / "out" / "final.json").read_text())
+    assert final["steps"] == 2 and 0.0 <= final["target/final_test_acc"] <= 1.0
