@@ -171,3 +171,16 @@ def test_a_plugin_model_runs_in_the_split_topologys_workers_and_adapter_actor(tm
     run_cli("train", cfg, "--ray", "--out", tmp_path / "out", "--quiet", cwd=tmp_path, timeout=600, check=0)
     final = json.loads((tmp_path / "out" / "final.json").read_text())
     assert final["steps"] == 2 and 0.0 <= final["target/final_test_acc"] <= 1.0
+
+
+def test_a_sources_cache_key_follows_its_plugin_files_content(tmp_path):
+    """A grid's source trained with a plugin model is another source once the plugin file changes
+    (its cache folder is keyed by the file's content, not its path)."""
+    from orchestrator.config import load_config
+    from orchestrator.grid.sources import source_key
+
+    cfg = _lab(tmp_path)
+    before = source_key(load_config(cfg))
+    plugin = cfg.parent / "lab_models.py"
+    plugin.write_text(plugin.read_text() + "\n# a changed model\n")
+    assert source_key(load_config(cfg)) != before

@@ -48,13 +48,16 @@ def code_version() -> str:
 
 
 def source_key(cfg) -> str:
-    """12 hex digits over the resolved config (its run name aside) and the code version."""
+    """12 hex digits over the resolved config (its run name aside; starting weights and plugin
+    files by content) and the code version."""
     data = cfg.model_dump(mode="json")
     data.pop("name", None)
     for role in ("source", "target"):  # a source's own starting weights: by content, not by path
         init = (data.get(role) or {}).get("init_from")
         if init:
             init["path"] = _content_hash(init["path"])
+    # a plugin file by its content (an edited model plugin is another source); a module by its name
+    data["plugins"] = [_content_hash(p) if p.endswith(".py") else p for p in data.get("plugins", [])]
     blob = json.dumps({"config": data, "code": code_version()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
