@@ -13,8 +13,10 @@ from pydantic import BaseModel
 
 from .augment import prepare_images
 from .base import TASKS, Split, TaskData, TaskInfo, TaskShape
-from .modality import MODALITIES, Modality, get_modality
+from .modality import MODALITIES, Modality, check_task_entry, get_modality
 from .stream import BatchStream, iter_eval
+
+TASKS.check = check_task_entry  # a task's modality is one of MODALITIES (base.py cannot import them)
 
 # Every module here is imported, so a new data set is one module that registers itself in TASKS.
 for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

@@ -18,19 +18,7 @@ import torch
 from ..registry import Registry
 
 
-
-def _check_entry(entry) -> None:
-    """A task entry declares its modality (a registered one) and a ``probe`` (fast validation)."""
-    from .modality import MODALITIES
-
-    if entry.meta.get("modality") not in MODALITIES:
-        raise ValueError(f"task '{entry.name}': modality= must be one of {MODALITIES.names()}, "
-                         f"not {entry.meta.get('modality')!r}")
-    if not callable(entry.meta.get("probe")):
-        raise ValueError(f"task '{entry.name}': probe= (options -> TaskShape, no data read) is required")
-
-
-TASKS = Registry("task", check=_check_entry)
+TASKS = Registry("task")  # its entry check: data/__init__.py (modality.check_task_entry)
 
 
 @dataclass

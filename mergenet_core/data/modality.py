@@ -78,6 +78,16 @@ def register(cls: type[Modality]) -> type[Modality]:
     return cls
 
 
+def check_task_entry(entry) -> None:
+    """A ``TASKS`` entry declares its modality (a registered one) and a ``probe`` (fast
+    validation); a plugin's mistake is refused where it registers, naming the task."""
+    if entry.meta.get("modality") not in MODALITIES:
+        raise ValueError(f"task '{entry.name}': modality= must be one of {MODALITIES.names()}, "
+                         f"not {entry.meta.get('modality')!r}")
+    if not callable(entry.meta.get("probe")):
+        raise ValueError(f"task '{entry.name}': probe= (options -> TaskShape, no data read) is required")
+
+
 def get_modality(name: str, field: str = "modality") -> Modality:
     return MODALITIES.get(name, field).fn
 
