@@ -84,9 +84,9 @@ def test_cifar100_settings_validate_against_a_standin_folder(path, tmp_path, mon
     assert CIFAR, "the ladder ships CIFAR-100 configs"
     g = read_yaml(path)
     assert "fashion_mnist" not in path.read_text() and g["grid"].endswith("cifar100")
-    monkeypatch.chdir(tmp_path)  # the configs read ./data
+    monkeypatch.setenv("MERGENET_DATA", str(tmp_path / "data"))  # the configs read $MERGENET_DATA
     assert main(["validate", str(path)]) == 2  # no data yet: a clear error, not a traceback
-    assert "CIFAR-100 not found at data" in capsys.readouterr().err
+    assert f"CIFAR-100 not found at {tmp_path / 'data'}" in capsys.readouterr().err
     _cifar100_standin(tmp_path / "data")
     assert main(["validate", str(path)]) == 0, capsys.readouterr().err
 

@@ -243,7 +243,7 @@ def resolve_paths(data: Any, base: Path, _where: tuple[str, ...] = ()) -> None:
         elif k == "plugins" and isinstance(v, list):
             data[k] = [_resolve_path(p, base) if isinstance(p, str) and p.endswith(".py") else p for p in v]
         elif in_options and k in PATH_OPTIONS and isinstance(v, str):
-            data[k] = _resolve_data_path(v, base, PATH_OPTIONS[k], ".".join((*_where, k)))
+            data[k] = _resolve_data_path(v, base, PATH_OPTIONS[k])
         else:
             resolve_paths(v, base, (*_where, str(k)))
 
@@ -255,14 +255,14 @@ def _resolve_path(p: str, base: Path) -> str:
     return str((base / p).resolve())
 
 
-def _resolve_data_path(p: str, base: Path, always: bool, field: str) -> str:
+def _resolve_data_path(p: str, base: Path, always: bool) -> str:
     import os
 
     for prefix in (f"${{{DATA_ENV}}}", f"${DATA_ENV}"):
         if p.startswith(prefix):
             root = os.environ.get(DATA_ENV)
-            if not root:
-                raise ConfigError(field, f"{short(p)}: ${DATA_ENV} is not set (export {DATA_ENV}=/folder/of/your/data)")
+            if not root:  # left as it is: validation names the field (checks.unset_data_paths)
+                return p
             return str(Path(root, p[len(prefix):].lstrip("/")).resolve())
     if "://" in p or Path(p).is_absolute() or not p:
         return p

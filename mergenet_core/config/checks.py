@@ -14,10 +14,10 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from . import (ConfigErrors, ExperimentConfig, _drop_inherited_recipe_errors, apply_overrides,
-               format_validation_error, read_yaml, resolve_paths)
+               format_validation_error, read_yaml, resolve_paths, DATA_ENV, PATH_OPTIONS)
 from ..data import TASKS
 from ..data.modality import mismatch
-from ..errors import ConfigError
+from ..errors import ConfigError, short
 from ..methods import METHODS
 from ..models import MODELS
 from ..plugins import load_plugins
@@ -41,6 +41,7 @@ def check_registries(cfg: ExperimentConfig) -> list[str]:
         spec = getattr(cfg, role)
         if spec is None:
             continue
+        lines += unset_data_paths(spec, role)
         check(MODELS, spec.model.name, spec.model.options, f"{role}.model")
         check(TASKS, spec.task.name, spec.task.options, f"{role}.task")
         if spec.model.name in MODELS and spec.task.name in TASKS:  # as build_model checks, from the declarations
@@ -53,6 +54,14 @@ def check_registries(cfg: ExperimentConfig) -> list[str]:
     if not lines and options is not None:  # the method's checks across fields, on its validated options
         lines.extend(METHODS.get(cfg.method.name).fn.check_config(cfg, options))
     return lines
+
+
+def unset_data_paths(spec, role: str) -> list[str]:
+    """A path option that still starts with ``$MERGENET_DATA``: the variable was not set when the
+    config was read (reading leaves it as it is)."""
+    return [f"{role}.{kind}.options.{k}: {short(v)}: ${DATA_ENV} is not set (export {DATA_ENV}=/folder/of/your/data)"
+            for kind, block in (("model", spec.model), ("task", spec.task)) for k, v in block.options.items()
+            if k in PATH_OPTIONS and isinstance(v, str) and v.startswith(("$" + DATA_ENV, "${" + DATA_ENV + "}"))]
 
 
 def parse_config(data: dict, schema: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
