@@ -70,8 +70,7 @@ def loader_rate(root: Path, size: int, workers: int, batch: int, batches: int) -
     for _ in range(batches):
         stream.next()
     dt = time.perf_counter() - t0
-    if hasattr(stream, "close"):
-        stream.close()
+    stream.close()
     return batches * batch / dt
 
 

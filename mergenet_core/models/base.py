@@ -8,7 +8,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from ..data.base import TaskInfo
-from ..data.modality import mismatch
+from ..data.modality import MODALITIES, mismatch
 from ..errors import ConfigError
 from ..registry import Registry
 
@@ -16,8 +16,6 @@ from ..registry import Registry
 
 def _check_entry(entry) -> None:
     """A model entry declares the input it takes (``modality=``, a registered modality)."""
-    from ..data.modality import MODALITIES
-
     if entry.meta.get("modality") not in MODALITIES:
         raise ValueError(f"model '{entry.name}': modality= must be one of {MODALITIES.names()}, "
                          f"not {entry.meta.get('modality')!r}")
@@ -53,11 +51,20 @@ def weightless():
     """Build modules on the ``meta`` device with ``torch.nn.init`` skipped (the values of meta
     tensors do not exist anyway, and several initialisers would load torch's Python meta
     kernels, about a second of imports)."""
-    saved = {n: getattr(nn.init, n) for n in _INITS if hasattr(nn.init, n)}
+    with initialisers({n: _skip_init for n in _INITS if hasattr(nn.init, n)}, "meta"):
+        yield
+
+
+@contextlib.contextmanager
+def initialisers(functions: dict, device: str):
+    """``torch.nn.init``'s functions of these names replaced, and ``device`` the default device,
+    within the block; put back as they were after it (:func:`weightless`,
+    ``models.vision.library_imports``)."""
+    saved = {n: getattr(nn.init, n) for n in functions}
     try:
-        for n in saved:
-            setattr(nn.init, n, _skip_init)
-        with torch.device("meta"):
+        for n, f in functions.items():
+            setattr(nn.init, n, f)
+        with torch.device(device):
             yield
     finally:
         for n, f in saved.items():

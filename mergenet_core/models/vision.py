@@ -32,7 +32,7 @@ from torch import nn
 
 from ..data.base import TaskInfo
 from ..errors import ConfigError, short
-from .base import _INITS, MODELS, _skip_init
+from .base import _INITS, MODELS, _skip_init, initialisers
 
 VISION_HINT = "pip install 'mergenet[vision]'"
 #: the stand-in ``torchvision`` op library (see :func:`import_torchvision`); kept referenced, as
@@ -41,6 +41,12 @@ _TORCHVISION_OPS: torch.library.Library | None = None
 #: ``torch.nn.init`` as imported (before any :func:`~.base.weightless` patched it)
 _PRISTINE_INIT = {n: getattr(nn.init, n) for n in _INITS
                   if hasattr(nn.init, n) and getattr(nn.init, n) is not _skip_init}
+
+
+def _missing(library: str, e: ImportError) -> ConfigError:
+    """A model library that is not installed, or fails to import, with the install hint."""
+    what = "is not installed" if getattr(e, "name", None) == library else f"cannot be imported ({short(e)})"
+    return ConfigError("model.name", f"{library} {what}: {VISION_HINT}")
 
 
 def import_torchvision(required: bool = True):
@@ -65,8 +71,7 @@ def import_torchvision(required: bool = True):
     except ImportError as e:
         if not required and getattr(e, "name", None) == "torchvision":
             return None
-        what = "is not installed" if getattr(e, "name", None) == "torchvision" else f"cannot be imported ({short(e)})"
-        raise ConfigError("model.name", f"torchvision {what}: {VISION_HINT}") from None
+        raise _missing("torchvision", e) from None
     except RuntimeError as e:
         if "torchvision::" not in str(e) or "does not exist" not in str(e) or _TORCHVISION_OPS is not None:
             raise
@@ -86,15 +91,8 @@ def library_imports():
     :func:`~.base.weightless`: real ``torch.nn.init`` functions and CPU tensors. Libraries that
     keep references to the initialisers at import (transformers' ``initialization``) or create
     tensors at import would otherwise keep the no-op initialiser or meta tensors for good."""
-    current = {n: getattr(nn.init, n) for n in _PRISTINE_INIT}
-    try:
-        for n, f in _PRISTINE_INIT.items():
-            setattr(nn.init, n, f)
-        with torch.device("cpu"):
-            yield
-    finally:
-        for n, f in current.items():
-            setattr(nn.init, n, f)
+    with initialisers(_PRISTINE_INIT, "cpu"):
+        yield
 
 
 class TorchvisionOptions(BaseModel):
@@ -273,8 +271,7 @@ def import_timm():
     try:
         import timm
     except ImportError as e:
-        what = "is not installed" if getattr(e, "name", None) == "timm" else f"cannot be imported ({short(e)})"
-        raise ConfigError("model.name", f"timm {what}: {VISION_HINT}") from None
+        raise _missing("timm", e) from None
     return timm
 
 

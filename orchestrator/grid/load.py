@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from mergenet_core.config import ConfigErrors, apply_overrides, format_validation_error, read_yaml, resolve_paths
+from mergenet_core.config import ConfigErrors, format_validation_error, read_config
 from mergenet_core.config.checks import load_config_plugins
 from mergenet_core.errors import ConfigError, short
 from mergenet_core.io.init_weights import validating
@@ -22,11 +22,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None, deep: bool =
     (their warnings, e.g. a layer pair writing into an unnormalised layer, go to ``warnings``):
     by building each pair (``build``, as ``mergenet run`` does), or from metadata and shapes
     only (``build=False``: ``mergenet validate`` without ``--deep``, see :func:`check_layers`)."""
-    try:
-        data = apply_overrides(read_yaml(path), overrides or [])
-        resolve_paths(data, Path.cwd())  # what --set gave is relative to where the command runs
-    except ConfigError as e:
-        raise ConfigErrors([str(e)]) from None
+    data = read_config(path, overrides)
     load_config_plugins(data)  # before the grid's names (methods, models, tasks) are looked up
     try:
         grid = GridConfig.model_validate(data)

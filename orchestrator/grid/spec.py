@@ -30,7 +30,7 @@ DRAW_SEED = 0
 @dataclass(frozen=True)
 class Submission:
     """What every trial of one submission shares: the validated grid, the grid's storage folder,
-    the MLflow ids and where to reach MLflow, the code's git sha, the plugins every process imports."""
+    the MLflow ids and where to reach MLflow, the code's git sha (each trial's plugins: its spec's)."""
 
     grid: GridConfig
     folder: Location
@@ -38,7 +38,6 @@ class Submission:
     experiment_id: str
     uri: str
     sha: str
-    plugins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,7 @@ def _quiet_sigterm_exit(unraisable) -> None:
 def trial_fn(config: dict, sub: Submission, specs: dict[str, TrialSpec]) -> None:
     """Tune trial driver: one pair, one MLflow child run, from the trial's resolved spec."""
     sys.unraisablehook = _quiet_sigterm_exit
-    load_plugins(sub.plugins)  # before a PBT-mutated trial's config is parsed
-    spec = for_trial(specs, config["trial"], sub)
+    spec = for_trial(specs, config["trial"], sub)  # a PBT-mutated trial's parse imports its plugins
     load_plugins(spec.plugins)
     trial_id = tune.get_context().get_trial_id()
     trial_dir = trial_folder(sub.folder, trial_id)

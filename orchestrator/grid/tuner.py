@@ -188,7 +188,7 @@ def _open_submission(grid: GridConfig, exp_dir: Location, uri: str) -> tuple[Sub
     link = view.view_url(uri, experiment_id, key)
     print(f"grid {grid.grid}: {grid.trial_count()} trials; MLflow {uri} experiment {experiment_id} "
           f"run {parent}; storage {exp_dir}\nMLflow view (trials by arm): {link}", flush=True)
-    return Submission(grid, exp_dir, parent, experiment_id, uri, tracking.git_sha(), tuple(grid.plugins)), link
+    return Submission(grid, exp_dir, parent, experiment_id, uri, tracking.git_sha()), link
 
 
 def _fit(c, sub: Submission, specs: dict[str, TrialSpec], storage: Location, restore: bool, verbose: bool):
